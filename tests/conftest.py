@@ -1,0 +1,29 @@
+"""Shared test fixtures: paths to the golden fixtures and a deterministic torch setup."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def show1_fixture_dir() -> Path:
+    path = SHARED / "fixtures" / "show1" / "tiny_base"
+    if not path.exists():
+        pytest.fail(f"golden fixture missing at {path}: the repository expects ../shared beside it")
+    return path
+
+
+@pytest.fixture
+def show1_key_table() -> Path:
+    return SHARED / "reference" / "show1_base_state_dict.tsv"
