@@ -1,0 +1,211 @@
+"""MotionDistillationConfig: every knob of VMC motion distillation, validated in one place, with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOSSES = ("cos", "l2", "eps_mse")
+COS_VARIANTS = ("paper", "official")
+MODES = ("full", "lora")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+CONFIG_NAME = "motion_adapter_config.json"
+
+
+@dataclass
+class MotionDistillationConfig:
+    """Hyperparameters of one-shot motion distillation (VMC, Jeong et al. 2023).
+
+    Defaults follow the paper's appendix and the released training configs: full fine-tuning of the
+    temporal attention's q/k/v, AdamW at 1e-4, 400 steps, gradient clipping at 1.0, timesteps uniform in
+    [0, 1000), 8 frames at 40x64 (the Show-1 keyframe size).
+
+    Attributes:
+        loss: "cos" (the paper's objective, eq. 17), "l2" (motion-vector alignment, eq. 16: epsilon
+            residual l2 weighted by (1 - abar_t) / abar_t) or "eps_mse" (plain epsilon matching of the same
+            parameters, the ablation baseline).
+        cos_variant: "official" (the released code: absolute residuals, cosine along the frame axis) or
+            "paper" (eq. 17: cosine per frame pair over (C, H, W)). Used when `loss="cos"`.
+        frame_stride: the residual stride c of delta x^n = x^(n+c) - x^n (1 in every paper experiment).
+        target: which Linear layers to adapt; see `inject_temporal_adapter`.
+        mode: "full" trains the matched weights themselves; "lora" trains LoRA factors beside them.
+        r: LoRA rank (mode "lora").
+        lora_alpha: LoRA scaling numerator; the effective scale is `lora_alpha / r`.
+        lora_dropout: dropout on the LoRA branch input.
+        max_train_steps: optimisation steps.
+        learning_rate: AdamW learning rate (constant schedule).
+        adam_beta1: AdamW beta1.
+        adam_beta2: AdamW beta2.
+        adam_weight_decay: AdamW decoupled weight decay.
+        adam_epsilon: AdamW epsilon.
+        max_grad_norm: gradient-norm clipping threshold; 0 disables clipping.
+        mixed_precision: "auto" (bf16 autocast on a CUDA device that supports it, else fp16 on CUDA, none on
+            CPU), "no", "fp16" or "bf16". Trainable weights always stay float32.
+        seed: seed for the timesteps and noise of every step; the same seed gives the same run.
+        min_timestep: smallest training timestep (inclusive).
+        max_timestep: largest training timestep (exclusive); `None` means the scheduler's
+            `num_train_timesteps`.
+        num_frames: frames sampled from the clip.
+        height: frame height the clip is resized to; `None` means the backbone's default.
+        width: frame width the clip is resized to; `None` means the backbone's default.
+        prompt: the appearance-invariant training prompt ("a seagull is walking").
+        gradient_checkpointing: trade compute for memory in the UNet.
+        checkpointing_steps: save a resumable checkpoint every this many steps when an output folder is
+            given; 0 disables checkpoints.
+
+    Example:
+        >>> from motion_adapters import MotionDistillationConfig
+        >>> config = MotionDistillationConfig(prompt="a seagull is walking", max_train_steps=200)
+        >>> MotionDistillationConfig.from_json(config.to_json()) == config
+        True
+    """
+
+    loss: str = "cos"
+    cos_variant: str = "official"
+    frame_stride: int = 1
+    target: str | list[str] = "temporal_attn.to_[qkv]"
+    mode: str = "full"
+    r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    max_train_steps: int = 400
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    seed: int = 0
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    num_frames: int = 8
+    height: int | None = None
+    width: int | None = None
+    prompt: str = ""
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise `ValueError` naming the field, its value and the fix.
+
+        Raises:
+            ValueError: on the first invalid field.
+        """
+        _choice("loss", self.loss, LOSSES)
+        _choice("cos_variant", self.cos_variant, COS_VARIANTS)
+        _choice("mode", self.mode, MODES)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _positive_int("frame_stride", self.frame_stride)
+        _positive_int("r", self.r)
+        _positive_int("max_train_steps", self.max_train_steps)
+        _positive_int("num_frames", self.num_frames)
+        if self.num_frames <= self.frame_stride:
+            raise ValueError(
+                f"num_frames={self.num_frames} leaves no frame pair at frame_stride={self.frame_stride}: "
+                f"use num_frames > frame_stride."
+            )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name, value)
+        if not isinstance(self.target, (str, list)) or not self.target:
+            raise ValueError(
+                f"target={self.target!r} must be a non-empty pattern string or list of module names, "
+                f"e.g. 'temporal_attn.to_[qkv]'."
+            )
+        for name in ("learning_rate", "lora_alpha", "adam_epsilon"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0.")
+        for name in ("adam_weight_decay", "max_grad_norm"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0 (0 disables it).")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must lie in [0, 1).")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must lie in [0, 1).")
+        if not isinstance(self.min_timestep, int) or self.min_timestep < 0:
+            raise ValueError(f"min_timestep={self.min_timestep!r} must be an int >= 0.")
+        if self.max_timestep is not None and (
+            not isinstance(self.max_timestep, int) or self.max_timestep <= self.min_timestep
+        ):
+            raise ValueError(
+                f"max_timestep={self.max_timestep!r} must be an int > min_timestep={self.min_timestep}, "
+                f"or None for the scheduler's num_train_timesteps."
+            )
+        if not isinstance(self.checkpointing_steps, int) or self.checkpointing_steps < 0:
+            raise ValueError(f"checkpointing_steps={self.checkpointing_steps!r} must be an int >= 0 (0 disables).")
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt={self.prompt!r} must be a string.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Return the config as an indented JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MotionDistillationConfig:
+        """Build a config from a dict, rejecting unknown keys by name.
+
+        Raises:
+            ValueError: for a key that is not a field (with the closest field names) or an invalid value.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a dict, got {type(data).__name__}.")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in data if key not in names]
+        if unknown:
+            hints = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
+            detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"unknown MotionDistillationConfig key(s): {detail}. Valid keys: {', '.join(names)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> MotionDistillationConfig:
+        """Parse a config from a JSON string."""
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the config as JSON, atomically; a folder gets `motion_adapter_config.json`."""
+        from motion_adapters.serialization import atomic_write_text
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MotionDistillationConfig:
+        """Read a config written by `save` (a file, or a folder holding `motion_adapter_config.json`)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no MotionDistillationConfig at {path}.")
+        data = json.loads(path.read_text())
+        return cls.from_dict(data.get("distillation", data))
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported: use one of {', '.join(map(repr, choices))}.")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int.")
