@@ -191,7 +191,14 @@ def save_motion_adapter(motion: MotionAdapter, save_directory: str | os.PathLike
     description = motion.description()
     text = json.dumps(description, indent=2, sort_keys=True)
     tensors = {PREFIX + k: v for k, v in motion.tensors.items()}
-    atomic_save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt", FORMAT: text})
+    metadata = {"format": "pt", FORMAT: text}
+    if motion.info.mode == "lora":  # the LoraConfig diffusers' load_lora_weights reads, keys prefixed "unet."
+        lora_config = {
+            "r": motion.info.r, "lora_alpha": motion.info.lora_alpha, "lora_dropout": motion.info.lora_dropout or 0.0,
+            "target_modules": sorted(motion.info.module_names), "init_lora_weights": True,
+        }
+        metadata["lora_adapter_metadata"] = json.dumps({PREFIX + k: v for k, v in lora_config.items()}, sort_keys=True)
+    atomic_save_safetensors(tensors, folder / WEIGHTS_NAME, metadata=metadata)
     if motion.noise_prior is not None:
         atomic_save_safetensors({"noise": motion.noise_prior.detach().cpu()}, folder / NOISE_PRIOR_NAME)
     atomic_write_text(folder / CONFIG_NAME, text + "\n")
