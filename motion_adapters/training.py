@@ -1,0 +1,337 @@
+"""train_motion: the one-shot VMC loop that distils a clip's motion into a video UNet's temporal attention.
+
+Each step draws a timestep t uniformly, noises the clip with the backbone's own schedule, predicts epsilon, and
+minimises the motion distillation loss between consecutive-frame residuals of the true and predicted noise.
+Only the adapter's parameters move. The loop is deterministic for a seed (each step's timestep and noise come
+from a generator seeded by (seed, step)), so a run resumed from a checkpoint continues exactly as it would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.injection import (
+    AdapterInfo,
+    adapter_infos,
+    adapter_parameters,
+    inject_temporal_adapter,
+    load_adapter_state_dict,
+)
+from motion_adapters.losses import motion_distillation_loss, split_epsilon
+from motion_adapters.serialization import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    motion_from_unet,
+    save_motion_adapter,
+)
+from motion_adapters.targets import backbone_targets
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainState:
+    """What a callback sees after each optimisation step.
+
+    Attributes:
+        step: steps completed (1-based after the first step).
+        loss: this step's loss.
+        losses: every loss so far.
+        timestep: this step's diffusion timestep.
+        unet: the UNet being trained.
+        optimizer: the optimizer.
+    """
+
+    step: int
+    loss: float
+    losses: list[float]
+    timestep: int
+    unet: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class TrainingResult:
+    """The outcome of `train_motion`.
+
+    Attributes:
+        losses: the loss of every step, in order (resumed runs include the earlier steps).
+        info: what was adapted.
+        seconds: wall time of this call's steps.
+        steps: steps completed.
+        output_dir: where the motion was saved, if anywhere.
+        stopped_early: True when a callback stopped the run.
+    """
+
+    losses: list[float]
+    info: AdapterInfo
+    seconds: float
+    steps: int
+    output_dir: Path | None = None
+    stopped_early: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+Callback = Callable[[TrainState], bool | None]
+
+
+def train_motion(
+    unet: nn.Module,
+    video: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    noise_scheduler,
+    config: MotionDistillationConfig | None = None,
+    *,
+    vae: nn.Module | None = None,
+    adapter_name: str = "default",
+    output_dir: str | Path | None = None,
+    resume: bool = True,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    training_info: dict | None = None,
+    noise_prior: torch.Tensor | None = None,
+) -> TrainingResult:
+    """Learn the motion of one clip into `unet`'s temporal attention (VMC, Jeong et al. 2023).
+
+    Args:
+        unet: an epsilon-prediction video UNet of a registered backbone (Show-1, UNet3DConditionModel,
+            UNetMotionModel). It stays on its device; the adapter is injected unless `adapter_name` is already on it.
+        video: the clip, (C, F, H, W) or (1, C, F, H, W) in [-1, 1], already at the training size.
+        prompt_embeds: the encoded appearance-invariant prompt, (1, L, D); the text encoder is not needed here.
+        noise_scheduler: a diffusers scheduler whose `alphas_cumprod` and `config.num_train_timesteps` define the
+            forward process (the backbone's own training schedule).
+        config: the hyperparameters; defaults to `MotionDistillationConfig()`.
+        vae: for latent backbones, the VAE that encodes frames (its `config.scaling_factor` is applied).
+        adapter_name: the adapter's name on the UNet.
+        output_dir: where checkpoints and the final motion folder go; `None` keeps everything in memory.
+        resume: continue from `output_dir/checkpoint` when it exists.
+        callbacks: called after every step with a `TrainState`; returning True stops training.
+        progress: show a tqdm bar with the loss.
+        training_info: extra facts recorded in the saved motion (prompt, base model, clip).
+        noise_prior: an inverted initial noise saved beside the motion.
+
+    Returns:
+        A `TrainingResult`.
+
+    Raises:
+        ValueError: for a video or embedding of the wrong shape.
+        NonFiniteLossError: when a loss is NaN or infinite (the last checkpoint in `output_dir` is kept).
+
+    Example:
+        >>> result = train_motion(unet, clip, embeds, scheduler, MotionDistillationConfig(max_train_steps=50))
+        ... # doctest: +SKIP
+    """
+    config = config or MotionDistillationConfig()
+    device = next(unet.parameters()).device
+    video = _check_video(video, config)
+    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
+        shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds)
+        raise ValueError(f"prompt_embeds must be (1, L, D) from the text encoder; got {shape}.")
+    spec = backbone_targets(unet) if not isinstance(config.target, list) else None
+    x0 = _encode(video.to(device), vae) if vae is not None else video.to(device)
+    in_channels = x0.shape[1]
+    embeds = prompt_embeds.to(device)
+    if spec is not None and spec.text_per_frame:
+        embeds = embeds.repeat_interleave(x0.shape[2], dim=0)
+
+    if adapter_name not in adapter_infos(unet):
+        inject_temporal_adapter(unet, config=config, adapter_name=adapter_name)
+    info = adapter_infos(unet)[adapter_name]
+    params = adapter_parameters(unet, adapter_name)
+    for p in params.values():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master weights: autocast handles the low-precision compute
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        list(params.values()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
+    if max_t > alphas_cumprod.numel():
+        raise ValueError(f"max_timestep={max_t} exceeds the scheduler's {alphas_cumprod.numel()} timesteps.")
+    autocast_dtype = _autocast_dtype(config.mixed_precision, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+
+    out_dir = Path(output_dir) if output_dir is not None else None
+    losses: list[float] = []
+    start = 0
+    if out_dir is not None and resume and (out_dir / CHECKPOINT_DIR).is_dir():
+        start, losses = _load_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, config)
+    if config.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+
+    was_training = unet.training
+    unet.train()
+    began = time.perf_counter()
+    stopped_early = False
+    bar = tqdm(total=config.max_train_steps, initial=start, desc="train_motion", disable=not progress, leave=False)
+    try:
+        for step in range(start, config.max_train_steps):
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            t = torch.randint(config.min_timestep, max_t, (x0.shape[0],), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+            t = t.to(device)
+            abar = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+            noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+            with ctx:
+                out = unet(noisy, t, encoder_hidden_states=embeds).sample
+            eps_pred = split_epsilon(out.float(), in_channels)
+            loss = motion_distillation_loss(
+                noise, eps_pred, loss=config.loss, cos_variant=config.cos_variant, stride=config.frame_stride,
+                abar=alphas_cumprod[t],
+            )
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                kept = f"; the last good checkpoint is in {out_dir / CHECKPOINT_DIR}" if out_dir else ""
+                raise NonFiniteLossError(
+                    f"loss is {value} at step {step + 1} (timestep {int(t[0])}){kept}. Lower learning_rate, "
+                    f"use mixed_precision='bf16' or 'no', or check the clip and prompt_embeds for NaN."
+                )
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            done = step + 1
+            if out_dir is not None and config.checkpointing_steps and done % config.checkpointing_steps == 0:
+                _save_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, done, losses, config)
+            state = TrainState(done, value, losses, int(t[0]), unet, optimizer)
+            if any(callback(state) for callback in callbacks):
+                stopped_early = done < config.max_train_steps
+                break
+    finally:
+        bar.close()
+        unet.train(was_training)
+        for p in params.values():
+            p.grad = None
+    seconds = time.perf_counter() - began
+
+    if out_dir is not None:
+        facts = {
+            **(training_info or {}),
+            "steps": len(losses), "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "losses": [round(v, 6) for v in losses],
+            "seconds": round(seconds, 3), "device": str(device),
+        }
+        motion = motion_from_unet(
+            unet, adapter_name, distillation=config.to_dict(), training=facts, noise_prior=noise_prior
+        )
+        save_motion_adapter(motion, out_dir)
+    return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early)
+
+
+def _check_video(video: torch.Tensor, config: MotionDistillationConfig) -> torch.Tensor:
+    if not isinstance(video, torch.Tensor) or video.ndim not in (4, 5):
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"video must be a (C, F, H, W) or (1, C, F, H, W) tensor in [-1, 1]; got {shape}.")
+    video = video.unsqueeze(0) if video.ndim == 4 else video
+    if video.shape[0] != 1:
+        raise ValueError(f"video holds {video.shape[0]} clips; VMC learns from one clip: pass (1, C, F, H, W).")
+    frames = video.shape[2]
+    if frames <= config.frame_stride:
+        raise ValueError(
+            f"video has {frames} frame(s); frame_stride={config.frame_stride} needs at least "
+            f"{config.frame_stride + 1}. Load more frames."
+        )
+    if not torch.isfinite(video).all():
+        raise ValueError("video contains NaN or infinite values; check the decoded clip.")
+    return video.float()
+
+
+@torch.no_grad()
+def _encode(video: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+    b, c, f, h, w = video.shape
+    frames = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype=next(vae.parameters()).dtype)
+    latents = vae.encode(frames).latent_dist.mean * vae.config.scaling_factor
+    return latents.float().reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"mixed_precision='fp16' needs a CUDA device; the UNet is on {device}. Use 'bf16', 'no' or 'auto'."
+        )
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def _save_checkpoint(folder: Path, unet, adapter_name, optimizer, step, losses, config) -> None:
+    """Write adapter + optimizer state as safetensors and JSON into a fresh folder, then swap it in."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu() for k, v in adapter_parameters(unet, adapter_name).items()}
+    atomic_save_safetensors(tensors, tmp / "adapter.safetensors")
+    opt = optimizer.state_dict()
+    opt_tensors = {}
+    for index, entry in opt["state"].items():
+        for key, value in entry.items():
+            opt_tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().reshape(-1) if key == "step" else (
+                value.detach().cpu()
+            )
+    atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+    atomic_write_text(
+        tmp / "state.json",
+        json.dumps({"step": step, "losses": losses, "param_groups": opt["param_groups"], "config": config.to_dict()}),
+    )
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, unet, adapter_name, optimizer, config) -> tuple[int, list[float]]:
+    state = json.loads((folder / "state.json").read_text())
+    saved = MotionDistillationConfig.from_dict(state["config"])
+    if (saved.mode, saved.target, saved.r, saved.seed) != (config.mode, config.target, config.r, config.seed):
+        raise ValueError(
+            f"the checkpoint in {folder} was made with mode={saved.mode!r}, target={saved.target!r}, r={saved.r}, "
+            f"seed={saved.seed}; this run asks for mode={config.mode!r}, target={config.target!r}, r={config.r}, "
+            f"seed={config.seed}. Pass resume=False or another output_dir."
+        )
+    load_adapter_state_dict(unet, load_file(folder / "adapter.safetensors"), adapter_name)
+    tensors = load_file(folder / "optimizer.safetensors")
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        opt_state.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    return int(state["step"]), [float(v) for v in state["losses"]]
