@@ -1,0 +1,36 @@
+"""Metrics for generated clips: motion fidelity by object tracking (shapes world) and by optical flow (real videos).
+
+``flow`` needs OpenCV (``pip install motion_adapters[metrics]``); it is imported only when its functions run.
+
+Example:
+    >>> from motion_adapters.metrics import track_object, trajectory_fidelity
+    >>> from motion_adapters.world import render_clip, sample_spec
+    >>> spec = sample_spec(0)
+    >>> trajectory_fidelity(track_object(render_clip(spec)), spec.trajectory(8))["displacement_cosine"] > 0.9
+    True
+"""
+
+from .flow import flow_fidelity, optical_flow
+from .trajectory import (
+    appearance_check,
+    estimate_background_palette,
+    foreground_area,
+    mask_centroids,
+    segment_foreground,
+    track_object,
+    trajectory_fidelity,
+    video_motion_fidelity,
+)
+
+__all__ = [
+    "appearance_check",
+    "estimate_background_palette",
+    "flow_fidelity",
+    "foreground_area",
+    "mask_centroids",
+    "optical_flow",
+    "segment_foreground",
+    "track_object",
+    "trajectory_fidelity",
+    "video_motion_fidelity",
+]
