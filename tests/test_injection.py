@@ -134,3 +134,14 @@ def test_second_full_adapter_and_duplicate_names_are_refused():
         inject_temporal_adapter(unet, mode="full", adapter_name="other")
     with pytest.raises(ValueError, match="mode='dora' is not supported"):
         inject_temporal_adapter(tiny_unet3d(), mode="dora")
+
+
+def test_show1_base_temporal_qkv_is_the_papers_132_matrices():
+    from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config
+
+    with torch.device("meta"):
+        unet = Show1UNet3DConditionModel(**show1_base_config())
+    names = resolve_target(unet, "temporal_attn.to_[qkv]")
+    assert len(names) == 132
+    assert sum(unet.get_submodule(n).weight.numel() for n in names) == 134_553_600
+    assert "up_blocks.2.temp_attentions.3.transformer_blocks.0.attn2.to_v" in names
