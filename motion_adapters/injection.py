@@ -120,7 +120,8 @@ def inject_temporal_adapter(
         >>> from diffusers import UNet3DConditionModel
         >>> unet = UNet3DConditionModel(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
         ...     cross_attention_dim=32, attention_head_dim=8,
-        ...     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+        ...     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        ...     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
         >>> info = inject_temporal_adapter(unet, "temporal_attn.to_[qkv]", mode="lora", r=4)
         >>> info.module_names[0]
         'transformer_in.transformer_blocks.0.attn1.to_q'
@@ -208,7 +209,9 @@ def adapter_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[s
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_parameters(unet, adapter_name).items()}
 
 
-def load_adapter_state_dict(unet: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+def load_adapter_state_dict(
+    unet: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
     """Copy tensors into an injected adapter, checking that the keys and shapes are exactly the adapter's.
 
     Raises:

@@ -228,7 +228,9 @@ def load_motion_adapter(path: str | os.PathLike) -> MotionAdapter:
             metadata = handle.metadata() or {}
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
-        raise MotionFileError(f"{weights} is not a readable safetensors file ({err}); re-download or re-save it.") from err
+        raise MotionFileError(
+            f"{weights} is not a readable safetensors file ({err}); re-download or re-save it."
+        ) from err
     if FORMAT not in metadata:
         raise MotionFileError(
             f"{weights} has no {FORMAT!r} metadata: it is not a motion adapter file (a plain LoRA file?)."
@@ -327,7 +329,9 @@ def _apply_full(unet: nn.Module, motion: MotionAdapter, name: str, modules: dict
         weight = modules[module_name].weight
         trained = motion.tensors[f"{module_name}.weight"]
         if tuple(trained.shape) != tuple(weight.shape):
-            raise ValueError(f"{module_name}.weight has shape {tuple(trained.shape)}, the UNet's {tuple(weight.shape)}")
+            raise ValueError(
+                f"{module_name}.weight has shape {tuple(trained.shape)}, the UNet's {tuple(weight.shape)}"
+            )
         base = state.base_weights.get(module_name, weight.detach().cpu())
         deltas[module_name] = trained.to(torch.float32) - base.to(torch.float32)
     info = AdapterInfo(**{**motion.info.to_dict(), "adapter_name": name})

@@ -26,7 +26,7 @@ ALIASES = ("temporal_attn", "spatial_attn")
 
 @dataclass(frozen=True)
 class BackboneTargets:
-    """Regular expressions, over full module names, of one backbone class's attention modules.
+    r"""Regular expressions, over full module names, of one backbone class's attention modules.
 
     Attributes:
         temporal_attn: matches each temporal (frame-axis) attention module, e.g. `...attn1`.
