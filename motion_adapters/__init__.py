@@ -12,6 +12,8 @@ from motion_adapters.injection import (
     unload_adapter,
 )
 from motion_adapters.inversion import ddim_invert
+from motion_adapters.pipelines.vmc import VMCPipeline
+from motion_adapters.prompts import appearance_invariant_prompt
 from motion_adapters.losses import (
     cosine_loss_official,
     cosine_loss_paper,
@@ -44,10 +46,12 @@ __all__ = [
     "NonFiniteLossError",
     "TrainState",
     "TrainingResult",
+    "VMCPipeline",
     "__version__",
     "adapter_infos",
     "adapter_parameters",
     "adapter_state_dict",
+    "appearance_invariant_prompt",
     "apply_motion_adapter",
     "cosine_loss_official",
     "cosine_loss_paper",
