@@ -17,6 +17,9 @@ def add_commands(sub) -> None:
     push.add_argument("--message", default=None, help="the commit message")
     push.set_defaults(func=_cmd_push)
     add_pipeline_commands(sub)
+    from motion_adapters.cli_eval import add_eval_command
+
+    add_eval_command(sub)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:

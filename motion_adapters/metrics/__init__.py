@@ -1,4 +1,5 @@
-"""Metrics for generated clips: motion fidelity by object tracking (shapes world) and by optical flow (real videos).
+"""Metrics for generated clips: CLIP text alignment and temporal consistency, and motion fidelity by object
+tracking (shapes world) and by optical flow (real videos).
 
 ``flow`` needs OpenCV (``pip install motion_adapters[metrics]``); it is imported only when its functions run.
 
@@ -10,6 +11,17 @@ Example:
     True
 """
 
+from .clip_scores import (
+    DEFAULT_CLIP_MODEL,
+    CLIPLoadError,
+    as_clip_frames,
+    keyframe_indices,
+    load_clip,
+    resolve_frame_indices,
+    temporal_consistency,
+    text_alignment,
+)
+from .evaluation import evaluate
 from .flow import flow_fidelity, optical_flow
 from .trajectory import (
     appearance_check,
@@ -23,13 +35,22 @@ from .trajectory import (
 )
 
 __all__ = [
+    "CLIPLoadError",
+    "DEFAULT_CLIP_MODEL",
     "appearance_check",
+    "as_clip_frames",
+    "evaluate",
     "estimate_background_palette",
     "flow_fidelity",
     "foreground_area",
+    "keyframe_indices",
+    "load_clip",
     "mask_centroids",
     "optical_flow",
+    "resolve_frame_indices",
     "segment_foreground",
+    "temporal_consistency",
+    "text_alignment",
     "track_object",
     "trajectory_fidelity",
     "video_motion_fidelity",
