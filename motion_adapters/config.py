@@ -14,6 +14,9 @@ LOSSES = ("cos", "l2", "eps_mse")
 COS_VARIANTS = ("paper", "official")
 MODES = ("full", "lora")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+FROZEN_DTYPES = ("auto", "compute", "keep")
+COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs")
+CUDA_GRAPHS = ("auto", "yes", "no")
 
 CONFIG_NAME = "motion_adapter_config.json"
 
@@ -45,8 +48,23 @@ class MotionDistillationConfig:
         adam_weight_decay: AdamW decoupled weight decay.
         adam_epsilon: AdamW epsilon.
         max_grad_norm: gradient-norm clipping threshold; 0 disables clipping.
-        mixed_precision: "auto" (bf16 autocast on a CUDA device that supports it, else fp16 on CUDA, none on
-            CPU), "no", "fp16" or "bf16". Trainable weights always stay float32.
+        mixed_precision: "auto" (on CUDA: the half dtype the UNet's weights are already stored in, else bf16 where
+            supported, else fp16; none on CPU), "no", "fp16" or "bf16". Trainable weights train as float32 master
+            copies and go back to their own dtype after training.
+        frozen_dtype: how the frozen weights are stored while training. "compute" stores float32 frozen weights in
+            the mixed-precision dtype for the run, so no step re-casts them (the float32 originals wait on the CPU
+            and are put back exactly afterwards); "keep" leaves them; "auto" is "compute" on CUDA with mixed
+            precision, else "keep".
+        compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs").
+            Compilation happens during the first step and costs tens of seconds to minutes for a full-size UNet
+            (less when the inductor cache is warm); it pays over long runs or many motions in one process.
+        cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in one CUDA graph
+            after three warm-up steps and replay it: removes the per-kernel launch cost. "auto" captures on CUDA
+            when no fp16 gradient scaler is needed; "yes" insists (and raises where it cannot); "no" never.
+            The learning rate and other optimizer settings are frozen into the graph.
+        activation_memory_budget: with `compile`, the fraction in (0, 1] of the activations the compiler may keep
+            for the backward pass; lower values recompute more and use less memory
+            (`torch._functorch.config.activation_memory_budget`). `None` keeps torch's default (1.0).
         seed: seed for the timesteps and noise of every step; the same seed gives the same run.
         min_timestep: smallest training timestep (inclusive).
         max_timestep: largest training timestep (exclusive); `None` means the scheduler's
@@ -55,7 +73,9 @@ class MotionDistillationConfig:
         height: frame height the clip is resized to; `None` means the backbone's default.
         width: frame width the clip is resized to; `None` means the backbone's default.
         prompt: the appearance-invariant training prompt ("a seagull is walking").
-        gradient_checkpointing: trade compute for memory in the UNet.
+        gradient_checkpointing: trade compute for memory in the UNet: True checkpoints every block that supports
+            it; a list of module names (e.g. ["up_blocks.3", "up_blocks.2"]) checkpoints only those blocks (and
+            the checkpointable modules inside them). The UNet's own setting is restored after training.
         checkpointing_steps: save a resumable checkpoint every this many steps when an output folder is
             given; 0 disables checkpoints.
 
@@ -82,6 +102,10 @@ class MotionDistillationConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
+    frozen_dtype: str = "auto"
+    compile: str = "no"
+    cuda_graph: str = "auto"
+    activation_memory_budget: float | None = None
     seed: int = 0
     min_timestep: int = 0
     max_timestep: int | None = None
@@ -89,7 +113,7 @@ class MotionDistillationConfig:
     height: int | None = None
     width: int | None = None
     prompt: str = ""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | list[str] = False
     checkpointing_steps: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +130,26 @@ class MotionDistillationConfig:
         _choice("cos_variant", self.cos_variant, COS_VARIANTS)
         _choice("mode", self.mode, MODES)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
+        _choice("compile", self.compile, COMPILE_MODES)
+        _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
+        if self.activation_memory_budget is not None:
+            budget = self.activation_memory_budget
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
+                raise ValueError(f"activation_memory_budget={budget!r} must be a number in (0, 1], or None.")
+            if self.compile == "no":
+                raise ValueError(
+                    f"activation_memory_budget={budget!r} only acts on a compiled UNet: set compile='default', or "
+                    f"use gradient_checkpointing to save memory without compiling."
+                )
+        checkpointing = self.gradient_checkpointing
+        if not isinstance(checkpointing, bool) and not (
+            isinstance(checkpointing, list) and checkpointing and all(isinstance(n, str) and n for n in checkpointing)
+        ):
+            raise ValueError(
+                f"gradient_checkpointing={checkpointing!r} must be True, False or a non-empty list of module names "
+                f"such as ['up_blocks.3']."
+            )
         _positive_int("frame_stride", self.frame_stride)
         _positive_int("r", self.r)
         _positive_int("max_train_steps", self.max_train_steps)

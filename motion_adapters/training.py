@@ -13,7 +13,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from motion_adapters.injection import (
     inject_temporal_adapter,
     load_adapter_state_dict,
 )
-from motion_adapters.losses import motion_distillation_loss, split_epsilon
 from motion_adapters.serialization import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -38,6 +36,16 @@ from motion_adapters.serialization import (
     save_motion_adapter,
 )
 from motion_adapters.targets import backbone_targets
+from motion_adapters.training_step import (
+    StepRunner,
+    WeightPrecision,
+    autocast_dtype,
+    checkpointing,
+    compiled,
+    keep_implementation_flags,
+    optimizer_for,
+    use_cuda_graph,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -146,109 +154,101 @@ def train_motion(
         raise ValueError(f"prompt_embeds must be (1, L, D) from the text encoder; got {shape}.")
     spec = backbone_targets(unet) if not isinstance(config.target, list) else None
     x0 = _encode(video.to(device), vae) if vae is not None else video.to(device)
-    in_channels = x0.shape[1]
     embeds = prompt_embeds.to(device)
     if spec is not None and spec.text_per_frame:
         embeds = embeds.repeat_interleave(x0.shape[2], dim=0)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
+    if max_t > alphas_cumprod.numel():
+        raise ValueError(f"max_timestep={max_t} exceeds the scheduler's {alphas_cumprod.numel()} timesteps.")
 
     if adapter_name not in adapter_infos(unet):
         inject_temporal_adapter(unet, config=config, adapter_name=adapter_name)
     info = adapter_infos(unet)[adapter_name]
     params = adapter_parameters(unet, adapter_name)
-    for p in params.values():
-        if p.dtype != torch.float32:
-            p.data = p.data.float()  # fp32 master weights: autocast handles the low-precision compute
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        list(params.values()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-        **({"fused": True} if device.type == "cuda" else {}),
+    trainable_ids = {id(p) for p in params.values()}
+    frozen_dtypes = [p.dtype for p in unet.parameters() if id(p) not in trainable_ids and p.is_floating_point()]
+    weights_dtype = frozen_dtypes[0] if frozen_dtypes else torch.float32
+    compute_dtype = autocast_dtype(config.mixed_precision, device, weights_dtype)
+    scaler = torch.amp.GradScaler("cuda") if compute_dtype == torch.float16 else None
+    graph = use_cuda_graph(config.cuda_graph, device, scaler is not None, config.gradient_checkpointing)
+    cast_frozen = config.frozen_dtype == "compute" or (
+        config.frozen_dtype == "auto" and device.type == "cuda" and compute_dtype is not None
     )
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
-    if max_t > alphas_cumprod.numel():
-        raise ValueError(f"max_timestep={max_t} exceeds the scheduler's {alphas_cumprod.numel()} timesteps.")
-    autocast_dtype = _autocast_dtype(config.mixed_precision, device)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
 
     out_dir = Path(output_dir) if output_dir is not None else None
     losses: list[float] = []
+    step_seconds: list[float] = []
     start = 0
-    if out_dir is not None and resume and (out_dir / CHECKPOINT_DIR).is_dir():
-        start, losses = _load_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, config)
-    if config.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
-        unet.enable_gradient_checkpointing()
-
     was_training = unet.training
-    unet.train()
-    began = time.perf_counter()
+    precision = WeightPrecision(unet, params, compute_dtype, cast_frozen)
+    num_cast = precision.num_cast
+    bar = tqdm(total=config.max_train_steps, initial=0, desc="train_motion", disable=not progress, leave=False)
     stopped_early = False
-    bar = tqdm(total=config.max_train_steps, initial=start, desc="train_motion", disable=not progress, leave=False)
+    began = time.perf_counter()
     try:
-        for step in range(start, config.max_train_steps):
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            t = torch.randint(config.min_timestep, max_t, (x0.shape[0],), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
-            t = t.to(device)
-            abar = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-            noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-            with ctx:
-                out = unet(noisy, t, encoder_hidden_states=embeds).sample
-            eps_pred = split_epsilon(out.float(), in_channels)
-            loss = motion_distillation_loss(
-                noise, eps_pred, loss=config.loss, cos_variant=config.cos_variant, stride=config.frame_stride,
-                abar=alphas_cumprod[t],
+        for p in params.values():
+            p.requires_grad_(True)
+        optimizer = optimizer_for(list(params.values()), config, device, graph)
+        if out_dir is not None and resume and (out_dir / CHECKPOINT_DIR).is_dir():
+            start, losses = _load_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, config)
+            bar.update(start)
+        unet.train()
+        runner = StepRunner(
+            compiled(unet, config.compile), x0, embeds, alphas_cumprod, list(params.values()), optimizer, config,
+            compute_dtype, scaler, graph,
+        )
+        with checkpointing(unet, config.gradient_checkpointing):
+            for step in range(start, config.max_train_steps):
+                tick = time.perf_counter()
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                t = torch.randint(config.min_timestep, max_t, (x0.shape[0],), generator=generator)
+                noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+                value = float(runner(t, noise))
+                if not math.isfinite(value):
+                    kept = f"; the last good checkpoint is in {out_dir / CHECKPOINT_DIR}" if out_dir else ""
+                    raise NonFiniteLossError(
+                        f"loss is {value} at step {step + 1} (timestep {int(t[0])}){kept}. Lower learning_rate, "
+                        f"use mixed_precision='bf16' or 'no', or check the clip and prompt_embeds for NaN."
+                    )
+                losses.append(value)
+                step_seconds.append(time.perf_counter() - tick)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+                done = step + 1
+                if out_dir is not None and config.checkpointing_steps and done % config.checkpointing_steps == 0:
+                    _save_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, done, losses, config)
+                state = TrainState(done, value, losses, int(t[0]), unet, optimizer)
+                if any(callback(state) for callback in callbacks):
+                    stopped_early = done < config.max_train_steps
+                    break
+        seconds = time.perf_counter() - began
+        if out_dir is not None:
+            facts = {
+                **(training_info or {}),
+                "steps": len(losses), "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None, "losses": [round(v, 6) for v in losses],
+                "seconds": round(seconds, 3), "device": str(device),
+            }
+            motion = motion_from_unet(
+                unet, adapter_name, distillation=config.to_dict(), training=facts, noise_prior=noise_prior
             )
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                kept = f"; the last good checkpoint is in {out_dir / CHECKPOINT_DIR}" if out_dir else ""
-                raise NonFiniteLossError(
-                    f"loss is {value} at step {step + 1} (timestep {int(t[0])}){kept}. Lower learning_rate, "
-                    f"use mixed_precision='bf16' or 'no', or check the clip and prompt_embeds for NaN."
-                )
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            done = step + 1
-            if out_dir is not None and config.checkpointing_steps and done % config.checkpointing_steps == 0:
-                _save_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, done, losses, config)
-            state = TrainState(done, value, losses, int(t[0]), unet, optimizer)
-            if any(callback(state) for callback in callbacks):
-                stopped_early = done < config.max_train_steps
-                break
+            save_motion_adapter(motion, out_dir)
     finally:
         bar.close()
         unet.train(was_training)
         for p in params.values():
             p.grad = None
-    seconds = time.perf_counter() - began
-
-    if out_dir is not None:
-        facts = {
-            **(training_info or {}),
-            "steps": len(losses), "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None, "losses": [round(v, 6) for v in losses],
-            "seconds": round(seconds, 3), "device": str(device),
-        }
-        motion = motion_from_unet(
-            unet, adapter_name, distillation=config.to_dict(), training=facts, noise_prior=noise_prior
-        )
-        save_motion_adapter(motion, out_dir)
-    return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early)
+        runner = optimizer = None
+        precision.restore()
+    extra = {
+        "step_seconds": step_seconds,
+        "compute_dtype": str(compute_dtype).replace("torch.", "") if compute_dtype else None,
+        "frozen_weights_cast": num_cast,
+        "cuda_graph": graph,
+        "compile": config.compile,
+    }
+    return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
 
 
 def _check_video(video: torch.Tensor, config: MotionDistillationConfig) -> torch.Tensor:
@@ -275,20 +275,6 @@ def _encode(video: torch.Tensor, vae: nn.Module) -> torch.Tensor:
     frames = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype=next(vae.parameters()).dtype)
     latents = vae.encode(frames).latent_dist.mean * vae.config.scaling_factor
     return latents.float().reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
-
-
-def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    if mixed_precision == "no":
-        return None
-    if mixed_precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            f"mixed_precision='fp16' needs a CUDA device; the UNet is on {device}. Use 'bf16', 'no' or 'auto'."
-        )
-    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
 def _save_checkpoint(folder: Path, unet, adapter_name, optimizer, step, losses, config) -> None:
@@ -333,5 +319,6 @@ def _load_checkpoint(folder: Path, unet, adapter_name, optimizer, config) -> tup
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         opt_state.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    groups = keep_implementation_flags(state["param_groups"], optimizer)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     return int(state["step"]), [float(v) for v in state["losses"]]

@@ -1,5 +1,4 @@
-"""Metrics for generated clips: CLIP text alignment and temporal consistency, and motion fidelity by object
-tracking (shapes world) and by optical flow (real videos).
+"""Metrics for generated clips: CLIP text alignment and consistency, tracked and optical-flow motion fidelity.
 
 ``flow`` needs OpenCV (``pip install motion_adapters[metrics]``); it is imported only when its functions run.
 
