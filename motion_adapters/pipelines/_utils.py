@@ -1,0 +1,523 @@
+"""Pieces shared by the Show-1 stage pipelines: outputs, guidance, per-frame steps, T5 prompts and loading."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, schedulers
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from huggingface_hub import hf_hub_download
+from transformers import T5EncoderModel, T5Tokenizer
+
+from motion_adapters.models import Show1UNet3DConditionModel
+
+logger = logging.get_logger(__name__)
+
+#: Tokenizer length of the Show-1 (DeepFloyd IF) T5 prompts.
+T5_MAX_LENGTH = 77
+#: Output types every stage pipeline accepts.
+OUTPUT_TYPES = ("pt", "np", "pil")
+#: Keyword arguments of `from_pretrained` that go to the Hub download calls of every component.
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+@dataclass
+class Show1PipelineOutput(BaseOutput):
+    """Output of a Show-1 stage pipeline.
+
+    Args:
+        frames: With `output_type="pt"` a (batch, 3, frames, height, width) tensor of pixels in [-1, 1]; with
+            `"np"` a (batch, frames, height, width, 3) float array in [0, 1]; with `"pil"` one list of PIL frames
+            per video.
+
+    Example:
+        >>> out = Show1PipelineOutput(frames=torch.zeros(1, 3, 8, 40, 64))
+        >>> out.frames.shape
+        torch.Size([1, 3, 8, 40, 64])
+    """
+
+    frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
+
+
+@dataclass
+class Show1CascadeOutput(BaseOutput):
+    """Output of `Show1CascadePipeline`.
+
+    Args:
+        frames: The last stage's video in the requested output type (see `Show1PipelineOutput`).
+        stage_frames: With `return_stage_outputs=True`, each stage's (batch, 3, frames, height, width) pixels in
+            [-1, 1], by stage name (`keyframes`, `interpolation`, `sr1`, `sr2`); else None.
+
+    Example:
+        >>> out = Show1CascadeOutput(frames=torch.zeros(1, 3, 8, 40, 64))
+        >>> out.stage_frames is None
+        True
+    """
+
+    frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
+    stage_frames: dict[str, torch.Tensor] | None = None
+
+
+def combine_guidance(
+    model_output: torch.Tensor,
+    *,
+    guidance_scale: float,
+    sample_channels: int,
+    do_classifier_free_guidance: bool,
+    learned_variance: bool,
+) -> torch.Tensor:
+    """Turn the UNet output of one step into the model output the scheduler gets.
+
+    With guidance the batch holds the negative half first; the guided epsilon is
+    `eps_neg + guidance_scale * (eps_text - eps_neg)` over the first `sample_channels` channels, and the text
+    half's remaining (learned-variance) channels are concatenated back beside it. With a non-learned variance
+    type only the epsilon channels are kept, as Show-1 does.
+
+    Args:
+        model_output: UNet output (2B or B, C_out, F, H, W); C_out is 6 for Show-1 (epsilon and variance).
+        guidance_scale: Guidance weight `w`; 1.0 gives the text branch.
+        sample_channels: Channels of the sample being denoised (3 for pixels).
+        do_classifier_free_guidance: Whether `model_output` holds a negative and a text half.
+        learned_variance: Whether the scheduler's `variance_type` is `learned` or `learned_range`.
+
+    Returns:
+        (B, sample_channels or C_out, F, H, W) model output for `scheduler.step`.
+
+    Example:
+        >>> out = torch.randn(2, 6, 1, 2, 2)
+        >>> combine_guidance(out, guidance_scale=7.0, sample_channels=3, do_classifier_free_guidance=True,
+        ...                  learned_variance=False).shape
+        torch.Size([1, 3, 1, 2, 2])
+    """
+    if do_classifier_free_guidance:
+        negative, text = model_output.chunk(2)
+        eps_negative = negative[:, :sample_channels]
+        eps_text, variance_text = text[:, :sample_channels], text[:, sample_channels:]
+        eps = eps_negative + guidance_scale * (eps_text - eps_negative)
+        model_output = torch.cat([eps, variance_text], dim=1)
+    if not learned_variance:
+        model_output = model_output[:, :sample_channels]
+    return model_output
+
+
+def scheduler_step_per_frame(
+    scheduler: SchedulerMixin, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """Take one scheduler step with every frame as its own batch element.
+
+    (B, C, F, H, W) is folded to (B*F, C, H, W), so per-sample operations of the scheduler (dynamic
+    thresholding quantiles) are per frame, as in Show-1.
+
+    Args:
+        scheduler: Scheduler whose timesteps are set.
+        model_output: (B, C_out, F, H, W) output of `combine_guidance`.
+        timestep: Current timestep.
+        sample: (B, C, F, H, W) current sample.
+        **kwargs: Extra `scheduler.step` arguments (`generator`, `eta`).
+
+    Returns:
+        The (B, C, F, H, W) previous sample.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> s = DDPMScheduler(); s.set_timesteps(2)
+        >>> x = torch.zeros(1, 3, 4, 2, 2)
+        >>> scheduler_step_per_frame(s, torch.zeros_like(x), s.timesteps[0], x).shape
+        torch.Size([1, 3, 4, 2, 2])
+    """
+    batch, channels, frames, height, width = sample.shape
+    folded_sample = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    folded_output = model_output.permute(0, 2, 1, 3, 4).reshape(batch * frames, -1, height, width)
+    previous = scheduler.step(folded_output, timestep, folded_sample, **kwargs).prev_sample
+    return previous.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)
+
+
+def fresh_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """Return a new scheduler built from `scheduler`'s config, so a call never changes the registered one.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> s = DDPMScheduler()
+        >>> fresh_scheduler(s) is s
+        False
+    """
+    return scheduler.__class__.from_config(scheduler.config)
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[torch.Generator] | None) -> dict:
+    """Return the `generator` keyword for `scheduler.step` when the scheduler takes one.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> sorted(step_kwargs(DDPMScheduler(), None))
+        ['generator']
+    """
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def has_learned_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether the scheduler's `variance_type` makes it read the UNet's variance channels.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> has_learned_variance(DDPMScheduler(variance_type="learned_range"))
+        True
+    """
+    return scheduler.config.get("variance_type") in ("learned", "learned_range")
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Put modules in eval mode and restore every submodule's previous mode afterwards, even on error.
+
+    Example:
+        >>> layer = torch.nn.Dropout().train()
+        >>> with eval_mode(layer):
+        ...     layer.training
+        False
+        >>> layer.training
+        True
+    """
+    saved = [(sub, sub.training) for module in modules if module is not None for sub in module.modules()]
+    try:
+        for module in modules:
+            if module is not None:
+                module.eval()
+        yield
+    finally:
+        for sub, training in saved:
+            sub.training = training
+
+
+def postprocess_video(video: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list:
+    """Convert (B, 3, F, H, W) pixels in about [-1, 1] to the requested output type.
+
+    Args:
+        video: Pixels as (B, 3, F, H, W).
+        output_type: `"pt"` (clamped to [-1, 1], same layout), `"np"` ((B, F, H, W, 3) in [0, 1]) or `"pil"`.
+
+    Example:
+        >>> postprocess_video(torch.zeros(1, 3, 2, 4, 4), "np").shape
+        (1, 2, 4, 4, 3)
+    """
+    if output_type == "pt":
+        return video.clamp(-1, 1)
+    return VideoProcessor(do_resize=False).postprocess_video(video.float().cpu(), output_type=output_type)
+
+
+def downsampling_factor(unet: Show1UNet3DConditionModel) -> int:
+    """Return by how much the UNet divides height and width (2 per down block after the first).
+
+    Example:
+        >>> # a UNet with 4 down blocks needs sizes divisible by 8
+        >>> # downsampling_factor(unet) == 8
+    """
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def embedding_width(unet: Show1UNet3DConditionModel) -> int:
+    """Return the width of the text embeddings the UNet takes (`encoder_hid_dim`, else `cross_attention_dim`).
+
+    Example:
+        >>> # 4096 for show-1-base, whose T5 is T5 v1.1 XXL
+        >>> # embedding_width(unet) == 4096
+    """
+    return unet.config.encoder_hid_dim or unet.config.cross_attention_dim
+
+
+class Show1StagePipeline(DiffusionPipeline):
+    """Base of the Show-1 pixel stage pipelines: T5 prompts, noise, callbacks, checks and loading.
+
+    Subclasses register `tokenizer`, `text_encoder` (both optional: stages 2 and 3 of a cascade reuse the
+    embeddings of stage 1), `unet` and `scheduler`, and write `__call__`.
+
+    Example:
+        >>> from motion_adapters.pipelines import Show1KeyframesPipeline
+        >>> issubclass(Show1KeyframesPipeline, Show1StagePipeline)
+        True
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet"
+    _optional_components = ["tokenizer", "text_encoder"]
+    _callback_tensor_inputs = ["latents"]
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        do_classifier_free_guidance: bool = True,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode prompts with T5 (max length 77, padded, truncated, lower-cased and stripped as Show-1 does).
+
+        The attention mask goes to T5, not to the UNet. Precomputed embeddings are passed through, moved to the
+        UNet's device and dtype. The negative prompt defaults to "".
+
+        Args:
+            prompt: Prompt or prompts; or None with `prompt_embeds`.
+            negative_prompt: Negative prompt(s); "" when None.
+            do_classifier_free_guidance: Whether to return negative embeddings too.
+            device: Where the embeddings go; the execution device when None.
+            prompt_embeds: Precomputed (B, L, D) T5 embeddings.
+            negative_prompt_embeds: Precomputed negative embeddings, same shape.
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`; the second is None without guidance.
+
+        Example:
+            >>> embeds, negative = pipe.encode_prompt("a cat runs")  # doctest: +SKIP
+            >>> embeds.shape  # (1, 77, 4096) with the T5 XXL of show-1-base  # doctest: +SKIP
+        """
+        device = device or self._execution_device
+        dtype = self.unet.dtype
+        if prompt_embeds is None:
+            prompt_embeds = self._t5(prompt, device)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            batch_size = prompt_embeds.shape[0]
+            if negative_prompt is None:
+                negative_prompt = [""] * batch_size
+            elif isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch_size
+            negative_prompt_embeds = self._t5(negative_prompt, device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        return prompt_embeds, negative_prompt_embeds.to(device=device, dtype=dtype)
+
+    def _t5(self, prompt: str | list[str], device: torch.device) -> torch.Tensor:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError(
+                f"{type(self).__name__} has no tokenizer or text_encoder, so it cannot encode prompt={prompt!r}; "
+                "pass prompt_embeds and negative_prompt_embeds (a cascade passes the keyframe stage's)."
+            )
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt = [text.lower().strip() for text in prompt]
+        tokens = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=T5_MAX_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        with eval_mode(self.text_encoder):
+            return self.text_encoder(
+                tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+            ).last_hidden_state
+
+    def check_prompt_inputs(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+    ) -> int:
+        """Validate the prompt arguments and return the batch size.
+
+        Example:
+            >>> pipe.check_prompt_inputs("a cat", None, None, None)  # doctest: +SKIP
+            1
+        """
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(
+                f"Pass exactly one of prompt={prompt!r} and prompt_embeds "
+                f"(shape {None if prompt_embeds is None else tuple(prompt_embeds.shape)})."
+            )
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of negative_prompt and negative_prompt_embeds, not both.")
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but the batch has {batch_size} prompts; "
+                "pass one negative prompt per prompt, or a single string."
+            )
+        width = embedding_width(self.unet)
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if embeds.ndim != 3 or embeds.shape[-1] != width:
+                raise ValueError(
+                    f"{name} has shape {tuple(embeds.shape)}, but the UNet takes (batch, length, {width}) "
+                    f"text embeddings (encoder_hid_dim); encode the prompt with this pipeline's T5."
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but prompt_embeds has "
+                    f"{tuple(prompt_embeds.shape)}; they must match."
+                )
+        return batch_size
+
+    def check_common_inputs(
+        self, height: int, width: int, output_type: str, callback_on_step_end_tensor_inputs: list[str]
+    ) -> None:
+        """Validate frame size, output type and callback tensor names.
+
+        Example:
+            >>> pipe.check_common_inputs(40, 64, "pt", ["latents"])  # doctest: +SKIP
+        """
+        factor = downsampling_factor(self.unet)
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise ValueError(
+                f"height={height} and width={width} must be positive multiples of {factor}, the downsampling "
+                f"factor of this UNet ({len(self.unet.config.block_out_channels)} blocks); round them to a multiple."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not supported; use one of {OUTPUT_TYPES}.")
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {unknown}; this pipeline offers "
+                f"{self._callback_tensor_inputs}."
+            )
+
+    def prepare_latents(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+        init_noise_sigma: float = 1.0,
+    ) -> torch.Tensor:
+        """Return the initial sample: standard normal noise (or the given `latents`) times `init_noise_sigma`.
+
+        Args:
+            shape: Expected (B, C, F, H, W).
+            dtype: Sample dtype.
+            device: Sample device.
+            generator: Random generator(s) for the noise.
+            latents: A sample to start from instead of fresh noise (for example inverted noise); must have `shape`.
+            init_noise_sigma: The scheduler's `init_noise_sigma` (1.0 for DPMSolver).
+
+        Example:
+            >>> shape = (1, 3, 8, 40, 64)
+            >>> pipe.prepare_latents(shape, torch.float32, torch.device("cpu"), None).shape  # doctest: +SKIP
+            torch.Size([1, 3, 8, 40, 64])
+        """
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != tuple(shape):
+            raise ValueError(
+                f"latents has shape {tuple(latents.shape)}, expected {tuple(shape)}; pass noise of that shape."
+            )
+        return latents.to(device=device, dtype=dtype) * init_noise_sigma
+
+    def run_step_end_callback(
+        self,
+        callback: Callable | PipelineCallback | MultiPipelineCallbacks | None,
+        tensor_inputs: list[str],
+        step: int,
+        timestep: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Call `callback(self, step, timestep, {name: tensor})` and return the tensors with its replacements.
+
+        Example:
+            >>> tensors = pipe.run_step_end_callback(None, ["latents"], 0, t, {"latents": x})  # doctest: +SKIP
+        """
+        if callback is None:
+            return tensors
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        outputs = callback(self, step, timestep, {name: tensors[name] for name in tensor_inputs}) or {}
+        return {name: outputs.get(name, tensor) for name, tensor in tensors.items()}
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None, **kwargs
+    ) -> Show1StagePipeline:
+        """Load a stage from a Show-1 Hub repository or a local folder, mapping its UNet entry to our class.
+
+        `model_index.json` names the UNet as `showone.models.unet_3d_condition.UNet3DConditionModel`; no code
+        named by a file is imported: the UNet loads as `Show1UNet3DConditionModel`, T5 as `T5EncoderModel`,
+        the tokenizer as `T5Tokenizer`, schedulers as the diffusers scheduler class the file names. Components
+        the pipeline does not use (`feature_extractor`, `safety_checker`, `watermarker`) are skipped.
+
+        Args:
+            pretrained_model_name_or_path: Hub id (`showlab/show-1-base`) or local folder.
+            torch_dtype: dtype of the UNet and T5.
+            **kwargs: Components to use instead of loading them (`text_encoder=None` skips T5), `variant`, and
+                the Hub arguments `cache_dir`, `revision`, `token`, `local_files_only`, `force_download`,
+                `proxies`.
+
+        Example:
+            >>> pipe = Show1KeyframesPipeline.from_pretrained("showlab/show-1-base", torch_dtype=torch.float16,
+            ...                                               variant="fp16")  # doctest: +SKIP
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        variant = kwargs.pop("variant", None)
+        expected = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(kwargs) - set(expected))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained got unknown arguments {unknown}; components are {expected}."
+            )
+        if os.path.isdir(path):
+            index_file = os.path.join(path, "model_index.json")
+        else:
+            index_file = hf_hub_download(path, "model_index.json", **hub_kwargs)
+        with open(index_file, encoding="utf-8") as handle:
+            index = json.load(handle)
+        components = {}
+        for name in expected:
+            if name in kwargs:
+                components[name] = kwargs[name]
+                continue
+            library, class_name = (index.get(name) or [None, None])[:2]
+            if class_name is None:
+                components[name] = cls._default_component(name, path)
+                continue
+            components[name] = _load_component(name, class_name, path, torch_dtype, variant, hub_kwargs)
+        skipped = sorted(set(index) - set(expected) - {key for key in index if key.startswith("_")})
+        if skipped:
+            logger.info(f"{cls.__name__}: not loading unused components {skipped} of {path}.")
+        return cls(**components)
+
+    @classmethod
+    def _default_component(cls, name: str, path: str) -> object:
+        if name in cls._optional_components:
+            return None
+        raise ValueError(f"{path}/model_index.json has no {name!r} entry, which {cls.__name__} needs.")
+
+
+def _load_component(
+    name: str, class_name: str, path: str, torch_dtype: torch.dtype | None, variant: str | None, hub_kwargs: dict
+) -> object:
+    """Load one component of a Show-1 folder with a class this package chooses, never one a file names."""
+    if name == "unet":
+        return Show1UNet3DConditionModel.from_pretrained(
+            path, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **hub_kwargs
+        )
+    if name == "text_encoder":
+        return T5EncoderModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=torch_dtype, variant=variant, **hub_kwargs
+        )
+    if name == "tokenizer":
+        return T5Tokenizer.from_pretrained(path, subfolder="tokenizer", **hub_kwargs)
+    if name.endswith("scheduler"):
+        scheduler_class = getattr(schedulers, class_name, None)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+            raise ValueError(f"{path}: {name} names {class_name!r}, which is not a diffusers scheduler class.")
+        return scheduler_class.from_pretrained(path, subfolder=name, **hub_kwargs)
+    raise ValueError(f"{path}: no loader for component {name!r} ({class_name}).")

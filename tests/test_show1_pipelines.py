@@ -1,0 +1,482 @@
+"""Show-1 stage pipelines and cascade on tiny random components built from config."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from fixtures_tiny import tiny_cascade, tiny_if_superres, tiny_scheduler, tiny_sr2
+
+from motion_adapters.models import Show1UNet3DConditionModel
+from motion_adapters.pipelines import (
+    Show1CascadePipeline,
+    Show1KeyframesPipeline,
+    combine_guidance,
+    interpolated_num_frames,
+    scheduler_step_per_frame,
+    super_resolve_first_frame,
+    super_resolve_video_latent,
+    window_starts,
+)
+from motion_adapters.pipelines.show1_interpolation import interpolation_condition
+
+FAST = {
+    "keyframes": {"num_inference_steps": 2},
+    "interpolation": {"num_inference_steps": 1},
+    "sr1": {"num_inference_steps": 1, "height": 16, "width": 16},
+}
+SIZE = {"num_frames": 8, "height": 8, "width": 8}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads spin-wait badly on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cascade(tmp_path):
+    return tiny_cascade(tmp_path)
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def record_unet_inputs(unet):
+    """Record (sample, class_labels) of every UNet call; returns the list and the hook handle."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((args[0].clone(), kwargs.get("class_labels")))
+
+    return calls, unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def component_state(cascade):
+    """Everything a call must leave as it was: train/eval flags and scheduler configs and state."""
+    state = {}
+    for name, pipe in cascade._pipelines().items():
+        for attr in ("unet", "text_encoder"):
+            module = getattr(pipe, attr, None)
+            if module is not None:
+                state[f"{name}.{attr}.training"] = [m.training for m in module.modules()]
+        for attr in ("scheduler", "image_noising_scheduler"):
+            scheduler = getattr(pipe, attr, None)
+            if scheduler is not None:
+                state[f"{name}.{attr}"] = (
+                    dict(scheduler.config),
+                    scheduler.num_inference_steps,
+                    scheduler.timesteps.tolist(),
+                    getattr(scheduler, "_step_index", None),
+                    len(getattr(scheduler, "model_outputs", []) or []),
+                )
+    return state
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+
+
+def test_cascade_runs_all_stages_with_show1_shapes(cascade):
+    out = cascade("a cat runs", **SIZE, stage_kwargs=FAST, generator=seeded(), output_type="pt",
+                  return_stage_outputs=True)  # fmt: skip
+    shapes = {name: tuple(video.shape) for name, video in out.stage_frames.items()}
+    assert shapes == {
+        "keyframes": (1, 3, 8, 8, 8),
+        "interpolation": (1, 3, 29, 8, 8),
+        "sr1": (1, 3, 29, 16, 16),
+    }
+    torch.testing.assert_close(out.frames, out.stage_frames["sr1"])
+    assert out.frames.abs().max() <= 1
+    assert torch.isfinite(out.frames).all()
+
+
+def test_cascade_stops_after_chosen_stage_and_returns_numpy(cascade):
+    out = cascade(["a cat runs", "a dog jumps"], **SIZE, stages=("keyframes", "interpolation"), stage_kwargs=FAST,
+                  generator=seeded(), output_type="np")  # fmt: skip
+    assert out.frames.shape == (2, 29, 8, 8, 3)
+    assert out.frames.min() >= 0 and out.frames.max() <= 1
+    assert out.stage_frames is None
+
+
+def test_keyframes_pil_output_has_one_list_of_frames_per_video(cascade):
+    frames = cascade.keyframes("a cat runs", **SIZE, num_inference_steps=1, output_type="pil").frames
+    assert len(frames) == 1 and len(frames[0]) == 8 and frames[0][0].size == (8, 8)
+
+
+def test_interpolated_num_frames_places_keyframes_every_fourth_frame():
+    assert interpolated_num_frames(8) == 29
+    assert interpolated_num_frames(2) == 5
+    assert window_starts(29) == [0, 7, 14, 21]
+    assert window_starts(8) == [0]
+    assert window_starts(15, window_size=8) == [0, 7]
+
+
+# --- saving and loading --------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip_gives_identical_output(cascade, tmp_path):
+    cascade.first_frame_pipeline = tiny_if_superres()
+    stage_kwargs = {**FAST, "first_frame": {"num_inference_steps": 2}}
+    kwargs = {"prompt": "a red ball rolls", **SIZE, "stage_kwargs": stage_kwargs, "output_type": "pt"}
+    expected = cascade(**kwargs, generator=seeded(3)).frames
+    cascade.save_pretrained(tmp_path / "saved")
+    loaded = Show1CascadePipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.stages == ("keyframes", "interpolation", "sr1")
+    assert isinstance(loaded.sr1.unet, Show1UNet3DConditionModel)
+    assert loaded.interpolation.text_encoder is None and loaded.first_frame_pipeline is not None
+    loaded.first_frame_pipeline.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(loaded(**kwargs, generator=seeded(3)).frames, expected)
+
+
+def test_from_pretrained_maps_showone_unet_entry_to_our_class(cascade, tmp_path):
+    folder = tmp_path / "show-1-base"
+    cascade.keyframes.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["showone.models.unet_3d_condition", "UNet3DConditionModel"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["_class_name"] = "UNet3DConditionModel"
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+
+    loaded = Show1KeyframesPipeline.from_pretrained(folder)
+    assert type(loaded.unet) is Show1UNet3DConditionModel
+    for (name, a), b in zip(cascade.keyframes.unet.state_dict().items(), loaded.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    only_keyframes = Show1CascadePipeline.from_pretrained(base=folder, stages=("keyframes",))
+    assert only_keyframes.stages == ("keyframes",)
+
+
+def test_cascade_from_pretrained_rejects_folder_without_index(tmp_path):
+    with pytest.raises(ValueError, match="has no cascade_index.json"):
+        Show1CascadePipeline.from_pretrained(tmp_path)
+
+
+# --- guidance and the scheduler ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_combine_guidance_guides_epsilon_and_keeps_text_variance_only_when_learned(learned):
+    negative, text = torch.randn(2, 1, 6, 2, 3, 3).unbind(0)
+    out = combine_guidance(torch.cat([negative, text]), guidance_scale=4.0, sample_channels=3,
+                           do_classifier_free_guidance=True, learned_variance=learned)  # fmt: skip
+    guided = negative[:, :3] + 4.0 * (text[:, :3] - negative[:, :3])
+    expected = torch.cat([guided, text[:, 3:]], dim=1) if learned else guided
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("learned, channels", [(False, 3), (True, 6)])
+def test_combine_guidance_without_guidance_passes_text_output(learned, channels):
+    output = torch.randn(1, 6, 2, 3, 3)
+    out = combine_guidance(output, guidance_scale=9.0, sample_channels=3, do_classifier_free_guidance=False,
+                           learned_variance=learned)  # fmt: skip
+    torch.testing.assert_close(out, output[:, :channels])
+
+
+@pytest.mark.parametrize("variance_type, channels", [("fixed_small", 3), ("learned_range", 6)])
+def test_keyframes_give_scheduler_variance_channels_only_when_learned(cascade, variance_type, channels):
+    seen = []
+
+    class RecordingScheduler(DPMSolverMultistepScheduler):
+        def step(self, model_output, *args, **kwargs):
+            seen.append(tuple(model_output.shape))
+            return super().step(model_output, *args, **kwargs)
+
+    pipe = cascade.keyframes
+    pipe.scheduler = RecordingScheduler.from_config({**pipe.scheduler.config, "variance_type": variance_type})
+    calls, handle = record_unet_inputs(pipe.unet)
+    try:
+        pipe(["a cat runs", "a dog jumps"], **SIZE, num_inference_steps=2, guidance_scale=5.0, output_type="pt")
+    finally:
+        handle.remove()
+    assert seen == [(2 * 8, channels, 8, 8)] * 2  # frames folded into the batch, both steps
+    assert calls[0][0].shape[0] == 4  # negative and positive in one batch
+
+
+def test_guidance_scale_one_runs_the_unet_on_one_batch(cascade):
+    calls, handle = record_unet_inputs(cascade.keyframes.unet)
+    try:
+        cascade.keyframes("a cat runs", **SIZE, num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+    finally:
+        handle.remove()
+    assert [sample.shape[0] for sample, _ in calls] == [1]
+
+
+def test_scheduler_step_per_frame_thresholds_each_frame_alone():
+    scheduler = tiny_scheduler()
+    scheduler.set_timesteps(4)
+    t = scheduler.timesteps[0]
+    sample = torch.randn(2, 3, 4, 5, 5) * torch.tensor([0.5, 1.0, 4.0, 9.0]).view(1, 1, 4, 1, 1)
+    output = torch.randn(2, 3, 4, 5, 5)
+    folded = scheduler_step_per_frame(scheduler, output, t, sample)
+    for b in range(2):
+        for f in range(4):
+            alone = tiny_scheduler()
+            alone.set_timesteps(4)
+            expected = alone.step(output[b : b + 1, :, f], t, sample[b : b + 1, :, f]).prev_sample
+            torch.testing.assert_close(folded[b : b + 1, :, f], expected)
+
+
+# --- stage behaviour -----------------------------------------------------------------------------------------------
+
+
+def test_keyframes_accept_user_latents(cascade):
+    pipe = cascade.keyframes
+    noise = torch.randn(1, 3, 8, 8, 8, generator=seeded(5))
+    kwargs = {"prompt": "a cat runs", **SIZE, "num_inference_steps": 2, "output_type": "pt"}
+    from_latents = pipe(**kwargs, latents=noise, generator=seeded(1)).frames
+    from_generator = pipe(**kwargs, generator=seeded(5)).frames
+    torch.testing.assert_close(from_latents, from_generator)
+    other = pipe(**kwargs, latents=torch.randn(1, 3, 8, 8, 8, generator=seeded(6))).frames
+    assert not torch.allclose(from_latents, other)
+
+
+def test_cascade_passes_latents_to_keyframe_stage_and_subclass_can_override_it(cascade):
+    noise = torch.randn(1, 3, 8, 8, 8, generator=seeded(7))
+    stage = cascade.keyframes("a cat runs", **SIZE, num_inference_steps=2, latents=noise, output_type="pt").frames
+    out = cascade("a cat runs", **SIZE, stages=("keyframes",), stage_kwargs=FAST, latents=noise, output_type="pt")
+    torch.testing.assert_close(out.frames, stage)
+
+    class InvertedNoiseCascade(Show1CascadePipeline):
+        def _run_keyframes(self, **kwargs):
+            assert kwargs["latents"] is None
+            return super()._run_keyframes(**{**kwargs, "latents": noise})
+
+    sub = InvertedNoiseCascade(cascade.keyframes, cascade.interpolation, cascade.sr1)
+    torch.testing.assert_close(
+        sub("a cat runs", **SIZE, stages=("keyframes",), stage_kwargs=FAST, output_type="pt").frames, stage
+    )
+
+
+def test_interpolation_condition_interpolates_end_frames_with_end_mask():
+    pairs = torch.zeros(1, 3, 5, 2, 2)
+    pairs[:, :, 0], pairs[:, :, -1] = -1.0, 1.0
+    condition = interpolation_condition(pairs)
+    torch.testing.assert_close(condition[0, :3, :, 0, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).expand(3, 5))
+    torch.testing.assert_close(condition[0, 3, :, 0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0]))
+
+
+def test_interpolation_conditions_every_pair_on_its_keyframes_from_one_noise(cascade):
+    keyframes = torch.rand(1, 3, 4, 8, 8, generator=seeded(2)) * 2 - 1
+    calls, handle = record_unet_inputs(cascade.interpolation.unet)
+    first_latents = []
+
+    def keep_first(pipe, step, t, tensors):
+        first_latents.append(tensors["latents"])
+        return tensors
+
+    try:
+        out = cascade.interpolation(video=keyframes, prompt_embeds=torch.randn(1, 77, 64), num_inference_steps=1,
+                                    guidance_scale=1.0, output_type="pt", callback_on_step_end=keep_first)  # fmt: skip
+    finally:
+        handle.remove()
+    sample = calls[0][0]  # (3 pairs, 7, 5, 8, 8)
+    assert sample.shape == (3, 7, 5, 8, 8) and out.frames.shape == (1, 3, 13, 8, 8)
+    for pair in range(3):
+        torch.testing.assert_close(sample[pair, 3:6, 0], keyframes[0, :, pair])
+        torch.testing.assert_close(sample[pair, 3:6, -1], keyframes[0, :, pair + 1])
+        torch.testing.assert_close(sample[pair, 6, :, 0, 0], torch.tensor([1.0, 0, 0, 0, 1]))
+        torch.testing.assert_close(sample[pair, :3], sample[0, :3])  # one shared initial noise
+    windows = first_latents[-1].clamp(-1, 1)
+    torch.testing.assert_close(out.frames[0, :, 1:4], windows[0, :, 1:4])
+    torch.testing.assert_close(out.frames[0, :, 4:8], windows[1, :, :4])  # keyframe 1 lands at frame 4
+    torch.testing.assert_close(out.frames[0, :, 8:], windows[2])  # a window's first frame overwrites the last
+
+
+def test_sr1_conditions_windows_on_noise_level_and_previous_window(cascade):
+    video = torch.rand(1, 3, 15, 8, 8, generator=seeded(4)) * 2 - 1
+    first = torch.rand(1, 3, 16, 16, generator=seeded(8)) * 2 - 1
+    calls, handle = record_unet_inputs(cascade.sr1.unet)
+    window_ends = []
+
+    def keep_last(pipe, step, t, tensors):
+        if step == 1:
+            window_ends.append(tensors["latents"])
+
+    try:
+        out = cascade.sr1(video=video, prompt_embeds=torch.randn(1, 77, 64),
+                          negative_prompt_embeds=torch.zeros(1, 77, 64), height=16, width=16, first_frame=first,
+                          num_inference_steps=2, guidance_scale=3.0, noise_level=250, output_type="pt",
+                          callback_on_step_end=keep_last)  # fmt: skip
+    finally:
+        handle.remove()
+    assert out.frames.shape == (1, 3, 15, 16, 16) and len(calls) == 4  # 2 windows x 2 steps
+    for sample, class_labels in calls:
+        assert sample.shape == (2, 6, 8, 16, 16)  # negative and positive, 3 noisy + 3 condition channels
+        assert class_labels.tolist() == [250, 250]
+    torch.testing.assert_close(calls[0][0][1, 3:, 0], first[0])
+    torch.testing.assert_close(calls[2][0][1, 3:, 0], window_ends[0][0, :, -1])
+    torch.testing.assert_close(calls[0][0][:, :3], calls[2][0][:, :3])  # one shared initial noise
+    torch.testing.assert_close(out.frames[:, :, 7:], window_ends[1].clamp(-1, 1))
+
+
+def test_sr1_without_first_frame_upsamples_it_bilinearly(cascade):
+    video = torch.rand(1, 3, 8, 8, 8, generator=seeded(4)) * 2 - 1
+    calls, handle = record_unet_inputs(cascade.sr1.unet)
+    try:
+        cascade.sr1(video=video, prompt_embeds=torch.randn(1, 77, 64), guidance_scale=1.0, height=16, width=16,
+                    num_inference_steps=1, output_type="pt")  # fmt: skip
+    finally:
+        handle.remove()
+    upsampled = torch.nn.functional.interpolate(video[:, :, 0], size=(16, 16), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(calls[0][0][0, 3:, 0], upsampled[0])
+
+
+def test_sr1_takes_first_frame_from_if_superresolution(cascade):
+    if_sr = tiny_if_superres()
+    before = (if_sr.scheduler.num_inference_steps, if_sr.scheduler.timesteps.tolist())
+    video = torch.rand(1, 3, 8, 8, 8, generator=seeded(4)) * 2 - 1
+    embeds = {"prompt_embeds": torch.randn(1, 77, 64), "negative_prompt_embeds": torch.zeros(1, 77, 64)}
+    first_kwargs = {"num_inference_steps": 2, "noise_level": 150}
+    calls, handle = record_unet_inputs(cascade.sr1.unet)
+    try:
+        cascade.sr1(video=video, **embeds, height=16, width=16, num_inference_steps=1, first_frame_pipeline=if_sr,
+                    first_frame_kwargs=first_kwargs, generator=seeded(0), output_type="pt")  # fmt: skip
+    finally:
+        handle.remove()
+    generator = seeded(0)
+    for _ in range(2):  # SR1 draws its initial noise and its condition noise first
+        torch.randn(1, 3, 8, 16, 16, generator=generator)
+    expected = super_resolve_first_frame(if_sr, video[:, :, 0], embeds["prompt_embeds"],
+                                         embeds["negative_prompt_embeds"], 16, 16, generator=generator,
+                                         **first_kwargs)  # fmt: skip
+    torch.testing.assert_close(calls[0][0][1, 3:, 0], expected[0])
+    assert (if_sr.scheduler.num_inference_steps, if_sr.scheduler.timesteps.tolist()) == before
+    with pytest.raises(ValueError, match="at most one of first_frame and first_frame_pipeline"):
+        cascade.sr1(video=video, **embeds, first_frame=expected, first_frame_pipeline=if_sr)
+
+
+def test_sr2_adapter_resizes_and_returns_pixels(cascade):
+    sr2 = tiny_sr2()
+    before = (sr2.scheduler.num_inference_steps, sr2.scheduler.timesteps.tolist())
+    video = torch.rand(1, 3, 8, 8, 8, generator=seeded(1)) * 2 - 1
+    out = super_resolve_video_latent(sr2, video, "a cat runs", height=16, width=24, num_inference_steps=2,
+                                     generator=seeded(0))  # fmt: skip
+    assert out.shape == (1, 3, 8, 16, 24) and out.abs().max() <= 1
+    assert (sr2.scheduler.num_inference_steps, sr2.scheduler.timesteps.tolist()) == before
+
+
+def test_cascade_with_sr2_runs_and_round_trips(cascade, tmp_path):
+    full = Show1CascadePipeline(cascade.keyframes, sr2=tiny_sr2())
+    kwargs = {
+        "prompt": "a cat runs",
+        **SIZE,
+        "stage_kwargs": {"sr2": {"num_inference_steps": 2, "height": 16, "width": 16}, **FAST},
+        "output_type": "pt",
+    }
+    frames = full(**kwargs, generator=seeded(2)).frames
+    assert frames.shape == (1, 3, 8, 16, 16)
+    full.save_pretrained(tmp_path / "saved")
+    loaded = Show1CascadePipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.stages == ("keyframes", "sr2") and loaded.sr2.vae.use_slicing
+    loaded.sr2.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(loaded(**kwargs, generator=seeded(2)).frames, frames)
+
+
+# --- components are left as they were -------------------------------------------------------------------------------
+
+
+def test_call_samples_in_eval_mode_and_leaves_components_unchanged(cascade):
+    cascade.keyframes.unet.train()
+    cascade.keyframes.text_encoder.train()
+    before = component_state(cascade)
+    modes = []
+
+    def record_mode(pipe, step, t, tensors):
+        modes.append(pipe.unet.training)
+        return tensors
+
+    cascade("a cat runs", **SIZE, stage_kwargs=FAST, output_type="pt", callback_on_step_end=record_mode)
+    assert modes and not any(modes)
+    assert component_state(cascade) == before
+
+
+def test_error_in_a_stage_leaves_components_unchanged(cascade):
+    cascade.sr1.unet.train()
+    before = component_state(cascade)
+
+    sr1_steps = []
+
+    def fail_in_sr1(pipe, step, t, tensors):
+        sr1_steps.extend([step] if pipe is cascade.sr1 else [])
+        if len(sr1_steps) == 2:  # first step of the second window
+            raise RuntimeError("stop here")
+        return tensors
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        cascade("a cat runs", **SIZE, stage_kwargs=FAST, output_type="pt", callback_on_step_end=fail_in_sr1)
+    assert component_state(cascade) == before
+    assert cascade.sr1.unet.training
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"height": 9}, "multiples of 2"),
+        ({"prompt": None}, "exactly one of prompt"),
+        ({"prompt_embeds": torch.zeros(1, 77, 64)}, "exactly one of prompt"),
+        ({"prompt": None, "prompt_embeds": torch.zeros(1, 77, 32)}, r"\(batch, length, 64\)"),
+        ({"latents": torch.zeros(1, 3, 7, 8, 8)}, "latents has shape"),
+        ({"output_type": "latent"}, "output_type='latent' is not supported"),
+        ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "offers \\['latents'\\]"),
+        ({"negative_prompt": ["", ""]}, "negative_prompt has 2 entries"),
+    ],
+)
+def test_keyframes_reject_bad_input_with_message(cascade, kwargs, message):
+    call = {"prompt": "a cat runs", **SIZE, "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        cascade.keyframes(**call)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_frames": 7}, "num_frames=7 keyframes give 25 frames before SR1, which SR1 cannot place"),
+        ({"stages": ("interpolation", "sr1")}, "must start with 'keyframes'"),
+        ({"stages": ("keyframes", "sr1", "interpolation")}, "in the order"),
+        ({"stages": ("keyframes", "sr2")}, r"asks for \['sr2'\], which this cascade has not loaded"),
+        ({"stage_kwargs": {"sr3": {}}}, r"unknown stages \['sr3'\]"),
+        ({"stage_kwargs": {"keyframes": {"height": 16}}}, r"sets \['height'\]"),
+        ({"stage_kwargs": {"sr1": {"height": 15, "width": 16}}}, "SR1 output 15 x 16 must be a multiple of 2"),
+    ],
+)
+def test_cascade_rejects_bad_input_before_running(cascade, kwargs, message):
+    calls, handle = record_unet_inputs(cascade.keyframes.unet)
+    try:
+        with pytest.raises(ValueError, match=message):
+            cascade(**{"prompt": "a cat runs", **SIZE, "stage_kwargs": FAST, **kwargs})
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_stages_reject_inputs_they_cannot_place(cascade):
+    embeds = {"prompt_embeds": torch.zeros(1, 77, 64)}
+    with pytest.raises(ValueError, match="needs at least 2 keyframes"):
+        cascade.interpolation(video=torch.zeros(1, 3, 1, 8, 8), **embeds)
+    with pytest.raises(ValueError, match="num_frames=10 cannot be split into windows of 8"):
+        cascade.sr1(video=torch.zeros(1, 3, 10, 8, 8), **embeds)
+    with pytest.raises(ValueError, match="in_channels=3; the interpolation stage needs 7"):
+        type(cascade.interpolation)(None, None, cascade.keyframes.unet, tiny_scheduler())(
+            video=torch.zeros(1, 3, 2, 8, 8), **embeds
+        )
+    with pytest.raises(ValueError, match="noise_level=1000 must be in"):
+        cascade.sr1(video=torch.zeros(1, 3, 8, 8, 8), noise_level=1000, **embeds)
+    with pytest.raises(ValueError, match="no tokenizer or text_encoder"):
+        cascade.sr1(video=torch.zeros(1, 3, 8, 8, 8), prompt="a cat runs")
+    with pytest.raises(ValueError, match="pass prompt, not only embeddings"):
+        Show1CascadePipeline(cascade.keyframes, sr2=object())(**embeds, **SIZE, stages=("keyframes", "sr2"))
+
+
+def test_cascade_requires_keyframe_stage_with_text_encoder(cascade):
+    with pytest.raises(ValueError, match="with its tokenizer and text_encoder"):
+        Show1CascadePipeline(cascade.interpolation)
+    assert np.isfinite(cascade.keyframes.encode_prompt("a cat")[0].numpy()).all()
