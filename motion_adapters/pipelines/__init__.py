@@ -16,6 +16,7 @@ from motion_adapters.pipelines.show1_superres import (
     super_resolve_video_latent,
     window_starts,
 )
+from motion_adapters.pipelines.vmc import VMCPipeline
 
 __all__ = [
     "DEFAULT_STAGE_KWARGS",
@@ -28,6 +29,7 @@ __all__ = [
     "Show1PipelineOutput",
     "Show1StagePipeline",
     "Show1SuperResPipeline",
+    "VMCPipeline",
     "combine_guidance",
     "interpolated_num_frames",
     "scheduler_step_per_frame",
