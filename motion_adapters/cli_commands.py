@@ -81,9 +81,7 @@ def load_pipeline(model: str | None, device: str | None):
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
-        from motion_adapters.world.default_model import load_default_vmc_pipeline
-
-        pipe = load_default_vmc_pipeline()
+        pipe = VMCPipeline.from_default()
     else:
         pipe = VMCPipeline.from_pretrained(base=model) if not _is_cascade_folder(model) else (
             VMCPipeline.from_pretrained(model)

@@ -58,7 +58,7 @@ class AdapterInfo:
 class _AdapterState:
     infos: dict[str, AdapterInfo] = field(default_factory=dict)
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # full mode: originals, on CPU
-    deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # full-mode motions loaded
+    deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # full-mode motions: trained weights
     scales: dict[str, float] = field(default_factory=dict)
 
 
@@ -237,22 +237,23 @@ def load_adapter_state_dict(
             param.copy_(value.to(param.dtype))
 
 
-def set_full_delta(unet: nn.Module, adapter_name: str, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
-    """Register a full-mode motion as weight deltas (W_motion - W_base) and apply all registered deltas.
+def set_full_motion(unet: nn.Module, adapter_name: str, weights: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """Register a full-mode motion by its trained weights and apply every registered motion.
 
-    Used when loading full-mode motions for inference: several can be combined with weights.
+    The applied weight is W = W_base + sum_i scale_i * (W_i - W_base), computed in float64 so that one motion at
+    scale 1 reproduces its trained weights exactly. Used when loading full-mode motions for inference.
     """
     state = _state(unet)
     modules = dict(unet.named_modules())
-    for name, delta in deltas.items():
+    for name, weight_i in weights.items():
         weight = modules[name].weight
-        if tuple(delta.shape) != tuple(weight.shape):
+        if tuple(weight_i.shape) != tuple(weight.shape):
             raise ValueError(
-                f"motion delta for {name} has shape {tuple(delta.shape)} but the model's weight is "
+                f"motion weight for {name} has shape {tuple(weight_i.shape)} but the model's weight is "
                 f"{tuple(weight.shape)}: the motion was made for a different model."
             )
         state.base_weights.setdefault(name, weight.detach().to("cpu", copy=True))
-    state.deltas[adapter_name] = deltas
+    state.deltas[adapter_name] = weights
     state.scales[adapter_name] = float(scale)
     _apply_deltas(unet)
 
@@ -354,10 +355,11 @@ def _apply_deltas(unet: nn.Module) -> None:
     with torch.no_grad():
         for name, base in state.base_weights.items():
             weight = modules[name].weight
-            total = base.to(torch.float32).clone()
-            for adapter, deltas in state.deltas.items():
-                if name in deltas:
-                    total += state.scales.get(adapter, 1.0) * deltas[name].to(torch.float32)
+            base64 = base.to(torch.float64)
+            total = base64.clone()
+            for adapter, weights in state.deltas.items():
+                if name in weights:
+                    total += state.scales.get(adapter, 1.0) * (weights[name].to(torch.float64) - base64)
             weight.copy_(total.to(weight.device, weight.dtype))
 
 

@@ -35,7 +35,7 @@ from motion_adapters.injection import (
     inject_temporal_adapter,
     load_adapter_state_dict,
     set_adapter_scales,
-    set_full_delta,
+    set_full_motion,
 )
 from motion_adapters.targets import backbone_name
 
@@ -324,7 +324,7 @@ def _apply_full(unet: nn.Module, motion: MotionAdapter, name: str, modules: dict
     expected = {f"{n}.weight" for n in motion.info.module_names}
     if set(motion.tensors) != expected:
         raise ValueError("its tensors do not match the module names it records (a damaged file?)")
-    deltas = {}
+    weights = {}
     for module_name in motion.info.module_names:
         weight = modules[module_name].weight
         trained = motion.tensors[f"{module_name}.weight"]
@@ -332,8 +332,7 @@ def _apply_full(unet: nn.Module, motion: MotionAdapter, name: str, modules: dict
             raise ValueError(
                 f"{module_name}.weight has shape {tuple(trained.shape)}, the UNet's {tuple(weight.shape)}"
             )
-        base = state.base_weights.get(module_name, weight.detach().cpu())
-        deltas[module_name] = trained.to(torch.float32) - base.to(torch.float32)
+        weights[module_name] = trained
     info = AdapterInfo(**{**motion.info.to_dict(), "adapter_name": name})
     state.infos[name] = info
-    set_full_delta(unet, name, deltas, scale)
+    set_full_motion(unet, name, weights, scale)

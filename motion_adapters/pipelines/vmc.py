@@ -49,6 +49,30 @@ class VMCPipeline(Show1CascadePipeline):
         super().__init__(*args, **kwargs)
         self._noise_priors: dict[str, torch.Tensor] = {}
         self._motions: dict[str, MotionAdapter] = {}
+        self._default_size: tuple[int, int] = (40, 64)
+        self._default_stage_kwargs: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_default(
+        cls, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> VMCPipeline:
+        """The embedded default model: a small Show-1 cascade pretrained on the shapes world.
+
+        Keyframes are 8 x 32 x 32 and the cascade ends at 29 x 96 x 96; the pipeline carries the model's own
+        default sizes and per-stage step counts.
+
+        Example:
+            >>> pipe = VMCPipeline.from_default()
+            >>> pipe.default_height, pipe.default_width
+            (32, 32)
+        """
+        from motion_adapters.world.default_model import DEFAULT_CALL_KWARGS, load_default_cascade
+
+        cascade = load_default_cascade(device=device, dtype=dtype)
+        pipe = cls(cascade.keyframes, cascade.interpolation, cascade.sr1, cascade.sr2, cascade.first_frame_pipeline)
+        pipe._default_size = (DEFAULT_CALL_KWARGS["height"], DEFAULT_CALL_KWARGS["width"])
+        pipe._default_stage_kwargs = {k: dict(v) for k, v in DEFAULT_CALL_KWARGS["stage_kwargs"].items()}
+        return pipe
 
     # ------------------------------------------------------------------ motions
     @property
@@ -219,9 +243,9 @@ class VMCPipeline(Show1CascadePipeline):
             >>> result = pipe.train_motion("seagull.mp4", "a seagull is walking", output_dir="seagull-walk")
             ... # doctest: +SKIP
         """
-        config = MotionDistillationConfig.from_dict(
-            {**(config or MotionDistillationConfig()).to_dict(), "prompt": prompt}
-        )
+        base = (config or MotionDistillationConfig()).to_dict()
+        base["prompt"] = prompt
+        config = MotionDistillationConfig.from_dict(base)
         # train_motion saves checkpoints (and a motion without prior) into output_dir as it goes; the final
         # motion with its noise prior replaces that folder's files at the end
         warn_if_scene_prompt(prompt)
@@ -293,12 +317,12 @@ class VMCPipeline(Show1CascadePipeline):
     @property
     def default_height(self) -> int:
         """Keyframe height used when neither the call nor the noise prior fixes one."""
-        return int(getattr(self, "_default_size", (40, 64))[0])
+        return int(self._default_size[0])
 
     @property
     def default_width(self) -> int:
         """Keyframe width used when neither the call nor the noise prior fixes one."""
-        return int(getattr(self, "_default_size", (40, 64))[1])
+        return int(self._default_size[1])
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -311,6 +335,7 @@ class VMCPipeline(Show1CascadePipeline):
         *args: Any,
         latents: torch.Tensor | None = None,
         noise_prior: str | bool | None = True,
+        stage_kwargs: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ):
         """Generate with the loaded motions; see `Show1CascadePipeline.__call__` for the other arguments.
@@ -323,6 +348,8 @@ class VMCPipeline(Show1CascadePipeline):
             latents: an explicit initial sample (overrides the noise prior).
             noise_prior: True (default) starts from the active motion's inverted noise when one is loaded; an
                 adapter name picks that motion's prior; False/None starts from random noise.
+            stage_kwargs: per-stage settings, merged over this pipeline's defaults (the embedded model's step
+                counts and sizes, or Show-1's).
 
         Example:
             >>> pipe("a penguin is walking", output_type="pil").frames[0]  # doctest: +SKIP
