@@ -38,7 +38,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", steps: int | None = None, see
     clip = render_clip(spec, num_frames=8, height=32, width=32)
     embeds = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(seed))
     config = MotionDistillationConfig(
-        max_train_steps=steps or 60, learning_rate=1e-3, prompt=spec.appearance_invariant_prompt, seed=seed,
+        max_train_steps=steps or 30, learning_rate=1e-3, prompt=spec.appearance_invariant_prompt, seed=seed,
         checkpointing_steps=0,
     )
     began = time.perf_counter()
