@@ -12,8 +12,6 @@ from motion_adapters.injection import (
     unload_adapter,
 )
 from motion_adapters.inversion import ddim_invert
-from motion_adapters.pipelines.vmc import VMCPipeline
-from motion_adapters.prompts import appearance_invariant_prompt
 from motion_adapters.losses import (
     cosine_loss_official,
     cosine_loss_paper,
@@ -24,6 +22,8 @@ from motion_adapters.losses import (
     tweedie_x0,
     weighted_l2_loss,
 )
+from motion_adapters.pipelines.vmc import VMCPipeline
+from motion_adapters.prompts import appearance_invariant_prompt
 from motion_adapters.serialization import (
     MotionAdapter,
     MotionFileError,

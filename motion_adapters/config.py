@@ -17,6 +17,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FROZEN_DTYPES = ("auto", "compute", "keep")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs")
 CUDA_GRAPHS = ("auto", "yes", "no")
+TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention")
 
 CONFIG_NAME = "motion_adapter_config.json"
 
@@ -62,6 +63,10 @@ class MotionDistillationConfig:
             after three warm-up steps and replay it: removes the per-kernel launch cost. "auto" captures on CUDA
             when no fp16 gradient scaler is needed; "yes" insists (and raises where it cannot); "no" never.
             The learning rate and other optimizer settings are frozen into the graph.
+        temporal_kernels: how the temporal layers run while training (same function, same weights): "conv2d"
+            runs the temporal convolutions' (3, 1, 1) Conv3d as Conv2d, "math_attention" runs temporal attention
+            (sequences of a few frames) with the math SDPA kernel instead of flash kernels built for long
+            sequences, "fast" does both, "library" neither; "auto" is "fast" on CUDA, else "library".
         activation_memory_budget: with `compile`, the fraction in (0, 1] of the activations the compiler may keep
             for the backward pass; lower values recompute more and use less memory
             (`torch._functorch.config.activation_memory_budget`). `None` keeps torch's default (1.0).
@@ -105,6 +110,7 @@ class MotionDistillationConfig:
     frozen_dtype: str = "auto"
     compile: str = "no"
     cuda_graph: str = "auto"
+    temporal_kernels: str = "auto"
     activation_memory_budget: float | None = None
     seed: int = 0
     min_timestep: int = 0
@@ -133,6 +139,7 @@ class MotionDistillationConfig:
         _choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
+        _choice("temporal_kernels", self.temporal_kernels, TEMPORAL_KERNELS)
         if self.activation_memory_budget is not None:
             budget = self.activation_memory_budget
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:

@@ -44,6 +44,7 @@ from motion_adapters.training_step import (
     compiled,
     keep_implementation_flags,
     optimizer_for,
+    temporal_kernels,
     use_cuda_graph,
 )
 
@@ -198,7 +199,10 @@ def train_motion(
             compiled(unet, config.compile), x0, embeds, alphas_cumprod, list(params.values()), optimizer, config,
             compute_dtype, scaler, graph,
         )
-        with checkpointing(unet, config.gradient_checkpointing):
+        kernels = config.temporal_kernels
+        if kernels == "auto":
+            kernels = "fast" if device.type == "cuda" else "library"
+        with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels):
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -247,6 +251,7 @@ def train_motion(
         "frozen_weights_cast": num_cast,
         "cuda_graph": graph,
         "compile": config.compile,
+        "temporal_kernels": kernels,
     }
     return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
 

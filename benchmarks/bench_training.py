@@ -1,0 +1,504 @@
+"""How fast and lean is one VMC training run? The reference loop against `train_motion`, in one process.
+
+Runs, on one GPU, with random weights of the real show-1-base architecture and the same seeds:
+
+- `baseline`: the reference VMC step written out here (float32 weights, fp16 autocast, GradScaler, the released
+  loss on the first 3 of 6 output channels, torch AdamW lr 1e-4 on the 132 temporal q/k/v weights, clipping at 1.0,
+  batch 1, 8 frames at 40x64, uniform t, squaredcos_cap_v2 noise, random (1, 77, 4096) text embeddings).
+- `baseline_rerun`: the same loop, same timesteps and noise, other dropout masks: the run-to-run noise scale.
+- `full`, `lora`: `motion_adapters.train_motion` (bf16 frozen weights, fp32 masters, fused AdamW, compile and
+  whole-step CUDA graph as configured), and variants without compile or without the graph.
+
+For each: seconds per step (median after warm-up), projected and measured 400-step time, the one-off
+compile/capture overhead, peak memory (`torch.cuda.max_memory_allocated`, reset per run), achieved TFLOP/s and
+the fraction of the bf16 matmul rate measured in the same process (8192^3). Losses of every step are kept.
+
+    python benchmarks/bench_training.py --out benchmarks/results/training_h100.json
+    python benchmarks/bench_training.py --tiny --variants baseline,full_eager  # CPU smoke test of the code paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import DDPMScheduler  # noqa: E402
+from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
+
+from motion_adapters.config import MotionDistillationConfig  # noqa: E402
+from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
+from motion_adapters.training import train_motion  # noqa: E402
+
+TEMPORAL_QKV = re.compile(r"temp_attentions\.\d+\.transformer_blocks\.0\.attn[12]\.to_[qkv]$")
+TINY = dict(
+    sample_size=16,
+    down_block_types=["ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D", "SimpleCrossAttnDownBlock3D"],
+    up_block_types=["SimpleCrossAttnUpBlock3D", "SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"],
+    block_out_channels=[32, 64, 64],
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=64,
+    encoder_hid_dim=64,
+    attention_head_dim=64,
+)
+GIB = 2**30
+#: name -> (description, train_motion overrides); "baseline*" runs are the reference loop.
+VARIANTS = {
+    "baseline": ("reference loop: fp32 weights, fp16 autocast, GradScaler, torch AdamW", None),
+    "baseline_rerun": ("reference loop again, same draws, other dropout masks (noise scale)", None),
+    "full_eager": ("train_motion full: bf16 frozen weights, fp32 masters, fused AdamW, fast temporal kernels; "
+                   "no CUDA graph", {"mode": "full", "cuda_graph": "no", "temporal_kernels": "best"}),
+    "full_graph": ("train_motion full: bf16 frozen weights, fp32 masters, fused AdamW, whole-step CUDA graph; "
+                   "library temporal kernels", {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "library"}),
+    "full_graph_math": ("as full_graph, temporal attention on the math SDPA kernel",
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "math_attention"}),
+    "full_graph_conv": ("as full_graph, temporal convolutions as Conv2d",
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "conv2d"}),
+    "full_graph_fast": ("as full_graph, both (temporal_kernels='fast')",
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast"}),
+    "full": ("train_motion full, 400 steps: bf16 frozen weights, fp32 masters, fused AdamW, whole-step CUDA "
+             "graph, the fastest temporal kernels above", {"mode": "full", "cuda_graph": "yes",
+                                                          "temporal_kernels": "best"}),
+    "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_compile": ("train_motion full: + torch.compile (default mode)",
+                     {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
+                    {"mode": "full", "compile": "default", "cuda_graph": "yes", "activation_memory_budget": 0.5,
+                     "temporal_kernels": "best"}),
+}
+
+
+def git_commit(repo: Path) -> str | None:
+    """The checked-out commit, from git or from .git/HEAD when git is not installed."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=repo, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = repo / ".git" / "HEAD"
+        if not head.is_file():
+            return None
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            target = repo / ".git" / ref[5:]
+            return target.read_text().strip() if target.is_file() else None
+        return ref
+
+
+def environment(device: torch.device, commit: str | None) -> dict:
+    import diffusers
+    import peft
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit or git_commit(Path(__file__).resolve().parents[1]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
+    return env
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float | None:
+    """Measured bf16 matmul rate (median of `repeats` timed n^3 products after 3 warm-ups), TFLOP/s."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def step_flops(unet_config: dict, frames: int, height: int, width: int, text_len: int) -> dict:
+    """FLOPs of one training step, counted on the meta device: forward, and backward to the trainable q/k/v."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = Show1UNet3DConditionModel(**unet_config)
+    unet.requires_grad_(False)
+    for name, module in unet.named_modules():
+        if TEMPORAL_QKV.search(name):
+            module.weight.requires_grad_(True)
+    unet.train()
+    x = torch.randn(1, unet_config["in_channels"], frames, height, width, device="meta")
+    text = torch.randn(1, text_len, unet_config["encoder_hid_dim"], device="meta")
+    with FlopCounterMode(display=False) as forward:
+        out = unet(x, torch.tensor([500], device="meta"), text).sample
+    with FlopCounterMode(display=False) as backward:
+        out[:, :3].float().abs().mean().backward()
+    return {"forward": forward.get_total_flops(), "backward": backward.get_total_flops(),
+            "step": forward.get_total_flops() + backward.get_total_flops()}
+
+
+def sdpa_backends(unet_config: dict, frames: int, height: int, width: int, text_len: int, device) -> dict:
+    """Which fused SDPA kernel PyTorch picks for each attention shape of the UNet (bf16)."""
+    if device.type != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend
+
+    names = {int(getattr(SDPBackend, n)): n for n in dir(SDPBackend) if n.isupper()}
+    heads_t = unet_config["attention_head_dim"]
+    out = {}
+    channels = unet_config["block_out_channels"]
+    for level, c in enumerate(channels):
+        pixels = (height >> level) * (width >> level)
+        shapes = {
+            "temporal": (pixels, heads_t, frames, c // heads_t),
+            "spatial_joint": (frames, c // 64, pixels + text_len, 64),
+        }
+        for kind, shape in shapes.items():
+            q = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+            out[f"level{level}_{kind}_{'x'.join(map(str, shape))}"] = names.get(int(torch._fused_sdp_choice(q, q, q)))
+    return out
+
+
+def build_unet(unet_config: dict, seed: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights, the same for a seed, built directly on the device (fast for 1.7 B parameters).
+
+    The temporal convolutions' last layer, zero-initialised by the constructor, gets default random weights as a
+    trained checkpoint has non-zero ones: otherwise the temporal convolutions (and their dropout) do nothing.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = Show1UNet3DConditionModel(**unet_config)
+        for module in unet.modules():
+            if isinstance(module, TemporalConvLayer):
+                module.conv4[-1].reset_parameters()
+    return unet.to(dtype)
+
+
+def inputs(frames: int, height: int, width: int, text_len: int, text_dim: int, device: torch.device):
+    """A square moving right over 8 frames in [-1, 1], and random T5-sized text embeddings."""
+    video = -torch.ones(1, 3, frames, height, width)
+    side = max(2, height // 4)
+    for f in range(frames):
+        left = (f * width // (2 * frames)) % max(1, width - side)
+        video[:, :, f, height // 3 : height // 3 + side, left : left + side] = 1.0
+    embeds = torch.randn(1, text_len, text_dim, generator=torch.Generator().manual_seed(1234))
+    return video.to(device), embeds.to(device)
+
+
+def reference_loop(unet, video, embeds, scheduler, steps: int, seed: int, device, timer) -> list[float]:
+    """The reference VMC training loop, as the released code runs it (fp32 weights, fp16 autocast, GradScaler)."""
+    unet.requires_grad_(False)
+    params = []
+    for name, module in unet.named_modules():
+        if TEMPORAL_QKV.search(name):
+            module.weight.requires_grad_(True)
+            params.append(module.weight)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    unet.train()
+    losses = []
+    for step in range(steps):
+        timer.tick()
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the same draws as train_motion
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+        noise = torch.randn(video.shape, generator=generator, dtype=torch.float32).to(device)
+        t = t.to(device)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        noisy = abar.sqrt() * video + (1 - abar).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            out = unet(noisy, t, encoder_hidden_states=embeds).sample
+        eps_pred = out[:, :3].float()
+        d_pred = (eps_pred[:, :, 1:] - eps_pred[:, :, :-1]).abs()
+        d_true = (noise[:, :, 1:] - noise[:, :, :-1]).abs()
+        loss = 1 - F.cosine_similarity(d_pred, d_true, dim=2).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        timer.tock()
+    return losses
+
+
+class Timer:
+    """Wall time of each step; each step ends with a host read of the loss, so it is synchronised."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._t = 0.0
+
+    def tick(self):
+        self._t = time.perf_counter()
+
+    def tock(self):
+        self.seconds.append(time.perf_counter() - self._t)
+
+
+def summarize(seconds: list[float], warmup: int, flops: float, peak_tflops: float | None, total_steps=400) -> dict:
+    timed = seconds[warmup:] or seconds
+    median = statistics.median(timed)
+    overhead = max(0.0, sum(seconds[:warmup]) - warmup * median)
+    out = {
+        "steps": len(seconds),
+        "warmup_steps": warmup,
+        "s_per_step": median,
+        "s_per_step_p10": sorted(timed)[len(timed) // 10],
+        "s_per_step_p90": sorted(timed)[(len(timed) * 9) // 10],
+        "projected_400_s": total_steps * median,
+        "measured_s": sum(seconds),
+        "one_off_overhead_s": overhead,
+        "tflops_achieved": flops / median / 1e12,
+    }
+    if len(seconds) >= total_steps:
+        out["measured_400_s"] = sum(seconds[:total_steps])
+        out["measured_400_s_without_overhead"] = sum(seconds[:total_steps]) - overhead
+    if peak_tflops:
+        out["fraction_of_matmul_peak"] = flops / median / 1e12 / peak_tflops
+    return out
+
+
+def loss_agreement(runs: dict, window: int = 25) -> dict:
+    """Same-seed agreement of loss trajectories, against the baseline's own run-to-run noise.
+
+    "Within noise" means: the mean absolute per-step difference between `full` and `baseline` (same timesteps
+    and noise, other kernels and dropout masks) is not larger than the one between `baseline` and
+    `baseline_rerun` (same code, other dropout masks) by more than a factor 1.5, and the window means differ by
+    less than 2 standard errors of the baseline's per-step differences over a window.
+    """
+    base = runs.get("baseline", {}).get("losses")
+    if not base:
+        return {}
+    out = {"window": window}
+    rerun = runs.get("baseline_rerun", {}).get("losses")
+    n_noise = None
+    if rerun:
+        n = min(len(base), len(rerun))
+        diffs = [a - b for a, b in zip(base[:n], rerun[:n])]
+        n_noise = statistics.mean(abs(d) for d in diffs)
+        out["baseline_vs_rerun_mean_abs_diff"] = n_noise
+        out["baseline_vs_rerun_diff_std"] = statistics.pstdev(diffs)
+    for name in ("full", "full_graph", "full_graph_fast", "full_eager", "full_compile"):
+        ours = runs.get(name, {}).get("losses")
+        if not ours:
+            continue
+        n = min(len(base), len(ours))
+        diffs = [a - b for a, b in zip(ours[:n], base[:n])]
+        entry = {
+            "steps_compared": n,
+            "mean_abs_diff": statistics.mean(abs(d) for d in diffs),
+            "mean_diff": statistics.mean(diffs),
+            "window_means_ours": [statistics.mean(ours[i : i + window]) for i in range(0, n - window + 1, window)],
+            "window_means_baseline": [statistics.mean(base[i : i + window]) for i in range(0, n - window + 1, window)],
+        }
+        if n_noise:
+            entry["ratio_to_noise"] = entry["mean_abs_diff"] / n_noise
+            se = out["baseline_vs_rerun_diff_std"] / window**0.5
+            worst = max((abs(a - b) for a, b in zip(entry["window_means_ours"], entry["window_means_baseline"])),
+                        default=0.0)
+            entry["worst_window_mean_diff"] = worst
+            entry["within_noise"] = entry["ratio_to_noise"] <= 1.5 and worst <= 2 * se + 1e-12
+        out[name] = entry
+    return out
+
+
+def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
+    description, overrides = VARIANTS[name]
+    baseline = overrides is None
+    dtype = torch.float32 if baseline or device.type != "cuda" else torch.bfloat16
+    unet = build_unet(unet_config, args.model_seed, device, dtype)
+    other = args.baseline_steps if baseline else args.other_steps
+    steps = {"full": args.steps, "lora": args.lora_steps}.get(name, other)
+    record = {"description": description, "steps_asked": steps}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        record["weights_gib"] = torch.cuda.memory_allocated(device) / GIB
+    began = time.perf_counter()
+    if baseline:
+        timer = Timer()
+        torch.manual_seed(0 if name == "baseline" else 1)  # dropout masks
+        losses = reference_loop(unet, video, embeds, scheduler, steps, args.seed, device, timer)
+        seconds, warmup = timer.seconds, 3
+    else:
+        torch.manual_seed(0)
+        settings = {"mixed_precision": "bf16" if device.type == "cuda" else "no", **overrides}
+        if settings.get("temporal_kernels") == "best":
+            settings["temporal_kernels"] = args.best_kernels
+        if device.type != "cuda":
+            settings["cuda_graph"] = "no"
+        config = MotionDistillationConfig(
+            max_train_steps=steps, seed=args.seed, checkpointing_steps=0, num_frames=args.frames, **settings
+        )
+        record["config"] = {k: v for k, v in config.to_dict().items() if k in (*settings, "r", "learning_rate")}
+        result = train_motion(unet, video, embeds, scheduler, config, progress=False)
+        losses, seconds = result.losses, result.extra["step_seconds"]
+        warmup = 5 if config.cuda_graph == "yes" else (3 if config.compile != "no" else 2)
+        record["trainable_parameters"] = result.info.num_parameters
+        record["train_motion_seconds"] = result.seconds
+    record["wall_s"] = time.perf_counter() - began
+    if device.type == "cuda":
+        record["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    record.update(summarize(seconds, warmup, flops, peak))
+    record["step_seconds"] = [round(s, 5) for s in seconds]
+    record["losses"] = [round(v, 6) for v in losses]
+    del unet
+    return record
+
+
+def free(device):
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training_h100.json"))
+    parser.add_argument("--variants", default="full_graph_fast,full_graph,full_graph_math,full_graph_conv,baseline,"
+                        "full,lora,baseline_rerun,full_eager")
+    parser.add_argument("--steps", type=int, default=400, help="steps of the `full` and `lora` runs")
+    parser.add_argument("--lora-steps", type=int, default=400)
+    parser.add_argument("--baseline-steps", type=int, default=100)
+    parser.add_argument("--other-steps", type=int, default=100, help="steps of the other train_motion variants")
+    parser.add_argument("--seed", type=int, default=0, help="train_motion seed (timesteps and noise)")
+    parser.add_argument("--model-seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="a tiny Show-1 UNet: a CPU smoke test of the code")
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one eager step")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet_config = {**show1_base_config(), **(TINY if args.tiny else {})}
+    args.frames, height, width = 8, (16 if args.tiny else 40), (16 if args.tiny else 64)
+    text_len, text_dim = 77, unet_config["encoder_hid_dim"]
+    data = {
+        "benchmark": "training",
+        "env": environment(device, args.commit),
+        "settings": {"model": "tiny" if args.tiny else "show-1-base (random weights)", "frames": args.frames,
+                     "height": height, "width": width, "text_embeddings": [1, text_len, text_dim],
+                     "seed": args.seed, "model_seed": args.model_seed, "loss": "cos/official",
+                     "target": {"seconds_400": 15.0, "peak_gib": 8.0}},
+        "runs": {},
+    }
+    print(json.dumps(data["env"]), flush=True)
+    data["flops"] = step_flops(unet_config, args.frames, height, width, text_len)
+    data["matmul_bf16_tflops"] = matmul_tflops(device)
+    data["sdpa_backends"] = sdpa_backends(unet_config, args.frames, height, width, text_len, device)
+    print(json.dumps({k: data[k] for k in ("flops", "matmul_bf16_tflops", "sdpa_backends")}), flush=True)
+    write(args.out, data)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    video, embeds = inputs(args.frames, height, width, text_len, text_dim, device)
+    args.best_kernels = "fast" if device.type == "cuda" else "library"
+    for name in args.variants.split(","):
+        timed = {k: data["runs"][k].get("s_per_step") for k in ("full_graph", "full_graph_math", "full_graph_conv",
+                                                                 "full_graph_fast") if k in data["runs"]}
+        timed = {k: v for k, v in timed.items() if v}
+        if timed:  # the fastest temporal kernels measured so far in this run
+            best = min(timed, key=timed.get)
+            args.best_kernels = VARIANTS[best][1]["temporal_kernels"]
+            data["best_temporal_kernels"] = args.best_kernels
+        print(f"--- {name}: {VARIANTS[name][0]}", flush=True)
+        try:
+            record = run_variant(name, args, unet_config, video, embeds, scheduler, device,
+                                 data["flops"]["step"], data["matmul_bf16_tflops"])
+        except Exception as error:  # keep the other variants' numbers
+            record = {"description": VARIANTS[name][0], "error": f"{type(error).__name__}: {error}"}
+            traceback.print_exc()
+        free(device)
+        data["runs"][name] = record
+        data["loss_agreement"] = loss_agreement(data["runs"])
+        write(args.out, data)
+        short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
+                 if k not in ("losses", "step_seconds", "config")}
+        print(json.dumps(short), flush=True)
+    if args.profile:
+        data["profile"] = profile_step(unet_config, args, video, embeds, scheduler, device)
+        write(args.out, data)
+    print(json.dumps(data.get("loss_agreement", {}), indent=1)[:3000], flush=True)
+    return data
+
+
+def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
+    """The top CUDA kernels of two eager train_motion steps with the chosen temporal kernels (where time goes)."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    unet = build_unet(unet_config, args.model_seed, device, torch.bfloat16)
+    rows = []
+
+    def prof(state):
+        if state.step == 3:
+            prof.ctx = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+            prof.ctx.__enter__()
+        if state.step == 5:
+            torch.cuda.synchronize()
+            prof.ctx.__exit__(None, None, None)
+            table = prof.ctx.key_averages()
+            events = sorted((e for e in table if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") or 1
+            for e in events[:40]:
+                rows.append({"name": e.key[:120], "cuda_ms_per_step": e.device_time_total / 2e3,
+                             "calls_per_step": e.count / 2, "share": e.device_time_total / total})
+            prof.kernels_per_step = sum(e.count for e in events if e.device_type.name == "CUDA") / 2
+
+    config = MotionDistillationConfig(max_train_steps=5, seed=args.seed, checkpointing_steps=0,
+                                      mixed_precision="bf16", cuda_graph="no", num_frames=args.frames,
+                                      temporal_kernels=args.best_kernels)
+    try:
+        train_motion(unet, video, embeds, scheduler, config, progress=False, callbacks=[prof])
+        rows.insert(0, {"kernels_per_step": getattr(prof, "kernels_per_step", None)})
+    except Exception as error:
+        rows = [{"error": f"{type(error).__name__}: {error}"}]
+    del unet
+    free(device)
+    for row in rows[:25]:
+        print(row, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Regenerate the benchmark tables of benchmarks/README.md and docs/performance.md from benchmarks/results/*.json.
+
+Each table sits between `<!-- BEGIN GENERATED: name -->` and `<!-- END GENERATED: name -->`; everything else in
+the two pages is prose written by hand. Run after copying new results in:
+
+    python benchmarks/report.py          # rewrite the tables
+    python benchmarks/report.py --check  # exit 1 when a page is out of date (for CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = (ROOT / "benchmarks" / "README.md", ROOT / "docs" / "performance.md")
+TRAINING_ORDER = ("baseline", "baseline_rerun", "full_eager", "full_graph", "full_graph_conv", "full_graph_math",
+                  "full_graph_fast", "full", "lora", "full_compile")
+
+
+def _f(value, digits=3, suffix=""):
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def environment_line(data: dict) -> str:
+    env = data.get("env", {})
+    parts = [env.get("gpu", env.get("device", "?")), f"torch {env.get('torch')}", f"diffusers {env.get('diffusers')}",
+             f"peft {env.get('peft')}", f"commit `{str(env.get('commit'))[:12]}`", env.get("date", "")]
+    rate = data.get("matmul_bf16_tflops")
+    if rate:
+        parts.append(f"bf16 matmul {rate:.0f} TFLOP/s (8192³, measured in the run)")
+    return "_" + ", ".join(str(p) for p in parts if p) + "_"
+
+
+def training_tables(data: dict) -> str:
+    runs = data.get("runs", {})
+    flops = data.get("flops", {})
+    lines = [environment_line(data), ""]
+    if flops:
+        lines.append(f"One step: {flops['forward'] / 1e12:.2f} TFLOP forward + {flops['backward'] / 1e12:.2f} TFLOP "
+                     f"backward = {flops['step'] / 1e12:.2f} TFLOP (counted with `FlopCounterMode`).")
+        if data.get("matmul_bf16_tflops"):
+            floor = 400 * flops["step"] / 1e12 / data["matmul_bf16_tflops"]
+            lines.append(f"At the measured bf16 matmul rate, 400 steps cannot take less than {floor:.1f} s.")
+        lines.append("")
+    lines += ["| run | s/step (median) | 400 steps, projected | 400 steps, measured | one-off (warm-up, capture) | "
+              "peak GiB | allocated at start GiB | TFLOP/s | of matmul peak |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in [n for n in TRAINING_ORDER if n in runs] + [n for n in runs if n not in TRAINING_ORDER]:
+        r = runs[name]
+        if "error" in r:
+            lines.append(f"| `{name}` | failed: {r['error'][:80]} | | | | | | | |")
+            continue
+        share = r.get("fraction_of_matmul_peak")
+        measured = r.get("measured_400_s")
+        measured = _f(measured, 1, " s") if measured else f"({r['steps']} steps: {r['measured_s']:.1f} s)"
+        lines.append(
+            f"| `{name}` | {_f(r.get('s_per_step'), 4)} | {_f(r.get('projected_400_s'), 1, ' s')} | {measured} | "
+            f"{_f(r.get('one_off_overhead_s'), 1, ' s')} | {_f(r.get('peak_gib'), 2)} | "
+            f"{_f(r.get('weights_gib'), 2)} | "
+            f"{_f(r.get('tflops_achieved'), 0)} | {_f(100 * share if share else None, 1, ' %')} |"
+        )
+    lines += ["", "| run | what it is |", "|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| `{name}` | {r.get('description', '')} |")
+    agreement = data.get("loss_agreement", {})
+    if agreement.get("baseline_vs_rerun_mean_abs_diff") is not None:
+        lines += ["", "Loss trajectories, same seeds (same timesteps and noise every step):", "",
+                  "| compared with `baseline` | steps | mean abs. per-step difference | ratio to noise | "
+                  "worst window-mean difference | within noise |", "|---|---|---|---|---|---|",
+                  f"| `baseline_rerun` (noise scale) | {len(runs.get('baseline_rerun', {}).get('losses', []))} | "
+                  f"{_f(agreement['baseline_vs_rerun_mean_abs_diff'], 5)} | 1.00 | – | – |"]
+        for name, entry in agreement.items():
+            if isinstance(entry, dict):
+                lines.append(f"| `{name}` | {entry['steps_compared']} | {_f(entry['mean_abs_diff'], 5)} | "
+                             f"{_f(entry.get('ratio_to_noise'), 2)} | {_f(entry.get('worst_window_mean_diff'), 5)} | "
+                             f"{_f(entry.get('within_noise'))} |")
+    return "\n".join(lines)
+
+
+def cascade_tables(data: dict) -> str:
+    lines = [environment_line(data), ""]
+    if data.get("error"):
+        lines.append(f"The run failed: `{data['error'][:200]}`")
+        return "\n".join(lines)
+    text = data.get("text_encoder", {})
+    floor = data.get("compute_floor", {}).get("stage_seconds_at_matmul_rate", {})
+    lines += ["| phase | steps run | seconds measured | seconds at Show-1's steps | floor at the matmul rate | "
+              "peak GiB |", "|---|---|---|---|---|---|"]
+    if text:
+        where = {"cpu": "move to CPU", "meta": "release"}.get(text.get("released_to", "cpu"), "release")
+        lines.append(f"| T5 XXL encode ({text['parameters_b']:.2f} B) + {where} | – | "
+                     f"{text['encode_seconds']:.2f} + {text['offload_seconds']:.2f} | "
+                     f"{text['encode_seconds'] + text['offload_seconds']:.2f} | – | {_f(text.get('peak_gib'), 2)} |")
+    for name, r in data.get("stages", {}).items():
+        full = _f(r.get("seconds_full_steps"), 1) + (" (linear extrapolation)" if r.get("extrapolated") else "")
+        lines.append(f"| {name} {'x'.join(map(str, r['output_shape'][2:]))} | {r.get('steps')} of "
+                     f"{r.get('full_steps')} | {r['seconds']:.2f} | {full} | {_f(floor.get(name), 1, ' s')} | "
+                     f"{_f(r.get('peak_gib'), 2)} |")
+    if "end_to_end_seconds" in data:
+        label = " (linear extrapolation)" if data.get("end_to_end_extrapolated") else ""
+        total_floor = data.get("compute_floor", {}).get("seconds_at_matmul_rate")
+        lines.append(f"| **end to end** | | {data.get('cascade_seconds', 0):.1f} (stages, steps run) | "
+                     f"**{data['end_to_end_seconds']:.1f}{label}** | {_f(total_floor, 1, ' s')} | "
+                     f"**{_f(data.get('peak_gib'), 2)}** |")
+    if data.get("resident_weights_gib"):
+        lines += ["", f"Stage weights resident during stages 1-4: {data['resident_weights_gib']:.2f} GiB (bf16)."]
+    return "\n".join(lines)
+
+
+def render() -> dict[str, str]:
+    blocks = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        kind = data.get("benchmark")
+        if kind == "training":
+            blocks[f"training:{path.stem}"] = training_tables(data)
+        elif kind == "cascade":
+            blocks[f"cascade:{path.stem}"] = cascade_tables(data)
+    return blocks
+
+
+def rewrite(page: Path, blocks: dict[str, str]) -> str:
+    text = page.read_text()
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        body = blocks.get(name, f"_no results/{name.split(':', 1)[-1]}.json yet_")
+        return f"<!-- BEGIN GENERATED: {name} -->\n{body}\n<!-- END GENERATED: {name} -->"
+
+    return re.sub(r"<!-- BEGIN GENERATED: (\S+) -->.*?<!-- END GENERATED: \1 -->", fill, text, flags=re.S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report whether the pages are up to date")
+    args = parser.parse_args(argv)
+    blocks = render()
+    stale = []
+    for page in PAGES:
+        if not page.is_file():
+            continue
+        new = rewrite(page, blocks)
+        if new != page.read_text():
+            stale.append(page)
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print("out of date: " + ", ".join(str(p.relative_to(ROOT)) for p in stale))
+        return 1
+    print(("rewrote " if stale else "up to date: ") + ", ".join(str(p.relative_to(ROOT)) for p in (stale or PAGES)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

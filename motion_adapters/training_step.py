@@ -1,0 +1,452 @@
+"""One `train_motion` step and what makes it fast: weight dtypes, temporal kernels, checkpointing, compile, graphs.
+
+`train_motion` owns the loop (timesteps, noise, checkpoints, callbacks); this module owns what happens inside a
+step and how the UNet is prepared for it:
+
+- `WeightPrecision` stores the frozen weights in the compute dtype for the run (no per-step casts of the whole
+  UNet), trains float32 master copies of the adapter's parameters under autocast, and puts every parameter back
+  in its own dtype afterwards.
+- `checkpointing` switches gradient checkpointing on for all blocks or for named blocks only, and restores it.
+- `temporal_kernels` swaps in kernels suited to sequences of a few frames (math SDPA for temporal attention,
+  `Conv2d` for the (3, 1, 1) temporal convolutions) for the run, and restores the originals.
+- `StepRunner` runs forward, loss, backward, clipping and AdamW, eagerly or (after warm-up steps) as the replay of
+  one CUDA graph that holds the whole step, optionally through a `torch.compile`d UNet.
+
+The backward pass never reaches layers that come before the first adapted layer: their outputs do not require
+gradients, so autograd records nothing for them (see `tests/test_training_speed.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.losses import motion_distillation_loss, split_epsilon
+
+#: Normalisation layers keep float32 weights: autocast computes them in float32 anyway.
+NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+#: Eager steps before the CUDA graph is captured (PyTorch's guidance for whole-network capture: at least 3).
+GRAPH_WARMUP_STEPS = 3
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of a run, or None for none.
+
+    "auto" on CUDA keeps the half dtype the weights are already stored in (no per-step cast of the frozen
+    weights), else picks bf16 where supported, else fp16; off CUDA it means no autocast.
+
+    Raises:
+        ValueError: for "fp16" off CUDA.
+
+    Example:
+        >>> autocast_dtype("auto", torch.device("cpu"), torch.float32) is None
+        True
+    """
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return None
+        if weights_dtype in (torch.float16, torch.bfloat16):
+            return weights_dtype
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"mixed_precision='fp16' needs a CUDA device; the UNet is on {device}. Use 'bf16', 'no' or 'auto'."
+        )
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def use_cuda_graph(choice: str, device: torch.device, scaled: bool, checkpointing: bool | list[str]) -> bool:
+    """Whether `StepRunner` captures the step in a CUDA graph, for `MotionDistillationConfig.cuda_graph`.
+
+    Raises:
+        ValueError: for "yes" where capture cannot work (off CUDA, with fp16 gradient scaling, or with gradient
+            checkpointing, whose recomputation reads the generator state while capturing).
+
+    Example:
+        >>> use_cuda_graph("auto", torch.device("cpu"), scaled=False, checkpointing=False)
+        False
+    """
+    blockers = []
+    if device.type != "cuda":
+        blockers.append(f"the UNet is on {device}, not CUDA")
+    if scaled:
+        blockers.append("fp16 gradient scaling checks for overflow on the host every step (use bf16)")
+    if checkpointing:
+        blockers.append("gradient checkpointing reads the random generator state while recomputing")
+    if choice == "yes" and blockers:
+        raise ValueError(f"cuda_graph='yes' cannot capture this run: {'; '.join(blockers)}. Use cuda_graph='auto'.")
+    return choice != "no" and not blockers
+
+
+class WeightPrecision:
+    """Put a UNet's weights in their training dtypes, and back.
+
+    The adapter's parameters become float32 master weights (autocast computes with half copies of them). With
+    `cast_frozen`, every other float32 parameter is stored in `compute_dtype` for the run (normalisation layers
+    excepted: autocast runs them in float32, and they are tiny); its float32 original is kept on the CPU and
+    copied back by `restore`, so the UNet ends exactly as it came.
+
+    Example:
+        >>> precision = WeightPrecision(unet, adapter_parameters(unet), torch.bfloat16, cast_frozen=True)
+        ... # doctest: +SKIP
+        >>> precision.restore()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        trainable: dict[str, nn.Parameter],
+        compute_dtype: torch.dtype | None,
+        cast_frozen: bool,
+    ):
+        self._trainable_dtypes = [(p, p.dtype) for p in trainable.values()]
+        for p in trainable.values():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        self._frozen: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if cast_frozen and compute_dtype is not None:
+            ids = {id(p) for p in trainable.values()}
+            ids |= {id(p) for m in unet.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+            for p in unet.parameters():
+                if id(p) not in ids and p.dtype == torch.float32:
+                    original = p.data
+                    p.data = original.to(compute_dtype)
+                    self._frozen.append((p, original.to("cpu", copy=original.device.type == "cpu")))
+                    del original
+
+    @property
+    def num_cast(self) -> int:
+        """How many frozen parameters are stored in the compute dtype."""
+        return len(self._frozen)
+
+    def restore(self) -> None:
+        """Give every parameter its own dtype back (frozen ones their exact float32 values)."""
+        for p, dtype in self._trainable_dtypes:
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for p, original in self._frozen:
+            p.data = original.to(p.device)
+        self._frozen.clear()
+
+
+class FrameConv(nn.Module):
+    """A `Conv3d` with kernel (k, 1, 1) run as the equal `Conv2d` with kernel (k, 1) over (frames, pixels).
+
+    Shares the wrapped layer's parameters (same names, so state dicts are unchanged); cuDNN has fast 2D kernels
+    for this shape where its 3D ones are slow.
+
+    Example:
+        >>> conv = torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0))
+        >>> x = torch.randn(1, 4, 5, 2, 3)
+        >>> torch.allclose(FrameConv(conv)(x), conv(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, conv: nn.Conv3d):
+        super().__init__()
+        self.weight = conv.weight  # the same Parameter objects, under the same names
+        self.bias = conv.bias
+        self.frame_padding = conv.padding[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve (B, C, F, H, W) along frames."""
+        b, _, f, h, w = x.shape
+        y = torch.nn.functional.conv2d(
+            x.reshape(b, x.shape[1], f, h * w), self.weight.squeeze(-1), self.bias, padding=(self.frame_padding, 0)
+        )
+        return y.reshape(b, y.shape[1], f, h, w)
+
+
+class ShortSequenceAttnProcessor(AttnProcessor2_0):
+    """`AttnProcessor2_0` with PyTorch's math SDPA kernel: two batched matmuls and a softmax.
+
+    Temporal attention attends over the frames (8) at every pixel with 64 heads of 5-20 channels; fused
+    flash kernels tile 128 queries and pad heads to 32 channels, so most of their work is padding there.
+
+    Example:
+        >>> attn.set_processor(ShortSequenceAttnProcessor())  # doctest: +SKIP
+    """
+
+    def __call__(self, *args, **kwargs):
+        """Run `AttnProcessor2_0` with only the math kernel allowed."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return super().__call__(*args, **kwargs)
+
+
+@contextmanager
+def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
+    """Swap in faster temporal layers for the run ("conv2d", "math_attention", "fast" = both), then restore.
+
+    "conv2d" runs every (k, 1, 1) `Conv3d` of the temporal convolutions as a `Conv2d` (`FrameConv`);
+    "math_attention" gives every temporal attention (`*temp_attentions*` and `transformer_in`, the layers whose
+    sequences are frames) a `ShortSequenceAttnProcessor`. Same function, same parameters; "library" changes
+    nothing.
+
+    Example:
+        >>> with temporal_kernels(unet, "fast"):  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    undo: list[Callable[[], None]] = []
+    if choice in ("conv2d", "fast"):
+        for parent in list(unet.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Conv3d) and tuple(child.kernel_size[1:]) == (1, 1) and child.groups == 1:
+                    setattr(parent, name, FrameConv(child))
+                    undo.append(functools.partial(setattr, parent, name, child))
+    if choice in ("math_attention", "fast"):
+        for name, module in unet.named_modules():
+            temporal = ".temp_attentions." in f".{name}" or name.startswith("transformer_in")
+            if temporal and isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0:
+                undo.append(functools.partial(module.set_processor, module.processor))
+                module.set_processor(ShortSequenceAttnProcessor())
+    try:
+        yield
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+@contextmanager
+def checkpointing(unet: nn.Module, blocks: bool | list[str]) -> Iterator[None]:
+    """Switch gradient checkpointing on for every block (`True`) or for the named blocks, then restore it.
+
+    Modules that support it carry a `gradient_checkpointing` attribute (diffusers' convention); for a list of names,
+    those modules and the checkpointable modules inside them are switched on.
+
+    Raises:
+        ValueError: for a name that is not a module of `unet`, or a model without checkpointing support.
+
+    Example:
+        >>> with checkpointing(unet, ["up_blocks.3"]):  # doctest: +SKIP
+        ...     loss = train(unet)
+    """
+    if not blocks:
+        yield
+        return
+    if not hasattr(unet, "enable_gradient_checkpointing"):
+        raise ValueError(
+            f"{type(unet).__name__} has no enable_gradient_checkpointing; set gradient_checkpointing=False."
+        )
+    modules = dict(unet.named_modules())
+    names = list(modules) if blocks is True else list(blocks)
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(
+            f"gradient_checkpointing names {missing}, which are not modules of {type(unet).__name__}; "
+            f"top-level blocks are e.g. {[n for n in modules if n.count('.') == 1][:6]}."
+        )
+    chosen = {id(m) for n in names for m in modules[n].modules()}
+    saved = {m: (m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None))
+             for m in unet.modules() if hasattr(m, "gradient_checkpointing")}
+    unet.enable_gradient_checkpointing()
+    for m in saved:
+        if id(m) not in chosen:
+            m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, (flag, func) in saved.items():
+            m.gradient_checkpointing = flag
+            if func is None:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+
+class StepRunner:
+    """Forward, loss, backward, gradient clipping and optimizer step for one (timestep, noise) draw.
+
+    Eager mode runs the step as written (through `torch.compile` when asked). Graph mode runs
+    `GRAPH_WARMUP_STEPS` genuine steps eagerly on a side stream (they compile and allocate), then captures the next
+    step into one CUDA graph and from then on copies each step's timestep and noise into the graph's input buffers
+    and replays it. Both modes compute the same step; the random dropout masks differ.
+
+    Args:
+        model: the UNet (or its compiled wrapper) called as `model(noisy, t, encoder_hidden_states=...)`.
+        x0: the clean clip or its latents, (1, C, F, H, W), on the UNet's device.
+        embeds: the prompt embeddings as the UNet takes them.
+        alphas_cumprod: the noise schedule on the UNet's device, float32.
+        params: the trainable parameters.
+        optimizer: their optimizer (`capturable=True` for graph mode).
+        config: the run's hyperparameters (loss, clipping, compile memory budget).
+        compute_dtype: the autocast dtype, or None.
+        scaler: an fp16 `GradScaler`, or None.
+        graph: capture the step in a CUDA graph.
+
+    Example:
+        >>> runner = StepRunner(unet, x0, embeds, abar, params, optimizer, config, torch.bfloat16)  # doctest: +SKIP
+        >>> loss = runner(torch.tensor([500]), torch.randn_like(x0))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., object],
+        x0: torch.Tensor,
+        embeds: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        config: MotionDistillationConfig,
+        compute_dtype: torch.dtype | None,
+        scaler: torch.amp.GradScaler | None = None,
+        graph: bool = False,
+    ):
+        self.model = model
+        self.x0 = x0
+        self.embeds = embeds
+        self.alphas_cumprod = alphas_cumprod
+        self.params = params
+        self.optimizer = optimizer
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.scaler = scaler
+        self.use_graph = graph
+        self.in_channels = x0.shape[1]
+        self.steps_run = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._static: dict[str, torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Run one optimisation step; return its loss as a 0-d tensor on the device (not yet synchronised)."""
+        device = self.x0.device
+        t = t.to(device, non_blocking=True)
+        noise = noise.to(device, non_blocking=True)
+        with self._compile_settings():
+            if not self.use_graph:
+                loss = self._eager_step(t, noise)
+            elif self.steps_run < GRAPH_WARMUP_STEPS:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    loss = self._eager_step(t, noise)
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                if self.graph is None:
+                    self._capture(t, noise)
+                self._static["t"].copy_(t)
+                self._static["noise"].copy_(noise)
+                self.graph.replay()
+                loss = self._static["loss"]
+        self.steps_run += 1
+        return loss
+
+    def loss(self, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The motion distillation loss of the UNet on the clip noised at timesteps `t` with `noise`."""
+        abar = self.alphas_cumprod[t]
+        a = abar.view(-1, 1, 1, 1, 1)
+        noisy = a.sqrt() * self.x0 + (1 - a).sqrt() * noise
+        if self.compute_dtype is None:
+            ctx = nullcontext()
+        else:  # a graph must not keep autocast's cast cache alive between replays
+            ctx = torch.autocast(self.x0.device.type, dtype=self.compute_dtype, cache_enabled=not self.use_graph)
+        with ctx:
+            out = self.model(noisy, t, encoder_hidden_states=self.embeds).sample
+        eps_pred = split_epsilon(out.float(), self.in_channels)
+        c = self.config
+        return motion_distillation_loss(
+            noise, eps_pred, loss=c.loss, cos_variant=c.cos_variant, stride=c.frame_stride, abar=abar
+        )
+
+    def _update(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _eager_step(self, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(t, noise)
+        self._update(loss)
+        return loss.detach()
+
+    def _capture(self, t: torch.Tensor, noise: torch.Tensor) -> None:
+        self._static = {"t": t.clone(), "noise": noise.clone()}
+        # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self.loss(self._static["t"], self._static["noise"])
+            self._update(loss)
+        self._static["loss"] = loss.detach()
+        self.graph = graph
+
+    def _compile_settings(self):
+        budget = self.config.activation_memory_budget
+        if budget is None:
+            return nullcontext()
+        import torch._functorch.config as functorch_config
+
+        return functorch_config.patch(activation_memory_budget=float(budget))
+
+
+def compiled(unet: nn.Module, mode: str) -> Callable[..., object]:
+    """`unet` itself for mode "no", else a `torch.compile` wrapper of it (the module is left unchanged).
+
+    Example:
+        >>> compiled(unet, "no") is unet  # doctest: +SKIP
+        True
+    """
+    if mode == "no":
+        return unet
+    return torch.compile(unet, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def optimizer_for(params: list[nn.Parameter], config: MotionDistillationConfig, device: torch.device, graph: bool):
+    """AdamW as the config asks: fused on CUDA, capturable for a CUDA graph.
+
+    Example:
+        >>> opt = optimizer_for([torch.nn.Parameter(torch.zeros(2))], MotionDistillationConfig(), "cpu", False)
+    """
+    kwargs = {"fused": True} if torch.device(device).type == "cuda" else {}
+    if graph:
+        kwargs["capturable"] = True
+    return torch.optim.AdamW(
+        params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **kwargs,
+    )
+
+
+#: Optimizer flags that describe how a step runs, not what it computes: a resumed run keeps its own.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def keep_implementation_flags(saved_groups: list[dict], optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Saved param groups with this optimizer's implementation flags (a checkpoint may come from another device)."""
+    return [
+        {**saved, **{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group}}
+        for saved, group in zip(saved_groups, optimizer.param_groups)
+    ]
+
+
+__all__ = [
+    "GRAPH_WARMUP_STEPS",
+    "FrameConv",
+    "ShortSequenceAttnProcessor",
+    "StepRunner",
+    "WeightPrecision",
+    "autocast_dtype",
+    "checkpointing",
+    "compiled",
+    "temporal_kernels",
+    "keep_implementation_flags",
+    "optimizer_for",
+    "use_cuda_graph",
+]

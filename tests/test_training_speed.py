@@ -1,0 +1,197 @@
+"""The speed and memory options of train_motion: frozen-weight dtype, selective checkpointing, compile, graphs."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from tiny_models import tiny_unet3d
+
+from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.injection import inject_temporal_adapter
+from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config
+from motion_adapters.training import train_motion
+from motion_adapters.training_step import autocast_dtype, keep_implementation_flags, use_cuda_graph
+
+TINY_SHOW1 = dict(
+    sample_size=16,
+    down_block_types=["ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D", "SimpleCrossAttnDownBlock3D"],
+    up_block_types=["SimpleCrossAttnUpBlock3D", "SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"],
+    block_out_channels=[32, 64, 64],
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=64,
+    encoder_hid_dim=64,
+    attention_head_dim=64,
+)
+
+
+def tiny_show1(seed=0):
+    torch.manual_seed(seed)
+    return Show1UNet3DConditionModel(**{**show1_base_config(), **TINY_SHOW1})
+
+
+def clip(channels=3, frames=4, size=8):
+    video = -torch.ones(channels, frames, size, size)
+    for f in range(frames):
+        video[:, f, 2:5, f : f + 3] = 1.0
+    return video
+
+
+def embeds(dim):
+    return torch.randn(1, 7, dim, generator=torch.Generator().manual_seed(3))
+
+
+def scheduler():
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def cfg(**kw):
+    return MotionDistillationConfig(
+        **{"max_train_steps": 3, "learning_rate": 1e-3, "num_frames": 4, "checkpointing_steps": 0, **kw}
+    )
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_frozen_weights_train_in_compute_dtype_and_come_back_exactly(mode):
+    unet = tiny_show1()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    seen = {}
+
+    def look(state):
+        seen["conv_in"] = state.unet.conv_in.weight.dtype
+        seen["trained"] = {p.dtype for n, p in state.unet.named_parameters() if p.requires_grad}
+
+    config = cfg(mode=mode, mixed_precision="bf16", frozen_dtype="compute")
+    result = train_motion(unet, clip(), embeds(64), scheduler(), config, callbacks=[look], progress=False)
+    assert seen == {"conv_in": torch.bfloat16, "trained": {torch.float32}}
+    assert result.extra["frozen_weights_cast"] > 0 and result.extra["compute_dtype"] == "bfloat16"
+    adapted = {f"{m}.weight" for m in result.info.module_names} if mode == "full" else set()
+    for name, p in unet.named_parameters():
+        assert p.dtype == torch.float32, name
+        if ".lora_" in name or name in adapted:
+            continue
+        torch.testing.assert_close(p.detach(), before[name.replace(".base_layer", "")], rtol=0, atol=0, msg=name)
+    if mode == "full":
+        moved = [n for n in adapted if not torch.equal(dict(unet.named_parameters())[n], before[n])]
+        assert len(moved) == len(adapted)
+
+
+def test_half_precision_unet_keeps_its_dtype_and_trains_fp32_masters():
+    unet = tiny_show1().to(torch.bfloat16)
+    seen = set()
+    config = cfg(mixed_precision="bf16")
+    train_motion(unet, clip(), embeds(64).to(torch.bfloat16), scheduler(), config, progress=False,
+                 callbacks=[lambda s: seen.update(p.dtype for p in s.unet.parameters() if p.requires_grad)])
+    assert seen == {torch.float32}
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+
+
+def test_backward_does_not_reach_layers_before_the_first_temporal_attention():
+    unet = tiny_show1()
+    inject_temporal_adapter(unet)
+    needs_grad = {}
+    for name in ("conv_in", "down_blocks.0", "down_blocks.1.attentions.0", "down_blocks.1.temp_attentions.0",
+                 "mid_block", "up_blocks.2"):
+        unet.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: needs_grad.__setitem__(name, (out[0] if isinstance(out, tuple) else out)
+                                                                 .requires_grad)
+        )
+    unet(torch.randn(1, 3, 4, 8, 8), torch.tensor([500]), embeds(64))
+    assert needs_grad == {"conv_in": False, "down_blocks.0": False, "down_blocks.1.attentions.0": False,
+                          "down_blocks.1.temp_attentions.0": True, "mid_block": True, "up_blocks.2": True}
+
+
+def test_selective_checkpointing_gives_the_same_run_and_is_restored():
+    plain = train_motion(tiny_show1(), clip(), embeds(64), scheduler(), cfg(), progress=False)
+    unet = tiny_show1()
+    flags = {}
+
+    def look(state):
+        flags.update({n: m.gradient_checkpointing for n, m in state.unet.named_modules()
+                      if hasattr(m, "gradient_checkpointing") and n})
+
+    config = cfg(gradient_checkpointing=["up_blocks.2", "up_blocks.1"])
+    checkpointed = train_motion(unet, clip(), embeds(64), scheduler(), config, callbacks=[look], progress=False)
+    assert {n for n, on in flags.items() if on} == {"up_blocks.2", "up_blocks.1"}
+    assert not any(m.gradient_checkpointing for m in unet.modules() if hasattr(m, "gradient_checkpointing"))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_checkpointing_an_unknown_block_names_it():
+    with pytest.raises(ValueError, match=r"gradient_checkpointing names \['up_blocks.9'\], which are not modules"):
+        train_motion(tiny_show1(), clip(), embeds(64), scheduler(), cfg(gradient_checkpointing=["up_blocks.9"]),
+                     progress=False)
+
+
+def test_step_seconds_are_reported_per_step():
+    result = train_motion(tiny_unet3d(), clip(channels=4, size=8), embeds(16), scheduler(), cfg(), progress=False)
+    assert len(result.extra["step_seconds"]) == 3 and result.extra["cuda_graph"] is False
+
+
+def test_cuda_graph_yes_off_cuda_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"cuda_graph='yes' cannot capture this run: the UNet is on cpu, not CUDA"):
+        train_motion(tiny_unet3d(), clip(channels=4, size=8), embeds(16), scheduler(), cfg(cuda_graph="yes"),
+                     progress=False)
+    assert use_cuda_graph("auto", torch.device("cuda"), scaled=False, checkpointing=False)
+    assert not use_cuda_graph("auto", torch.device("cuda"), scaled=True, checkpointing=False)
+    assert not use_cuda_graph("auto", torch.device("cuda"), scaled=False, checkpointing=["up_blocks.3"])
+
+
+def test_auto_mixed_precision_follows_the_weights_on_cuda():
+    cuda = torch.device("cuda")
+    assert autocast_dtype("auto", cuda, torch.float16) == torch.float16
+    assert autocast_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu"), torch.float32) is None
+    assert autocast_dtype("bf16", torch.device("cpu"), torch.float32) == torch.bfloat16
+
+
+def test_resumed_optimizer_keeps_its_own_implementation_flags():
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([p], lr=1e-3)
+    saved = [{**optimizer.param_groups[0], "fused": True, "capturable": True, "params": [0]}]
+    (group,) = keep_implementation_flags(saved, optimizer)
+    assert group["fused"] is None and group["capturable"] is False and group["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"frozen_dtype": "fp8"}, "frozen_dtype='fp8' is not supported: use one of 'auto', 'compute', 'keep'"),
+        ({"compile": "reduce-overhead"}, "compile='reduce-overhead' is not supported"),
+        ({"cuda_graph": True}, "cuda_graph=True is not supported: use one of 'auto', 'yes', 'no'"),
+        ({"activation_memory_budget": 0.5}, "activation_memory_budget=0.5 only acts on a compiled UNet"),
+        ({"activation_memory_budget": 0, "compile": "default"}, r"activation_memory_budget=0 must be a number in"),
+        ({"gradient_checkpointing": []}, r"gradient_checkpointing=\[\] must be True, False or a non-empty list"),
+    ],
+)
+def test_speed_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MotionDistillationConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_like_the_eager_one():
+    eager = train_motion(tiny_unet3d(), clip(channels=4, size=8), embeds(16), scheduler(), cfg(), progress=False)
+    fast = train_motion(tiny_unet3d(), clip(channels=4, size=8), embeds(16), scheduler(), cfg(compile="default"),
+                        progress=False)
+    assert fast.losses == pytest.approx(eager.losses, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("choice", ["conv2d", "math_attention", "fast"])
+def test_fast_temporal_kernels_compute_the_same_function_and_are_undone(choice):
+    from motion_adapters.training_step import FrameConv, ShortSequenceAttnProcessor, temporal_kernels
+
+    unet = tiny_show1().eval()
+    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
+    names = [n for n, _ in unet.named_parameters()]
+    temporal = sum(".temp_attentions." in key for key in unet.attn_processors)
+    with torch.no_grad():
+        reference = unet(x, torch.tensor([10]), text).sample
+        with temporal_kernels(unet, choice):
+            convs = sum(isinstance(m, FrameConv) for m in unet.modules())
+            processors = sum(isinstance(p, ShortSequenceAttnProcessor) for p in unet.attn_processors.values())
+            assert [n for n, _ in unet.named_parameters()] == names
+            fast = unet(x, torch.tensor([10]), text).sample
+    assert (convs > 0) == (choice != "math_attention") and (processors == temporal) == (choice != "conv2d")
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, FrameConv) for m in unet.modules())
+    assert not any(isinstance(p, ShortSequenceAttnProcessor) for p in unet.attn_processors.values())
