@@ -47,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect", "motions/seagull-walk"])  # doctest: +SKIP
         0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["many"]:
+        from motion_adapters.multi import main as many_main
+
+        return many_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -20,6 +20,8 @@ def add_commands(sub) -> None:
     from motion_adapters.cli_eval import add_eval_command
 
     add_eval_command(sub)
+    # listed for --help; cli.main hands `many ...` to motion_adapters.multi.main with the rest of the arguments
+    sub.add_parser("many", help="train many motions / generate many prompts (run under accelerate launch)")
 
 
 def _cmd_push(args: argparse.Namespace) -> int:

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+from fixtures_tiny import tiny_cascade
+
+from motion_adapters.cli import main
+from motion_adapters.world import ClipSpec, write_clip
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cascade")
+    (root / "tok").mkdir()
+    tiny_cascade(root / "tok").save_pretrained(root / "model")
+    return root / "model"
+
+
+def test_train_inspect_generate_round_trip(tmp_path, cascade_dir, capsys):
+    clip = write_clip(ClipSpec("square", "red", "blue", "zigzag"), tmp_path / "clip.gif", num_frames=8, height=16,
+                      width=24)
+    code = main(["train", str(clip), "--prompt", "a red square zigzagging", "--out", str(tmp_path / "m"),
+                 "--model", str(cascade_dir), "--steps", "2", "--lr", "1e-3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "motion saved to" in out and "2 steps" in out
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    description = json.loads(capsys.readouterr().out)
+    assert description["training"]["prompt"] == "a red square zigzagging"
+    assert description["noise_prior"] == [1, 3, 8, 40, 64]
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert "backbone    Show1UNet3DConditionModel" in capsys.readouterr().out
+    code = main(["generate", "--motion", str(tmp_path / "m"), "--prompt", "a cat", "-o", str(tmp_path / "o.gif"),
+                 "--model", str(cascade_dir), "--stages", "keyframes", "--steps", "2", "--device", "cpu"])
+    assert code == 0 and (tmp_path / "o.gif").is_file()
+
+
+def test_missing_motion_exits_1_with_a_message(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing-here")]) == 1
+    assert "motion-adapters inspect: error:" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2

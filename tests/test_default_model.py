@@ -1,0 +1,187 @@
+"""The embedded default model: shipped files, configs, shapes, tokenizer coverage, and the pretraining data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from motion_adapters.world import MOTIONS, SHAPES, render_clip, sample_spec
+from motion_adapters.world.default_model import (
+    DEFAULT_MODEL_DIR,
+    NOISE_SCHEDULER_CONFIG,
+    SCHEDULER_CONFIG,
+    STAGE_FOLDERS,
+    TEXT_ENCODER_CONFIG,
+    caption_corpus,
+    interpolation_unet_config,
+    keyframes_unet_config,
+    load_default_components,
+    sr_unet_config,
+)
+from motion_adapters.world.pretrain_data import SpecPool, render_frames
+from motion_adapters.world.vocab import BACKGROUNDS, COLORS, UNSEEN_MOTIONS
+
+
+@pytest.fixture(scope="module")
+def components():
+    return load_default_components()
+
+
+def _strip(config):
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def test_shipped_unets_load_with_the_configs_of_default_model(components):
+    for key, config in (
+        ("unet", keyframes_unet_config()),
+        ("interpolation_unet", interpolation_unet_config()),
+        ("sr_unet", sr_unet_config()),
+    ):
+        loaded = json.loads(json.dumps(_strip(components[key].config)))
+        assert loaded == json.loads(json.dumps(config)), key
+        assert components[key].dtype == torch.float32 and not components[key].training
+
+
+def test_shipped_text_encoder_and_schedulers_match_their_configs(components):
+    config = components["text_encoder"].config
+    assert config.vocab_size == len(components["tokenizer"])
+    for key, value in TEXT_ENCODER_CONFIG.items():
+        assert getattr(config, key) == value, key
+    assert components["unet"].config.encoder_hid_dim == config.d_model
+    scheduler = components["scheduler"]
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert {k: scheduler.config[k] for k in SCHEDULER_CONFIG} == SCHEDULER_CONFIG
+    noise_scheduler = components["noise_scheduler"]
+    assert type(noise_scheduler).__name__ == "DDPMScheduler"
+    assert {k: noise_scheduler.config[k] for k in NOISE_SCHEDULER_CONFIG} == NOISE_SCHEDULER_CONFIG
+
+
+def test_weights_are_stored_in_float16_and_assets_fit_in_60_mb():
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 60e6
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == 4  # T5 + three UNets
+    for path in weights:
+        with safe_open(path, "pt") as handle:
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16"}, path
+
+
+def test_forward_pass_of_each_stage_gives_the_stage_shapes(components):
+    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
+    tokens = tokenizer(["a red circle moving left on a blue background"], padding="max_length", max_length=77,
+                       return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        text = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        assert text.shape == (1, 77, TEXT_ENCODER_CONFIG["d_model"])
+        keyframes = components["unet"](torch.randn(1, 3, 8, 32, 32), 500, text).sample
+        interpolation = components["interpolation_unet"](torch.randn(1, 7, 5, 32, 32), 500, text).sample
+        sr = components["sr_unet"](torch.randn(1, 6, 2, 96, 96), 500, text, class_labels=100).sample
+    assert keyframes.shape == (1, 3, 8, 32, 32)
+    assert interpolation.shape == (1, 3, 5, 32, 32)
+    assert sr.shape == (1, 3, 2, 96, 96)
+    assert all(torch.isfinite(x).all() for x in (keyframes, interpolation, sr))
+
+
+def test_tokenizer_covers_every_caption_word_with_one_piece_and_no_unknown_token(components):
+    tokenizer = components["tokenizer"]
+    words = sorted({word for caption in caption_corpus() for word in caption.split()})
+    assert {"zigzagging", "bouncing", "circle", "checkered"} <= set(words)  # unseen motions are covered too
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id, word
+    ids = tokenizer("a panda surfing, 42 times!").input_ids
+    assert tokenizer.unk_token_id not in ids and ids[-1] == tokenizer.eos_token_id
+
+
+def test_shipped_folder_loads_as_a_cascade_with_three_stages():
+    from motion_adapters.pipelines import Show1CascadePipeline
+
+    cascade = Show1CascadePipeline.from_pretrained(DEFAULT_MODEL_DIR, torch_dtype=torch.float32)
+    assert cascade.stages == ("keyframes", "interpolation", "sr1")
+    assert cascade.interpolation.unet.config.in_channels == 7
+    assert cascade.sr1.unet.config.class_embed_type == "timestep"
+
+
+def test_training_log_has_a_loss_curve_for_every_stage():
+    log = json.loads((DEFAULT_MODEL_DIR / "training_log.json").read_text())
+    for stage in ("keyframes", "interpolation", "sr"):
+        curve = log["stages"][stage]["curve"]
+        assert len(curve) > 5 and set(curve[0]) == {"step", "loss", "seconds"}
+        assert curve[-1]["loss"] < curve[0]["loss"]
+    assert all(set(run["pool"]["motions"]).isdisjoint(UNSEEN_MOTIONS) for run in log["runs"])
+
+
+def test_load_default_components_rejects_a_folder_without_stages(tmp_path):
+    with pytest.raises(ValueError, match=r"has no trained \['keyframes', 'interpolation', 'sr1'\] stage"):
+        load_default_components(model_dir=tmp_path)
+    assert set(STAGE_FOLDERS.values()) == {"keyframes", "interpolation", "sr1"}
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_render_frames_reproduces_render_clip_exactly_in_float64(size):
+    rng = np.random.default_rng(3)
+    specs = [sample_spec(rng, motions=MOTIONS, shapes=(shape,)) for shape in SHAPES for _ in range(2)]
+    centers = torch.tensor(np.stack([s.trajectory(8) for s in specs]))
+    diameters = torch.tensor(np.stack([s.sizes(8) for s in specs]))
+    ids = [
+        torch.tensor([names.index(getattr(s, key)) for s in specs])
+        for names, key in ((SHAPES, "shape"), (list(COLORS), "color"), (list(BACKGROUNDS), "background"))
+    ]
+    frames = render_frames(centers, diameters, *ids, size)
+    expected = torch.stack([render_clip(s, 8, size, size) for s in specs])
+    torch.testing.assert_close(frames.float(), expected, rtol=0, atol=0)
+
+
+def test_spec_pool_refuses_unseen_motions():
+    with pytest.raises(ValueError, match="must be TRAIN_MOTIONS only"):
+        SpecPool(4, motions=("left", "zigzag"))
+    pool = SpecPool(22, seed=0)
+    assert set(pool.motions) <= set(MOTIONS) - set(UNSEEN_MOTIONS)
+    assert pool.centers.shape == (22, 29, 2) and pool.unique_captions[-1] == ""
+
+
+@pytest.mark.slow
+def test_pretrain_main_trains_and_saves_every_stage(tmp_path):
+    from motion_adapters.world.default_model import load_default_cascade
+    from motion_adapters.world.pretrain import main
+
+    log = main(["--out", str(tmp_path), "--minutes", "0.05", "--max-steps", "1", "--num-specs", "32",
+                "--workers", "1", "--batch-sizes", "1,1,1"])  # fmt: skip
+    assert {stage: log["stages"][stage]["steps"] for stage in log["stages"]} == {
+        "keyframes": 1, "interpolation": 1, "sr": 1,
+    }  # fmt: skip
+    cascade = load_default_cascade(model_dir=tmp_path)
+    assert cascade.stages == ("keyframes", "interpolation", "sr1")
+
+
+@pytest.mark.slow
+def test_default_cascade_generates_29_frames_of_96_pixels():
+    from motion_adapters.world.default_model import DEFAULT_CALL_KWARGS, load_default_cascade
+
+    cascade = load_default_cascade()
+    frames = cascade("a red circle moving left on a black background", **DEFAULT_CALL_KWARGS, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    assert frames.shape == (1, 3, 29, 96, 96)
+
+
+def test_tiny_head_attention_processor_matches_the_default_processor():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from motion_adapters.world.default_model import TinyHeadAttnProcessor, build_default_components
+
+    unet = build_default_components(seed=1)["unet"]
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))  # zero-initialised layers too
+        sample, text = torch.randn(1, 3, 4, 32, 32), torch.randn(1, 77, TEXT_ENCODER_CONFIG["d_model"])
+        temporal = {n: m for n, m in unet.named_modules() if isinstance(m, Attention) and ".temp_attentions." in n}
+        for module in temporal.values():
+            module.set_processor(AttnProcessor2_0())
+        expected = unet(sample, 300, text).sample
+        for module in temporal.values():
+            module.set_processor(TinyHeadAttnProcessor())
+        actual = unet(sample, 300, text).sample
+    assert len(temporal) == 14
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
