@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser("demo", help="learn an unseen motion on the embedded default model and generate it")
+    demo = sub.add_parser("demo", help="learn a clip's motion into a small Show-1 UNet, save, reload, report")
     demo.add_argument("--out", default="outputs/demo", help="folder for the motion, videos and report")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     demo.add_argument("--seed", type=int, default=0)
