@@ -136,6 +136,10 @@ def inject_temporal_adapter(
         raise ValueError(f"mode={mode!r} is not supported: use 'full' or 'lora'.")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
+    if hasattr(nn.Module, adapter_name):
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is a torch.nn.Module attribute and would shadow it; pick another name."
+        )
     state = _state(unet)
     if adapter_name in state.infos:
         raise ValueError(

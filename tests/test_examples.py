@@ -35,3 +35,22 @@ def test_evaluate_example_scores_same_motion_above_reversed(capsys):
 def test_world_example_runs_end_to_end(tmp_path):
     assert load("train_and_generate").main(["--out", str(tmp_path), "--steps", "5"]) == 0
     assert (tmp_path / "report.json").is_file()
+
+
+def test_load_and_combine_example_on_the_default_model(tmp_path, capsys):
+    from motion_adapters import MotionDistillationConfig, VMCPipeline
+    from motion_adapters.demo import TINY_SHOW1  # noqa: F401  (the demo module imports cleanly)
+    from motion_adapters.video import load_video
+
+    pipe = VMCPipeline.from_default()
+    clip = load_video(EXAMPLES.parent / "motion_adapters/world/assets/examples/zigzag.gif", num_frames=8,
+                      size=(32, 32))
+    config = MotionDistillationConfig(max_train_steps=2, mode="lora", r=4, checkpointing_steps=0)
+    for name, video in (("ahead", clip), ("back", clip.flip(1))):
+        pipe.train_motion(video, "a red circle zigzagging", config, adapter_name=name,
+                          output_dir=tmp_path / name, invert=False, progress=False)
+    code = load("load_and_combine").main([str(tmp_path / "ahead"), str(tmp_path / "back"), "--weights", "1",
+                                          "0.5", "--prompt", "a yellow square", "--stages", "keyframes", "--steps",
+                                          "2", "-o", str(tmp_path / "out.gif")])
+    assert code == 0 and (tmp_path / "out.gif").is_file()
+    assert "active motions: {'ahead': 1.0, 'back': 0.5}" in capsys.readouterr().out

@@ -132,6 +132,8 @@ def test_second_full_adapter_and_duplicate_names_are_refused():
         inject_temporal_adapter(unet, mode="lora")
     with pytest.raises(ValueError, match="a full-mode adapter is already on this model"):
         inject_temporal_adapter(unet, mode="full", adapter_name="other")
+    with pytest.raises(ValueError, match="adapter_name='forward' is a torch.nn.Module attribute"):
+        inject_temporal_adapter(tiny_unet3d(), mode="lora", adapter_name="forward")
     with pytest.raises(ValueError, match="mode='dora' is not supported"):
         inject_temporal_adapter(tiny_unet3d(), mode="dora")
 
