@@ -422,6 +422,50 @@ class Show1StagePipeline(DiffusionPipeline):
             )
         return latents.to(device=device, dtype=dtype) * init_noise_sigma
 
+    def denoise_step(
+        self,
+        scheduler,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        i: int,
+        *,
+        encoder_hidden_states: torch.Tensor,
+        guidance_scale: float,
+        do_classifier_free_guidance: bool,
+        learned_variance: bool,
+        extra: dict,
+        callback_on_step_end,
+        tensor_inputs: list[str],
+        condition: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """One sampling step shared by every stage: condition, guidance batch, UNet, guidance, per-frame step.
+
+        `condition` is concatenated to the sample along channels (interpolation, SR); `class_labels` is the SR
+        noise level. Returns the next `latents`, after the step-end callback.
+        """
+        model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+        model_input = torch.cat([model_input] * 2) if do_classifier_free_guidance else model_input
+        model_input = scheduler.scale_model_input(model_input, t)
+        model_output = self.unet(
+            model_input,
+            t,
+            encoder_hidden_states=encoder_hidden_states,
+            class_labels=class_labels,
+            cross_attention_kwargs=cross_attention_kwargs,
+            return_dict=False,
+        )[0]
+        noise_pred = combine_guidance(
+            model_output,
+            guidance_scale=guidance_scale,
+            sample_channels=latents.shape[1],
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            learned_variance=learned_variance,
+        )
+        latents = scheduler_step_per_frame(scheduler, noise_pred, t, latents, **extra)
+        return self.run_step_end_callback(callback_on_step_end, tensor_inputs, i, t, {"latents": latents})["latents"]
+
     def run_step_end_callback(
         self,
         callback: Callable | PipelineCallback | MultiPipelineCallbacks | None,

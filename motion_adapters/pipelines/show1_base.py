@@ -14,12 +14,10 @@ from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
     Show1PipelineOutput,
     Show1StagePipeline,
-    combine_guidance,
     eval_mode,
     fresh_scheduler,
     has_learned_variance,
     postprocess_video,
-    scheduler_step_per_frame,
     step_kwargs,
 )
 
@@ -187,25 +185,17 @@ class Show1KeyframesPipeline(Show1StagePipeline):
         extra = step_kwargs(scheduler, generator)
         with eval_mode(self.unet), self.progress_bar(total=len(scheduler.timesteps)) as progress_bar:
             for i, t in enumerate(scheduler.timesteps):
-                model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                model_output = self.unet(
-                    model_input,
-                    t,
+                latents = self.denoise_step(
+                    scheduler, latents, t, i,
                     encoder_hidden_states=prompt_embeds,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
-                noise_pred = combine_guidance(
-                    model_output,
                     guidance_scale=guidance_scale,
-                    sample_channels=PIXEL_CHANNELS,
                     do_classifier_free_guidance=do_classifier_free_guidance,
                     learned_variance=learned_variance,
-                )
-                latents = scheduler_step_per_frame(scheduler, noise_pred, t, latents, **extra)
-                tensors = self.run_step_end_callback(callback_on_step_end, tensor_inputs, i, t, {"latents": latents})
-                latents = tensors["latents"]
+                    extra=extra,
+                    callback_on_step_end=callback_on_step_end,
+                    tensor_inputs=tensor_inputs,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                )  # fmt: skip
                 progress_bar.update()
 
         # 6. Post-process

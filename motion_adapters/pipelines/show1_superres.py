@@ -19,12 +19,10 @@ from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
     Show1PipelineOutput,
     Show1StagePipeline,
-    combine_guidance,
     eval_mode,
     fresh_scheduler,
     has_learned_variance,
     postprocess_video,
-    scheduler_step_per_frame,
     step_kwargs,
 )
 from motion_adapters.pipelines.show1_base import PIXEL_CHANNELS
@@ -434,29 +432,17 @@ class Show1SuperResPipeline(Show1StagePipeline):
                 condition[:, :, :1] = first_frame
                 latents = initial * scheduler.init_noise_sigma
                 for i, t in enumerate(scheduler.timesteps):
-                    model_input = torch.cat([latents, condition], dim=1)
-                    model_input = torch.cat([model_input] * 2) if do_classifier_free_guidance else model_input
-                    model_input = scheduler.scale_model_input(model_input, t)
-                    model_output = self.unet(
-                        model_input,
-                        t,
+                    latents = self.denoise_step(
+                        scheduler, latents, t, i, condition=condition, class_labels=class_labels,
                         encoder_hidden_states=encoder_hidden_states,
-                        class_labels=class_labels,
-                        cross_attention_kwargs=cross_attention_kwargs,
-                        return_dict=False,
-                    )[0]
-                    noise_pred = combine_guidance(
-                        model_output,
                         guidance_scale=guidance_scale,
-                        sample_channels=PIXEL_CHANNELS,
                         do_classifier_free_guidance=do_classifier_free_guidance,
                         learned_variance=learned_variance,
-                    )
-                    latents = scheduler_step_per_frame(scheduler, noise_pred, t, latents, **extra)
-                    tensors = self.run_step_end_callback(
-                        callback_on_step_end, tensor_inputs, i, t, {"latents": latents}
-                    )
-                    latents = tensors["latents"]
+                        extra=extra,
+                        callback_on_step_end=callback_on_step_end,
+                        tensor_inputs=tensor_inputs,
+                        cross_attention_kwargs=cross_attention_kwargs,
+                    )  # fmt: skip
                     progress_bar.update()
                 output[:, :, start : start + window_size] = latents
                 first_frame = latents[:, :, -1:]
