@@ -15,6 +15,7 @@ from motion_adapters.inversion import ddim_invert
 from motion_adapters.losses import (
     cosine_loss_official,
     cosine_loss_paper,
+    epsilon_from_output,
     epsilon_mse_loss,
     frame_residual,
     motion_distillation_loss,
@@ -67,6 +68,7 @@ __all__ = [
     "resolve_target",
     "save_motion_adapter",
     "set_adapter_scales",
+    "epsilon_from_output",
     "split_epsilon",
     "train_motion",
     "tweedie_x0",

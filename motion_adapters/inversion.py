@@ -11,7 +11,7 @@ import torch.nn as nn
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from motion_adapters.losses import split_epsilon
+from motion_adapters.losses import epsilon_from_output, prediction_type, split_epsilon
 from motion_adapters.targets import backbone_targets
 
 SCHEDULES = ("model", "scaled_linear")
@@ -81,7 +81,10 @@ def ddim_invert(
     alphas = inversion_alphas(noise_scheduler, schedule).to(torch.float64)
     timesteps = torch.linspace(0, alphas.numel() - 1, num_inference_steps + 1).round().long().tolist()
     pairs = list(zip(timesteps[:-1], timesteps[1:]))
-    return _ddim_walk(unet, x0, prompt_embeds, alphas, pairs, desc="ddim_invert", progress=progress)
+    return _ddim_walk(
+        unet, x0, prompt_embeds, alphas, pairs, desc="ddim_invert", progress=progress,
+        prediction=prediction_type(noise_scheduler),
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -102,11 +105,19 @@ def ddim_sample(
     alphas = inversion_alphas(noise_scheduler, schedule).to(torch.float64)
     timesteps = torch.linspace(0, alphas.numel() - 1, num_inference_steps + 1).round().long().tolist()[::-1]
     pairs = list(zip(timesteps[:-1], timesteps[1:]))
-    return _ddim_walk(unet, x_t, prompt_embeds, alphas, pairs, desc="ddim_sample", progress=False)
+    return _ddim_walk(
+        unet, x_t, prompt_embeds, alphas, pairs, desc="ddim_sample", progress=False,
+        prediction=prediction_type(noise_scheduler),
+    )  # fmt: skip
 
 
-def _ddim_walk(unet, x, prompt_embeds, alphas, pairs, *, desc: str, progress: bool) -> torch.Tensor:
-    """Deterministic DDIM moves from each pair's first timestep to its second (up: inversion, down: sampling)."""
+def _ddim_walk(
+    unet, x, prompt_embeds, alphas, pairs, *, desc: str, progress: bool, prediction: str = "epsilon"
+) -> torch.Tensor:
+    """Deterministic DDIM moves from each pair's first timestep to its second (up: inversion, down: sampling).
+
+    `prediction` is the UNet's prediction type; its output is turned into epsilon before each move.
+    """
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     in_channels = x.shape[1]
@@ -122,8 +133,9 @@ def _ddim_walk(unet, x, prompt_embeds, alphas, pairs, *, desc: str, progress: bo
     try:
         for t_from, t_to in tqdm(pairs, desc=desc, disable=not progress, leave=False):
             t = torch.full((x.shape[0],), t_from, device=device, dtype=torch.long)
-            eps = split_epsilon(unet(x.to(dtype), t, encoder_hidden_states=embeds).sample, in_channels).double()
+            out = split_epsilon(unet(x.to(dtype), t, encoder_hidden_states=embeds).sample, in_channels).double()
             a_from, a_to = alphas[t_from].item(), alphas[t_to].item()
+            eps = epsilon_from_output(out, x, a_from, prediction)
             x0_hat = (x - (1 - a_from) ** 0.5 * eps) / a_from**0.5
             x = a_to**0.5 * x0_hat + (1 - a_to) ** 0.5 * eps
     finally:

@@ -70,6 +70,64 @@ def split_epsilon(model_output: torch.Tensor, in_channels: int) -> torch.Tensor:
     )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""Model outputs the losses accept: epsilon (Show-1, ModelScope, AnimateDiff) or v (Salimans & Ho 2022)."""
+
+
+def prediction_type(noise_scheduler) -> str:
+    """The ``prediction_type`` of a diffusers scheduler's config ("epsilon" when it has none), checked.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> prediction_type(DDPMScheduler(prediction_type="v_prediction"))
+        'v_prediction'
+    """
+    config = getattr(noise_scheduler, "config", None)
+    value = getattr(config, "prediction_type", None) or "epsilon"
+    if value not in PREDICTION_TYPES:
+        raise ValueError(
+            f"the noise scheduler's prediction_type={value!r} is not supported; motion_adapters trains UNets that "
+            f"predict one of {PREDICTION_TYPES}."
+        )
+    return value
+
+
+def epsilon_from_output(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    abar: torch.Tensor | float,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """The epsilon a UNet predicts, from its (already `split_epsilon`-ed) output.
+
+    For ``"epsilon"`` the output is returned unchanged. For ``"v_prediction"``, with
+    v = sqrt(abar) eps - sqrt(1 - abar) x_0 and x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, the noise is
+    eps = sqrt(1 - abar) x_t + sqrt(abar) v, so the motion loss compares the same quantity whatever the model
+    predicts.
+
+    Args:
+        model_output: (B, C, F, H, W) epsilon or v.
+        sample: the noised input x_t, same shape.
+        abar: alpha-bar of each sample's timestep, a float or a (B,) tensor.
+        prediction_type: the scheduler's ``prediction_type``.
+
+    Example:
+        >>> x_t, v = torch.ones(1, 1, 2, 1, 1), torch.zeros(1, 1, 2, 1, 1)
+        >>> epsilon_from_output(v, x_t, 0.75, "v_prediction").flatten().tolist()
+        [0.5, 0.5]
+    """
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type != "v_prediction":
+        raise ValueError(
+            f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES} "
+            "(set it in the noise scheduler's config)."
+        )
+    _check_same("model_output", model_output, "sample", sample)
+    a = _per_sample(abar, model_output)
+    return (1 - a).sqrt() * sample + a.sqrt() * model_output
+
+
 def add_noise(v0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
     """Forward diffusion v_t = sqrt(abar_t) v_0 + sqrt(1 - abar_t) eps, per sample.
 

@@ -29,6 +29,7 @@ from motion_adapters.injection import (
     inject_temporal_adapter,
     load_adapter_state_dict,
 )
+from motion_adapters.losses import prediction_type
 from motion_adapters.serialization import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -159,6 +160,7 @@ def train_motion(
     if spec is not None and spec.text_per_frame:
         embeds = embeds.repeat_interleave(x0.shape[2], dim=0)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    prediction_type(noise_scheduler)  # an unsupported one fails here, before any work
     max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
     if max_t > alphas_cumprod.numel():
         raise ValueError(f"max_timestep={max_t} exceeds the scheduler's {alphas_cumprod.numel()} timesteps.")
@@ -197,7 +199,7 @@ def train_motion(
         unet.train()
         runner = StepRunner(
             compiled(unet, config.compile), x0, embeds, alphas_cumprod, list(params.values()), optimizer, config,
-            compute_dtype, scaler, graph,
+            compute_dtype, scaler, graph, prediction_type(noise_scheduler),
         )
         kernels = config.temporal_kernels
         if kernels == "auto":

@@ -27,7 +27,7 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from motion_adapters.config import MotionDistillationConfig
-from motion_adapters.losses import motion_distillation_loss, split_epsilon
+from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
 
 #: Normalisation layers keep float32 weights: autocast computes them in float32 anyway.
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
@@ -282,6 +282,7 @@ class StepRunner:
         compute_dtype: the autocast dtype, or None.
         scaler: an fp16 `GradScaler`, or None.
         graph: capture the step in a CUDA graph.
+        prediction_type: what the UNet predicts ("epsilon" or "v_prediction"); the loss always compares epsilons.
 
     Example:
         >>> runner = StepRunner(unet, x0, embeds, abar, params, optimizer, config, torch.bfloat16)  # doctest: +SKIP
@@ -300,8 +301,10 @@ class StepRunner:
         compute_dtype: torch.dtype | None,
         scaler: torch.amp.GradScaler | None = None,
         graph: bool = False,
+        prediction_type: str = "epsilon",
     ):
         self.model = model
+        self.prediction_type = prediction_type
         self.x0 = x0
         self.embeds = embeds
         self.alphas_cumprod = alphas_cumprod
@@ -351,7 +354,7 @@ class StepRunner:
             ctx = torch.autocast(self.x0.device.type, dtype=self.compute_dtype, cache_enabled=not self.use_graph)
         with ctx:
             out = self.model(noisy, t, encoder_hidden_states=self.embeds).sample
-        eps_pred = split_epsilon(out.float(), self.in_channels)
+        eps_pred = epsilon_from_output(split_epsilon(out.float(), self.in_channels), noisy, abar, self.prediction_type)
         c = self.config
         return motion_distillation_loss(
             noise, eps_pred, loss=c.loss, cos_variant=c.cos_variant, stride=c.frame_stride, abar=abar

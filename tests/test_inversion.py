@@ -56,3 +56,31 @@ def test_schedules_differ_and_bad_schedule_is_refused():
         inversion_alphas(sched, "cosine")
     with pytest.raises(ValueError, match="num_inference_steps=0 must be a positive int"):
         ddim_invert(tiny_unet3d(), torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 5, 16), sched, num_inference_steps=0)
+
+
+class OracleVelocityUNet(torch.nn.Module):
+    """Predicts the exact v of a known clean clip: v = sqrt(abar) eps - sqrt(1 - abar) x_0 at every (x_t, t)."""
+
+    def __init__(self, x0, alphas_cumprod):
+        super().__init__()
+        self.register_buffer("x0", x0)
+        self.register_buffer("abar", alphas_cumprod)
+        self.unused = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # the walk reads device and dtype
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        a = self.abar[t].view(-1, 1, 1, 1, 1).to(x.dtype)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return types.SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * self.x0)
+
+
+def test_inversion_reads_v_prediction_models_through_the_scheduler_config():
+    clip = 0.5 * torch.randn(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    v_sched = DDPMScheduler(prediction_type="v_prediction")
+    unet = OracleVelocityUNet(clip, v_sched.alphas_cumprod)
+    noise = ddim_invert(unet, clip, torch.zeros(1, 2, 4), v_sched, num_inference_steps=25, progress=False)
+    # an exact model's clean estimate is the clip at every step, so sampling back from the inverted noise is exact
+    torch.testing.assert_close(ddim_sample(unet, noise, torch.zeros(1, 2, 4), v_sched, num_inference_steps=25),
+                               clip, rtol=1e-3, atol=1e-3)
+    # read as epsilon, the same outputs give another noise and no round trip
+    eps_noise = ddim_invert(unet, clip, torch.zeros(1, 2, 4), DDPMScheduler(), num_inference_steps=25, progress=False)
+    assert (eps_noise - noise).abs().max() > 0.1

@@ -12,10 +12,12 @@ from motion_adapters.losses import (
     add_noise,
     cosine_loss_official,
     cosine_loss_paper,
+    epsilon_from_output,
     frame_residual,
     l2_weight,
     motion_distillation_loss,
     motion_vectors,
+    prediction_type,
     split_epsilon,
     tweedie_x0,
     weighted_l2_loss,
@@ -162,3 +164,33 @@ def test_l2_weight_rejects_abar_outside_unit_interval():
     assert float(l2_weight(0.25)) == pytest.approx(3.0)
     with pytest.raises(ValueError, match=r"abar must lie in \(0, 1\]"):
         l2_weight(0.0)
+
+
+@given(shapes, st.integers(0, 2**31 - 1), st.floats(0, 0.99), abars)
+def test_v_prediction_output_converts_back_to_the_true_noise(shape, seed, stride_frac, abar):
+    # v = sqrt(abar) eps - sqrt(1 - abar) x_0 and x_t = add_noise(x_0, eps): the epsilon recovered from the exact
+    # v is eps, so a v-prediction model's motion loss compares the same residuals as an epsilon model's.
+    v0, eps, _, _ = _draw(shape, seed, stride_frac)
+    x_t = add_noise(v0, eps, abar)
+    v = math.sqrt(abar) * eps - math.sqrt(1 - abar) * v0
+    torch.testing.assert_close(epsilon_from_output(v, x_t, abar, "v_prediction"), eps)
+    assert epsilon_from_output(v, x_t, abar, "epsilon") is v
+
+
+def test_v_prediction_conversion_is_per_sample_and_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 3, 4, 5, 5, generator=g), torch.randn(3, 3, 4, 5, 5, generator=g)
+    t = torch.tensor([10, 500, 990])
+    x_t = scheduler.add_noise(x0, eps, t)
+    v = scheduler.get_velocity(x0, eps, t)
+    abar = scheduler.alphas_cumprod[t]
+    torch.testing.assert_close(epsilon_from_output(v, x_t, abar, "v_prediction"), eps, rtol=1e-4, atol=1e-4)
+    assert prediction_type(scheduler) == "v_prediction"
+    assert prediction_type(DDPMScheduler()) == "epsilon"
+    with pytest.raises(ValueError, match="prediction_type='sample' is not supported"):
+        prediction_type(DDPMScheduler(prediction_type="sample"))
+    with pytest.raises(ValueError, match="prediction_type='flow'"):
+        epsilon_from_output(v, x_t, abar, "flow")

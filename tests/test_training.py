@@ -120,3 +120,24 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="mixed_precision='fp16' needs a CUDA device"):
         train_motion(tiny_unet3d(), moving_square(), embeds(), scheduler(), cfg(mixed_precision="fp16"),
                      progress=False)
+
+
+def test_v_prediction_unet_is_trained_on_the_epsilon_it_implies():
+    # an oracle v-model of the clip implies the true noise, so every motion loss is ~0 when the scheduler says
+    # v_prediction, and clearly not when the same outputs are read as epsilon
+    from test_inversion import OracleVelocityUNet
+
+    from motion_adapters.training_step import StepRunner
+
+    clip = 0.5 * torch.randn(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    unet = OracleVelocityUNet(clip, sched.alphas_cumprod)
+    t, noise = torch.tensor([300]), torch.randn(clip.shape, generator=torch.Generator().manual_seed(1))
+    for loss in ("cos", "l2", "eps_mse"):
+        config = MotionDistillationConfig(loss=loss)
+        as_v, as_eps = (
+            StepRunner(unet, clip, None, sched.alphas_cumprod, [], None, config, None, prediction_type=kind)
+            for kind in ("v_prediction", "epsilon")
+        )
+        assert as_v.loss(t, noise).item() < 1e-4
+        assert as_eps.loss(t, noise).item() > 1e-2

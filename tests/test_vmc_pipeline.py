@@ -127,3 +127,28 @@ def test_missing_motion_gets_a_clear_error(tmp_path, monkeypatch):
         pipe.load_motion("nobody/no-such-motion", cache_dir=tmp_path / "cache")
     with pytest.raises(MotionFileError):
         pipe.load_motion(tmp_path / "does-not-exist")
+
+
+def test_call_merges_stage_kwargs_over_the_pipeline_defaults(tmp_path):
+    pipe = make_pipe(tmp_path)
+    pipe._default_stage_kwargs = {"keyframes": {"num_inference_steps": 5, "guidance_scale": 1.0}}
+    steps = []
+
+    def count(pipeline, step, timestep, tensors):
+        steps.append(int(timestep))
+        return tensors
+
+    def run(**keyframes):
+        steps.clear()
+        frames = pipe("a cat", height=16, width=24, output_type="pt", noise_prior=False,
+                      generator=torch.Generator().manual_seed(0), callback_on_step_end=count,
+                      stage_kwargs={"keyframes": keyframes}).frames
+        return frames, len(steps)
+
+    default, n_default = run()
+    assert n_default == 5  # the pipeline's default holds when the call sets no keyframe arguments
+    fewer, n_fewer = run(num_inference_steps=2)
+    assert n_fewer == 2 and not torch.allclose(default, fewer)
+    explicit, _ = run(num_inference_steps=2, guidance_scale=1.0)  # the default guidance_scale=1.0 survives too
+    torch.testing.assert_close(fewer, explicit)
+    assert not torch.allclose(fewer, run(num_inference_steps=2, guidance_scale=5.0)[0])

@@ -367,6 +367,9 @@ class VMCPipeline(Show1CascadePipeline):
                 )
             batch = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
             latents = latents.expand(batch, *latents.shape[1:]).to(self.device)
+        merged = {name: dict(values) for name, values in self._default_stage_kwargs.items()}
+        for name, values in (stage_kwargs or {}).items():
+            merged[name] = {**merged.get(name, {}), **(values or {})}
         return super().__call__(
             prompt,
             num_frames or 8,
@@ -374,6 +377,7 @@ class VMCPipeline(Show1CascadePipeline):
             width or self.default_width,
             *args,
             latents=latents,
+            stage_kwargs=merged,
             **kwargs,
         )
 

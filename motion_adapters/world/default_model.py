@@ -88,7 +88,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "solver_type": "midpoint",
     "beta_schedule": "squaredcos_cap_v2",
     "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "thresholding": True,
     "dynamic_thresholding_ratio": 0.995,
     "sample_max_value": 1.0,
@@ -97,15 +97,19 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "linspace",
     "variance_type": "fixed_small",
 }
-"""Sampling scheduler of every stage: show-1-base's DPM-Solver++ config, except the thresholding values.
+"""Sampling scheduler of every stage: show-1-base's DPM-Solver++ config, except v prediction and the thresholding.
 
 Show-1's ``sample_max_value=1.5`` lets dynamic thresholding divide a predicted frame by up to 1.5, which greys out
 the world's saturated colors; with ``1.0`` the threshold is always 1, so thresholding only clips the predicted clean
 frame to [-1, 1], the range every world clip lies in.
 """
 
-NOISE_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
-"""Training schedule of every stage (``DDPMScheduler``); also the SR stage's condition-noising scheduler."""
+NOISE_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+}
+"""Training schedule of every stage (``DDPMScheduler``, v prediction); also the SR stage's condition noising."""
 
 DEFAULT_CALL_KWARGS: dict[str, Any] = {
     "num_frames": NUM_KEYFRAMES,

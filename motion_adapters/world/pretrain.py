@@ -1,8 +1,9 @@
 """Pretrain the default Show-1 cascade from scratch on freshly rendered shapes-world clips of the seen motions.
 
-Stages train one after the other, each for its share of ``--minutes`` of wall-clock time, with epsilon prediction
-on the squaredcos_cap_v2 schedule, uniform timesteps and Min-SNR-5 loss weights, AdamW, a cosine learning rate over
-the time budget, bf16 autocast on CUDA and an EMA of the weights (the EMA weights are saved):
+Stages train one after the other, each for its share of ``--minutes`` of wall-clock time, with v prediction
+(``NOISE_SCHEDULER_CONFIG``) on the squaredcos_cap_v2 schedule, uniform timesteps and Min-SNR-5 loss weights,
+AdamW, a cosine learning rate over the time budget, bf16 autocast on CUDA and an EMA of the weights (the EMA
+weights are saved):
 
 1. ``keyframes``: 8 keyframes of 32 x 32 from the caption; the T5 encoder trains jointly with this UNet.
 2. ``interpolation``: 5-frame windows of the 29-frame clip between two keyframes, conditioned on the two ends
@@ -126,10 +127,13 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train one stage's UNet (and the text encoder if given) for ``seconds`` of wall time; EMA weights at the end.
 
-    The loss is the MSE between the true noise and the first 3 output channels (epsilon), with timesteps uniform
-    in [0, 1000) and the squaredcos_cap_v2 schedule, each sample weighted by min(SNR, gamma) / SNR (Min-SNR-gamma,
-    Hang et al. 2023): the noisy-looking low-noise timesteps no longer drown the high-noise ones, where a
-    conditioned stage must learn to follow its condition. The learning rate warms up linearly over
+    The loss is the MSE between the first 3 output channels and the target of ``NOISE_SCHEDULER_CONFIG``'s
+    prediction type (v = sqrt(abar) eps - sqrt(1 - abar) x_0, or epsilon), with timesteps uniform in [0, 1000) and
+    the squaredcos_cap_v2 schedule, each sample weighted by min(SNR, gamma) / (SNR + 1) for v (/ SNR for epsilon;
+    Min-SNR-gamma, Hang et al. 2023): the low-noise timesteps no longer drown the high-noise ones, where a stage
+    decides colors and layout and a conditioned stage must learn to follow its condition. With epsilon prediction
+    the first checkpoint's high-noise clean-frame estimates were worse than those of predicting x_t itself, and its
+    colors were at chance; v prediction keeps that regime well conditioned. The learning rate warms up linearly over
     ``warmup_steps`` and then follows a cosine from ``lr`` to ``lr / 10`` over the time budget.
 
     Args:
@@ -180,11 +184,13 @@ def train_stage(
         with autocast:
             text = encode(batch["captions"])
             prediction = unet(model_input, timesteps, text, class_labels=batch.get("class_labels")).sample
-        loss = (prediction[:, :3].float() - noise).pow(2).mean(dim=(1, 2, 3, 4))
-        if min_snr_gamma is not None:
+        v_target = noise_scheduler.config.prediction_type == "v_prediction"
+        target = noise_scheduler.get_velocity(sample, noise, timesteps) if v_target else noise
+        loss = (prediction[:, :3].float() - target).pow(2).mean(dim=(1, 2, 3, 4))
+        if min_snr_gamma is not None:  # min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v
             alpha_bar = noise_scheduler.alphas_cumprod.to(device)[timesteps]
             snr = alpha_bar / (1 - alpha_bar)
-            loss = loss * snr.clamp(max=min_snr_gamma) / snr
+            loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_target else snr)
         loss = loss.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}; lower --lr or the batch size.")
@@ -494,7 +500,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="Output folder (Show1CascadePipeline layout + training_log.json)."
     )
-    parser.add_argument("--stage", default="all", choices=("all", *STAGES), help="Stage(s) to train.")
+    parser.add_argument(
+        "--stage", default="all", help=f"Stage(s) to train: all, or comma-separated names of {', '.join(STAGES)}."
+    )
     parser.add_argument(
         "--minutes", type=float, default=8.0, help="Wall-clock minutes of training, all stages together."
     )
@@ -530,7 +538,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     args = _parser().parse_args(argv)
     out = Path(args.out)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES if args.stage == "all" else tuple(s for s in STAGES if s in args.stage.split(","))
+    unknown = sorted(set(args.stage.split(",")) - {"all", *STAGES})
+    if unknown or not stages:
+        raise ValueError(f"--stage {args.stage!r}: unknown stage(s) {unknown}; use all or names from {STAGES}.")
     shares = _per_stage(args.shares, "share", float)
     batch_sizes = _per_stage(args.batch_sizes, "batch_size", int)
     total_share = sum(shares[s] for s in stages)
@@ -615,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if stage == "keyframes" and args.eval_samples:
             _evaluate(log, "keyframes", _evaluate_keyframes_stage, components, args.eval_samples, args.seed, out)
         log_path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
-    if args.stage == "all" and args.eval_samples:
+    if {"interpolation", "sr"} <= set(stages) and args.eval_samples:
         _evaluate(log, "upsampling", _evaluate_upsampling_stages, components, min(args.eval_samples, 16), args.seed)
 
     # 4. Summary
