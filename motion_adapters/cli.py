@@ -22,10 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser("demo", help="learn a clip's motion into a small Show-1 UNet, save, reload, report")
+    demo = sub.add_parser(
+        "demo", help="learn the zigzag of a shipped clip on the embedded default model, generate it with a new look"
+    )
     demo.add_argument("--out", default="outputs/demo", help="folder for the motion, videos and report")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default=None, help="cpu (default) or cuda")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="describe a motion folder or Hub id")
@@ -96,7 +99,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from motion_adapters.demo import run_demo
 
-    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
+    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, device=args.device)
     return EXIT_OK
 
 

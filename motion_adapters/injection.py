@@ -351,6 +351,13 @@ def _remove_lora(unet: nn.Module, info: AdapterInfo, adapter_name: str) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, child, module.get_base_layer())
+    # peft keeps each injected adapter's config on the model; drop this one, so that a later injection under
+    # any name starts clean (peft warns about "multiple adapters" while one is left)
+    configs = getattr(unet, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter_name, None)
+        if not configs:
+            del unet.peft_config
 
 
 def _apply_deltas(unet: nn.Module) -> None:

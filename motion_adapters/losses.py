@@ -177,7 +177,10 @@ def l2_weight(abar: torch.Tensor | float) -> torch.Tensor:
         1.0
     """
     a = abar if isinstance(abar, torch.Tensor) else torch.tensor(abar, dtype=torch.float64)
-    if torch.any(a <= 0) or torch.any(a > 1):
+    # the range check reads the values back to the host, which a CUDA graph capture forbids (the training step
+    # is captured on CUDA); the captured step's abar comes from the scheduler, so it is checked when eager
+    capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and (torch.any(a <= 0) or torch.any(a > 1)):
         raise ValueError("abar must lie in (0, 1]: pass alphas_cumprod at the sampled timesteps.")
     return (1 - a) / a
 

@@ -15,7 +15,11 @@ SCENE_PREPOSITIONS = (
     "on", "in", "at", "under", "beneath", "below", "over", "above", "near", "beside", "by", "behind",
     "inside", "next", "against", "among", "between", "amid", "during", "with",
 )
-_SCENE = re.compile(r"\s+(?:" + "|".join(SCENE_PREPOSITIONS) + r")\b.*$", re.IGNORECASE)
+# Phrases that open with a scene preposition but describe the motion ("moving in a circle", "spinning in circles").
+MOTION_PHRASES = (r"in\s+(?:a\s+)?circles?", r"in\s+place", r"on\s+the\s+spot")
+_SCENE = re.compile(
+    r"\s+(?!(?:" + "|".join(MOTION_PHRASES) + r")\b)(?:" + "|".join(SCENE_PREPOSITIONS) + r")\b.*$", re.IGNORECASE
+)
 _FIRST_VERB = re.compile(r"\b(?:is|are|was|were)\s+\w+|\b\w+ing\b", re.IGNORECASE)
 
 
@@ -30,6 +34,8 @@ def appearance_invariant_prompt(prompt: str) -> str:
         'A cat is roaring'
         >>> appearance_invariant_prompt("a red circle moving left on a blue background")
         'a red circle moving left'
+        >>> appearance_invariant_prompt("an orange square moving in a circle quickly on a black background")
+        'an orange square moving in a circle quickly'
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt={prompt!r} must be a non-empty string.")

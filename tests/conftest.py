@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to the golden fixtures and a deterministic torch setup."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,11 @@ def show1_fixture_dir() -> Path:
 @pytest.fixture
 def show1_key_table() -> Path:
     return SHARED / "reference" / "show1_base_state_dict.tsv"
+
+
+@pytest.fixture
+def all_threads():
+    """For tests that run the default cascade at its real size: every core, as a user's run has."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)

@@ -1,3 +1,4 @@
+import warnings
 import pytest
 import torch
 from tiny_models import run_unet, tiny_unet3d, tiny_unet_motion
@@ -95,6 +96,10 @@ def test_lora_unload_and_merge_restore_or_fold_the_adapter():
     unload_adapter(unet2)
     torch.testing.assert_close(run_unet(unet2), base, rtol=0, atol=0)
     assert adapter_infos(unet2) == {}
+    assert not hasattr(unet2, "peft_config")  # nothing of the adapter is left for peft to find
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns "Already found a peft_config" when one was left behind
+        inject_temporal_adapter(unet2, mode="lora", r=4)
 
 
 def test_full_unload_restores_base_weights():

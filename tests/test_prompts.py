@@ -33,3 +33,12 @@ def test_scene_prompt_warns_with_a_suggestion_and_invariant_prompt_does_not():
 def test_empty_prompt_is_refused():
     with pytest.raises(ValueError, match="prompt='' must be a non-empty string"):
         appearance_invariant_prompt("")
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("an orange square moving in a circle quickly on a black background", "an orange square moving in a circle quickly"),
+    ("a man spinning in circles on the beach", "a man spinning in circles"),
+    ("a dog is running in the park", "a dog is running"),
+])  # fmt: skip
+def test_motion_phrases_that_open_with_a_preposition_are_kept(prompt, expected):
+    assert appearance_invariant_prompt(prompt) == expected

@@ -277,6 +277,9 @@ class VMCPipeline(Show1CascadePipeline):
                 progress=progress,
                 training_info=facts,
             )
+        finally:  # the encoder goes back before the inversion, which encodes the empty prompt with it
+            encoder.to(encoder_device)
+        try:
             noise = None
             if invert:
                 noise = self.invert(clip, num_inversion_steps, inversion_schedule, progress=progress).cpu()
@@ -295,8 +298,7 @@ class VMCPipeline(Show1CascadePipeline):
             if output_dir is not None:
                 result.output_dir = save_motion_adapter(self._motions[adapter_name], output_dir)
         finally:
-            encoder.to(encoder_device)
-        self.unet.requires_grad_(False)
+            self.unet.requires_grad_(False)
         return result
 
     def _prepare_clip(self, video, config: MotionDistillationConfig, video_kwargs: dict) -> torch.Tensor:

@@ -42,6 +42,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from ..metrics import appearance_check, video_motion_fidelity
 from .default_model import (
+    DEFAULT_MODEL_DIR,
     KEYFRAME_SIZE,
     NOISE_SCHEDULER_CONFIG,
     NUM_KEYFRAMES,
@@ -50,6 +51,7 @@ from .default_model import (
     STAGE_FOLDERS,
     build_default_components,
     caption_tokenizer,
+    load_default_components,
     train_caption_tokenizer,
     use_tiny_head_attention,
 )
@@ -516,6 +518,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="CPU processes for specs.")
     parser.add_argument("--eval-samples", type=int, default=0, help="Keyframe samples scored after the first stage.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-from", default=None,
+        help="Start from the weights of a folder this script wrote (default: the shipped model with 'default').",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cuda when available, else cpu.")
     parser.add_argument("--log-every", type=int, default=20, help="Steps between loss records.")
     return parser
@@ -567,6 +573,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     tokenizer = caption_tokenizer(spiece)
     components = build_default_components(tokenizer, seed=args.seed)
+    if args.init_from:  # continue training: the same tokenizer (it is deterministic), the saved weights
+        source = DEFAULT_MODEL_DIR if args.init_from == "default" else Path(args.init_from)
+        saved = load_default_components(model_dir=source, tiny_head_attention=False)
+        for key in ("text_encoder", "unet", "interpolation_unet", "sr_unet"):
+            components[key] = saved[key].float()
     if "keyframes" not in stages:
         from transformers import T5EncoderModel
 
@@ -621,6 +632,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainable_text=trainable_text, max_steps=args.max_steps, log_every=args.log_every,
         )  # fmt: skip
         result["parameters"] = sum(p.numel() for p in unet.parameters())
+        if args.init_from:  # the stage continued from these weights; the earlier record moves to "previous"
+            result["init_from"] = args.init_from
+            if stage in log["stages"]:
+                result["previous"] = {k: v for k, v in log["stages"][stage].items() if k != "previous"}
         log["stages"][stage] = result
         save_stage(out, stage, components)
         if stage == "keyframes" and args.eval_samples:
