@@ -154,6 +154,11 @@ def test_pretrain_main_trains_and_saves_every_stage(tmp_path):
     }  # fmt: skip
     cascade = load_default_cascade(model_dir=tmp_path)
     assert cascade.stages == ("keyframes", "interpolation", "sr1")
+    # continuing from saved weights starts near their loss and keeps the earlier record
+    log = main(["--out", str(tmp_path), "--stage", "keyframes", "--init-from", str(tmp_path), "--minutes", "0.05",
+                "--max-steps", "1", "--num-specs", "32", "--workers", "1", "--batch-sizes", "1,1,1"])  # fmt: skip
+    assert log["stages"]["keyframes"]["init_from"] == str(tmp_path)
+    assert log["stages"]["keyframes"]["previous"]["steps"] == 1 and len(log["runs"]) == 2
 
 
 @pytest.mark.slow
