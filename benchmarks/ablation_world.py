@@ -10,6 +10,8 @@ against the target caption's look (`appearance_check`: color, shape, background)
 Variants (all train the same parameters, the keyframe UNet's temporal q/k/v, unless named otherwise):
 
 - `vmc_cos_paper`, `vmc_cos_released`, `vmc_l2`: VMC with eq. 17, the released cosine, eq. 16.
+- `vmc_cos_released_eps`, `vmc_l2_eps`: the same with a plain epsilon-matching term of weight 1 added
+  (`epsilon_loss_weight`), which keeps the tuned UNet a good denoiser of what the frames share.
 - `vmc_lora`: the released cosine on rank-8 LoRA factors instead of full weights.
 - `spatial_attn`: the released cosine on the spatial (self and cross) attention q/k/v instead.
 - `scene_prompt`: the released cosine with the full caption (background included) as the training prompt.
@@ -52,6 +54,8 @@ VARIANTS: dict[str, dict] = {
     "vmc_cos_paper": {"config": {"loss": "cos", "cos_variant": "paper"}},
     "vmc_cos_released": {"config": RELEASED},
     "vmc_l2": {"config": {"loss": "l2"}},
+    "vmc_cos_released_eps": {"config": {**RELEASED, "epsilon_loss_weight": 1.0}},
+    "vmc_l2_eps": {"config": {"loss": "l2", "epsilon_loss_weight": 1.0}},
     "vmc_lora": {"config": {**RELEASED, "mode": "lora", "r": 8, "lora_alpha": 8}},
     "spatial_attn": {"config": {**RELEASED, "target": "spatial_attn.to_[qkv]"}},
     "scene_prompt": {"config": RELEASED, "prompt": "scene"},
@@ -188,7 +192,7 @@ def summarize(rows: list[dict], variants: list[str]) -> dict:
 
 
 def merge(results: list[dict]) -> dict:
-    """One result from runs split by motion (same settings otherwise): rows joined, summary recomputed."""
+    """One result from runs split by motion or by variant (same settings otherwise): rows joined, summary redone."""
     first = results[0]
     for other in results[1:]:
         mine = {k: v for k, v in first["settings"].items() if k != "motions"}
@@ -200,7 +204,11 @@ def merge(results: list[dict]) -> dict:
     merged = {**first, "rows": rows, "summary": summarize(rows, variants),
               "seconds": round(sum(r["seconds"] for r in results), 1),
               "command": " && ".join(r["command"] for r in results)}  # fmt: skip
-    merged["settings"] = {**first["settings"], "motions": [m for r in results for m in r["settings"]["motions"]]}
+    motions = list(dict.fromkeys(m for r in results for m in r["settings"]["motions"]))
+    merged["settings"] = {**first["settings"], "motions": motions}
+    keys = [(row["variant"], row["motion"], row["seed"]) for row in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("--merge: two runs hold the same (variant, motion, seed); merge runs that do not overlap.")
     return merged
 
 

@@ -37,6 +37,11 @@ class MotionDistillationConfig:
         cos_variant: "official" (the released code: absolute residuals, cosine along the frame axis) or
             "paper" (eq. 17: cosine per frame pair over (C, H, W)). Used when `loss="cos"`.
         frame_stride: the residual stride c of delta x^n = x^(n+c) - x^n (1 in every paper experiment).
+        epsilon_loss_weight: weight of a plain epsilon-matching term added to the motion loss (0, the paper's
+            setting, adds none). The motion losses constrain only frame-to-frame residuals, so nothing keeps the
+            tuned UNet a good denoiser of what the frames share. On the shapes-world demo clip a weight of 1 kept
+            the inverted-noise transfer that the motion loss alone broke; over the 9 clips of the ablation it
+            made no significant difference (docs/default_model.md).
         target: which Linear layers to adapt; see `inject_temporal_adapter`.
         mode: "full" trains the matched weights themselves; "lora" trains LoRA factors beside them.
         r: LoRA rank (mode "lora").
@@ -94,6 +99,7 @@ class MotionDistillationConfig:
     loss: str = "cos"
     cos_variant: str = "official"
     frame_stride: int = 1
+    epsilon_loss_weight: float = 0.0
     target: str | list[str] = "temporal_attn.to_[qkv]"
     mode: str = "full"
     r: int = 16
@@ -178,7 +184,7 @@ class MotionDistillationConfig:
         for name in ("learning_rate", "lora_alpha", "adam_epsilon"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0.")
-        for name in ("adam_weight_decay", "max_grad_norm"):
+        for name in ("adam_weight_decay", "max_grad_norm", "epsilon_loss_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0 (0 disables it).")
         for name in ("adam_beta1", "adam_beta2"):

@@ -356,9 +356,12 @@ class StepRunner:
             out = self.model(noisy, t, encoder_hidden_states=self.embeds).sample
         eps_pred = epsilon_from_output(split_epsilon(out.float(), self.in_channels), noisy, abar, self.prediction_type)
         c = self.config
-        return motion_distillation_loss(
+        loss = motion_distillation_loss(
             noise, eps_pred, loss=c.loss, cos_variant=c.cos_variant, stride=c.frame_stride, abar=abar
         )
+        if c.epsilon_loss_weight:
+            loss = loss + c.epsilon_loss_weight * (eps_pred - noise).pow(2).mean()
+        return loss
 
     def _update(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:

@@ -141,3 +141,22 @@ def test_v_prediction_unet_is_trained_on_the_epsilon_it_implies():
         )
         assert as_v.loss(t, noise).item() < 1e-4
         assert as_eps.loss(t, noise).item() > 1e-2
+
+
+def test_epsilon_loss_weight_adds_plain_epsilon_matching_to_the_motion_loss():
+    from test_inversion import FixedNoiseUNet
+
+    from motion_adapters.training_step import StepRunner
+
+    g = torch.Generator().manual_seed(0)
+    clip, eps = 0.5 * torch.randn(1, 3, 4, 8, 8, generator=g), torch.randn(1, 3, 4, 8, 8, generator=g)
+    unet, sched = FixedNoiseUNet(eps), DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    t, noise = torch.tensor([400]), torch.randn(clip.shape, generator=g)
+
+    def loss(weight):
+        config = MotionDistillationConfig(loss="cos", epsilon_loss_weight=weight)
+        return StepRunner(unet, clip, None, sched.alphas_cumprod, [], None, config, None).loss(t, noise).item()
+
+    assert loss(2.0) - loss(0.0) == pytest.approx(2.0 * (eps - noise).pow(2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"epsilon_loss_weight=-1.0 must be >= 0"):
+        MotionDistillationConfig(epsilon_loss_weight=-1.0)
