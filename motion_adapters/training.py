@@ -204,9 +204,18 @@ def train_motion(
         kernels = config.temporal_kernels
         if kernels == "auto":
             kernels = "fast" if device.type == "cuda" else "library"
-        with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels):
+        # dropout (Show-1's temporal convolutions use p=0.1) draws from the global generators: train on a fork of
+        # them, seeded from the config, so that a run does not depend on what the process did before and leaves
+        # the caller's random state alone. On CPU each step is seeded on its own, so a resumed run is exact; a
+        # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
+        cuda_devices = [device] if device.type == "cuda" else []
+        with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
+                torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
+                if device.type != "cuda":
+                    torch.manual_seed(config.seed * 1_000_003 + step)
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
                 t = torch.randint(config.min_timestep, max_t, (x0.shape[0],), generator=generator)
                 noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)

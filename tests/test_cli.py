@@ -49,8 +49,9 @@ def test_demo_learns_the_zigzag_and_reports_both_generations(tmp_path, capsys, a
     assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 2 and report["video"] == [3, 29, 96, 96]
-    assert set(report["scores"]) == {"reference clip", "without adaptation", "VMC (this library)"}
+    assert set(report["scores"]) == {"reference clip", "without adaptation", "inversion only", "VMC (this library)"}
     assert report["scores"]["reference clip"]["displacement_cosine"] == 1.0
-    for name in ("reference.mp4", "unadapted.mp4", "vmc.mp4", "motion/motion_adapter.safetensors"):
+    for name in ("reference.mp4", "unadapted.mp4", "inversion_only.mp4", "vmc.mp4",
+                 "motion/motion_adapter.safetensors"):
         assert (tmp_path / name).is_file(), name
     assert "VMC (this library)" in capsys.readouterr().out

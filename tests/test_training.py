@@ -160,3 +160,32 @@ def test_epsilon_loss_weight_adds_plain_epsilon_matching_to_the_motion_loss():
     assert loss(2.0) - loss(0.0) == pytest.approx(2.0 * (eps - noise).pow(2).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match=r"epsilon_loss_weight=-1.0 must be >= 0"):
         MotionDistillationConfig(epsilon_loss_weight=-1.0)
+
+
+def test_dropout_masks_come_from_the_seed_not_from_the_callers_random_state(tmp_path):
+    def unet_with_dropout():
+        unet = tiny_unet3d()
+        dropouts = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts, "the tiny UNet has no dropout layer to test"
+        for module in dropouts:
+            module.p = 0.5
+        return unet
+
+    config = cfg(max_train_steps=4, checkpointing_steps=2)
+    first = train_motion(unet_with_dropout(), moving_square(), embeds(), scheduler(), config, progress=False)
+    torch.rand(100)  # the caller draws numbers between runs
+    unet, clip, text, noise_scheduler = unet_with_dropout(), moving_square(), embeds(), scheduler()
+    state = torch.get_rng_state()
+    second = train_motion(unet, clip, text, noise_scheduler, config, progress=False)
+    assert first.losses == second.losses
+    assert torch.equal(torch.get_rng_state(), state)  # training leaves the caller's random state alone
+    other = train_motion(unet_with_dropout(), moving_square(), embeds(), scheduler(), cfg(max_train_steps=4, seed=1),
+                         progress=False)  # fmt: skip
+    assert other.losses != first.losses
+    # a resumed run draws the same dropout masks as an uninterrupted one
+    stop = lambda state: state.step == 2  # noqa: E731
+    train_motion(unet_with_dropout(), moving_square(), embeds(), scheduler(), config, output_dir=tmp_path,
+                 callbacks=[stop], progress=False)  # fmt: skip
+    resumed = train_motion(unet_with_dropout(), moving_square(), embeds(), scheduler(), config, output_dir=tmp_path,
+                           progress=False)  # fmt: skip
+    assert resumed.losses == pytest.approx(first.losses, rel=1e-5)

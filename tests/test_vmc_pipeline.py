@@ -31,6 +31,7 @@ def make_pipe(tmp_path, with_stages=False) -> VMCPipeline:
             image_noising_scheduler=tiny_noising_scheduler())
     for p in (keyframes, *stages.values()):
         p.set_progress_bar_config(disable=True)
+        p.unet.eval()  # as from_pretrained gives them: fresh modules are in training mode, with dropout on
     return VMCPipeline(keyframes, **stages)
 
 
@@ -74,12 +75,12 @@ def test_saved_motion_reloads_into_a_fresh_pipeline_and_generates_identically(tm
     name = fresh.load_motion(tmp_path / "m")
     assert name == "m" and fresh.motions == {"m": 1.0}
     got = fresh("a green circle zigzagging", **{**kwargs, "generator": torch.Generator().manual_seed(0)}).frames
-    # the UNet weights and the noise prior reload bit-exactly (asserted below); the sampled frames of the tiny
-    # random cascade still differ by ~2e-3 between two pipeline objects, so compare at that scale
+    # the UNet weights and the noise prior reload bit-exactly; the frames agree to float rounding (6e-5 measured;
+    # it was 2e-3 while these fresh test UNets sampled in training mode, with dropout on)
     for key, value in fresh.unet.state_dict().items():
         torch.testing.assert_close(value, pipe.unet.state_dict()[key], rtol=0, atol=0)
     torch.testing.assert_close(fresh._noise_priors["m"], pipe._noise_priors["default"], rtol=0, atol=0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=5e-3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
     assert (got - base).abs().max() > 10 * (got - expected).abs().max()
     fresh.unload_motion()
     again = fresh("a green circle zigzagging", height=16, width=24,
