@@ -160,7 +160,7 @@ def train_motion(
     if spec is not None and spec.text_per_frame:
         embeds = embeds.repeat_interleave(x0.shape[2], dim=0)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    prediction_type(noise_scheduler)  # an unsupported one fails here, before any work
+    predicts = prediction_type(noise_scheduler)  # an unsupported one fails here, before any work
     max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
     if max_t > alphas_cumprod.numel():
         raise ValueError(f"max_timestep={max_t} exceeds the scheduler's {alphas_cumprod.numel()} timesteps.")
@@ -199,7 +199,7 @@ def train_motion(
         unet.train()
         runner = StepRunner(
             compiled(unet, config.compile), x0, embeds, alphas_cumprod, list(params.values()), optimizer, config,
-            compute_dtype, scaler, graph, prediction_type(noise_scheduler),
+            compute_dtype, scaler, graph, predicts,
         )
         kernels = config.temporal_kernels
         if kernels == "auto":
@@ -214,9 +214,10 @@ def train_motion(
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
+                step_seed = config.seed * 1_000_003 + step
                 if device.type != "cuda":
-                    torch.manual_seed(config.seed * 1_000_003 + step)
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                    torch.manual_seed(step_seed)
+                generator = torch.Generator().manual_seed(step_seed)
                 t = torch.randint(config.min_timestep, max_t, (x0.shape[0],), generator=generator)
                 noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
                 value = float(runner(t, noise))

@@ -1,5 +1,8 @@
 """The speed and memory options of train_motion: frozen-weight dtype, selective checkpointing, compile, graphs."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -11,17 +14,12 @@ from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config
 from motion_adapters.training import train_motion
 from motion_adapters.training_step import autocast_dtype, keep_implementation_flags, use_cuda_graph
 
-TINY_SHOW1 = dict(
-    sample_size=16,
-    down_block_types=["ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D", "SimpleCrossAttnDownBlock3D"],
-    up_block_types=["SimpleCrossAttnUpBlock3D", "SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"],
-    block_out_channels=[32, 64, 64],
-    layers_per_block=1,
-    norm_num_groups=8,
-    cross_attention_dim=64,
-    encoder_hid_dim=64,
-    attention_head_dim=64,
+_bench = importlib.util.spec_from_file_location(
+    "bench_training", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
 )
+bench_training = importlib.util.module_from_spec(_bench)
+_bench.loader.exec_module(bench_training)
+TINY_SHOW1 = bench_training.TINY  # the benchmark's --tiny UNet, so the test and the smoke run share one config
 
 
 def tiny_show1(seed=0):
