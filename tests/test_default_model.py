@@ -40,7 +40,10 @@ def test_shipped_unets_load_with_the_configs_of_default_model(components):
         ("sr_unet", sr_unet_config()),
     ):
         loaded = json.loads(json.dumps(_strip(components[key].config)))
-        assert loaded == json.loads(json.dumps(config)), key
+        config = json.loads(json.dumps(config))
+        # the class's own extension key is filled in at its default (0: no frame embeddings) on load
+        assert loaded.pop("frame_embedding_frames") == config.pop("frame_embedding_frames", 0) == 0, key
+        assert loaded == config, key
         assert components[key].dtype == torch.float32 and not components[key].training
 
 
@@ -190,3 +193,58 @@ def test_tiny_head_attention_processor_matches_the_default_processor():
         actual = unet(sample, 300, text).sample
     assert len(temporal) == 14
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pretrain_options_continue_with_frame_embeddings_frozen_text_and_a_motion_subset(tmp_path):
+    from safetensors.torch import load_file
+
+    from motion_adapters.world.pretrain import main
+
+    log = main(["--out", str(tmp_path), "--stage", "keyframes", "--init-from", "default", "--text-encoder-from",
+                "default", "--frame-embedding-frames", "8", "--weighting", "v-capped", "--motions", "left,right",
+                "--minutes", "0.05", "--max-steps", "1", "--num-specs", "16", "--workers", "1",
+                "--batch-sizes", "1,1,1"])  # fmt: skip
+    stage = log["stages"]["keyframes"]
+    assert stage["weighting"] == "v-capped" and not stage["text_encoder_trained"]
+    assert log["runs"][-1]["pool"]["motions"] == ["left", "right"]
+    folder = tmp_path / STAGE_FOLDERS["keyframes"]
+    assert json.loads((folder / "unet" / "config.json").read_text())["frame_embedding_frames"] == 8
+    weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert sum(".frame_embeddings." in key for key in weights) == 7
+    shipped = load_file(DEFAULT_MODEL_DIR / STAGE_FOLDERS["keyframes"] / "text_encoder" / "model.safetensors")
+    saved = load_file(folder / "text_encoder" / "model.safetensors")
+    assert saved.keys() == shipped.keys() and all(torch.equal(saved[k], shipped[k]) for k in shipped)
+
+
+def test_train_stage_rejects_an_unknown_weighting():
+    from motion_adapters.world.pretrain import train_stage
+
+    with pytest.raises(ValueError, match="weighting"):
+        train_stage("keyframes", torch.nn.Linear(1, 1), None, None, 1.0, 1, 1e-4, weighting="snr")
+
+
+class _TextProbe(torch.nn.Module):
+    """A stand-in keyframe UNet: predicts -x_t, plus a fixed projection of the text when ``reads_text``."""
+
+    def __init__(self, reads_text: bool):
+        super().__init__()
+        self.anchor, self.reads_text = torch.nn.Parameter(torch.zeros(())), reads_text
+        self.dtype = torch.float32
+
+    def forward(self, sample, timestep, text):
+        direction = torch.randn(text[0].numel(), generator=torch.Generator().manual_seed(0))
+        shift = (text.flatten(1) @ direction / direction.numel() ** 0.5).view(-1, 1, 1, 1, 1) if self.reads_text else 0
+        return type("Output", (), {"sample": -sample + shift})
+
+
+@pytest.mark.parametrize("reads_text", [False, True])
+def test_motion_reading_is_one_when_the_text_is_ignored_and_not_when_it_is_read(components, reads_text):
+    from motion_adapters.world.pretrain import evaluate_motion_reading
+
+    probe = {**components, "unet": _TextProbe(reads_text)}
+    result = evaluate_motion_reading(probe, num_clips=4, timesteps=(500, 900))
+    assert [row["t"] for row in result["per_timestep"]] == [500, 900]
+    if reads_text:
+        assert abs(result["opposite_over_true"] - 1) > 1e-3
+    else:
+        assert result["opposite_over_true"] == 1.0

@@ -319,3 +319,43 @@ def test_unsupported_block_type_raises_naming_the_key(show1_fixture_dir):
     config["down_block_types"] = ["CrossAttnDownBlock3D"] + config["down_block_types"][1:]
     with pytest.raises(ValueError, match=r"`down_block_types` has unsupported blocks \['CrossAttnDownBlock3D'\]"):
         Show1UNet3DConditionModel(**config)
+
+
+# --- frame embeddings (not in Show-1; off by default) -------------------------------------------------------------
+
+
+def test_frame_embeddings_are_off_by_default_and_zero_initialised_tables_change_nothing(show1_fixture_dir, tmp_path):
+    plain = Show1UNet3DConditionModel.from_pretrained(show1_fixture_dir / "unet").eval()
+    assert not any(".frame_embeddings." in name for name, _ in plain.named_parameters())
+    config = _fixture_config(show1_fixture_dir, frame_embedding_frames=4)
+    unet = Show1UNet3DConditionModel(**config).eval()
+    missing, unexpected = unet.load_state_dict(plain.state_dict(), strict=False)
+    attention_layers = sum(len(b.temp_attentions) for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks])
+    assert not unexpected and len(missing) == attention_layers > 0
+    assert all(".frame_embeddings." in key for key in missing)
+    sample, timestep, text = _tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(sample, timestep, text).sample, plain(sample, timestep, text).sample)
+        for name, table in unet.named_parameters():
+            if ".frame_embeddings." in name:
+                table.copy_(torch.randn_like(table))
+        changed = unet(sample, timestep, text).sample
+        assert not torch.allclose(changed, plain(sample, timestep, text).sample, atol=1e-4)
+        # swapping two frames' embeddings changes the output: the layers now know which frame is which
+        reordered = unet(sample.flip(2), timestep, text).sample.flip(2)
+        assert not torch.allclose(changed, reordered, atol=1e-4)
+    unet.save_pretrained(tmp_path)
+    reloaded = Show1UNet3DConditionModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.frame_embedding_frames == 4
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample, timestep, text).sample, changed)
+
+
+def test_frame_embeddings_refuse_more_frames_than_rows_and_bad_values(show1_fixture_dir):
+    unet = Show1UNet3DConditionModel(**_fixture_config(show1_fixture_dir, frame_embedding_frames=2)).eval()
+    sample, timestep, text = _tiny_inputs(frames=3)
+    with pytest.raises(ValueError, match="frame_embedding_frames"), torch.no_grad():
+        unet(sample, timestep, text)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="frame_embedding_frames"):
+            Show1UNet3DConditionModel(**_fixture_config(show1_fixture_dir, frame_embedding_frames=bad))

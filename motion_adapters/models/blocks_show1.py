@@ -90,6 +90,24 @@ def temporal_attention(channels: int, attention_head_dim: int, norm_num_groups: 
     )
 
 
+def add_frame_embedding(hidden_states: torch.Tensor, table: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Add row ``f`` of ``table`` (max_frames, C) to every pixel of frame ``f`` of folded (B * F, C, H, W) states.
+
+    Example:
+        >>> add_frame_embedding(torch.zeros(2 * 3, 4, 1, 1), torch.arange(8.0).view(2, 4).repeat(2, 1), 3)[3:, :, 0, 0]
+        tensor([[0., 1., 2., 3.],
+                [4., 5., 6., 7.],
+                [0., 1., 2., 3.]])
+    """
+    if num_frames > table.shape[0]:
+        raise ValueError(
+            f"num_frames={num_frames} is more than this UNet's frame embedding has rows ({table.shape[0]}, config "
+            f"`frame_embedding_frames`); generate at most {table.shape[0]} frames with this stage."
+        )
+    folded = hidden_states.unflatten(0, (-1, num_frames))
+    return (folded + table[:num_frames, :, None, None].to(folded.dtype)).flatten(0, 1)
+
+
 class _Show1Block3D(nn.Module):
     """Shared construction and per-layer forward of the Show-1 3D blocks."""
 
@@ -112,6 +130,7 @@ class _Show1Block3D(nn.Module):
         cross_attention_dim: int | None = None,
         only_cross_attention: bool = False,
         cross_attention_norm: str | None = None,
+        frame_embedding_frames: int = 0,
     ):
         super().__init__()
         self.has_cross_attention = num_attentions > 0
@@ -148,6 +167,12 @@ class _Show1Block3D(nn.Module):
         self.temp_attentions = nn.ModuleList(
             temporal_attention(out_channels, attention_head_dim, resnet_groups) for _ in range(num_attentions)
         )
+        # Not in Show-1 (off by default): a learned per-frame vector added before each temporal transformer.
+        self.frame_embeddings = None
+        if frame_embedding_frames and num_attentions:
+            self.frame_embeddings = nn.ParameterList(
+                nn.Parameter(torch.zeros(frame_embedding_frames, out_channels)) for _ in range(num_attentions)
+            )
         self.gradient_checkpointing = False
 
     def _sampler(self, channels: int, up: bool = False, down: bool = False) -> nn.ModuleList:
@@ -188,6 +213,8 @@ class _Show1Block3D(nn.Module):
         hidden_states = self._run(attn, hidden_states, encoder_hidden_states, attention_mask)
         # TransformerTemporalModel.forward(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
         # cross_attention_kwargs, return_dict): no encoder states, so attn2 is self-attention too.
+        if self.frame_embeddings is not None:
+            hidden_states = add_frame_embedding(hidden_states, self.frame_embeddings[i], num_frames)
         temp_attn = self.temp_attentions[i]
         return self._run(temp_attn, hidden_states, None, None, None, num_frames, cross_attention_kwargs, False)[0]
 
@@ -442,6 +469,7 @@ class UNetMidBlock3DSimpleCrossAttn(_Show1Block3D):
         cross_attention_dim: int = 1280,
         only_cross_attention: bool = False,
         cross_attention_norm: str | None = None,
+        frame_embedding_frames: int = 0,
     ):
         super().__init__(
             [in_channels] * (num_layers + 1),
@@ -458,6 +486,7 @@ class UNetMidBlock3DSimpleCrossAttn(_Show1Block3D):
             cross_attention_dim=cross_attention_dim,
             only_cross_attention=only_cross_attention,
             cross_attention_norm=cross_attention_norm,
+            frame_embedding_frames=frame_embedding_frames,
         )
 
     def forward(

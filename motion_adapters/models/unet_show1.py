@@ -38,6 +38,9 @@ DOWN_BLOCKS = {
 UP_BLOCKS = {"ResnetUpsampleBlock3D": ResnetUpsampleBlock3D, "SimpleCrossAttnUpBlock3D": SimpleCrossAttnUpBlock3D}
 MID_BLOCKS = ("UNetMidBlock3DSimpleCrossAttn", None)
 
+EXTENSION_KEYS = ("frame_embedding_frames",)
+"""Config keys of this class that Show-1's configs do not have; their defaults build Show-1 exactly."""
+
 # Config keys whose other values select architectures this class does not build: key -> (allowed values, reason).
 _RESTRICTED_KEYS = {
     "num_attention_heads": ((None,), "heads are derived from attention_head_dim, as in the reference"),
@@ -128,6 +131,11 @@ def _validate_config(config: dict[str, Any]) -> None:
         )
     if config["encoder_hid_dim_type"] is not None and config["encoder_hid_dim"] is None:
         raise ValueError("`encoder_hid_dim_type='text_proj'` needs `encoder_hid_dim` (4096 for T5 XXL).")
+    frames = config.get("frame_embedding_frames", 0)
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
+        raise ValueError(
+            f"`frame_embedding_frames` must be an int >= 0 (0, Show-1's choice, adds none), got {frames!r}."
+        )
 
 
 class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
@@ -137,8 +145,11 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
 
     The constructor takes the keys of the published ``unet/config.json`` (diffusers' IF ``UNet2DConditionModel``
     keys with 3D block names, plus ``transfromer_in_opt``); values that would select an architecture this class does
-    not build raise ``ValueError`` naming the key. Module names follow the reference, so the published state dicts
-    load unchanged and temporal attention lives at ``*.temp_attentions.N.transformer_blocks.0.attn{1,2}``.
+    not build raise ``ValueError`` naming the key. One key is not Show-1's: ``frame_embedding_frames`` (default 0,
+    none) gives every attention layer a learned, zero-initialised (frames, C) table added to its input frames before
+    the temporal transformer (``*.frame_embeddings.N``), so the layers know each frame's index; Show-1 leaves frame
+    order to the zero padding of its temporal convolutions. Module names follow the reference, so the published state
+    dicts load unchanged and temporal attention lives at ``*.temp_attentions.N.transformer_blocks.0.attn{1,2}``.
 
     Example:
         >>> unet = Show1UNet3DConditionModel.from_pretrained("showlab/show-1-base", subfolder="unet")
@@ -197,6 +208,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         cross_attention_norm: str | None = "group_norm",
         addition_embed_type_num_heads: int = 64,
         transfromer_in_opt: bool = False,
+        frame_embedding_frames: int = 0,
     ):
         super().__init__()
         _validate_config(dict(self.config))
@@ -248,6 +260,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
             attention_head_dim=attention_head_dim,
             cross_attention_dim=cross_attention_dim,
             cross_attention_norm=cross_attention_norm,
+            frame_embedding_frames=frame_embedding_frames,
         )
         self.down_blocks = nn.ModuleList()
         for i, name in enumerate(down_block_types):
@@ -453,7 +466,8 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
 def show1_base_config() -> dict[str, Any]:
     """The ``unet/config.json`` of ``showlab/show-1-base`` (keyframes, 3 -> 6 channels, 8 x 40 x 64).
 
-    These are the constructor's defaults, as a JSON-like dict (lists, not tuples) with every config key.
+    These are the constructor's defaults, as a JSON-like dict (lists, not tuples) with every key of the published
+    config; this class's own extension (``frame_embedding_frames``, default 0) is left out.
 
     Example:
         >>> with torch.device("meta"):
@@ -463,7 +477,7 @@ def show1_base_config() -> dict[str, Any]:
     return {
         name: list(p.default) if isinstance(p.default, tuple) else p.default
         for name, p in parameters.items()
-        if name != "self"
+        if name not in ("self", *EXTENSION_KEYS)
     }
 
 

@@ -41,6 +41,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 from ..metrics import appearance_check, video_motion_fidelity
+from ..models import Show1UNet3DConditionModel
 from .default_model import (
     DEFAULT_MODEL_DIR,
     KEYFRAME_SIZE,
@@ -51,6 +52,7 @@ from .default_model import (
     STAGE_FOLDERS,
     build_default_components,
     caption_tokenizer,
+    keyframes_unet_config,
     load_default_components,
     train_caption_tokenizer,
     use_tiny_head_attention,
@@ -63,12 +65,15 @@ from .vocab import TRAIN_MOTIONS
 __all__ = [
     "STAGES",
     "evaluate_keyframes",
+    "evaluate_motion_reading",
     "evaluate_upsampling",
     "main",
     "save_stage",
     "train_stage",
 ]
 
+WEIGHTINGS = ("min-snr", "v-capped")
+"""Loss weightings of ``train_stage`` (see its ``weighting`` argument)."""
 STAGES = ("keyframes", "interpolation", "sr")
 """Stages in training order; ``--stage all`` trains every one."""
 DEFAULTS = {  # per stage: share of the minutes, batch size in clips or windows, peak learning rate
@@ -125,6 +130,7 @@ def train_stage(
     ema_decay: float = 0.999,
     warmup_steps: int = 100,
     min_snr_gamma: float | None = 5.0,
+    weighting: str = "min-snr",
     log_every: int = 20,
 ) -> dict[str, Any]:
     """Train one stage's UNet (and the text encoder if given) for ``seconds`` of wall time; EMA weights at the end.
@@ -150,12 +156,18 @@ def train_stage(
         max_steps: Stop after this many steps even within the budget (for tests).
         ema_decay: EMA decay.
         warmup_steps: Linear warm-up steps.
-        min_snr_gamma: Gamma of the Min-SNR weighting; None for the plain mean.
+        min_snr_gamma: Gamma of the loss weighting; None for the plain mean.
+        weighting: ``"min-snr"``: min(SNR, gamma) / (SNR + 1) on the v error, which is Min-SNR-gamma on the clean-frame
+            error and gives the high-noise steps almost no weight (SNR 0.02 at t = 900); ``"v-capped"``:
+            min(1, gamma / (SNR + 1)), the plain v error capped at low noise, which weighs the clean-frame error at
+            high noise, where layout and motion are decided, about 1 / SNR times more.
         log_every: Steps between loss records.
 
     Returns:
         ``{"steps", "seconds", "samples_seen", "final_loss", "curve": [{"step", "loss", "seconds"}, ...], ...}``.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} must be one of {WEIGHTINGS}.")
     device = next(unet.parameters()).device
     modules = [unet] + ([trainable_text] if trainable_text is not None else [])
     for module in modules:
@@ -192,7 +204,10 @@ def train_stage(
         if min_snr_gamma is not None:  # min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v
             alpha_bar = noise_scheduler.alphas_cumprod.to(device)[timesteps]
             snr = alpha_bar / (1 - alpha_bar)
-            loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_target else snr)
+            if weighting == "v-capped" and v_target:
+                loss = loss * (min_snr_gamma / (snr + 1)).clamp(max=1.0)
+            else:
+                loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_target else snr)
         loss = loss.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}; lower --lr or the batch size.")
@@ -226,6 +241,7 @@ def train_stage(
         "final_loss": round(float(np.mean(tail)), 5),
         "text_encoder_trained": trainable_text is not None,
         "min_snr_gamma": min_snr_gamma,
+        "weighting": weighting,
         "curve": curve,
     }
 
@@ -437,6 +453,67 @@ def save_stage(out: Path, stage: str, components: dict[str, Any]) -> Path:
     return folder
 
 
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "up-left": "down-right",
+             "down-right": "up-left", "up-right": "down-left", "down-left": "up-right"}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_motion_reading(
+    components: dict[str, Any], num_clips: int = 64, timesteps: tuple[int, ...] = (500, 700, 850, 950), seed: int = 99
+) -> dict[str, Any]:
+    """Does the keyframe UNet read the caption's motion? Its v error on real clips, true caption against the opposite.
+
+    Fresh translation clips are noised at each timestep (the same noise for every variant) and denoised with their
+    own caption, with the caption of the opposite direction ("moving left" for "moving right"), and, with the true
+    caption, time-reversed (the opposite motion's frames). A model that ignores the motion words scores ratios of 1;
+    one that follows them scores above 1. The first shipped keyframe stage scored 1.00 at every timestep.
+
+    Args:
+        components: ``tokenizer``, ``text_encoder`` and ``unet`` (keyframes), on one device.
+        num_clips: Clips, drawn from the 8 translations at every speed.
+        timesteps: Noise levels of the DDPM training schedule.
+        seed: Seed of the specs and the noise.
+
+    Returns:
+        ``{"num_clips", "per_timestep": [{"t", "true", "opposite_caption", "reversed_clip"}], "opposite_over_true",
+        "reversed_over_true"}`` (the ratios are means over the timesteps).
+    """
+    from .vocab import motion_phrase
+
+    unet, device = components["unet"], next(components["unet"].parameters()).device
+    rng = np.random.default_rng(seed)
+    specs = [sample_spec(rng, motions=(tuple(_OPPOSITE)[i % 8],)) for i in range(num_clips)]
+    clips = torch.stack([render_clip(s, NUM_KEYFRAMES, KEYFRAME_SIZE, KEYFRAME_SIZE) for s in specs]).to(device)
+    opposite = [s.caption.replace(motion_phrase(s.motion, s.speed), motion_phrase(_OPPOSITE[s.motion], s.speed))
+                for s in specs]  # fmt: skip
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        ids, mask = tokenize_captions(components["tokenizer"], captions, device)
+        return components["text_encoder"](ids, attention_mask=mask).last_hidden_state.to(unet.dtype)
+
+    true_text, opposite_text = encode([s.caption for s in specs]), encode(opposite)
+    scheduler = DDPMScheduler(**NOISE_SCHEDULER_CONFIG)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = []
+    for t in timesteps:
+        ts = torch.full((num_clips,), t, device=device)
+        noise = torch.randn(clips.shape, generator=generator, device=device)
+
+        def error(x: torch.Tensor, text: torch.Tensor, noise: torch.Tensor = noise, ts: torch.Tensor = ts) -> float:
+            prediction = unet(scheduler.add_noise(x, noise, ts).to(unet.dtype), ts, text).sample[:, :3].float()
+            return (prediction - scheduler.get_velocity(x, noise, ts)).pow(2).mean().item()
+
+        rows.append({"t": t, "true": round(error(clips, true_text), 6),
+                     "opposite_caption": round(error(clips, opposite_text), 6),
+                     "reversed_clip": round(error(clips.flip(2), true_text), 6)})  # fmt: skip
+    return {
+        "num_clips": num_clips,
+        "per_timestep": rows,
+        "opposite_over_true": round(float(np.mean([r["opposite_caption"] / r["true"] for r in rows])), 4),
+        "reversed_over_true": round(float(np.mean([r["reversed_clip"] / r["true"] for r in rows])), 4),
+    }
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     import diffusers
     import transformers
@@ -519,9 +596,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-samples", type=int, default=0, help="Keyframe samples scored after the first stage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--motions", default=None, help="Comma-separated subset of TRAIN_MOTIONS to train on (default: all of them)."
+    )
+    parser.add_argument(
         "--init-from", default=None,
         help="Start from the weights of a folder this script wrote (default: the shipped model with 'default').",
     )  # fmt: skip
+    parser.add_argument(
+        "--text-encoder-from", default=None,
+        help="Take the T5 encoder from this folder ('default': the shipped model) and keep it frozen, so the other "
+        "stages of that model keep their text embeddings; default: train it jointly with the keyframe stage.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--attention-head-dim", type=int, default=None,
+        help="attention_head_dim of a freshly built keyframe UNet (default: keyframes_unet_config's).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frame-embedding-frames", type=int, default=None,
+        help="Give the keyframe UNet learned frame embeddings for this many frames (zero-initialised, also when "
+        "continuing with --init-from); default: keyframes_unet_config's.",
+    )  # fmt: skip
+    parser.add_argument("--weighting", default="min-snr", choices=WEIGHTINGS, help="Loss weighting over noise levels.")
     parser.add_argument("--device", default=None, help="cuda when available, else cpu.")
     parser.add_argument("--log-every", type=int, default=20, help="Steps between loss records.")
     return parser
@@ -555,11 +650,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        # The cuDNN and memory-efficient SDPA kernels fail in backward on the temporal attention's 64 heads of 1 or 2
-        # channels (torch 2.11, H100: "mha_graph.execute" and an illegal memory access); the math kernel is exact.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_flash_sdp(False)
     started = time.perf_counter()
 
     # 1. Tokenizer and models
@@ -573,24 +663,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     tokenizer = caption_tokenizer(spiece)
     components = build_default_components(tokenizer, seed=args.seed)
+    if args.attention_head_dim is not None:
+        torch.manual_seed(args.seed)
+        config = {**keyframes_unet_config(), "attention_head_dim": args.attention_head_dim}
+        components["unet"] = Show1UNet3DConditionModel(**config).eval()
     if args.init_from:  # continue training: the same tokenizer (it is deterministic), the saved weights
         source = DEFAULT_MODEL_DIR if args.init_from == "default" else Path(args.init_from)
         saved = load_default_components(model_dir=source, tiny_head_attention=False)
         for key in ("text_encoder", "unet", "interpolation_unet", "sr_unet"):
             components[key] = saved[key].float()
-    if "keyframes" not in stages:
+    if args.frame_embedding_frames is not None:  # new zero-initialised tables; every other weight is kept
+        unet = components["unet"]
+        # diffusers drops keys listed in the private `_use_default_values` of a loaded config: pass public keys only.
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        config["frame_embedding_frames"] = args.frame_embedding_frames
+        components["unet"] = Show1UNet3DConditionModel.from_config(config).eval()
+        missing, unexpected = components["unet"].load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or any(".frame_embeddings." not in key for key in missing):
+            raise RuntimeError(f"frame embeddings: unexpected {unexpected}, missing {missing}")
+    frozen_text = "keyframes" not in stages or args.text_encoder_from is not None
+    if frozen_text:
         from transformers import T5EncoderModel
 
-        folder = out / STAGE_FOLDERS["keyframes"] / "text_encoder"
+        source = out if args.text_encoder_from is None else Path(args.text_encoder_from)
+        source = DEFAULT_MODEL_DIR if args.text_encoder_from == "default" else source
+        folder = source / STAGE_FOLDERS["keyframes"] / "text_encoder"
         components["text_encoder"] = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
     for key in ("text_encoder", "unet", "interpolation_unet", "sr_unet"):
         components[key].to(device)
     for key in ("unet", "interpolation_unet", "sr_unet"):
-        use_tiny_head_attention(components[key])
+        if components[key].config.attention_head_dim > 16:  # temporal heads of C / 64: 1 or 2 channels here
+            use_tiny_head_attention(components[key])
+    trained = [{"keyframes": "unet", "interpolation": "interpolation_unet", "sr": "sr_unet"}[s] for s in stages]
+    tiny_heads = any(components[key].config.attention_head_dim > 16 for key in trained)
+    if device.type == "cuda" and tiny_heads:
+        # The cuDNN and memory-efficient SDPA kernels fail in backward on temporal attention heads of 1 or 2
+        # channels (torch 2.11, H100: "mha_graph.execute" and an illegal memory access); the math kernel is exact.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
 
     # 2. The pool of seen-motion clips
     t0 = time.perf_counter()
-    pool = SpecPool(args.num_specs, seed=args.seed, workers=args.workers).to(device)
+    motions = TRAIN_MOTIONS if args.motions is None else tuple(args.motions.split(","))
+    pool = SpecPool(args.num_specs, seed=args.seed, workers=args.workers, motions=motions).to(device)
     pool_seconds = time.perf_counter() - t0
     print(f"pool: {len(pool)} specs, {len(pool.unique_captions) - 1} captions in {pool_seconds:.1f}s", flush=True)
     ids, mask = tokenize_captions(tokenizer, pool.unique_captions, device)
@@ -602,14 +718,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.setdefault("runs", []).append({
         "command": "python -m motion_adapters.world.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": _environment(device),
-        "pool": {"num_specs": len(pool), "motions": list(TRAIN_MOTIONS), "seconds": round(pool_seconds, 1),
+        "pool": {"num_specs": len(pool), "motions": list(motions), "seconds": round(pool_seconds, 1),
                  "unique_captions": len(pool.unique_captions) - 1},
     })  # fmt: skip
 
     # 3. Stages, one after the other; each is saved as soon as it ends
     for stage in stages:
         seconds = args.minutes * 60 * shares[stage] / total_share
-        if stage == "keyframes":
+        if stage == "keyframes" and not frozen_text:
 
             def encode(captions: torch.Tensor) -> torch.Tensor:
                 return text_encoder(ids[captions], attention_mask=mask[captions]).last_hidden_state
@@ -625,11 +741,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def encode(captions: torch.Tensor, cache: torch.Tensor = cache) -> torch.Tensor:
                 return cache[captions]
 
-            key = "interpolation_unet" if stage == "interpolation" else "sr_unet"
+            key = {"keyframes": "unet", "interpolation": "interpolation_unet", "sr": "sr_unet"}[stage]
             unet, make_batch, trainable_text = components[key], getattr(batches, stage), None
         result = train_stage(
             stage, unet, make_batch, encode, seconds, batch_sizes[stage], args.lr or DEFAULTS[stage]["lr"],
             trainable_text=trainable_text, max_steps=args.max_steps, log_every=args.log_every,
+            weighting=args.weighting,
         )  # fmt: skip
         result["parameters"] = sum(p.numel() for p in unet.parameters())
         if args.init_from:  # the stage continued from these weights; the earlier record moves to "previous"
@@ -639,6 +756,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log["stages"][stage] = result
         save_stage(out, stage, components)
         if stage == "keyframes" and args.eval_samples:
+            clips = min(64, 8 * args.eval_samples)
+            _evaluate(log, "motion_reading", evaluate_motion_reading, components, clips)
             _evaluate(log, "keyframes", _evaluate_keyframes_stage, components, args.eval_samples, args.seed, out)
         log_path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
     if {"interpolation", "sr"} <= set(stages) and args.eval_samples:
