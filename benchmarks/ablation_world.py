@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         "summary": summarize(rows, variants),
     }  # fmt: skip
     if args.figure:
-        from motion_adapters.world.pretrain import save_grid
+        from motion_adapters.world.pretrain_eval import save_grid
 
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         save_grid([samples["reference"], *(samples[n] for n in variants)], args.figure, scale=2)

@@ -239,7 +239,7 @@ class _TextProbe(torch.nn.Module):
 
 @pytest.mark.parametrize("reads_text", [False, True])
 def test_motion_reading_is_one_when_the_text_is_ignored_and_not_when_it_is_read(components, reads_text):
-    from motion_adapters.world.pretrain import evaluate_motion_reading
+    from motion_adapters.world.pretrain_eval import evaluate_motion_reading
 
     probe = {**components, "unet": _TextProbe(reads_text)}
     result = evaluate_motion_reading(probe, num_clips=4, timesteps=(500, 900))

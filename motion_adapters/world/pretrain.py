@@ -36,19 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
-from ..metrics import appearance_check, video_motion_fidelity
 from ..models import Show1UNet3DConditionModel
 from .default_model import (
     DEFAULT_MODEL_DIR,
-    KEYFRAME_SIZE,
     NOISE_SCHEDULER_CONFIG,
-    NUM_KEYFRAMES,
     SCHEDULER_CONFIG,
-    SR_SIZE,
     STAGE_FOLDERS,
     build_default_components,
     caption_tokenizer,
@@ -57,20 +52,11 @@ from .default_model import (
     train_caption_tokenizer,
     use_tiny_head_attention,
 )
-from .pretrain_data import TIMELINE, ClipBatches, SpecPool
-from .render import render_clip
-from .spec import sample_spec
+from .pretrain_data import ClipBatches, SpecPool, tokenize_captions
+from .pretrain_eval import evaluate_keyframe_stage, evaluate_motion_reading, evaluate_upsampling_stages
 from .vocab import TRAIN_MOTIONS
 
-__all__ = [
-    "STAGES",
-    "evaluate_keyframes",
-    "evaluate_motion_reading",
-    "evaluate_upsampling",
-    "main",
-    "save_stage",
-    "train_stage",
-]
+__all__ = ["STAGES", "WEIGHTINGS", "main", "save_stage", "train_stage"]
 
 WEIGHTINGS = ("min-snr", "v-capped")
 """Loss weightings of ``train_stage`` (see its ``weighting`` argument)."""
@@ -81,18 +67,6 @@ DEFAULTS = {  # per stage: share of the minutes, batch size in clips or windows,
     "interpolation": {"share": 0.12, "batch_size": 64, "lr": 7e-4},
     "sr": {"share": 0.23, "batch_size": 16, "lr": 7e-4},
 }
-
-
-# --- text -----------------------------------------------------------------------------------------------------
-
-
-def tokenize_captions(tokenizer, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize as the pipelines do (lower-cased, stripped, padded to 77, truncated); returns ids and mask."""
-    tokens = tokenizer(
-        [c.lower().strip() for c in captions], padding="max_length", max_length=77, truncation=True,
-        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
-    )  # fmt: skip
-    return tokens.input_ids.to(device), tokens.attention_mask.to(device)
 
 
 # --- training -------------------------------------------------------------------------------------------------
@@ -246,173 +220,6 @@ def train_stage(
     }
 
 
-# --- evaluation -----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_keyframes(
-    pipeline,
-    num_samples: int,
-    seed: int = 1234,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
-    batch_size: int = 64,
-) -> tuple[dict[str, Any], list[torch.Tensor], list]:
-    """Sample keyframes for captions of fresh seen-motion specs and score appearance and motion.
-
-    For each spec, the generated 8 x 32 x 32 clip is scored with ``appearance_check`` (color, shape, background)
-    and ``video_motion_fidelity`` against the spec's own rendering (same caption; start and size may differ, which
-    these metrics ignore: paths are compared from a common start).
-
-    Args:
-        pipeline: A ``Show1KeyframesPipeline``.
-        num_samples: Captions to sample; motions cycle through ``TRAIN_MOTIONS``.
-        seed: Seed of the specs and of the sampling noise.
-        num_inference_steps: Sampling steps.
-        guidance_scale: Classifier-free guidance weight.
-        batch_size: Captions per pipeline call.
-
-    Returns:
-        ``(metrics, videos, specs)``: the mean scores (overall and per motion), the (3, 8, 32, 32) clips, the specs.
-
-    Example:
-        >>> metrics, videos, specs = evaluate_keyframes(cascade.keyframes, 11)  # doctest: +SKIP
-        >>> metrics["appearance_accuracy"]  # doctest: +SKIP
-    """
-    rng = np.random.default_rng(seed)
-    specs = [sample_spec(rng, motions=(TRAIN_MOTIONS[i % len(TRAIN_MOTIONS)],)) for i in range(num_samples)]
-    device = pipeline._execution_device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    videos = []
-    for start in range(0, num_samples, batch_size):
-        chunk = specs[start : start + batch_size]
-        frames = pipeline(
-            [spec.caption for spec in chunk], num_frames=NUM_KEYFRAMES, height=KEYFRAME_SIZE, width=KEYFRAME_SIZE,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-            output_type="pt",
-        ).frames  # fmt: skip
-        videos.extend(frames.float().cpu())
-    rows = []
-    for video, spec in zip(videos, specs):
-        appearance = appearance_check(video, spec)
-        motion = video_motion_fidelity(video, render_clip(spec, NUM_KEYFRAMES, KEYFRAME_SIZE, KEYFRAME_SIZE))
-        row = {"motion": spec.motion, **{k: float(appearance[k]) for k in ("color", "shape", "background")}}
-        row.update({k: float(motion[k]) for k in ("displacement_cosine", "scale_agreement", "tracked_fraction")})
-        rows.append(row)
-
-    def mean(key: str, motions: tuple[str, ...] = TRAIN_MOTIONS) -> float | None:
-        values = [r[key] for r in rows if r["motion"] in motions and np.isfinite(r[key])]
-        return round(float(np.mean(values)), 4) if values else None
-
-    translations = tuple(m for m in TRAIN_MOTIONS if m not in ("still", "growing", "shrinking"))
-    metrics = {
-        "num_samples": num_samples,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "appearance_accuracy": round(
-            float(np.mean([(r["color"] + r["shape"] + r["background"]) / 3 for r in rows])), 4
-        ),
-        "color_accuracy": mean("color"),
-        "shape_accuracy": mean("shape"),
-        "background_accuracy": mean("background"),
-        "tracked_fraction": mean("tracked_fraction"),
-        "translation_displacement_cosine": mean("displacement_cosine", translations),
-        "still_displacement_cosine": mean("displacement_cosine", ("still",)),
-        "growing_shrinking_scale_agreement": mean("scale_agreement", ("growing", "shrinking")),
-        "per_motion_displacement_cosine": {m: mean("displacement_cosine", (m,)) for m in TRAIN_MOTIONS},
-    }
-    return metrics, videos, specs
-
-
-def _psnr(video: torch.Tensor, reference: torch.Tensor, frames: torch.Tensor | slice = slice(None)) -> float:
-    """PSNR in dB of [-1, 1] videos (B, 3, F, H, W) over the chosen frames, on the [0, 1] scale."""
-    mse = ((video.float() - reference.float())[:, :, frames] / 2).pow(2).mean().item()
-    return round(10 * math.log10(1 / max(mse, 1e-12)), 2)
-
-
-@torch.no_grad()
-def evaluate_upsampling(
-    interpolation,
-    sr,
-    num_samples: int,
-    seed: int = 4321,
-    interpolation_steps: tuple[int, ...] = (6, 10),
-    sr_steps: tuple[int, ...] = (4, 10),
-    noise_level: int = 100,
-) -> dict[str, Any]:
-    """Score interpolation and super-resolution on ground-truth inputs of fresh seen-motion clips (PSNR, dB).
-
-    Interpolation gets the true 8 keyframes (32 x 32) and is compared with the true 29 frames on the 21 frames
-    between keyframes, beside the trilinear interpolation of the keyframes (its condition alone). Super-resolution
-    gets the true 29 frames of 32 x 32 and is compared with the true 96 x 96 frames, beside bilinear upsampling.
-    Both run without guidance, as ``DEFAULT_CALL_KWARGS`` does.
-
-    Args:
-        interpolation: A ``Show1InterpolationPipeline`` with tokenizer and text encoder.
-        sr: A ``Show1SuperResPipeline`` with tokenizer and text encoder.
-        num_samples: Clips to score.
-        seed: Seed of the clips and of the sampling noise.
-        interpolation_steps: Step counts to score the interpolation stage at.
-        sr_steps: Step counts to score the SR stage at.
-        noise_level: SR condition noise level.
-
-    Returns:
-        ``{"interpolation": {"psnr_trilinear", "psnr_<n>_steps", ...}, "sr": {"psnr_bilinear", ...}}``.
-
-    Example:
-        >>> evaluate_upsampling(cascade.interpolation, cascade.sr1, 4)["sr"]["psnr_bilinear"]  # doctest: +SKIP
-    """
-    from ..pipelines.show1_superres import upsample_frames
-    from .pretrain_data import render_frames
-
-    device = interpolation._execution_device
-    pool = SpecPool(num_samples, seed=seed).to(device)
-    args = (pool.shapes, pool.colors, pool.backgrounds)
-    low = render_frames(pool.centers, pool.diameters, *args, KEYFRAME_SIZE).float()
-    high = render_frames(pool.centers, pool.diameters, *args, SR_SIZE).float()
-    keyframes = low[:, :, ::4]
-    between = torch.tensor([i % 4 != 0 for i in range(TIMELINE)], device=device)
-    trilinear = F.interpolate(keyframes, size=low.shape[2:], mode="trilinear", align_corners=True)
-    bilinear = upsample_frames(low, SR_SIZE, SR_SIZE)
-    result = {
-        "num_samples": num_samples,
-        "interpolation": {"psnr_trilinear": _psnr(trilinear, low, between)},
-        "sr": {"noise_level": noise_level, "psnr_bilinear": _psnr(bilinear, high)},
-    }
-    for steps in interpolation_steps:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        video = interpolation(
-            video=keyframes, prompt=pool.captions, num_inference_steps=steps, guidance_scale=1.0,
-            generator=generator, output_type="pt",
-        ).frames  # fmt: skip
-        result["interpolation"][f"psnr_{steps}_steps"] = _psnr(video, low, between)
-    for steps in sr_steps:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        video = sr(
-            video=low, prompt=pool.captions, height=SR_SIZE, width=SR_SIZE, num_inference_steps=steps,
-            guidance_scale=1.0, noise_level=noise_level, generator=generator, output_type="pt",
-        ).frames  # fmt: skip
-        result["sr"][f"psnr_{steps}_steps"] = _psnr(video, high)
-    return result
-
-
-def save_grid(videos: list[torch.Tensor], path: str | os.PathLike, scale: int = 2) -> Path:
-    """Write clips as a PNG grid: one row per clip, one column per frame, pixels enlarged ``scale`` times.
-
-    Example:
-        >>> save_grid([render_clip(sample_spec(0))], "grid.png")
-        PosixPath('grid.png')
-    """
-    from PIL import Image
-
-    rows = [torch.cat(list(video.unbind(1)), dim=2) for video in videos]  # (3, H, F * W) each
-    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(grid)
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
-    return Path(path)
-
-
 # --- saving ---------------------------------------------------------------------------------------------------
 
 
@@ -453,67 +260,6 @@ def save_stage(out: Path, stage: str, components: dict[str, Any]) -> Path:
     return folder
 
 
-_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "up-left": "down-right",
-             "down-right": "up-left", "up-right": "down-left", "down-left": "up-right"}  # fmt: skip
-
-
-@torch.no_grad()
-def evaluate_motion_reading(
-    components: dict[str, Any], num_clips: int = 64, timesteps: tuple[int, ...] = (500, 700, 850, 950), seed: int = 99
-) -> dict[str, Any]:
-    """Does the keyframe UNet read the caption's motion? Its v error on real clips, true caption against the opposite.
-
-    Fresh translation clips are noised at each timestep (the same noise for every variant) and denoised with their
-    own caption, with the caption of the opposite direction ("moving left" for "moving right"), and, with the true
-    caption, time-reversed (the opposite motion's frames). A model that ignores the motion words scores ratios of 1;
-    one that follows them scores above 1. The first shipped keyframe stage scored 1.00 at every timestep.
-
-    Args:
-        components: ``tokenizer``, ``text_encoder`` and ``unet`` (keyframes), on one device.
-        num_clips: Clips, drawn from the 8 translations at every speed.
-        timesteps: Noise levels of the DDPM training schedule.
-        seed: Seed of the specs and the noise.
-
-    Returns:
-        ``{"num_clips", "per_timestep": [{"t", "true", "opposite_caption", "reversed_clip"}], "opposite_over_true",
-        "reversed_over_true"}`` (the ratios are means over the timesteps).
-    """
-    from .vocab import motion_phrase
-
-    unet, device = components["unet"], next(components["unet"].parameters()).device
-    rng = np.random.default_rng(seed)
-    specs = [sample_spec(rng, motions=(tuple(_OPPOSITE)[i % 8],)) for i in range(num_clips)]
-    clips = torch.stack([render_clip(s, NUM_KEYFRAMES, KEYFRAME_SIZE, KEYFRAME_SIZE) for s in specs]).to(device)
-    opposite = [s.caption.replace(motion_phrase(s.motion, s.speed), motion_phrase(_OPPOSITE[s.motion], s.speed))
-                for s in specs]  # fmt: skip
-
-    def encode(captions: list[str]) -> torch.Tensor:
-        ids, mask = tokenize_captions(components["tokenizer"], captions, device)
-        return components["text_encoder"](ids, attention_mask=mask).last_hidden_state.to(unet.dtype)
-
-    true_text, opposite_text = encode([s.caption for s in specs]), encode(opposite)
-    scheduler = DDPMScheduler(**NOISE_SCHEDULER_CONFIG)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    rows = []
-    for t in timesteps:
-        ts = torch.full((num_clips,), t, device=device)
-        noise = torch.randn(clips.shape, generator=generator, device=device)
-
-        def error(x: torch.Tensor, text: torch.Tensor, noise: torch.Tensor = noise, ts: torch.Tensor = ts) -> float:
-            prediction = unet(scheduler.add_noise(x, noise, ts).to(unet.dtype), ts, text).sample[:, :3].float()
-            return (prediction - scheduler.get_velocity(x, noise, ts)).pow(2).mean().item()
-
-        rows.append({"t": t, "true": round(error(clips, true_text), 6),
-                     "opposite_caption": round(error(clips, opposite_text), 6),
-                     "reversed_clip": round(error(clips.flip(2), true_text), 6)})  # fmt: skip
-    return {
-        "num_clips": num_clips,
-        "per_timestep": rows,
-        "opposite_over_true": round(float(np.mean([r["opposite_caption"] / r["true"] for r in rows])), 4),
-        "reversed_over_true": round(float(np.mean([r["reversed_clip"] / r["true"] for r in rows])), 4),
-    }
-
-
 def _environment(device: torch.device) -> dict[str, Any]:
     import diffusers
     import transformers
@@ -539,33 +285,6 @@ def _evaluate(log: dict, name: str, function: Callable, *args: Any) -> None:
     except Exception as error:  # noqa: BLE001 - reported in the log and on stdout
         log["evaluation"][name] = {"error": repr(error)}
     print(f"[{name}] evaluation ({time.perf_counter() - t0:.0f}s): {json.dumps(log['evaluation'][name])}", flush=True)
-
-
-def _evaluate_keyframes_stage(components: dict, num_samples: int, seed: int, out: Path) -> list[dict]:
-    from ..pipelines import Show1KeyframesPipeline
-
-    pipeline = Show1KeyframesPipeline(components["tokenizer"], components["text_encoder"], components["unet"],
-                                      DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))  # fmt: skip
-    pipeline.set_progress_bar_config(disable=True)
-    results = []
-    for guidance_scale in (3.0, 5.0, 7.5):
-        metrics, videos, _ = evaluate_keyframes(pipeline, num_samples, seed=seed + 1234, guidance_scale=guidance_scale)
-        results.append(metrics)
-        if guidance_scale == 5.0:
-            save_grid(videos[: 2 * len(TRAIN_MOTIONS)], out / "samples_keyframes.png")
-    return results
-
-
-def _evaluate_upsampling_stages(components: dict, num_samples: int, seed: int) -> dict:
-    from ..pipelines import Show1InterpolationPipeline, Show1SuperResPipeline
-
-    text = (components["tokenizer"], components["text_encoder"])
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
-    interpolation = Show1InterpolationPipeline(*text, components["interpolation_unet"], scheduler)
-    sr = Show1SuperResPipeline(*text, components["sr_unet"], scheduler, DDPMScheduler(**NOISE_SCHEDULER_CONFIG))
-    for pipeline in (interpolation, sr):
-        pipeline.set_progress_bar_config(disable=True)
-    return evaluate_upsampling(interpolation, sr, num_samples, seed=seed + 4321)
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -758,10 +477,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if stage == "keyframes" and args.eval_samples:
             clips = min(64, 8 * args.eval_samples)
             _evaluate(log, "motion_reading", evaluate_motion_reading, components, clips)
-            _evaluate(log, "keyframes", _evaluate_keyframes_stage, components, args.eval_samples, args.seed, out)
+            _evaluate(log, "keyframes", evaluate_keyframe_stage, components, args.eval_samples, args.seed, out)
         log_path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
     if {"interpolation", "sr"} <= set(stages) and args.eval_samples:
-        _evaluate(log, "upsampling", _evaluate_upsampling_stages, components, min(args.eval_samples, 16), args.seed)
+        _evaluate(log, "upsampling", evaluate_upsampling_stages, components, min(args.eval_samples, 16), args.seed)
 
     # 4. Summary
     log["runs"][-1]["seconds"] = round(time.perf_counter() - started, 1)

@@ -52,6 +52,18 @@ def _sample_chunk(task: tuple[int, int, int, tuple[str, ...]]) -> dict[str, Any]
     return out
 
 
+def tokenize_captions(tokenizer, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize as the pipelines do (lower-cased, stripped, padded to 77, truncated); returns ids and mask."""
+    tokens = tokenizer(
+        [c.lower().strip() for c in captions], padding="max_length", max_length=77, truncation=True,
+        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+    )  # fmt: skip
+    return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+@torch.no_grad()
+
+
 class SpecPool:
     """Clip specs sampled up front: per clip its 29-frame path, size, shape, color, background and caption.
 
