@@ -248,3 +248,11 @@ def test_motion_reading_is_one_when_the_text_is_ignored_and_not_when_it_is_read(
         assert abs(result["opposite_over_true"] - 1) > 1e-3
     else:
         assert result["opposite_over_true"] == 1.0
+
+
+def test_pretrain_refuses_a_head_split_for_weights_it_loads(tmp_path):
+    from motion_adapters.world.pretrain import main
+
+    with pytest.raises(ValueError, match="--attention-head-dim"):
+        main(["--out", str(tmp_path), "--stage", "keyframes", "--init-from", "default", "--attention-head-dim", "8",
+              "--max-steps", "1", "--num-specs", "16", "--workers", "1"])  # fmt: skip

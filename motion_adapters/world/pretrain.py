@@ -62,6 +62,8 @@ WEIGHTINGS = ("min-snr", "v-capped")
 """Loss weightings of ``train_stage`` (see its ``weighting`` argument)."""
 STAGES = ("keyframes", "interpolation", "sr")
 """Stages in training order; ``--stage all`` trains every one."""
+STAGE_UNETS = {"keyframes": "unet", "interpolation": "interpolation_unet", "sr": "sr_unet"}
+"""The components key of each stage's UNet."""
 DEFAULTS = {  # per stage: share of the minutes, batch size in clips or windows, peak learning rate
     "keyframes": {"share": 0.65, "batch_size": 64, "lr": 7e-4},
     "interpolation": {"share": 0.12, "batch_size": 64, "lr": 7e-4},
@@ -383,6 +385,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = caption_tokenizer(spiece)
     components = build_default_components(tokenizer, seed=args.seed)
     if args.attention_head_dim is not None:
+        if args.init_from:
+            raise ValueError(
+                "--attention-head-dim builds a fresh keyframe UNet, but --init-from loads saved weights whose config "
+                "fixes the head split; drop one of the two."
+            )
         torch.manual_seed(args.seed)
         config = {**keyframes_unet_config(), "attention_head_dim": args.attention_head_dim}
         components["unet"] = Show1UNet3DConditionModel(**config).eval()
@@ -410,12 +417,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         components["text_encoder"] = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
     for key in ("text_encoder", "unet", "interpolation_unet", "sr_unet"):
         components[key].to(device)
-    for key in ("unet", "interpolation_unet", "sr_unet"):
-        if components[key].config.attention_head_dim > 16:  # temporal heads of C / 64: 1 or 2 channels here
-            use_tiny_head_attention(components[key])
-    trained = [{"keyframes": "unet", "interpolation": "interpolation_unet", "sr": "sr_unet"}[s] for s in stages]
-    tiny_heads = any(components[key].config.attention_head_dim > 16 for key in trained)
-    if device.type == "cuda" and tiny_heads:
+    # Show-1's split (attention_head_dim 64) gives this model's temporal attention heads of C / 64 = 1 or 2 channels.
+    tiny_heads = {key for key in STAGE_UNETS.values() if components[key].config.attention_head_dim > 16}
+    for key in tiny_heads:
+        use_tiny_head_attention(components[key])
+    if device.type == "cuda" and tiny_heads & {STAGE_UNETS[stage] for stage in stages}:
         # The cuDNN and memory-efficient SDPA kernels fail in backward on temporal attention heads of 1 or 2
         # channels (torch 2.11, H100: "mha_graph.execute" and an illegal memory access); the math kernel is exact.
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -460,8 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def encode(captions: torch.Tensor, cache: torch.Tensor = cache) -> torch.Tensor:
                 return cache[captions]
 
-            key = {"keyframes": "unet", "interpolation": "interpolation_unet", "sr": "sr_unet"}[stage]
-            unet, make_batch, trainable_text = components[key], getattr(batches, stage), None
+            unet, make_batch, trainable_text = components[STAGE_UNETS[stage]], getattr(batches, stage), None
         result = train_stage(
             stage, unet, make_batch, encode, seconds, batch_sizes[stage], args.lr or DEFAULTS[stage]["lr"],
             trainable_text=trainable_text, max_steps=args.max_steps, log_every=args.log_every,
