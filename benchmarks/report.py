@@ -116,6 +116,23 @@ def cascade_tables(data: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_table(data: dict, rows: int = 12) -> str:
+    """The top CUDA operators of one eager ``train_motion`` step (``bench_training.py --profile``)."""
+    profile = [row for row in data.get("profile", []) if "name" in row]
+    kernels = next((row["kernels_per_step"] for row in data.get("profile", []) if "kernels_per_step" in row), None)
+    lines = [environment_line(data), ""]
+    if kernels:
+        lines += [f"{kernels:,.0f} CUDA kernels a step. Operators nest (`aten::conv2d` contains "
+                  "`aten::cudnn_convolution`), so the shares overlap and do not add up to 100 %.", ""]
+    lines += ["| operator or kernel | CUDA ms a step | calls a step | share of the step's CUDA time |",
+              "|---|---|---|---|"]
+    for row in profile[:rows]:
+        name = row["name"].replace("|", "/")
+        lines.append(f"| `{name}` | {row['cuda_ms_per_step']:.1f} | {row['calls_per_step']:.0f} | "
+                     f"{100 * row['share']:.1f} % |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -123,6 +140,8 @@ def render() -> dict[str, str]:
         kind = data.get("benchmark")
         if kind == "training":
             blocks[f"training:{path.stem}"] = training_tables(data)
+            if data.get("profile"):
+                blocks[f"profile:{path.stem}"] = profile_table(data)
         elif kind == "cascade":
             blocks[f"cascade:{path.stem}"] = cascade_tables(data)
     return blocks
