@@ -15,7 +15,7 @@ COS_VARIANTS = ("paper", "official")
 MODES = ("full", "lora")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FROZEN_DTYPES = ("auto", "compute", "keep")
-COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
 TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention")
 
@@ -61,7 +61,9 @@ class MotionDistillationConfig:
             the mixed-precision dtype for the run, so no step re-casts them (the float32 originals wait on the CPU
             and are put back exactly afterwards); "keep" leaves them; "auto" is "compute" on CUDA with mixed
             precision, else "keep".
-        compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs").
+        compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs"), or
+            "regional": each ResNet and temporal-convolution layer compiled on its own, attention left eager (the
+            layers are restored after training).
             Compilation happens during the first step and costs tens of seconds to minutes for a full-size UNet
             (less when the inductor cache is warm); it pays over long runs or many motions in one process.
         cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in one CUDA graph

@@ -45,6 +45,7 @@ from motion_adapters.training_step import (
     compiled,
     keep_implementation_flags,
     optimizer_for,
+    regional_compile,
     temporal_kernels,
     use_cuda_graph,
 )
@@ -210,7 +211,7 @@ def train_motion(
         # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
-                torch.random.fork_rng(devices=cuda_devices):
+                regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()

@@ -216,6 +216,41 @@ def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
             step()
 
 
+#: Layers that `compile="regional"` compiles one by one: group norms, SiLU, casts, dropout and convolutions.
+REGIONAL_COMPILE_TYPES = ("ResnetBlock2D", "TemporalConvLayer")
+
+
+@contextmanager
+def regional_compile(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Compile every ResNet and temporal-convolution layer of `unet` on its own for the run, then restore them.
+
+    These layers are mostly memory-bound group norms, activations and casts around convolutions (the profile in
+    docs/performance.md); fusing them needs no graph break handling in the attention processors, which stay eager.
+    One compilation serves every layer of the same shapes, so the recompilation limit is raised for the run.
+    Yields the number of compiled layers.
+
+    Example:
+        >>> with regional_compile(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    if not enabled:
+        yield 0
+        return
+    modules = [m for m in unet.modules() if type(m).__name__ in REGIONAL_COMPILE_TYPES]
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(config, limit_name)
+    setattr(config, limit_name, max(limit, 8 * len(modules)))
+    for module in modules:
+        module.compile(dynamic=False)
+    try:
+        yield len(modules)
+    finally:
+        for module in modules:
+            module._compiled_call_impl = None
+        setattr(config, limit_name, limit)
+
+
 @contextmanager
 def checkpointing(unet: nn.Module, blocks: bool | list[str]) -> Iterator[None]:
     """Switch gradient checkpointing on for every block (`True`) or for the named blocks, then restore it.
@@ -404,13 +439,13 @@ class StepRunner:
 
 
 def compiled(unet: nn.Module, mode: str) -> Callable[..., object]:
-    """`unet` itself for mode "no", else a `torch.compile` wrapper of it (the module is left unchanged).
+    """`unet` itself for mode "no" or "regional", else a `torch.compile` wrapper of it (the module is left unchanged).
 
     Example:
         >>> compiled(unet, "no") is unet  # doctest: +SKIP
         True
     """
-    if mode == "no":
+    if mode in ("no", "regional"):  # "regional" compiles layers in place: see `regional_compile`
         return unet
     return torch.compile(unet, mode=None if mode == "default" else mode, dynamic=False)
 

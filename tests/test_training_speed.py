@@ -193,3 +193,22 @@ def test_fast_temporal_kernels_compute_the_same_function_and_are_undone(choice):
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, FrameConv) for m in unet.modules())
     assert not any(isinstance(p, ShortSequenceAttnProcessor) for p in unet.attn_processors.values())
+
+
+@pytest.mark.slow
+def test_regional_compile_computes_the_same_function_and_is_undone():
+    from motion_adapters.training_step import REGIONAL_COMPILE_TYPES, regional_compile
+
+    unet = tiny_show1().eval()
+    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
+    layers = [m for m in unet.modules() if type(m).__name__ in REGIONAL_COMPILE_TYPES]
+    limit = torch._dynamo.config.recompile_limit
+    with torch.no_grad():
+        reference = unet(x, torch.tensor([10]), text).sample
+        with regional_compile(unet, True) as count:
+            assert count == len(layers) > 0 and all(m._compiled_call_impl is not None for m in layers)
+            compiled = unet(x, torch.tensor([10]), text).sample
+    torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-5)
+    assert all(m._compiled_call_impl is None for m in layers) and torch._dynamo.config.recompile_limit == limit
+    with regional_compile(unet, False) as count:
+        assert count == 0 and all(m._compiled_call_impl is None for m in layers)
