@@ -3,7 +3,6 @@
 from motion_adapters.pipelines._utils import (
     Show1CascadeOutput,
     Show1PipelineOutput,
-    Show1StagePipeline,
     combine_guidance,
     scheduler_step_per_frame,
 )
@@ -16,6 +15,7 @@ from motion_adapters.pipelines.show1_superres import (
     super_resolve_video_latent,
     window_starts,
 )
+from motion_adapters.pipelines.stage import Show1StagePipeline
 from motion_adapters.pipelines.vmc import VMCPipeline
 
 __all__ = [

@@ -13,13 +13,13 @@ from transformers import T5EncoderModel, T5Tokenizer
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
     Show1PipelineOutput,
-    Show1StagePipeline,
     eval_mode,
     fresh_scheduler,
     has_learned_variance,
     postprocess_video,
     step_kwargs,
 )
+from motion_adapters.pipelines.stage import Show1StagePipeline
 
 #: Channels of a pixel sample.
 PIXEL_CHANNELS = 3

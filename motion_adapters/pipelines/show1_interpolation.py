@@ -14,7 +14,6 @@ from transformers import T5EncoderModel, T5Tokenizer
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
     Show1PipelineOutput,
-    Show1StagePipeline,
     eval_mode,
     fresh_scheduler,
     has_learned_variance,
@@ -22,6 +21,7 @@ from motion_adapters.pipelines._utils import (
     step_kwargs,
 )
 from motion_adapters.pipelines.show1_base import PIXEL_CHANNELS
+from motion_adapters.pipelines.stage import Show1StagePipeline
 
 #: Frames generated for each keyframe pair, the pair's two keyframes included.
 FRAMES_PER_PAIR = 5
