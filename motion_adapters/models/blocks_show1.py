@@ -211,10 +211,10 @@ class _Show1Block3D(nn.Module):
         if cross_attention_kwargs:
             attn = functools.partial(attn, **cross_attention_kwargs)
         hidden_states = self._run(attn, hidden_states, encoder_hidden_states, attention_mask)
-        # TransformerTemporalModel.forward(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
-        # cross_attention_kwargs, return_dict): no encoder states, so attn2 is self-attention too.
         if self.frame_embeddings is not None:
             hidden_states = add_frame_embedding(hidden_states, self.frame_embeddings[i], num_frames)
+        # TransformerTemporalModel.forward(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
+        # cross_attention_kwargs, return_dict): no encoder states, so attn2 is self-attention too.
         temp_attn = self.temp_attentions[i]
         return self._run(temp_attn, hidden_states, None, None, None, num_frames, cross_attention_kwargs, False)[0]
 
