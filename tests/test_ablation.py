@@ -1,18 +1,13 @@
 """The ablation benchmark's bookkeeping: target looks, summaries, merging split runs, and the generated page."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from motion_adapters.world import UNSEEN_MOTIONS, sample_spec
 
-spec = importlib.util.spec_from_file_location(
-    "ablation_world", Path(__file__).resolve().parents[1] / "benchmarks" / "ablation_world.py"
-)
-ablation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ablation)
+ablation = load_script("benchmarks/ablation_world.py")
 
 
 @pytest.mark.parametrize("motion", UNSEEN_MOTIONS)

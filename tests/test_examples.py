@@ -1,18 +1,15 @@
 """Smoke tests: each example runs on tiny or embedded models, as the docs show it."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 @pytest.mark.parametrize("backbone", ["animatediff", "zeroscope"])

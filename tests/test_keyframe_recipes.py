@@ -1,20 +1,14 @@
 """benchmarks/keyframe_recipes.py: one variant end to end on the CPU (a pretraining process, its record)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "keyframe_recipes.py"
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def recipes():
-    spec = importlib.util.spec_from_file_location("keyframe_recipes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/keyframe_recipes.py")
 
 
 def test_one_variant_trains_in_its_own_process_and_is_recorded(recipes, tmp_path):

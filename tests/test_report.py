@@ -1,19 +1,13 @@
 """benchmarks/report.py: the generated benchmark tables match the committed JSON, and the profile table renders."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/report.py")
 
 
 def test_committed_pages_are_up_to_date_with_the_results(report):

@@ -1,11 +1,10 @@
 """The speed and memory options of train_motion: frozen-weight dtype, selective checkpointing, compile, graphs."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from scripts import load_script
 from tiny_models import tiny_unet3d
 
 from motion_adapters.config import MotionDistillationConfig
@@ -14,11 +13,7 @@ from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config
 from motion_adapters.training import train_motion
 from motion_adapters.training_step import autocast_dtype, keep_implementation_flags, use_cuda_graph
 
-_bench = importlib.util.spec_from_file_location(
-    "bench_training", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
-)
-bench_training = importlib.util.module_from_spec(_bench)
-_bench.loader.exec_module(bench_training)
+bench_training = load_script("benchmarks/bench_training.py")
 TINY_SHOW1 = bench_training.TINY  # the benchmark's --tiny UNet, so the test and the smoke run share one config
 
 
