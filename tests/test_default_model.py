@@ -41,8 +41,9 @@ def test_shipped_unets_load_with_the_configs_of_default_model(components):
     ):
         loaded = json.loads(json.dumps(_strip(components[key].config)))
         config = json.loads(json.dumps(config))
-        # the class's own extension key is filled in at its default (0: no frame embeddings) on load
+        # the class's own extension keys are filled in at their defaults (Show-1's architecture) on load
         assert loaded.pop("frame_embedding_frames") == config.pop("frame_embedding_frames", 0) == 0, key
+        assert loaded.pop("temporal_conv_spatial_kernel") == config.pop("temporal_conv_spatial_kernel", 1) == 1, key
         assert loaded == config, key
         assert components[key].dtype == torch.float32 and not components[key].training
 
@@ -195,22 +196,25 @@ def test_tiny_head_attention_processor_matches_the_default_processor():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_pretrain_options_continue_with_frame_embeddings_frozen_text_and_a_motion_subset(tmp_path):
+def test_pretrain_options_continue_with_frame_embeddings_wide_temporal_convs_frozen_text_and_a_motion_subset(tmp_path):
     from safetensors.torch import load_file
 
     from motion_adapters.world.pretrain import main
 
     log = main(["--out", str(tmp_path), "--stage", "keyframes", "--init-from", "default", "--text-encoder-from",
-                "default", "--frame-embedding-frames", "8", "--weighting", "v-capped", "--motions", "left,right",
+                "default", "--frame-embedding-frames", "8", "--temporal-conv-spatial-kernel", "3", "--weighting", "v-capped", "--motions", "left,right",
                 "--minutes", "0.05", "--max-steps", "1", "--num-specs", "16", "--workers", "1",
                 "--batch-sizes", "1,1,1"])  # fmt: skip
     stage = log["stages"]["keyframes"]
     assert stage["weighting"] == "v-capped" and not stage["text_encoder_trained"]
     assert log["runs"][-1]["pool"]["motions"] == ["left", "right"]
     folder = tmp_path / STAGE_FOLDERS["keyframes"]
-    assert json.loads((folder / "unet" / "config.json").read_text())["frame_embedding_frames"] == 8
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    assert config["frame_embedding_frames"] == 8 and config["temporal_conv_spatial_kernel"] == 3
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert sum(".frame_embeddings." in key for key in weights) == 7
+    wide = [key for key in weights if ".temp_convs." in key and key.endswith("conv1.2.weight")]
+    assert wide and all(weights[key].shape[-3:] == (3, 3, 3) for key in wide)
     shipped = load_file(DEFAULT_MODEL_DIR / STAGE_FOLDERS["keyframes"] / "text_encoder" / "model.safetensors")
     saved = load_file(folder / "text_encoder" / "model.safetensors")
     assert saved.keys() == shipped.keys() and all(torch.equal(saved[k], shipped[k]) for k in shipped)

@@ -359,3 +359,44 @@ def test_frame_embeddings_refuse_more_frames_than_rows_and_bad_values(show1_fixt
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="frame_embedding_frames"):
             Show1UNet3DConditionModel(**_fixture_config(show1_fixture_dir, frame_embedding_frames=bad))
+
+
+# --- spatially wide temporal convolutions (not in Show-1; off by default) -----------------------------------------
+
+
+def test_wide_temporal_convs_start_equal_to_the_narrow_unet_then_read_neighbouring_pixels(fixture_unet, tmp_path):
+    from motion_adapters.models.extensions import extend_unet
+
+    plain = fixture_unet.eval()
+    wide = extend_unet(plain, temporal_conv_spatial_kernel=3).eval()
+    assert wide.config.temporal_conv_spatial_kernel == 3 and plain.config.temporal_conv_spatial_kernel == 1
+    convs = [m for name, m in wide.named_modules() if name.endswith("conv1.2") and ".temp_convs." in name]
+    assert convs and all(conv.kernel_size == (3, 3, 3) and conv.padding == (1, 1, 1) for conv in convs)
+    sample, timestep, text = _tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(sample, timestep, text).sample, plain(sample, timestep, text).sample)
+        for conv in convs:  # give the new off-centre taps weight: now a pixel depends on its neighbours' past
+            conv.weight[..., 0, 0] = torch.randn_like(conv.weight[..., 0, 0])
+        changed = wide(sample, timestep, text).sample
+        assert not torch.allclose(changed, plain(sample, timestep, text).sample, atol=1e-4)
+    wide.save_pretrained(tmp_path)
+    reloaded = Show1UNet3DConditionModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.temporal_conv_spatial_kernel == 3
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample, timestep, text).sample, changed)
+    # a narrow UNet refuses the wide weights with the shape error of diffusers' loader rather than loading garbage
+    with pytest.raises((RuntimeError, ValueError), match="size|shape"):
+        Show1UNet3DConditionModel.from_pretrained(tmp_path, temporal_conv_spatial_kernel=1)
+
+
+def test_wide_temporal_convs_refuse_bad_kernels_and_narrowing(show1_fixture_dir, fixture_unet):
+    from motion_adapters.models.extensions import extend_unet
+
+    for bad in (0, 2, -3, 3.0, True):
+        with pytest.raises(ValueError, match="temporal_conv_spatial_kernel"):
+            Show1UNet3DConditionModel(**_fixture_config(show1_fixture_dir, temporal_conv_spatial_kernel=bad))
+    wide = extend_unet(fixture_unet, temporal_conv_spatial_kernel=5)
+    with pytest.raises(ValueError, match="drop weights"):
+        extend_unet(wide, temporal_conv_spatial_kernel=3)
+    with pytest.raises(ValueError, match="extension keys"):
+        extend_unet(fixture_unet, block_out_channels=[8, 8])

@@ -30,6 +30,7 @@ from .blocks_show1 import (
     SimpleCrossAttnUpBlock3D,
     UNetMidBlock3DSimpleCrossAttn,
 )
+from .extensions import _check_kernel, widen_temporal_convs
 
 DOWN_BLOCKS = {
     "ResnetDownsampleBlock3D": ResnetDownsampleBlock3D,
@@ -38,7 +39,7 @@ DOWN_BLOCKS = {
 UP_BLOCKS = {"ResnetUpsampleBlock3D": ResnetUpsampleBlock3D, "SimpleCrossAttnUpBlock3D": SimpleCrossAttnUpBlock3D}
 MID_BLOCKS = ("UNetMidBlock3DSimpleCrossAttn", None)
 
-EXTENSION_KEYS = ("frame_embedding_frames",)
+EXTENSION_KEYS = ("frame_embedding_frames", "temporal_conv_spatial_kernel")
 """Config keys of this class that Show-1's configs do not have; their defaults build Show-1 exactly."""
 
 # Config keys whose other values select architectures this class does not build: key -> (allowed values, reason).
@@ -136,6 +137,7 @@ def _validate_config(config: dict[str, Any]) -> None:
         raise ValueError(
             f"`frame_embedding_frames` must be an int >= 0 (0, Show-1's choice, adds none), got {frames!r}."
         )
+    _check_kernel(config.get("temporal_conv_spatial_kernel", 1))
 
 
 class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
@@ -145,10 +147,18 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
 
     The constructor takes the keys of the published ``unet/config.json`` (diffusers' IF ``UNet2DConditionModel``
     keys with 3D block names, plus ``transfromer_in_opt``); values that would select an architecture this class does
-    not build raise ``ValueError`` naming the key. One key is not Show-1's: ``frame_embedding_frames`` (default 0,
-    none) gives every attention layer a learned, zero-initialised (frames, C) table added to its input frames before
-    the temporal transformer (``*.frame_embeddings.N``), so the layers know each frame's index; Show-1 leaves frame
-    order to the zero padding of its temporal convolutions. Module names follow the reference, so the published state
+    not build raise ``ValueError`` naming the key. Two keys are not Show-1's, and their defaults build Show-1
+    exactly (``models.extensions``; ``extend_unet`` adds them to a trained UNet):
+
+    - ``frame_embedding_frames`` (default 0, none) gives every attention layer a learned, zero-initialised
+      (frames, C) table added to its input frames before the temporal transformer (``*.frame_embeddings.N``), so
+      the layers know each frame's index; Show-1 leaves frame order to the zero padding of its temporal
+      convolutions.
+    - ``temporal_conv_spatial_kernel`` (default 1) widens the first convolution of every temporal convolution
+      layer from (3, 1, 1) to (3, k, k), so a frame reads its neighbours' pixels around the same position; the new
+      taps start at zero.
+
+    Module names follow the reference, so the published state
     dicts load unchanged and temporal attention lives at ``*.temp_attentions.N.transformer_blocks.0.attn{1,2}``.
 
     Example:
@@ -209,6 +219,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         addition_embed_type_num_heads: int = 64,
         transfromer_in_opt: bool = False,
         frame_embedding_frames: int = 0,
+        temporal_conv_spatial_kernel: int = 1,
     ):
         super().__init__()
         _validate_config(dict(self.config))
@@ -308,6 +319,8 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         self.conv_out = nn.Conv2d(
             block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2
         )
+        if temporal_conv_spatial_kernel > 1:  # not in Show-1: (3, k, k) temporal convolutions, new taps at zero
+            widen_temporal_convs(self, temporal_conv_spatial_kernel)
         self.gradient_checkpointing = False
 
     def set_default_attn_processor(self) -> None:
@@ -467,7 +480,7 @@ def show1_base_config() -> dict[str, Any]:
     """The ``unet/config.json`` of ``showlab/show-1-base`` (keyframes, 3 -> 6 channels, 8 x 40 x 64).
 
     These are the constructor's defaults, as a JSON-like dict (lists, not tuples) with every key of the published
-    config; this class's own extension (``frame_embedding_frames``, default 0) is left out.
+    config; this class's own extensions (``EXTENSION_KEYS``) are left out.
 
     Example:
         >>> with torch.device("meta"):

@@ -40,6 +40,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 from ..models import Show1UNet3DConditionModel
+from ..models.extensions import extend_unet
 from .default_model import (
     DEFAULT_MODEL_DIR,
     NOISE_SCHEDULER_CONFIG,
@@ -337,6 +338,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Give the keyframe UNet learned frame embeddings for this many frames (zero-initialised, also when "
         "continuing with --init-from); default: keyframes_unet_config's.",
     )  # fmt: skip
+    parser.add_argument(
+        "--temporal-conv-spatial-kernel", type=int, default=None,
+        help="Widen the keyframe UNet's temporal convolutions to (3, K, K) so frames read their neighbours' nearby "
+        "pixels (new taps zero-initialised, also when continuing with --init-from); default: keyframes_unet_config's.",
+    )  # fmt: skip
     parser.add_argument("--weighting", default="min-snr", choices=WEIGHTINGS, help="Loss weighting over noise levels.")
     parser.add_argument("--device", default=None, help="cuda when available, else cpu.")
     parser.add_argument("--log-every", type=int, default=20, help="Steps between loss records.")
@@ -398,15 +404,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         saved = load_default_components(model_dir=source, tiny_head_attention=False)
         for key in ("text_encoder", "unet", "interpolation_unet", "sr_unet"):
             components[key] = saved[key].float()
-    if args.frame_embedding_frames is not None:  # new zero-initialised tables; every other weight is kept
-        unet = components["unet"]
-        # diffusers drops keys listed in the private `_use_default_values` of a loaded config: pass public keys only.
-        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-        config["frame_embedding_frames"] = args.frame_embedding_frames
-        components["unet"] = Show1UNet3DConditionModel.from_config(config).eval()
-        missing, unexpected = components["unet"].load_state_dict(unet.state_dict(), strict=False)
-        if unexpected or any(".frame_embeddings." not in key for key in missing):
-            raise RuntimeError(f"frame embeddings: unexpected {unexpected}, missing {missing}")
+    extensions = {
+        key: value
+        for key, value in (
+            ("frame_embedding_frames", args.frame_embedding_frames),
+            ("temporal_conv_spatial_kernel", args.temporal_conv_spatial_kernel),
+        )
+        if value is not None
+    }
+    if extensions:  # new tables start at zero, widened kernels keep the old weights at their centre
+        components["unet"] = extend_unet(components["unet"], **extensions).eval()
     frozen_text = "keyframes" not in stages or args.text_encoder_from is not None
     if frozen_text:
         from transformers import T5EncoderModel

@@ -1,0 +1,122 @@
+"""Opt-in extensions of Show-1's 3D UNet, and the weight surgery that adds them to a trained UNet.
+
+Both are off by default, so Show-1 checkpoints load and run unchanged:
+
+- ``frame_embedding_frames`` (see ``blocks_show1.add_frame_embedding``): a learned per-frame vector before each
+  temporal transformer.
+- ``temporal_conv_spatial_kernel``: Show-1's temporal convolutions are ``(3, 1, 1)`` kernels, so no temporal layer
+  ever looks at a neighbouring pixel and a moving object can only be shifted by the spatial layers of each frame.
+  A value ``k > 1`` widens the first of the four convolutions of every ``TemporalConvLayer`` to ``(3, k, k)``,
+  letting frame ``t + 1`` read frame ``t`` around the same pixel (one wide convolution a layer is enough for that;
+  widening all four would multiply the layer's cost by ``k * k``). The widened kernels keep the old weights at the
+  centre tap and start the new taps at zero, so a widened UNet computes exactly what the narrow one did until it is
+  trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.resnet import TemporalConvLayer
+from torch import nn
+
+__all__ = ["extend_unet", "widen_kernel", "widen_temporal_convs"]
+
+
+def _check_kernel(kernel: Any) -> None:
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(
+            f"`temporal_conv_spatial_kernel` must be an odd int >= 1 (1, Show-1's choice, looks at no neighbouring "
+            f"pixel), got {kernel!r}."
+        )
+
+
+def widen_kernel(weight: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Embed a ``(out, in, t, 1, 1)`` convolution weight at the centre of a zero ``(out, in, t, k, k)`` one.
+
+    Example:
+        >>> widen_kernel(torch.ones(2, 2, 3, 1, 1), 3)[0, 0, 0]
+        tensor([[0., 0., 0.],
+                [0., 1., 0.],
+                [0., 0., 0.]])
+    """
+    _check_kernel(kernel)
+    if weight.ndim != 5 or weight.shape[-2:] != (1, 1):
+        raise ValueError(f"expected a (out, in, t, 1, 1) temporal convolution weight, got {tuple(weight.shape)}.")
+    wide = weight.new_zeros(*weight.shape[:3], kernel, kernel)
+    wide[..., kernel // 2, kernel // 2] = weight[..., 0, 0]
+    return wide
+
+
+def widen_temporal_convs(module: nn.Module, kernel: int) -> int:
+    """Widen the first ``Conv3d`` of every ``TemporalConvLayer`` in ``module`` to ``(3, kernel, kernel)``, in place.
+
+    The old weights become the centre taps and the new taps start at zero (see ``widen_kernel``), so the module's
+    outputs do not change. Returns the number of convolutions widened.
+
+    Example:
+        >>> layer = TemporalConvLayer(32, 32, norm_num_groups=32)
+        >>> widen_temporal_convs(layer, 3), layer.conv1[2].kernel_size
+        (1, (3, 3, 3))
+    """
+    _check_kernel(kernel)
+    widened = 0
+    for layer in module.modules():
+        if not isinstance(layer, TemporalConvLayer):
+            continue
+        for seq in (layer.conv1,):
+            index, conv = next((i, m) for i, m in enumerate(seq) if isinstance(m, nn.Conv3d))
+            if conv.kernel_size[1:] == (kernel, kernel):
+                continue
+            wide = nn.Conv3d(
+                conv.in_channels,
+                conv.out_channels,
+                (conv.kernel_size[0], kernel, kernel),
+                padding=(conv.padding[0], kernel // 2, kernel // 2),
+                device=conv.weight.device,
+                dtype=conv.weight.dtype,
+            )
+            with torch.no_grad():
+                wide.weight.copy_(widen_kernel(conv.weight, kernel))
+                wide.bias.copy_(conv.bias)
+            seq[index] = wide
+            widened += 1
+    return widened
+
+
+def extend_unet(unet: nn.Module, **extensions: Any) -> nn.Module:
+    """A copy of a trained Show-1 UNet with extension config keys set, computing what ``unet`` computes.
+
+    Every weight is carried over; new frame-embedding tables start at zero and widened temporal convolutions keep
+    the old weights at their centre tap. Lowering an extension (fewer table rows, a narrower kernel) would drop
+    trained weights and is refused.
+
+    Args:
+        unet: A ``Show1UNet3DConditionModel``.
+        **extensions: ``frame_embedding_frames`` and/or ``temporal_conv_spatial_kernel``.
+
+    Example:
+        >>> wide = extend_unet(unet, temporal_conv_spatial_kernel=3, frame_embedding_frames=16)
+    """
+    from .unet_show1 import EXTENSION_KEYS
+
+    unknown = sorted(set(extensions) - set(EXTENSION_KEYS))
+    if unknown:
+        raise ValueError(f"extend_unet takes only the extension keys {list(EXTENSION_KEYS)}, got {unknown}.")
+    # diffusers drops keys listed in the private `_use_default_values` of a loaded config: pass public keys only.
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    for key, value in extensions.items():
+        if value < config.get(key, 0 if key == "frame_embedding_frames" else 1):
+            raise ValueError(f"`{key}={value}` is smaller than this UNet's {config[key]}: it would drop weights.")
+    config.update(extensions)
+    extended = type(unet).from_config(config)
+    state = dict(unet.state_dict())
+    targets = extended.state_dict()
+    for key, value in state.items():
+        if key in targets and value.ndim == 5 and value.shape != targets[key].shape:
+            state[key] = widen_kernel(value, targets[key].shape[-1])
+    missing, unexpected = extended.load_state_dict(state, strict=False)
+    if unexpected or any(".frame_embeddings." not in key for key in missing):
+        raise RuntimeError(f"extend_unet: unexpected keys {unexpected}, missing keys {missing}")
+    return extended.to(device=unet.device, dtype=unet.dtype).train(unet.training)
