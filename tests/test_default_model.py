@@ -44,6 +44,7 @@ def test_shipped_unets_load_with_the_configs_of_default_model(components):
         # the class's own extension keys are filled in at their defaults (Show-1's architecture) on load
         assert loaded.pop("frame_embedding_frames") == config.pop("frame_embedding_frames", 0) == 0, key
         assert loaded.pop("temporal_conv_spatial_kernel") == config.pop("temporal_conv_spatial_kernel", 1) == 1, key
+        assert loaded.pop("coordinate_frequencies") == config.pop("coordinate_frequencies", 0) == 0, key
         assert loaded == config, key
         assert components[key].dtype == torch.float32 and not components[key].training
 
@@ -202,7 +203,8 @@ def test_pretrain_options_continue_with_frame_embeddings_wide_temporal_convs_fro
     from motion_adapters.world.pretrain import main
 
     log = main(["--out", str(tmp_path), "--stage", "keyframes", "--init-from", "default", "--text-encoder-from",
-                "default", "--frame-embedding-frames", "8", "--temporal-conv-spatial-kernel", "3", "--weighting", "v-capped", "--motions", "left,right",
+                "default", "--frame-embedding-frames", "8", "--temporal-conv-spatial-kernel", "3",
+                "--coordinate-frequencies", "4", "--weighting", "v-capped", "--motions", "left,right",
                 "--minutes", "0.05", "--max-steps", "1", "--num-specs", "16", "--workers", "1",
                 "--batch-sizes", "1,1,1"])  # fmt: skip
     stage = log["stages"]["keyframes"]
@@ -211,8 +213,9 @@ def test_pretrain_options_continue_with_frame_embeddings_wide_temporal_convs_fro
     folder = tmp_path / STAGE_FOLDERS["keyframes"]
     config = json.loads((folder / "unet" / "config.json").read_text())
     assert config["frame_embedding_frames"] == 8 and config["temporal_conv_spatial_kernel"] == 3
+    assert config["coordinate_frequencies"] == 4
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    assert sum(".frame_embeddings." in key for key in weights) == 7
+    assert sum(".frame_embeddings." in key for key in weights) == 7 and "coordinate_embedding.proj.weight" in weights
     wide = [key for key in weights if ".temp_convs." in key and key.endswith("conv1.2.weight")]
     assert wide and all(weights[key].shape[-3:] == (3, 3, 3) for key in wide)
     shipped = load_file(DEFAULT_MODEL_DIR / STAGE_FOLDERS["keyframes"] / "text_encoder" / "model.safetensors")

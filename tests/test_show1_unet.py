@@ -400,3 +400,35 @@ def test_wide_temporal_convs_refuse_bad_kernels_and_narrowing(show1_fixture_dir,
         extend_unet(wide, temporal_conv_spatial_kernel=3)
     with pytest.raises(ValueError, match="extension keys"):
         extend_unet(fixture_unet, block_out_channels=[8, 8])
+
+
+# --- absolute coordinate features (not in Show-1; off by default) -------------------------------------------------
+
+
+def test_coordinate_embedding_starts_at_zero_then_tells_the_unet_where_a_pixel_is(fixture_unet, tmp_path):
+    from motion_adapters.models.extensions import CoordinateEmbedding, extend_unet
+
+    features = CoordinateEmbedding(3, 4).features(8, 16)
+    assert features.shape == (8, 16, 12)
+    # y's then x's angles, sines before cosines: cos(pi * x) falls from the left edge to the right one, so no two
+    # columns (or rows) are alike
+    assert torch.all(features[0, 1:, 9] < features[0, :-1, 9]) and torch.all(features[1:, 0, 6] < features[:-1, 0, 6])
+    assert torch.unique(features[0], dim=0).shape[0] == 16
+    plain = fixture_unet.eval()
+    placed = extend_unet(plain, coordinate_frequencies=3).eval()
+    assert placed.config.coordinate_frequencies == 3 and plain.coordinate_embedding is None
+    sample, timestep, text = _tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(placed(sample, timestep, text).sample, plain(sample, timestep, text).sample)
+        placed.coordinate_embedding.proj.weight.normal_()
+        changed = placed(sample, timestep, text).sample
+        assert not torch.allclose(changed, plain(sample, timestep, text).sample, atol=1e-4)
+        # a 16-wide frame gets features of fractions of its own width: the model runs at any size
+        assert placed(torch.randn(1, 3, 2, 8, 16), timestep[:1], text[:1]).sample.shape[2:] == (2, 8, 16)
+    placed.save_pretrained(tmp_path)
+    reloaded = Show1UNet3DConditionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample, timestep, text).sample, changed)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="coordinate_frequencies"):
+            Show1UNet3DConditionModel(**{**dict(plain.config), "coordinate_frequencies": bad})

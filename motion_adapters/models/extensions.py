@@ -11,6 +11,11 @@ Both are off by default, so Show-1 checkpoints load and run unchanged:
   widening all four would multiply the layer's cost by ``k * k``). The widened kernels keep the old weights at the
   centre tap and start the new taps at zero, so a widened UNet computes exactly what the narrow one did until it is
   trained.
+- ``coordinate_frequencies``: Show-1's convolutions and attention carry no absolute position (only what zero padding
+  leaks), so a layout that depends on where a pixel is in the frame (an object moving right starts on the left) is
+  hard to draw from pure noise. A value ``n > 0`` adds ``CoordinateEmbedding``, a zero-initialised linear map of
+  ``4 n`` sine and cosine features of each pixel's (x, y), as fractions of the frame, to the output of ``conv_in``.
+  Fractions, not pixel indices, so one model serves every resolution.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from diffusers.models.resnet import TemporalConvLayer
 from torch import nn
 
-__all__ = ["extend_unet", "widen_kernel", "widen_temporal_convs"]
+__all__ = ["CoordinateEmbedding", "extend_unet", "widen_kernel", "widen_temporal_convs"]
 
 
 def _check_kernel(kernel: Any) -> None:
@@ -29,6 +34,48 @@ def _check_kernel(kernel: Any) -> None:
         raise ValueError(
             f"`temporal_conv_spatial_kernel` must be an odd int >= 1 (1, Show-1's choice, looks at no neighbouring "
             f"pixel), got {kernel!r}."
+        )
+
+
+class CoordinateEmbedding(nn.Module):
+    """A learned map of each pixel's Fourier position features to ``channels``, zero at initialisation.
+
+    Features: ``sin`` and ``cos`` of ``pi * 2**k * u`` for ``k < num_frequencies`` and ``u`` each of the pixel
+    centre's x and y as fractions of the frame's width and height.
+
+    Example:
+        >>> emb = CoordinateEmbedding(4, 8)
+        >>> emb(16, 24).shape, torch.count_nonzero(emb(16, 24)).item()
+        (torch.Size([8, 16, 24]), 0)
+    """
+
+    def __init__(self, num_frequencies: int, channels: int):
+        super().__init__()
+        self.num_frequencies = num_frequencies
+        self.proj = nn.Linear(4 * num_frequencies, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def features(self, height: int, width: int) -> torch.Tensor:
+        """The (height, width, 4 * num_frequencies) position features."""
+        device, dtype = self.proj.weight.device, self.proj.weight.dtype
+        y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+        x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+        scales = torch.pi * 2.0 ** torch.arange(self.num_frequencies, device=device, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1)  # (H, W, 2)
+        angles = (grid[..., None] * scales).flatten(-2)  # (H, W, 2 * num_frequencies)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """The (channels, height, width) embedding, to add to every frame."""
+        return self.proj(self.features(height, width)).permute(2, 0, 1)
+
+
+def _check_frequencies(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"`coordinate_frequencies` must be an int >= 0 (0, Show-1's choice, adds no position features), got "
+            f"{value!r}."
         )
 
 
@@ -94,7 +141,8 @@ def extend_unet(unet: nn.Module, **extensions: Any) -> nn.Module:
 
     Args:
         unet: A ``Show1UNet3DConditionModel``.
-        **extensions: ``frame_embedding_frames`` and/or ``temporal_conv_spatial_kernel``.
+        **extensions: Any of ``frame_embedding_frames``, ``temporal_conv_spatial_kernel`` and
+            ``coordinate_frequencies``.
 
     Example:
         >>> wide = extend_unet(unet, temporal_conv_spatial_kernel=3, frame_embedding_frames=16)
@@ -107,7 +155,7 @@ def extend_unet(unet: nn.Module, **extensions: Any) -> nn.Module:
     # diffusers drops keys listed in the private `_use_default_values` of a loaded config: pass public keys only.
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     for key, value in extensions.items():
-        if value < config.get(key, 0 if key == "frame_embedding_frames" else 1):
+        if value < config.get(key, 1 if key == "temporal_conv_spatial_kernel" else 0):
             raise ValueError(f"`{key}={value}` is smaller than this UNet's {config[key]}: it would drop weights.")
     config.update(extensions)
     extended = type(unet).from_config(config)
@@ -117,6 +165,6 @@ def extend_unet(unet: nn.Module, **extensions: Any) -> nn.Module:
         if key in targets and value.ndim == 5 and value.shape != targets[key].shape:
             state[key] = widen_kernel(value, targets[key].shape[-1])
     missing, unexpected = extended.load_state_dict(state, strict=False)
-    if unexpected or any(".frame_embeddings." not in key for key in missing):
+    if unexpected or any(".frame_embeddings." not in key and "coordinate_embedding." not in key for key in missing):
         raise RuntimeError(f"extend_unet: unexpected keys {unexpected}, missing keys {missing}")
     return extended.to(device=unet.device, dtype=unet.dtype).train(unet.training)

@@ -30,7 +30,7 @@ from .blocks_show1 import (
     SimpleCrossAttnUpBlock3D,
     UNetMidBlock3DSimpleCrossAttn,
 )
-from .extensions import _check_kernel, widen_temporal_convs
+from .extensions import CoordinateEmbedding, _check_frequencies, _check_kernel, widen_temporal_convs
 
 DOWN_BLOCKS = {
     "ResnetDownsampleBlock3D": ResnetDownsampleBlock3D,
@@ -39,7 +39,7 @@ DOWN_BLOCKS = {
 UP_BLOCKS = {"ResnetUpsampleBlock3D": ResnetUpsampleBlock3D, "SimpleCrossAttnUpBlock3D": SimpleCrossAttnUpBlock3D}
 MID_BLOCKS = ("UNetMidBlock3DSimpleCrossAttn", None)
 
-EXTENSION_KEYS = ("frame_embedding_frames", "temporal_conv_spatial_kernel")
+EXTENSION_KEYS = ("frame_embedding_frames", "temporal_conv_spatial_kernel", "coordinate_frequencies")
 """Config keys of this class that Show-1's configs do not have; their defaults build Show-1 exactly."""
 
 # Config keys whose other values select architectures this class does not build: key -> (allowed values, reason).
@@ -138,6 +138,7 @@ def _validate_config(config: dict[str, Any]) -> None:
             f"`frame_embedding_frames` must be an int >= 0 (0, Show-1's choice, adds none), got {frames!r}."
         )
     _check_kernel(config.get("temporal_conv_spatial_kernel", 1))
+    _check_frequencies(config.get("coordinate_frequencies", 0))
 
 
 class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
@@ -147,7 +148,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
 
     The constructor takes the keys of the published ``unet/config.json`` (diffusers' IF ``UNet2DConditionModel``
     keys with 3D block names, plus ``transfromer_in_opt``); values that would select an architecture this class does
-    not build raise ``ValueError`` naming the key. Two keys are not Show-1's, and their defaults build Show-1
+    not build raise ``ValueError`` naming the key. Three keys are not Show-1's, and their defaults build Show-1
     exactly (``models.extensions``; ``extend_unet`` adds them to a trained UNet):
 
     - ``frame_embedding_frames`` (default 0, none) gives every attention layer a learned, zero-initialised
@@ -157,6 +158,9 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
     - ``temporal_conv_spatial_kernel`` (default 1) widens the first convolution of every temporal convolution
       layer from (3, 1, 1) to (3, k, k), so a frame reads its neighbours' pixels around the same position; the new
       taps start at zero.
+    - ``coordinate_frequencies`` (default 0) adds a zero-initialised learned map of each pixel's (x, y) Fourier
+      features to the output of ``conv_in`` (``coordinate_embedding.proj``), so the layers know where in the frame
+      a pixel is.
 
     Module names follow the reference, so the published state
     dicts load unchanged and temporal attention lives at ``*.temp_attentions.N.transformer_blocks.0.attn{1,2}``.
@@ -220,6 +224,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         transfromer_in_opt: bool = False,
         frame_embedding_frames: int = 0,
         temporal_conv_spatial_kernel: int = 1,
+        coordinate_frequencies: int = 0,
     ):
         super().__init__()
         _validate_config(dict(self.config))
@@ -236,6 +241,9 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
 
         # 1. Input and embeddings.
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.coordinate_embedding = None
+        if coordinate_frequencies:  # not in Show-1: absolute (x, y) features, zero-initialised
+            self.coordinate_embedding = CoordinateEmbedding(coordinate_frequencies, block_out_channels[0])
         self.transformer_in = None
         if transfromer_in_opt:
             self.transformer_in = TransformerTemporalModel(
@@ -393,6 +401,8 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         # 2. Fold frames into the batch: (B, C, F, H, W) -> (B * F, C, H, W).
         sample = sample.permute(0, 2, 1, 3, 4).reshape(batch * num_frames, -1, height, width)
         sample = self.conv_in(sample)
+        if self.coordinate_embedding is not None:
+            sample = sample + self.coordinate_embedding(*sample.shape[-2:]).to(sample.dtype)
         if self.transformer_in is not None:
             args = (sample, None, None, None, num_frames, cross_attention_kwargs, False)
             if torch.is_grad_enabled() and self.gradient_checkpointing:

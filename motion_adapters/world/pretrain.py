@@ -343,6 +343,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Widen the keyframe UNet's temporal convolutions to (3, K, K) so frames read their neighbours' nearby "
         "pixels (new taps zero-initialised, also when continuing with --init-from); default: keyframes_unet_config's.",
     )  # fmt: skip
+    parser.add_argument(
+        "--coordinate-frequencies", type=int, default=None,
+        help="Give the keyframe UNet absolute (x, y) position features with this many frequencies (zero-initialised "
+        "projection, also when continuing with --init-from); default: keyframes_unet_config's.",
+    )  # fmt: skip
     parser.add_argument("--weighting", default="min-snr", choices=WEIGHTINGS, help="Loss weighting over noise levels.")
     parser.add_argument("--device", default=None, help="cuda when available, else cpu.")
     parser.add_argument("--log-every", type=int, default=20, help="Steps between loss records.")
@@ -409,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key, value in (
             ("frame_embedding_frames", args.frame_embedding_frames),
             ("temporal_conv_spatial_kernel", args.temporal_conv_spatial_kernel),
+            ("coordinate_frequencies", args.coordinate_frequencies),
         )
         if value is not None
     }
