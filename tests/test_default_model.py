@@ -263,3 +263,51 @@ def test_pretrain_refuses_a_head_split_for_weights_it_loads(tmp_path):
     with pytest.raises(ValueError, match="--attention-head-dim"):
         main(["--out", str(tmp_path), "--stage", "keyframes", "--init-from", "default", "--attention-head-dim", "8",
               "--max-steps", "1", "--num-specs", "16", "--workers", "1"])  # fmt: skip
+
+
+class _LayoutOracle(torch.nn.Module):
+    """A stand-in keyframe UNet whose clean-clip estimate at the last timestep is a given clip for each caption."""
+
+    def __init__(self, texts: torch.Tensor, clips: torch.Tensor, alpha: float):
+        super().__init__()
+        self.anchor, self.dtype = torch.nn.Parameter(torch.zeros(())), torch.float32
+        self.texts, self.clips, self.alpha = texts, clips, alpha
+
+    def forward(self, sample, timestep, text):
+        index = (self.texts.flatten(1) - text[:1].flatten(1)).abs().sum(1).argmin()
+        v = (self.alpha**0.5 * sample - self.clips[index]) / (1 - self.alpha) ** 0.5
+        return type("Output", (), {"sample": v})
+
+
+def test_motion_at_pure_noise_is_zero_for_a_direction_blind_unet_and_one_for_the_layout_oracle(components):
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from motion_adapters.world.default_model import NOISE_SCHEDULER_CONFIG
+    from motion_adapters.world.pretrain_data import tokenize_captions
+    from motion_adapters.world.pretrain_eval import evaluate_motion_at_pure_noise
+    from motion_adapters.world.render import render_clip
+    from motion_adapters.world.spec import sample_spec
+
+    blind = evaluate_motion_at_pure_noise({**components, "unet": _TextProbe(False)}, pairs=(("right", "left"),),
+                                          num_clips=8, num_noises=2)  # fmt: skip
+    row = blind["pairs"][0]
+    assert blind["timestep"] == 999 and blind["model_over_ideal"] == 0 and row["model_difference"] == 0
+    assert row["ideal_difference"] > 0.01  # a right-moving object starts on the left: the mean clips differ
+    # the oracle draws each direction's mean layout, estimated from its own renders
+    rng, captions, means = np.random.default_rng(123), [], []
+    for direction in ("right", "left"):
+        specs = [sample_spec(rng, motions=(direction,), shapes=("circle",), colors=("red",), backgrounds=("blue",),
+                             speeds=("quickly",)) for _ in range(48)]  # fmt: skip
+        captions.append(specs[0].caption)
+        means.append(torch.stack([render_clip(s) for s in specs]).mean(0))
+    ids, mask = tokenize_captions(components["tokenizer"], captions, torch.device("cpu"))
+    with torch.no_grad():
+        texts = components["text_encoder"](ids, attention_mask=mask).last_hidden_state
+    alpha = DDPMScheduler(**NOISE_SCHEDULER_CONFIG).alphas_cumprod[-1].item()
+    oracle = _LayoutOracle(texts, torch.stack(means), alpha)
+    with torch.no_grad():
+        result = evaluate_motion_at_pure_noise({**components, "unet": oracle}, pairs=(("right", "left"),),
+                                               num_clips=48, num_noises=2)  # fmt: skip
+    assert 0.8 < result["model_over_ideal"] < 1.2
+    assert result["pairs"][0]["model_error"] == pytest.approx(result["pairs"][0]["ideal_error"], rel=0.1)

@@ -54,7 +54,12 @@ from .default_model import (
     use_tiny_head_attention,
 )
 from .pretrain_data import ClipBatches, SpecPool, tokenize_captions
-from .pretrain_eval import evaluate_keyframe_stage, evaluate_motion_reading, evaluate_upsampling_stages
+from .pretrain_eval import (
+    evaluate_keyframe_stage,
+    evaluate_motion_at_pure_noise,
+    evaluate_motion_reading,
+    evaluate_upsampling_stages,
+)
 from .vocab import TRAIN_MOTIONS
 
 __all__ = ["STAGES", "WEIGHTINGS", "main", "save_stage", "train_stage"]
@@ -495,6 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if stage == "keyframes" and args.eval_samples:
             clips = min(64, 8 * args.eval_samples)
             _evaluate(log, "motion_reading", evaluate_motion_reading, components, clips)
+            _evaluate(log, "motion_at_pure_noise", evaluate_motion_at_pure_noise, components)
             _evaluate(log, "keyframes", evaluate_keyframe_stage, components, args.eval_samples, args.seed, out)
         log_path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
     if {"interpolation", "sr"} <= set(stages) and args.eval_samples:
