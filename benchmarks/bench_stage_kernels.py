@@ -1,0 +1,143 @@
+"""Do the training step's temporal kernels also speed up the cascade's denoising calls? One UNet call per stage.
+
+For each Show-1 stage UNet at its real size and batch (random weights, bf16, classifier-free guidance doubling the
+batch), time one forward pass with the library's layers and inside `motion_adapters.training_step.temporal_kernels`
+("math_attention": temporal attention on the math SDPA kernel; "fast": that plus the (3, 1, 1) temporal
+convolutions as 2D convolutions), with channels-last weights, and through `torch.compile`, after warm-up, in the
+same process, and check the outputs agree.
+
+    python benchmarks/bench_stage_kernels.py --out benchmarks/results/stage_kernels_h100.json
+    python benchmarks/bench_stage_kernels.py --tiny --out /tmp/stage_kernels.json  # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_training import GIB, environment, write  # noqa: E402
+
+from motion_adapters.models import (  # noqa: E402
+    Show1UNet3DConditionModel,
+    show1_base_config,
+    show1_interpolation_config,
+    show1_sr1_config,
+)
+from motion_adapters.training_step import temporal_kernels  # noqa: E402
+
+#: stage -> (config factory, (frames, height, width), batch with guidance, calls a video makes: steps x windows)
+STAGES = {
+    "keyframes": (show1_base_config, (8, 40, 64), 2, 75),
+    "interpolation": (show1_interpolation_config, (5, 40, 64), 14, 75),
+    "sr1": (show1_sr1_config, (8, 160, 256), 2, 125 * 4),
+}
+KERNELS = ("library", "math_attention", "fast")
+#: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile
+OTHERS = ("channels_last", "compiled")
+
+
+def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:
+    """Median seconds of one call, after two warm-up calls (the first call's seconds go into ``first``)."""
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        with torch.no_grad():
+            unet(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - began)
+        elif i == 0 and first is not None:
+            first.append(time.perf_counter() - began)
+    return sorted(times)[len(times) // 2]
+
+
+def conv2d_format(unet: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """Store every Conv2d weight in ``memory_format`` (the temporal Conv3d weights are 5D and stay as they are)."""
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = module.weight.data.to(memory_format=memory_format)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stage_kernels_h100.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: a smoke test of the code")
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--variants", default=",".join(KERNELS + OTHERS), help="comma-separated, of "
+                        f"{KERNELS + OTHERS}; 'library' always runs (the baseline)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {tuple(STAGES)}")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    data = {"benchmark": "stage_kernels", "env": environment(device, args.commit), "dtype": str(dtype), "stages": {}}
+    variants = ["library"] + [v for v in args.variants.split(",") if v != "library"]
+    unknown = sorted(set(variants) - set(KERNELS + OTHERS)) + sorted(set(args.stages.split(",")) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown variants or stages {unknown}")
+    for name in args.stages.split(","):
+        make_config, (frames, height, width), batch, calls = STAGES[name]
+        config = make_config()
+        if args.tiny:
+            config.update(block_out_channels=[32] * len(config["block_out_channels"]), attention_head_dim=16,
+                          norm_num_groups=8, encoder_hid_dim=32, cross_attention_dim=32,
+                          addition_embed_type_num_heads=2)  # fmt: skip
+            frames, height, width, batch = 3, 16, 16, 2
+        torch.manual_seed(0)
+        unet = Show1UNet3DConditionModel(**config).to(device, dtype).eval()
+        generator = torch.Generator(device).manual_seed(0)
+        inputs = {
+            "sample": torch.randn(batch, config["in_channels"], frames, height, width, generator=generator,
+                                  device=device, dtype=dtype),
+            "timestep": torch.full((batch,), 500, device=device),
+            "encoder_hidden_states": torch.randn(batch, 77, config["encoder_hid_dim"], generator=generator,
+                                                 device=device, dtype=dtype),
+        }  # fmt: skip
+        if config.get("class_embed_type") == "timestep":
+            inputs["class_labels"] = torch.full((batch,), 250, device=device)
+        record = {"input": [batch, config["in_channels"], frames, height, width], "calls_per_video": calls}
+        outputs = {}
+        for variant in variants:
+            first: list[float] = []
+            model = torch.compile(unet, dynamic=False) if variant == "compiled" else unet
+            if variant == "channels_last":
+                conv2d_format(unet, torch.channels_last)
+            with temporal_kernels(unet, variant if variant in KERNELS else "library"):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                seconds = time_calls(model, inputs, args.repeats, device, first)
+                with torch.no_grad():
+                    outputs[variant] = model(**inputs).sample.float()
+            if variant == "channels_last":
+                conv2d_format(unet, torch.contiguous_format)
+            record[variant] = {"seconds_per_call": seconds, "seconds_per_video": seconds * calls,
+                               "first_call_seconds": first[0]}  # fmt: skip
+            if device.type == "cuda":
+                record[variant]["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+            diff = (outputs[variant] - outputs["library"]).abs()
+            record[variant]["max_abs_diff_vs_library"] = diff.max().item()
+            record[variant]["mean_abs_diff_vs_library"] = diff.mean().item()
+            record[variant]["mean_abs_output"] = outputs["library"].abs().mean().item()
+            record[variant]["speedup_vs_library"] = record["library"]["seconds_per_call"] / seconds
+            print(name, variant, json.dumps(record[variant]), flush=True)
+        data["stages"][name] = record
+        write(args.out, data)  # after every stage: a run cut off by a time limit keeps what it measured
+        del unet, outputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write(args.out, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
