@@ -113,6 +113,27 @@ def cascade_tables(data: dict) -> str:
                      f"**{_f(data.get('peak_gib'), 2)}** |")
     if data.get("resident_weights_gib"):
         lines += ["", f"Stage weights resident during stages 1-4: {data['resident_weights_gib']:.2f} GiB (bf16)."]
+    if data.get("cold_stages"):
+        cold = ", ".join(f"{name} {r['seconds']:.2f} s" for name, r in data["cold_stages"].items())
+        lines += ["", f"Timed after a warm-up pass of 2 steps a stage at the same shapes, which took "
+                  f"{data['cold_seconds_2_steps_each']:.1f} s ({cold}): one-off costs (cuDNN's algorithm search, "
+                  "kernel loading, allocator growth) that a first call pays once."]
+    return "\n".join(lines)
+
+
+def stage_kernels_table(data: dict) -> str:
+    """One UNet call per stage with each way of running it (``bench_stage_kernels.py``)."""
+    lines = [environment_line(data), "",
+             "| stage | input (B, C, F, H, W) | variant | s a call | s a video (calls) | speed-up | first call s | "
+             "mean abs diff / mean abs output |", "|---|---|---|---|---|---|---|---|"]
+    for name, record in data.get("stages", {}).items():
+        for variant, r in record.items():
+            if not isinstance(r, dict):
+                continue
+            lines.append(f"| {name} | {tuple(record['input'])} | {variant} | {r['seconds_per_call']:.3f} | "
+                         f"{r['seconds_per_video']:.1f} ({record['calls_per_video']}) | "
+                         f"{r['speedup_vs_library']:.2f}x | {_f(r.get('first_call_seconds'), 1)} | "
+                         f"{_f(r.get('mean_abs_diff_vs_library'), 4)} / {r['mean_abs_output']:.3f} |")
     return "\n".join(lines)
 
 
@@ -144,6 +165,8 @@ def render() -> dict[str, str]:
                 blocks[f"profile:{path.stem}"] = profile_table(data)
         elif kind == "cascade":
             blocks[f"cascade:{path.stem}"] = cascade_tables(data)
+        elif kind == "stage_kernels":
+            blocks[f"stage_kernels:{path.stem}"] = stage_kernels_table(data)
     return blocks
 
 

@@ -1,4 +1,6 @@
-"""benchmarks/report.py: the generated benchmark tables match the committed JSON, and the profile table renders."""
+"""benchmarks/report.py: the generated tables match the committed JSON; the profile and stage-kernel tables render."""
+
+import json
 
 
 import pytest
@@ -27,3 +29,19 @@ def test_profile_table_lists_the_top_operators_in_order(report):
     assert "1,234 CUDA kernels a step" in table
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert rows == ["| `aten::conv2d` | 40.0 | 10 | 40.0 % |", "| `a/b` | 5.5 | 2 | 5.5 % |"]
+
+
+def test_bench_stage_kernels_tiny_times_each_variant_and_the_outputs_agree(tmp_path):
+    bench = load_script("benchmarks/bench_stage_kernels.py")
+    out = tmp_path / "stage_kernels.json"
+    data = bench.main(["--tiny", "--repeats", "1", "--stages", "sr1", "--variants", "fast,channels_last",
+                       "--out", str(out)])  # fmt: skip
+    record = json.loads(out.read_text())["stages"]["sr1"]
+    assert record == json.loads(json.dumps(data["stages"]["sr1"]))
+    assert set(record) >= {"library", "fast", "channels_last"} and record["calls_per_video"] == 500
+    for variant in ("fast", "channels_last"):  # the same function, run differently
+        assert record[variant]["max_abs_diff_vs_library"] < 1e-4 * max(1.0, record[variant]["mean_abs_output"])
+        assert record[variant]["seconds_per_call"] > 0
+    assert "| sr1 | (2, 6, 3, 16, 16) | channels_last |" in load_script("benchmarks/report.py").stage_kernels_table(data)
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--variants", "turbo", "--out", str(out)])
