@@ -480,3 +480,34 @@ def test_cascade_requires_keyframe_stage_with_text_encoder(cascade):
     with pytest.raises(ValueError, match="with its tokenizer and text_encoder"):
         Show1CascadePipeline(cascade.interpolation)
     assert np.isfinite(cascade.keyframes.encode_prompt("a cat")[0].numpy()).all()
+
+
+def test_stage_temporal_kernels_run_the_same_function_and_are_restored_after_the_call(cascade):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from motion_adapters.training_step import FrameConv, ShortSequenceAttnProcessor
+
+    pipe, unet = cascade.interpolation, cascade.interpolation.unet
+    keyframes = torch.rand(1, 3, 3, 8, 8, generator=seeded(3)) * 2 - 1
+    embeds = torch.randn(1, 77, 64, generator=seeded(4))
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    assert pipe.temporal_kernels == "auto" and type(pipe)._gpu_temporal_kernels == "math_attention"
+    seen = []
+
+    def record(pipe_, step, t, tensors):
+        seen.append({type(p) for name, p in unet.attn_processors.items() if ".temp_attentions." in f".{name}"})
+        seen[-1] |= {type(m) for m in unet.modules() if isinstance(m, FrameConv)}
+        return tensors
+
+    outputs = {}
+    for choice in ("library", "fast", "auto"):  # "auto" on the CPU runs the library's layers
+        pipe.set_temporal_kernels(choice)
+        outputs[choice] = pipe(video=keyframes, prompt_embeds=embeds, num_inference_steps=2, guidance_scale=1.0,
+                               generator=seeded(5), output_type="pt", callback_on_step_end=record).frames  # fmt: skip
+        assert {name: type(p) for name, p in unet.attn_processors.items()} == before  # restored after the call
+        assert not any(isinstance(m, FrameConv) for m in unet.modules())
+    assert seen[0] == {AttnProcessor2_0} and seen[2] == {ShortSequenceAttnProcessor, FrameConv} and seen[4] == seen[0]
+    torch.testing.assert_close(outputs["fast"], outputs["library"], atol=1e-4, rtol=0)  # float32 rounding
+    assert torch.equal(outputs["auto"], outputs["library"])
+    with pytest.raises(ValueError, match="temporal kernels must be one of"):
+        pipe.set_temporal_kernels("turbo")

@@ -183,7 +183,8 @@ class Show1KeyframesPipeline(Show1StagePipeline):
 
         # 5. Denoise
         extra = step_kwargs(scheduler, generator)
-        with eval_mode(self.unet), self.progress_bar(total=len(scheduler.timesteps)) as progress_bar:
+        steps = len(scheduler.timesteps)
+        with eval_mode(self.unet), self._temporal_kernels(), self.progress_bar(total=steps) as progress_bar:
             for i, t in enumerate(scheduler.timesteps):
                 latents = self.denoise_step(
                     scheduler, latents, t, i,

@@ -80,6 +80,10 @@ class Show1InterpolationPipeline(Show1StagePipeline):
         ...              output_type="pt").frames  # (1, 3, 29, 40, 64)  # doctest: +SKIP
     """
 
+    # bench_stage_kernels.py, H100, real size: 0.30 s a call with the math SDPA kernel against 0.41 s (14 sequences
+    # of 5 frames at every pixel)
+    _gpu_temporal_kernels = "math_attention"
+
     def __init__(
         self,
         tokenizer: T5Tokenizer | None,
@@ -221,7 +225,8 @@ class Show1InterpolationPipeline(Show1StagePipeline):
 
         # 5. Denoise all pairs together
         extra = step_kwargs(scheduler, generator)
-        with eval_mode(self.unet), self.progress_bar(total=len(scheduler.timesteps)) as progress_bar:
+        steps = len(scheduler.timesteps)
+        with eval_mode(self.unet), self._temporal_kernels(), self.progress_bar(total=steps) as progress_bar:
             for i, t in enumerate(scheduler.timesteps):
                 latents = self.denoise_step(
                     scheduler, latents, t, i, condition=condition,

@@ -421,7 +421,8 @@ class Show1SuperResPipeline(Show1StagePipeline):
         # 5. Denoise window by window, each on a fresh scheduler
         starts = window_starts(video.shape[2], window_size)
         output = torch.zeros(batch_size, PIXEL_CHANNELS, video.shape[2], height, width, device=device, dtype=dtype)
-        with eval_mode(self.unet), self.progress_bar(total=len(starts) * num_inference_steps) as progress_bar:
+        with eval_mode(self.unet), self._temporal_kernels(), \
+                self.progress_bar(total=len(starts) * num_inference_steps) as progress_bar:
             for start in starts:
                 scheduler = fresh_scheduler(self.scheduler)
                 scheduler.set_timesteps(num_inference_steps, device=device)

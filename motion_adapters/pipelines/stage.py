@@ -27,6 +27,7 @@ from motion_adapters.pipelines._utils import (
     eval_mode,
     scheduler_step_per_frame,
 )
+from motion_adapters.training_step import temporal_kernels
 
 logger = logging.get_logger(__name__)
 
@@ -48,6 +49,33 @@ class Show1StagePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
     _optional_components = ["tokenizer", "text_encoder"]
     _callback_tensor_inputs = ["latents"]
+    # What temporal_kernels="auto" runs on a GPU, chosen per stage by benchmarks/bench_stage_kernels.py (H100, real
+    # sizes): the library's layers, except where another choice measured faster (the interpolation stage).
+    _gpu_temporal_kernels = "library"
+    temporal_kernels = "auto"
+
+    def set_temporal_kernels(self, choice: str) -> None:
+        """Choose how the UNet's temporal layers run while this pipeline denoises (same weights, same function).
+
+        "library" runs them as built; "math_attention", "conv2d" and "fast" are the kernels of
+        `motion_adapters.training_step.temporal_kernels`, swapped in for each call and restored after it; "auto"
+        (the default) picks the measured fastest on a GPU and "library" elsewhere.
+
+        Example:
+            >>> pipe.set_temporal_kernels("math_attention")  # doctest: +SKIP
+        """
+        choices = ("auto", "library", "math_attention", "conv2d", "fast")
+        if choice not in choices:
+            raise ValueError(f"temporal kernels must be one of {choices}, got {choice!r}.")
+        self.temporal_kernels = choice
+
+    def _temporal_kernels(self, unet: torch.nn.Module | None = None):
+        """The context that runs the temporal layers of `unet` (default: this pipeline's) with the chosen kernels."""
+        unet = self.unet if unet is None else unet
+        choice = self.temporal_kernels
+        if choice == "auto":
+            choice = self._gpu_temporal_kernels if unet.device.type == "cuda" else "library"
+        return temporal_kernels(unet, choice)
 
     @torch.no_grad()
     def encode_prompt(
