@@ -61,9 +61,6 @@ def tokenize_captions(tokenizer, captions: list[str], device: torch.device) -> t
     return tokens.input_ids.to(device), tokens.attention_mask.to(device)
 
 
-@torch.no_grad()
-
-
 class SpecPool:
     """Clip specs sampled up front: per clip its 29-frame path, size, shape, color, background and caption.
 

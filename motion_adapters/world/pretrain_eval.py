@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 
+@torch.no_grad()
 def evaluate_keyframes(
     pipeline,
     num_samples: int,
@@ -263,6 +264,7 @@ def evaluate_motion_reading(
     }
 
 
+@torch.no_grad()
 def evaluate_motion_at_pure_noise(
     components: dict[str, Any],
     pairs: tuple[tuple[str, str], ...] = (("right", "left"), ("down", "up")),
