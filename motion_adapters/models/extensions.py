@@ -109,26 +109,23 @@ def widen_temporal_convs(module: nn.Module, kernel: int) -> int:
     """
     _check_kernel(kernel)
     widened = 0
-    for layer in module.modules():
-        if not isinstance(layer, TemporalConvLayer):
+    for layer in [m for m in module.modules() if isinstance(m, TemporalConvLayer)]:  # listed before any change
+        index, conv = next((i, m) for i, m in enumerate(layer.conv1) if isinstance(m, nn.Conv3d))
+        if conv.kernel_size[1:] == (kernel, kernel):
             continue
-        for seq in (layer.conv1,):
-            index, conv = next((i, m) for i, m in enumerate(seq) if isinstance(m, nn.Conv3d))
-            if conv.kernel_size[1:] == (kernel, kernel):
-                continue
-            wide = nn.Conv3d(
-                conv.in_channels,
-                conv.out_channels,
-                (conv.kernel_size[0], kernel, kernel),
-                padding=(conv.padding[0], kernel // 2, kernel // 2),
-                device=conv.weight.device,
-                dtype=conv.weight.dtype,
-            )
-            with torch.no_grad():
-                wide.weight.copy_(widen_kernel(conv.weight, kernel))
-                wide.bias.copy_(conv.bias)
-            seq[index] = wide
-            widened += 1
+        wide = nn.Conv3d(
+            conv.in_channels,
+            conv.out_channels,
+            (conv.kernel_size[0], kernel, kernel),
+            padding=(conv.padding[0], kernel // 2, kernel // 2),
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            wide.weight.copy_(widen_kernel(conv.weight, kernel))
+            wide.bias.copy_(conv.bias)
+        layer.conv1[index] = wide
+        widened += 1
     return widened
 
 
@@ -145,7 +142,7 @@ def extend_unet(unet: nn.Module, **extensions: Any) -> nn.Module:
             ``coordinate_frequencies``.
 
     Example:
-        >>> wide = extend_unet(unet, temporal_conv_spatial_kernel=3, frame_embedding_frames=16)
+        >>> wide = extend_unet(unet, temporal_conv_spatial_kernel=3, frame_embedding_frames=16)  # doctest: +SKIP
     """
     from .unet_show1 import EXTENSION_KEYS
 

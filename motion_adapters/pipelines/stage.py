@@ -69,13 +69,12 @@ class Show1StagePipeline(DiffusionPipeline):
             raise ValueError(f"temporal kernels must be one of {choices}, got {choice!r}.")
         self.temporal_kernels = choice
 
-    def _temporal_kernels(self, unet: torch.nn.Module | None = None):
-        """The context that runs the temporal layers of `unet` (default: this pipeline's) with the chosen kernels."""
-        unet = self.unet if unet is None else unet
+    def _temporal_kernels(self):
+        """The context that runs the temporal layers of this pipeline's UNet with the chosen kernels."""
         choice = self.temporal_kernels
         if choice == "auto":
-            choice = self._gpu_temporal_kernels if unet.device.type == "cuda" else "library"
-        return temporal_kernels(unet, choice)
+            choice = self._gpu_temporal_kernels if self.unet.device.type == "cuda" else "library"
+        return temporal_kernels(self.unet, choice)
 
     @torch.no_grad()
     def encode_prompt(
