@@ -13,7 +13,7 @@ from .blocks_show1 import (
     SimpleCrossAttnDownBlock3D,
     SimpleCrossAttnUpBlock3D,
 )
-from .extensions import _check_frequencies, _check_kernel
+from .extensions import EXTENSIONS, check_extension
 
 __all__ = ["DOWN_BLOCKS", "EXTENSION_KEYS", "MID_BLOCKS", "UP_BLOCKS", "per_block", "validate_config"]
 
@@ -24,7 +24,7 @@ DOWN_BLOCKS = {
 UP_BLOCKS = {"ResnetUpsampleBlock3D": ResnetUpsampleBlock3D, "SimpleCrossAttnUpBlock3D": SimpleCrossAttnUpBlock3D}
 MID_BLOCKS = ("UNetMidBlock3DSimpleCrossAttn", None)
 
-EXTENSION_KEYS = ("frame_embedding_frames", "temporal_conv_spatial_kernel", "coordinate_frequencies")
+EXTENSION_KEYS = tuple(EXTENSIONS)
 """Config keys of this class that Show-1's configs do not have; their defaults build Show-1 exactly."""
 
 # Config keys whose other values select architectures this class does not build: key -> (allowed values, reason).
@@ -109,10 +109,5 @@ def validate_config(config: dict[str, Any]) -> None:
         )
     if config["encoder_hid_dim_type"] is not None and config["encoder_hid_dim"] is None:
         raise ValueError("`encoder_hid_dim_type='text_proj'` needs `encoder_hid_dim` (4096 for T5 XXL).")
-    frames = config.get("frame_embedding_frames", 0)
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
-        raise ValueError(
-            f"`frame_embedding_frames` must be an int >= 0 (0, Show-1's choice, adds none), got {frames!r}."
-        )
-    _check_kernel(config.get("temporal_conv_spatial_kernel", 1))
-    _check_frequencies(config.get("coordinate_frequencies", 0))
+    for key, (default, *_) in EXTENSIONS.items():
+        check_extension(key, config.get(key, default))

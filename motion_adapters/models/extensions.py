@@ -1,6 +1,6 @@
 """Opt-in extensions of Show-1's 3D UNet, and the weight surgery that adds them to a trained UNet.
 
-Both are off by default, so Show-1 checkpoints load and run unchanged:
+All are off by default (``EXTENSIONS``), so Show-1 checkpoints load and run unchanged:
 
 - ``frame_embedding_frames`` (see ``blocks_show1.add_frame_embedding``): a learned per-frame vector before each
   temporal transformer.
@@ -26,15 +26,35 @@ import torch
 from diffusers.models.resnet import TemporalConvLayer
 from torch import nn
 
-__all__ = ["CoordinateEmbedding", "extend_unet", "widen_kernel", "widen_temporal_convs"]
+__all__ = [
+    "EXTENSIONS",
+    "CoordinateEmbedding",
+    "check_extension",
+    "extend_unet",
+    "widen_kernel",
+    "widen_temporal_convs",
+]
 
 
-def _check_kernel(kernel: Any) -> None:
-    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(
-            f"`temporal_conv_spatial_kernel` must be an odd int >= 1 (1, Show-1's choice, looks at no neighbouring "
-            f"pixel), got {kernel!r}."
-        )
+# key -> (default: Show-1's architecture, smallest value, must be odd, what the default means)
+EXTENSIONS: dict[str, tuple[int, int, bool, str]] = {
+    "frame_embedding_frames": (0, 0, False, "0, Show-1's choice, adds none"),
+    "temporal_conv_spatial_kernel": (1, 1, True, "1, Show-1's choice, looks at no neighbouring pixel"),
+    "coordinate_frequencies": (0, 0, False, "0, Show-1's choice, adds no position features"),
+}
+"""The extension config keys, each off at its default."""
+
+
+def check_extension(key: str, value: Any) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is an int it accepts (see ``EXTENSIONS``).
+
+    Example:
+        >>> check_extension("temporal_conv_spatial_kernel", 3)
+    """
+    _, minimum, odd, meaning = EXTENSIONS[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (odd and value % 2 == 0):
+        kind = "an odd int" if odd else "an int"
+        raise ValueError(f"`{key}` must be {kind} >= {minimum} ({meaning}), got {value!r}.")
 
 
 class CoordinateEmbedding(nn.Module):
@@ -71,14 +91,6 @@ class CoordinateEmbedding(nn.Module):
         return self.proj(self.features(height, width)).permute(2, 0, 1)
 
 
-def _check_frequencies(value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(
-            f"`coordinate_frequencies` must be an int >= 0 (0, Show-1's choice, adds no position features), got "
-            f"{value!r}."
-        )
-
-
 def widen_kernel(weight: torch.Tensor, kernel: int) -> torch.Tensor:
     """Embed a ``(out, in, t, 1, 1)`` convolution weight at the centre of a zero ``(out, in, t, k, k)`` one.
 
@@ -88,7 +100,7 @@ def widen_kernel(weight: torch.Tensor, kernel: int) -> torch.Tensor:
                 [0., 1., 0.],
                 [0., 0., 0.]])
     """
-    _check_kernel(kernel)
+    check_extension("temporal_conv_spatial_kernel", kernel)
     if weight.ndim != 5 or weight.shape[-2:] != (1, 1):
         raise ValueError(f"expected a (out, in, t, 1, 1) temporal convolution weight, got {tuple(weight.shape)}.")
     wide = weight.new_zeros(*weight.shape[:3], kernel, kernel)
@@ -107,7 +119,7 @@ def widen_temporal_convs(module: nn.Module, kernel: int) -> int:
         >>> widen_temporal_convs(layer, 3), layer.conv1[2].kernel_size
         (1, (3, 3, 3))
     """
-    _check_kernel(kernel)
+    check_extension("temporal_conv_spatial_kernel", kernel)
     widened = 0
     for layer in [m for m in module.modules() if isinstance(m, TemporalConvLayer)]:  # listed before any change
         index, conv = next((i, m) for i, m in enumerate(layer.conv1) if isinstance(m, nn.Conv3d))
@@ -144,16 +156,16 @@ def extend_unet(unet: nn.Module, **extensions: Any) -> nn.Module:
     Example:
         >>> wide = extend_unet(unet, temporal_conv_spatial_kernel=3, frame_embedding_frames=16)  # doctest: +SKIP
     """
-    from .unet_show1 import EXTENSION_KEYS
-
-    unknown = sorted(set(extensions) - set(EXTENSION_KEYS))
+    unknown = sorted(set(extensions) - set(EXTENSIONS))
     if unknown:
-        raise ValueError(f"extend_unet takes only the extension keys {list(EXTENSION_KEYS)}, got {unknown}.")
+        raise ValueError(f"extend_unet takes only the extension keys {list(EXTENSIONS)}, got {unknown}.")
     # diffusers drops keys listed in the private `_use_default_values` of a loaded config: pass public keys only.
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     for key, value in extensions.items():
-        if value < config.get(key, 1 if key == "temporal_conv_spatial_kernel" else 0):
-            raise ValueError(f"`{key}={value}` is smaller than this UNet's {config[key]}: it would drop weights.")
+        check_extension(key, value)
+        current = config.get(key, EXTENSIONS[key][0])
+        if value < current:
+            raise ValueError(f"`{key}={value}` is smaller than this UNet's {current}: it would drop weights.")
     config.update(extensions)
     extended = type(unet).from_config(config)
     state = dict(unet.state_dict())

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download
 from transformers import T5EncoderModel, T5Tokenizer
 
+from motion_adapters.config import TEMPORAL_KERNELS
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
     HUB_KWARGS,
@@ -64,9 +65,8 @@ class Show1StagePipeline(DiffusionPipeline):
         Example:
             >>> pipe.set_temporal_kernels("math_attention")  # doctest: +SKIP
         """
-        choices = ("auto", "library", "math_attention", "conv2d", "fast")
-        if choice not in choices:
-            raise ValueError(f"temporal kernels must be one of {choices}, got {choice!r}.")
+        if choice not in TEMPORAL_KERNELS:
+            raise ValueError(f"temporal kernels must be one of {TEMPORAL_KERNELS}, got {choice!r}.")
         self.temporal_kernels = choice
 
     def _temporal_kernels(self):

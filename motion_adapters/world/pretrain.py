@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 from ..models import Show1UNet3DConditionModel
-from ..models.extensions import extend_unet
+from ..models.extensions import EXTENSIONS, extend_unet
 from .default_model import (
     DEFAULT_MODEL_DIR,
     NOISE_SCHEDULER_CONFIG,
@@ -414,15 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         saved = load_default_components(model_dir=source, tiny_head_attention=False)
         for key in ("text_encoder", "unet", "interpolation_unet", "sr_unet"):
             components[key] = saved[key].float()
-    extensions = {
-        key: value
-        for key, value in (
-            ("frame_embedding_frames", args.frame_embedding_frames),
-            ("temporal_conv_spatial_kernel", args.temporal_conv_spatial_kernel),
-            ("coordinate_frequencies", args.coordinate_frequencies),
-        )
-        if value is not None
-    }
+    # each extension key has its option (--frame-embedding-frames, ...), whose dest is the key itself
+    extensions = {key: getattr(args, key) for key in EXTENSIONS if getattr(args, key) is not None}
     if extensions:  # new tables start at zero, widened kernels keep the old weights at their centre
         components["unet"] = extend_unet(components["unet"], **extensions).eval()
     frozen_text = "keyframes" not in stages or args.text_encoder_from is not None
