@@ -311,3 +311,58 @@ def test_motion_at_pure_noise_is_zero_for_a_direction_blind_unet_and_one_for_the
                                                num_clips=48, num_noises=2)  # fmt: skip
     assert 0.8 < result["model_over_ideal"] < 1.2
     assert result["pairs"][0]["model_error"] == pytest.approx(result["pairs"][0]["ideal_error"], rel=0.1)
+
+
+def test_parse_curriculum_normalises_shares_and_reads_all():
+    from motion_adapters.world.pretrain import motions_at, parse_curriculum
+    from motion_adapters.world.vocab import TRAIN_MOTIONS
+
+    curriculum = parse_curriculum("right, still:1; right,left:1 ;all:2")
+    assert curriculum == [(("right", "still"), 0.25), (("right", "left"), 0.25), (TRAIN_MOTIONS, 0.5)]
+    assert [motions_at(curriculum, p) for p in (0.0, 0.24, 0.25, 0.6, 1.0)] == [
+        ("right", "still"), ("right", "still"), ("right", "left"), TRAIN_MOTIONS, TRAIN_MOTIONS,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("right,left", "must read 'motion,motion,...:share'"),
+        ("right:0", "must be a positive number"),
+        ("right:x", "must be a positive number"),
+        ("right,zigzag:1", r"names \['zigzag'\]"),
+        (" ; ", "has no phase"),
+    ],
+)
+def test_parse_curriculum_rejects_bad_phases_with_the_fix(text, message):
+    from motion_adapters.world.pretrain import parse_curriculum
+
+    with pytest.raises(ValueError, match=message):
+        parse_curriculum(text)
+
+
+def test_keyframe_batches_of_a_motion_subset_show_only_those_motions():
+    from motion_adapters.world.pretrain_data import ClipBatches
+
+    pool = SpecPool(33, seed=0, motions=("left", "right", "still"))
+    batches = ClipBatches(pool, torch.Generator().manual_seed(0))
+    right = [i for i, m in enumerate(pool.motions) if m == "right"]
+    for _ in range(3):
+        batch = batches.keyframes(6, motions=("right",))
+        assert {pool.unique_captions[c] for c in batch["captions"].tolist()} <= {pool.captions[i] for i in right} | {""}
+    with pytest.raises(ValueError, match=r"names \['up'\], which the pool has no clips of"):
+        batches.keyframes(2, motions=("up",))
+
+
+def test_pretrain_curriculum_is_logged_and_excludes_motions(tmp_path):
+    from motion_adapters.world.pretrain import main
+
+    argv = ["--out", str(tmp_path), "--stage", "keyframes", "--init-from", "default", "--text-encoder-from", "default",
+            "--minutes", "0.05", "--max-steps", "1", "--num-specs", "16", "--workers", "1", "--batch-sizes", "1,1,1"]
+    log = main([*argv, "--curriculum", "right,still:1;right,left:3"])
+    assert log["stages"]["keyframes"]["curriculum"] == [
+        {"motions": ["right", "still"], "share": 0.25}, {"motions": ["right", "left"], "share": 0.75},
+    ]  # fmt: skip
+    assert log["runs"][-1]["pool"]["motions"] == ["left", "right", "still"]
+    with pytest.raises(ValueError, match="drop --motions"):
+        main([*argv, "--curriculum", "right:1", "--motions", "right"])

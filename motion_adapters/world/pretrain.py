@@ -62,7 +62,7 @@ from .pretrain_eval import (
 )
 from .vocab import TRAIN_MOTIONS
 
-__all__ = ["STAGES", "WEIGHTINGS", "main", "save_stage", "train_stage"]
+__all__ = ["STAGES", "WEIGHTINGS", "main", "motions_at", "parse_curriculum", "save_stage", "train_stage"]
 
 WEIGHTINGS = ("min-snr", "v-capped")
 """Loss weightings of ``train_stage`` (see its ``weighting`` argument)."""
@@ -75,6 +75,61 @@ DEFAULTS = {  # per stage: share of the minutes, batch size in clips or windows,
     "interpolation": {"share": 0.12, "batch_size": 64, "lr": 7e-4},
     "sr": {"share": 0.23, "batch_size": 16, "lr": 7e-4},
 }
+
+
+# --- curriculum -----------------------------------------------------------------------------------------------
+
+
+def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], float]]:
+    """Read ``--curriculum``: phases ``motions:share`` separated by ``;``, motions comma-separated or ``all``.
+
+    The keyframe stage trains phase after phase, each for its share of the stage's time (shares are normalised),
+    on clips of the phase's motions only. Opposite directions cancel in a direction-blind model's gradient (their
+    mean residuals are mirror images), so a curriculum can first teach one direction's drift and then the word that
+    flips it.
+
+    Raises:
+        ValueError: for an empty phase, an unknown or unseen motion, or a share that is not a positive number.
+
+    Example:
+        >>> parse_curriculum("right,still:1;all:3")[0]
+        (('right', 'still'), 0.25)
+    """
+    phases = []
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        names, sep, share = part.rpartition(":")
+        if not sep or not names.strip():
+            raise ValueError(f"--curriculum phase {part!r} must read 'motion,motion,...:share' or 'all:share'.")
+        try:
+            weight = float(share)
+        except ValueError:
+            weight = float("nan")
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"--curriculum phase {part!r}: the share {share!r} must be a positive number.")
+        motions = TRAIN_MOTIONS if names.strip() == "all" else tuple(m.strip() for m in names.split(","))
+        unknown = [m for m in motions if m not in TRAIN_MOTIONS]
+        if unknown:
+            raise ValueError(f"--curriculum phase {part!r} names {unknown}; use motions of {TRAIN_MOTIONS} or 'all'.")
+        phases.append((motions, weight))
+    if not phases:
+        raise ValueError(f"--curriculum {text!r} has no phase; pass e.g. 'right,still:1;all:2'.")
+    total = sum(w for _, w in phases)
+    return [(motions, w / total) for motions, w in phases]
+
+
+def motions_at(curriculum: list[tuple[tuple[str, ...], float]], progress: float) -> tuple[str, ...]:
+    """The motions of the curriculum phase that ``progress`` (0 to 1 of the stage's time) falls in.
+
+    Example:
+        >>> motions_at([(("right",), 0.5), (("left", "right"), 0.5)], 0.7)
+        ('left', 'right')
+    """
+    end = 0.0
+    for motions, share in curriculum:
+        end += share
+        if progress < end:
+            return motions
+    return curriculum[-1][0]
 
 
 # --- training -------------------------------------------------------------------------------------------------
@@ -102,7 +157,7 @@ class _EMA:
 def train_stage(
     name: str,
     unet: torch.nn.Module,
-    make_batch: Callable[[int], dict[str, torch.Tensor]],
+    make_batch: Callable[[int, float], dict[str, torch.Tensor]],
     encode: Callable[[torch.Tensor], torch.Tensor],
     seconds: float,
     batch_size: int,
@@ -129,7 +184,8 @@ def train_stage(
     Args:
         name: Stage name, for logs.
         unet: The stage's UNet; its parameters are set to their EMA on return.
-        make_batch: ``batch_size -> {"sample", "captions", optional "condition", "class_labels"}``.
+        make_batch: ``(batch_size, progress) -> {"sample", "captions", optional "condition", "class_labels"}``, with
+            ``progress`` the fraction of the budget used so far (a curriculum picks its phase from it).
         encode: Caption ids (B,) -> text states (B, 77, D); must be differentiable if ``trainable_text``.
         seconds: Wall-clock budget of the loop.
         batch_size: Clips or windows per step.
@@ -171,7 +227,7 @@ def train_stage(
             group["lr"] = (
                 lr * min(1.0, (step + 1) / warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
             )
-        batch = make_batch(batch_size)
+        batch = make_batch(batch_size, progress)
         sample = batch["sample"]
         noise = torch.randn_like(sample)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (sample.shape[0],), device=device)
@@ -353,6 +409,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Give the keyframe UNet absolute (x, y) position features with this many frequencies (zero-initialised "
         "projection, also when continuing with --init-from); default: keyframes_unet_config's.",
     )  # fmt: skip
+    parser.add_argument(
+        "--curriculum", default=None,
+        help="Train the keyframe stage in phases 'motions:share;...' (motions comma-separated, or all), e.g. "
+        "'right,still:1;right,left,still:1;all:2'; default: every motion of --motions throughout.",
+    )  # fmt: skip
     parser.add_argument("--weighting", default="min-snr", choices=WEIGHTINGS, help="Loss weighting over noise levels.")
     parser.add_argument("--device", default=None, help="cuda when available, else cpu.")
     parser.add_argument("--log-every", type=int, default=20, help="Steps between loss records.")
@@ -442,6 +503,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. The pool of seen-motion clips
     t0 = time.perf_counter()
     motions = TRAIN_MOTIONS if args.motions is None else tuple(args.motions.split(","))
+    curriculum = None
+    if args.curriculum is not None:
+        if args.motions is not None:
+            raise ValueError("--curriculum names the motions of each phase; drop --motions.")
+        curriculum = parse_curriculum(args.curriculum)
+        motions = tuple(m for m in TRAIN_MOTIONS if any(m in phase for phase, _ in curriculum))
     pool = SpecPool(args.num_specs, seed=args.seed, workers=args.workers, motions=motions).to(device)
     pool_seconds = time.perf_counter() - t0
     print(f"pool: {len(pool)} specs, {len(pool.unique_captions) - 1} captions in {pool_seconds:.1f}s", flush=True)
@@ -466,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def encode(captions: torch.Tensor) -> torch.Tensor:
                 return text_encoder(ids[captions], attention_mask=mask[captions]).last_hidden_state
 
-            unet, make_batch, trainable_text = components["unet"], batches.keyframes, text_encoder
+            unet, trainable_text = components["unet"], text_encoder
         else:
             with torch.no_grad():
                 cache = torch.cat([
@@ -477,13 +544,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def encode(captions: torch.Tensor, cache: torch.Tensor = cache) -> torch.Tensor:
                 return cache[captions]
 
-            unet, make_batch, trainable_text = components[STAGE_UNETS[stage]], getattr(batches, stage), None
+            unet, trainable_text = components[STAGE_UNETS[stage]], None
+        if stage == "keyframes" and curriculum is not None:
+
+            def make_batch(size: int, progress: float) -> dict[str, torch.Tensor]:
+                return batches.keyframes(size, motions=motions_at(curriculum, progress))
+
+        else:
+
+            def make_batch(size: int, progress: float, draw: Callable = getattr(batches, stage)) -> dict:
+                return draw(size)
+
         result = train_stage(
             stage, unet, make_batch, encode, seconds, batch_sizes[stage], args.lr or DEFAULTS[stage]["lr"],
             trainable_text=trainable_text, max_steps=args.max_steps, log_every=args.log_every,
             weighting=args.weighting,
         )  # fmt: skip
         result["parameters"] = sum(p.numel() for p in unet.parameters())
+        if stage == "keyframes" and curriculum is not None:
+            result["curriculum"] = [{"motions": list(m), "share": round(w, 4)} for m, w in curriculum]
         if args.init_from:  # the stage continued from these weights; the earlier record moves to "previous"
             result["init_from"] = args.init_from
             if stage in log["stages"]:

@@ -198,6 +198,20 @@ class ClipBatches:
         self.pool, self.generator, self.dtype = pool, generator, dtype
         self.device = pool.centers.device
         self.noising = DDPMScheduler(**NOISE_SCHEDULER_CONFIG)
+        self._motion_indices: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _clips_showing(self, motions: tuple[str, ...]) -> torch.Tensor:
+        """Pool indices of the clips whose motion is one of ``motions`` (cached per tuple)."""
+        if motions not in self._motion_indices:
+            missing = sorted(set(motions) - set(self.pool.motions))
+            if missing:
+                raise ValueError(
+                    f"motions={motions} names {missing}, which the pool has no clips of (it has "
+                    f"{sorted(set(self.pool.motions))}). Build the SpecPool with those motions."
+                )
+            chosen = [i for i, m in enumerate(self.pool.motions) if m in motions]
+            self._motion_indices[motions] = torch.tensor(chosen, device=self.device)
+        return self._motion_indices[motions]
 
     def _randint(self, high: int, size: tuple[int, ...]) -> torch.Tensor:
         return torch.randint(high, size, generator=self.generator, device=self.device)
@@ -215,9 +229,13 @@ class ClipBatches:
             pool.shapes[index], pool.colors[index], pool.backgrounds[index], size,
         ).float()  # fmt: skip
 
-    def keyframes(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """8 keyframes (frames 0, 4, ..., 28) of 32 x 32; no condition."""
-        index = self._randint(len(self.pool), (batch_size,))
+    def keyframes(self, batch_size: int, motions: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """8 keyframes (frames 0, 4, ..., 28) of 32 x 32; no condition; only clips of ``motions`` if given."""
+        if motions is None:
+            index = self._randint(len(self.pool), (batch_size,))
+        else:
+            candidates = self._clips_showing(tuple(motions))
+            index = candidates[self._randint(len(candidates), (batch_size,))]
         frames = torch.arange(0, TIMELINE, 4, device=self.device).expand(batch_size, -1)
         return {"sample": self._render(index, frames, KEYFRAME_SIZE), "captions": self._captions(index)}
 
