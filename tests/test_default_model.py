@@ -349,7 +349,8 @@ def test_keyframe_batches_of_a_motion_subset_show_only_those_motions():
     right = [i for i, m in enumerate(pool.motions) if m == "right"]
     for _ in range(3):
         batch = batches.keyframes(6, motions=("right",))
-        assert {pool.unique_captions[c] for c in batch["captions"].tolist()} <= {pool.captions[i] for i in right} | {""}
+        captions = {pool.unique_captions[c] for c in batch["captions"].tolist()}
+        assert captions <= {pool.captions[i] for i in right} | {""}
     with pytest.raises(ValueError, match=r"names \['up'\], which the pool has no clips of"):
         batches.keyframes(2, motions=("up",))
 

@@ -551,8 +551,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return batches.keyframes(size, motions=motions_at(curriculum, progress))
 
         else:
+            draw = getattr(batches, stage)
 
-            def make_batch(size: int, progress: float, draw: Callable = getattr(batches, stage)) -> dict:
+            def make_batch(size: int, progress: float, draw: Callable = draw) -> dict[str, torch.Tensor]:
                 return draw(size)
 
         result = train_stage(
