@@ -75,6 +75,8 @@ VARIANTS = {
     "full_graph_regional": ("as full_graph_fast, with every ResNet and temporal-convolution layer compiled on its own "
                             "(compile='regional')",
                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "compile": "regional"}),
+    "full_graph_norms": ("as full_graph_fast, group and layer norms in bf16 (norm_dtype='compute')",
+                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute"}),
     "full": ("train_motion full, 400 steps: bf16 frozen weights, fp32 masters, fused AdamW, whole-step CUDA "
              "graph, the fastest temporal kernels above", {"mode": "full", "cuda_graph": "yes",
                                                           "temporal_kernels": "best"}),
@@ -314,7 +316,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
         n_noise = statistics.mean(abs(d) for d in diffs)
         out["baseline_vs_rerun_mean_abs_diff"] = n_noise
         out["baseline_vs_rerun_diff_std"] = statistics.pstdev(diffs)
-    for name in ("full", "full_graph", "full_graph_fast", "full_graph_regional", "full_eager", "full_compile"):
+    for name in ("full", "full_graph", "full_graph_fast", "full_graph_regional", "full_graph_norms", "full_eager",
+                 "full_compile"):
         ours = runs.get(name, {}).get("losses")
         if not ours:
             continue

@@ -15,6 +15,7 @@ COS_VARIANTS = ("paper", "official")
 MODES = ("full", "lora")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FROZEN_DTYPES = ("auto", "compute", "keep")
+NORM_DTYPES = ("auto", "float32", "compute")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
 TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention")
@@ -61,6 +62,11 @@ class MotionDistillationConfig:
             the mixed-precision dtype for the run, so no step re-casts them (the float32 originals wait on the CPU
             and are put back exactly afterwards); "keep" leaves them; "auto" is "compute" on CUDA with mixed
             precision, else "keep".
+        norm_dtype: how group and layer norms run under mixed precision. "float32" is autocast's rule: each norm
+            casts its input to float32 and returns float32, which the next layer casts back (two copies of every
+            normalised activation, and float32 activations kept for the backward pass); "compute" runs them in the
+            mixed-precision dtype (PyTorch's kernels still accumulate the statistics in float32) and stores their
+            weights in it for the run; "auto" is "float32". Without mixed precision both are the same.
         compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs"), or
             "regional": each ResNet and temporal-convolution layer compiled on its own, attention left eager (the
             layers are restored after training).
@@ -116,6 +122,7 @@ class MotionDistillationConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     frozen_dtype: str = "auto"
+    norm_dtype: str = "auto"
     compile: str = "no"
     cuda_graph: str = "auto"
     temporal_kernels: str = "auto"
@@ -145,6 +152,7 @@ class MotionDistillationConfig:
         _choice("mode", self.mode, MODES)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
+        _choice("norm_dtype", self.norm_dtype, NORM_DTYPES)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
         _choice("temporal_kernels", self.temporal_kernels, TEMPORAL_KERNELS)

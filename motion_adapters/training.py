@@ -44,6 +44,7 @@ from motion_adapters.training_step import (
     checkpointing,
     compiled,
     keep_implementation_flags,
+    norms_in_compute_dtype,
     optimizer_for,
     regional_compile,
     temporal_kernels,
@@ -179,13 +180,14 @@ def train_motion(
     cast_frozen = config.frozen_dtype == "compute" or (
         config.frozen_dtype == "auto" and device.type == "cuda" and compute_dtype is not None
     )
+    half_norms = config.norm_dtype == "compute" and compute_dtype is not None
 
     out_dir = Path(output_dir) if output_dir is not None else None
     losses: list[float] = []
     step_seconds: list[float] = []
     start = 0
     was_training = unet.training
-    precision = WeightPrecision(unet, params, compute_dtype, cast_frozen)
+    precision = WeightPrecision(unet, params, compute_dtype, cast_frozen, cast_norms=half_norms)
     num_cast = precision.num_cast
     bar = tqdm(total=config.max_train_steps, initial=0, desc="train_motion", disable=not progress, leave=False)
     stopped_early = False
@@ -211,7 +213,8 @@ def train_motion(
         # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
-                regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
+                norms_in_compute_dtype(unet, half_norms), regional_compile(unet, config.compile == "regional"), \
+                torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
@@ -265,6 +268,7 @@ def train_motion(
         "cuda_graph": graph,
         "compile": config.compile,
         "temporal_kernels": kernels,
+        "norm_dtype": "compute" if half_norms else "float32",
     }
     return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
 

@@ -6,6 +6,7 @@ step and how the UNet is prepared for it:
 - `WeightPrecision` stores the frozen weights in the compute dtype for the run (no per-step casts of the whole
   UNet), trains float32 master copies of the adapter's parameters under autocast, and puts every parameter back
   in its own dtype afterwards.
+- `norms_in_compute_dtype` runs group and layer norms in the mixed-precision dtype instead of autocast's float32.
 - `checkpointing` switches gradient checkpointing on for all blocks or for named blocks only, and restores it.
 - `temporal_kernels` swaps in kernels suited to sequences of a few frames (math SDPA for temporal attention,
   `Conv2d` for the (3, 1, 1) temporal convolutions) for the run, and restores the originals.
@@ -106,6 +107,7 @@ class WeightPrecision:
         trainable: dict[str, nn.Parameter],
         compute_dtype: torch.dtype | None,
         cast_frozen: bool,
+        cast_norms: bool = False,
     ):
         self._trainable_dtypes = [(p, p.dtype) for p in trainable.values()]
         for p in trainable.values():
@@ -114,7 +116,8 @@ class WeightPrecision:
         self._frozen: list[tuple[nn.Parameter, torch.Tensor]] = []
         if cast_frozen and compute_dtype is not None:
             ids = {id(p) for p in trainable.values()}
-            ids |= {id(p) for m in unet.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+            if not cast_norms:
+                ids |= {id(p) for m in unet.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
             for p in unet.parameters():
                 if id(p) not in ids and p.dtype == torch.float32:
                     original = p.data
@@ -214,6 +217,42 @@ def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
     finally:
         for step in reversed(undo):
             step()
+
+
+def _norm_in_compute_dtype(norm: nn.GroupNorm | nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` in autocast's dtype (or `x`'s outside autocast), not autocast's float32."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    weight = None if norm.weight is None else norm.weight.to(dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if isinstance(norm, nn.GroupNorm):
+            return torch.nn.functional.group_norm(x.to(dtype), norm.num_groups, weight, bias, norm.eps)
+        return torch.nn.functional.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
+
+
+@contextmanager
+def norms_in_compute_dtype(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Run every `GroupNorm` and `LayerNorm` of `unet` in the autocast dtype for the run, then restore them.
+
+    Autocast computes norms in float32: a norm casts its half input up and returns float32, which the next
+    convolution or linear layer casts back down, so every normalised activation is copied twice and kept in
+    float32 for the backward pass. Here the norm reads and writes the half dtype; PyTorch's CUDA kernels accumulate
+    mean and variance in float32 either way. The modules keep their class (diffusers checks `isinstance` on
+    `norm_cross`): only their `forward` is replaced, on the instance. Yields the number of norms changed.
+
+    Example:
+        >>> with norms_in_compute_dtype(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    norms = [m for m in unet.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))] if enabled else []
+    for norm in norms:
+        norm.forward = functools.partial(_norm_in_compute_dtype, norm)
+    try:
+        yield len(norms)
+    finally:
+        for norm in norms:
+            del norm.forward
 
 
 #: Layers that `compile="regional"` compiles one by one: group norms, SiLU, casts, dropout and convolutions.
@@ -488,6 +527,7 @@ __all__ = [
     "compiled",
     "temporal_kernels",
     "keep_implementation_flags",
+    "norms_in_compute_dtype",
     "optimizer_for",
     "use_cuda_graph",
 ]

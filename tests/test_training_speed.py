@@ -149,6 +149,7 @@ def test_resumed_optimizer_keeps_its_own_implementation_flags():
     ("kwargs", "message"),
     [
         ({"frozen_dtype": "fp8"}, "frozen_dtype='fp8' is not supported: use one of 'auto', 'compute', 'keep'"),
+        ({"norm_dtype": "bf16"}, "norm_dtype='bf16' is not supported: use one of 'auto', 'float32', 'compute'"),
         ({"compile": "reduce-overhead"}, "compile='reduce-overhead' is not supported"),
         ({"cuda_graph": True}, "cuda_graph=True is not supported: use one of 'auto', 'yes', 'no'"),
         ({"activation_memory_budget": 0.5}, "activation_memory_budget=0.5 only acts on a compiled UNet"),
@@ -207,3 +208,53 @@ def test_regional_compile_computes_the_same_function_and_is_undone():
     assert all(m._compiled_call_impl is None for m in layers) and torch._dynamo.config.recompile_limit == limit
     with regional_compile(unet, False) as count:
         assert count == 0 and all(m._compiled_call_impl is None for m in layers)
+
+
+def test_norms_in_compute_dtype_read_and_write_bf16_under_autocast_and_are_undone():
+    from motion_adapters.training_step import norms_in_compute_dtype
+
+    unet = tiny_show1().eval()
+    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
+    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    outputs = {}
+
+    def record(module, inputs, output):
+        outputs[id(module)] = output.dtype
+
+    hooks = [n.register_forward_hook(record) for n in norms]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = unet(x, torch.tensor([10]), text).sample.float()
+        assert torch.float32 in set(outputs.values())  # CUDA autocast runs every norm in float32, CPU some
+        outputs.clear()
+        with norms_in_compute_dtype(unet, True) as count:
+            half = unet(x, torch.tensor([10]), text).sample.float()
+    assert count == len(norms) > 0 and set(outputs.values()) == {torch.bfloat16}
+    assert all(type(n) in (torch.nn.GroupNorm, torch.nn.LayerNorm) and "forward" not in vars(n) for n in norms)
+    assert not torch.equal(half, reference)
+    torch.testing.assert_close(half, reference, rtol=0.05, atol=0.05)
+    for hook in hooks:
+        hook.remove()
+    with norms_in_compute_dtype(unet, False) as count:
+        assert count == 0
+
+
+def test_norm_dtype_compute_trains_with_half_norm_weights_and_restores_them_exactly():
+    unet = tiny_show1()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    seen = set()
+
+    def look(state):
+        seen.update(p.dtype for m in state.unet.modules() if isinstance(m, torch.nn.GroupNorm) for p in m.parameters())
+
+    config = cfg(mixed_precision="bf16", frozen_dtype="compute", norm_dtype="compute")
+    result = train_motion(unet, clip(), embeds(64), scheduler(), config, callbacks=[look], progress=False)
+    assert seen == {torch.bfloat16} and result.extra["norm_dtype"] == "compute"
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    adapted = {f"{m}.weight" for m in result.info.module_names}
+    for name, p in unet.named_parameters():
+        assert p.dtype == torch.float32, name
+        if name not in adapted:
+            torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
+    assert all(not torch.equal(dict(unet.named_parameters())[n], before[n]) for n in adapted)
+    plain = train_motion(tiny_show1(), clip(), embeds(64), scheduler(), cfg(norm_dtype="compute"), progress=False)
+    assert plain.extra["norm_dtype"] == "float32"  # no mixed precision: nothing to change
