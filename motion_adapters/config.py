@@ -66,7 +66,9 @@ class MotionDistillationConfig:
             casts its input to float32 and returns float32, which the next layer casts back (two copies of every
             normalised activation, and float32 activations kept for the backward pass); "compute" runs them in the
             mixed-precision dtype (PyTorch's kernels still accumulate the statistics in float32) and stores their
-            weights in it for the run; "auto" is "float32". Without mixed precision both are the same.
+            weights in it for the run (on an H200: 1.13 times faster steps, 2.2 GiB less memory, the loss within
+            the reference loop's run-to-run noise; docs/performance.md); "auto" is "compute" on CUDA, else
+            "float32". Without mixed precision both are the same.
         compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs"), or
             "regional": each ResNet and temporal-convolution layer compiled on its own, attention left eager (the
             layers are restored after training).

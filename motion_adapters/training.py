@@ -180,7 +180,9 @@ def train_motion(
     cast_frozen = config.frozen_dtype == "compute" or (
         config.frozen_dtype == "auto" and device.type == "cuda" and compute_dtype is not None
     )
-    half_norms = config.norm_dtype == "compute" and compute_dtype is not None
+    half_norms = compute_dtype is not None and (
+        config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
+    )
 
     out_dir = Path(output_dir) if output_dir is not None else None
     losses: list[float] = []

@@ -258,3 +258,5 @@ def test_norm_dtype_compute_trains_with_half_norm_weights_and_restores_them_exac
     assert all(not torch.equal(dict(unet.named_parameters())[n], before[n]) for n in adapted)
     plain = train_motion(tiny_show1(), clip(), embeds(64), scheduler(), cfg(norm_dtype="compute"), progress=False)
     assert plain.extra["norm_dtype"] == "float32"  # no mixed precision: nothing to change
+    cpu_auto = train_motion(tiny_show1(), clip(), embeds(64), scheduler(), cfg(mixed_precision="bf16"), progress=False)
+    assert cpu_auto.extra["norm_dtype"] == "float32"  # "auto" changes the norms on CUDA only
