@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PAGES = (ROOT / "benchmarks" / "README.md", ROOT / "docs" / "performance.md")
+PAGES = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "performance.md")
 TRAINING_ORDER = ("baseline", "baseline_rerun", "full_eager", "full_graph", "full_graph_conv", "full_graph_math",
                   "full_graph_fast", "full", "lora", "full_compile")
 
@@ -154,6 +154,25 @@ def profile_table(data: dict, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def training_summary(data: dict) -> str:
+    """Three rows for the project README: the reference loop against `train_motion`'s full and LoRA runs."""
+    runs = data.get("runs", {})
+    base = runs.get("baseline", {}).get("s_per_step")
+    lines = [environment_line(data), "", "| VMC training, 400 steps of show-1-base | time | s/step | vs. reference | "
+             "peak GiB |", "|---|---|---|---|---|"]
+    for name, label in (("baseline", "reference loop (fp32 + fp16 autocast)"), ("full", "`train_motion`, full"),
+                        ("lora", "`train_motion`, LoRA r=16")):
+        r = runs.get(name)
+        if not r or "error" in r:
+            continue
+        time_s = r.get("measured_400_s") or r.get("projected_400_s")
+        kind = "measured" if r.get("measured_400_s") else "projected"
+        ratio = base / r["s_per_step"] if base and r.get("s_per_step") else None
+        lines.append(f"| {label} | {_f(time_s, 1, ' s')} ({kind}) | {_f(r.get('s_per_step'), 3)} | "
+                     f"{_f(ratio, 2, 'x')} | {_f(r.get('peak_gib'), 1)} |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -161,6 +180,7 @@ def render() -> dict[str, str]:
         kind = data.get("benchmark")
         if kind == "training":
             blocks[f"training:{path.stem}"] = training_tables(data)
+            blocks[f"training_summary:{path.stem}"] = training_summary(data)
             if data.get("profile"):
                 blocks[f"profile:{path.stem}"] = profile_table(data)
         elif kind == "cascade":

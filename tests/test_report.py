@@ -45,3 +45,19 @@ def test_bench_stage_kernels_tiny_times_each_variant_and_the_outputs_agree(tmp_p
     assert "| sr1 | (2, 6, 3, 16, 16) | channels_last |" in load_script("benchmarks/report.py").stage_kernels_table(data)
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--variants", "turbo", "--out", str(out)])
+
+
+def test_training_summary_gives_each_run_its_ratio_to_the_reference_loop(report):
+    data = {
+        "env": {"gpu": "GPU", "torch": "t", "diffusers": "d", "peft": "p", "commit": "abc", "date": "now"},
+        "runs": {
+            "baseline": {"s_per_step": 0.3, "projected_400_s": 120.0, "peak_gib": 18.0},
+            "full": {"s_per_step": 0.1, "projected_400_s": 40.0, "measured_400_s": 41.0, "peak_gib": 10.0},
+            "lora": {"error": "RuntimeError: out of memory"},
+        },
+    }
+    rows = [line for line in report.training_summary(data).splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [
+        "| reference loop (fp32 + fp16 autocast) | 120.0 s (projected) | 0.300 | 1.00x | 18.0 |",
+        "| `train_motion`, full | 41.0 s (measured) | 0.100 | 3.00x | 10.0 |",
+    ]
