@@ -64,25 +64,29 @@ VARIANTS = {
     "baseline_rerun": ("reference loop again, same draws, other dropout masks (noise scale)", None),
     "full_eager": ("train_motion full: bf16 frozen weights, fp32 masters, fused AdamW, fast temporal kernels; "
                    "no CUDA graph",
-                   {"mode": "full", "cuda_graph": "no", "temporal_kernels": "best", "norm_dtype": "float32"}),
+                   {"mode": "full", "cuda_graph": "no", "temporal_kernels": "best", "norm_dtype": "float32", "frozen_convs": "autograd"}),
     "full_graph": ("train_motion full: bf16 frozen weights, fp32 masters, fused AdamW, whole-step CUDA graph; "
                    "library temporal kernels",
-                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "library", "norm_dtype": "float32"}),
+                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "library", "norm_dtype": "float32", "frozen_convs": "autograd"}),
     "full_graph_math": ("as full_graph, temporal attention on the math SDPA kernel",
                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "math_attention",
-                         "norm_dtype": "float32"}),
+                         "norm_dtype": "float32", "frozen_convs": "autograd"}),
     "full_graph_conv": ("as full_graph, temporal convolutions as Conv2d",
-                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "conv2d", "norm_dtype": "float32"}),
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "conv2d", "norm_dtype": "float32", "frozen_convs": "autograd"}),
     "full_graph_fast": ("as full_graph, both (temporal_kernels='fast')",
-                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "float32"}),
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "float32", "frozen_convs": "autograd"}),
     "full_graph_regional": ("as full_graph_fast, with every ResNet and temporal-convolution layer compiled on its own "
                             "(compile='regional')",
                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "compile": "regional",
-                             "norm_dtype": "float32"}),
+                             "norm_dtype": "float32", "frozen_convs": "autograd"}),
     "full_graph_norms": ("as full_graph_fast, group and layer norms in bf16 (norm_dtype='compute')",
-                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute"}),
-    "full": ("train_motion full, 400 steps: bf16 frozen weights and norms (the defaults), fp32 masters, fused "
-             "AdamW, whole-step CUDA graph, the fastest temporal kernels above",
+                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
+                          "frozen_convs": "autograd"}),
+    "full_graph_convs": ("as full_graph_norms, frozen convolutions keep no input (frozen_convs='input_grad_only')",
+                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
+                          "frozen_convs": "input_grad_only"}),
+    "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
+             "keeping no input, fp32 masters, fused AdamW, whole-step CUDA graph, the fastest temporal kernels",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
@@ -320,8 +324,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
         n_noise = statistics.mean(abs(d) for d in diffs)
         out["baseline_vs_rerun_mean_abs_diff"] = n_noise
         out["baseline_vs_rerun_diff_std"] = statistics.pstdev(diffs)
-    for name in ("full", "full_graph", "full_graph_fast", "full_graph_regional", "full_graph_norms", "full_eager",
-                 "full_compile"):
+    for name in ("full", "full_graph", "full_graph_fast", "full_graph_regional", "full_graph_norms",
+                 "full_graph_convs", "full_eager", "full_compile"):
         ours = runs.get(name, {}).get("losses")
         if not ours:
             continue

@@ -43,6 +43,7 @@ from motion_adapters.training_step import (
     autocast_dtype,
     checkpointing,
     compiled,
+    frozen_convs_keep_no_input,
     keep_implementation_flags,
     norms_in_compute_dtype,
     optimizer_for,
@@ -180,6 +181,7 @@ def train_motion(
     cast_frozen = config.frozen_dtype == "compute" or (
         config.frozen_dtype == "auto" and device.type == "cuda" and compute_dtype is not None
     )
+    input_grad_convs = config.frozen_convs != "autograd"
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
     )
@@ -215,8 +217,8 @@ def train_motion(
         # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
-                norms_in_compute_dtype(unet, half_norms), regional_compile(unet, config.compile == "regional"), \
-                torch.random.fork_rng(devices=cuda_devices):
+                frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
+                regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
@@ -271,6 +273,7 @@ def train_motion(
         "compile": config.compile,
         "temporal_kernels": kernels,
         "norm_dtype": "compute" if half_norms else "float32",
+        "frozen_convs": "input_grad_only" if input_grad_convs else "autograd",
     }
     return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
 

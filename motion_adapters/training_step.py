@@ -7,6 +7,7 @@ step and how the UNet is prepared for it:
   UNet), trains float32 master copies of the adapter's parameters under autocast, and puts every parameter back
   in its own dtype afterwards.
 - `norms_in_compute_dtype` runs group and layer norms in the mixed-precision dtype instead of autocast's float32.
+- `frozen_convs_keep_no_input` makes frozen convolutions keep only their weight for the backward pass.
 - `checkpointing` switches gradient checkpointing on for all blocks or for named blocks only, and restores it.
 - `temporal_kernels` swaps in kernels suited to sequences of a few frames (math SDPA for temporal attention,
   `Conv2d` for the (3, 1, 1) temporal convolutions) for the run, and restores the originals.
@@ -253,6 +254,100 @@ def norms_in_compute_dtype(unet: nn.Module, enabled: bool) -> Iterator[int]:
     finally:
         for norm in norms:
             del norm.forward
+
+
+class _InputGradOnlyConv(torch.autograd.Function):
+    """A convolution whose backward pass computes the input's gradient only, so it keeps the weight, not the input.
+
+    Autograd's own convolution keeps its input for the weight gradient even when the weight is frozen; this one
+    computes the same output and the same input gradient (the same `convolution_backward` call, asked for the input
+    gradient alone) without holding the activation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        dims = weight.ndim - 2
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, x.dtype, stride, padding, dilation, groups, dims)
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups, dims = ctx.conv
+        placeholder = grad.new_empty(1).expand(shape)  # read for its shape only: the weight gradient is not asked
+        grad_input = torch.ops.aten.convolution_backward(
+            grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims, groups,
+            (True, False, False),
+        )[0]  # fmt: skip
+        return grad_input.to(dtype), None, None, None, None, None, None
+
+
+def conv_keeping_no_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int
+) -> torch.Tensor:
+    """`conv2d` / `conv3d` (by the weight's rank) for a frozen weight, keeping no activation for the backward pass.
+
+    Under autocast the input, weight and bias are cast to its dtype first, as autocast's own convolution does.
+
+    Example:
+        >>> w = torch.randn(4, 2, 3, 3)
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> torch.allclose(conv_keeping_no_input(x, w, None, [1, 1], [1, 1], [1, 1], 1),
+        ...                torch.nn.functional.conv2d(x, w, padding=1), atol=1e-6)
+        True
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+
+
+def _frozen_conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    return conv_keeping_no_input(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _frozen_frame_conv_forward(conv: FrameConv, x: torch.Tensor) -> torch.Tensor:
+    b, _, f, h, w = x.shape
+    y = conv_keeping_no_input(x.reshape(b, x.shape[1], f, h * w), conv.weight.squeeze(-1), conv.bias, [1, 1],
+                              [conv.frame_padding, 0], [1, 1], 1)  # fmt: skip
+    return y.reshape(b, y.shape[1], f, h, w)
+
+
+@contextmanager
+def frozen_convs_keep_no_input(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Make every frozen convolution of `unet` keep only its weight for the backward pass, then restore them.
+
+    A frozen convolution passes gradients back through its weight alone, yet autograd keeps its input for a weight
+    gradient nobody asks for: in a UNet that is one activation for each of the two convolutions of a ResNet block
+    and the four of a temporal convolution layer. Only `nn.Conv2d`, `nn.Conv3d` (and `FrameConv`) with zero padding
+    given as numbers and no parameter that requires gradients are changed, by replacing their `forward` on the
+    instance. Same outputs, same input gradients. Yields the number of convolutions changed.
+
+    Example:
+        >>> with frozen_convs_keep_no_input(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    convs = []
+    if enabled:
+        for m in unet.modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                continue
+            if isinstance(m, FrameConv) or (
+                isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            ):
+                convs.append(m)
+    for conv in convs:
+        forward = _frozen_frame_conv_forward if isinstance(conv, FrameConv) else _frozen_conv_forward
+        conv.forward = functools.partial(forward, conv)
+    try:
+        yield len(convs)
+    finally:
+        for conv in convs:
+            del conv.forward
 
 
 #: Layers that `compile="regional"` compiles one by one: group norms, SiLU, casts, dropout and convolutions.
@@ -525,6 +620,8 @@ __all__ = [
     "autocast_dtype",
     "checkpointing",
     "compiled",
+    "conv_keeping_no_input",
+    "frozen_convs_keep_no_input",
     "temporal_kernels",
     "keep_implementation_flags",
     "norms_in_compute_dtype",

@@ -260,3 +260,51 @@ def test_norm_dtype_compute_trains_with_half_norm_weights_and_restores_them_exac
     assert plain.extra["norm_dtype"] == "float32"  # no mixed precision: nothing to change
     cpu_auto = train_motion(tiny_show1(), clip(), embeds(64), scheduler(), cfg(mixed_precision="bf16"), progress=False)
     assert cpu_auto.extra["norm_dtype"] == "float32"  # "auto" changes the norms on CUDA only
+
+
+@pytest.mark.parametrize("choice", ["library", "conv2d"])
+def test_frozen_convs_keep_no_input_give_the_same_gradients_and_hold_less(choice):
+    from motion_adapters.training_step import FrameConv, frozen_convs_keep_no_input, temporal_kernels
+
+    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
+
+    def run(enabled):
+        unet = tiny_show1().eval()
+        inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_k.weight")))
+        kept, weights = [], {p.data_ptr() for p in unet.parameters()}
+
+        def keep(t):  # activations only: weights are held by the model anyway
+            kept.append(0 if t.data_ptr() in weights else t.numel())
+            return t
+
+        with temporal_kernels(unet, choice), frozen_convs_keep_no_input(unet, enabled) as count, \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = unet(x, torch.tensor([10]), text).sample
+            frame_convs = sum(isinstance(m, FrameConv) for m in unet.modules())
+        out.pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+        assert all("forward" not in vars(m) for m in unet.modules())
+        return out.detach(), grads, sum(kept), count, frame_convs
+
+    out, grads, kept, count, _ = run(False)
+    fast_out, fast_grads, fast_kept, fast_count, frame_convs = run(True)
+    assert count == 0 and fast_count > 0 and (frame_convs > 0) == (choice == "conv2d")
+    torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
+    assert grads.keys() == fast_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert fast_kept < 0.9 * kept
+
+
+def test_frozen_convs_leave_a_trainable_convolution_to_autograd():
+    from motion_adapters.training_step import frozen_convs_keep_no_input
+
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    model = torch.nn.Sequential(conv, torch.nn.Conv2d(2, 2, 3, padding="same")).requires_grad_(False)
+    conv.weight.requires_grad_(True)
+    with frozen_convs_keep_no_input(model, True) as count:
+        assert count == 0  # the first trains, the second pads by name
+        model(torch.randn(1, 2, 4, 4)).sum().backward()
+    assert conv.weight.grad is not None
