@@ -220,6 +220,23 @@ def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
             step()
 
 
+@contextmanager
+def _forwards_replaced(modules: list[nn.Module], forward_for: Callable[[nn.Module], Callable]) -> Iterator[int]:
+    """Give each module the instance `forward` `forward_for(module)` for the block, then its class's again.
+
+    Modules that already carry an instance `forward` (an accelerate offload hook, say) are left as they are.
+    Yields how many modules were changed.
+    """
+    changed = [m for m in modules if "forward" not in vars(m)]
+    for module in changed:
+        module.forward = forward_for(module)
+    try:
+        yield len(changed)
+    finally:
+        for module in changed:
+            del module.forward
+
+
 def _norm_in_compute_dtype(norm: nn.GroupNorm | nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """`norm(x)` in autocast's dtype (or `x`'s outside autocast), not autocast's float32."""
     device_type = x.device.type
@@ -247,13 +264,8 @@ def norms_in_compute_dtype(unet: nn.Module, enabled: bool) -> Iterator[int]:
         ...     loss = step(unet)
     """
     norms = [m for m in unet.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))] if enabled else []
-    for norm in norms:
-        norm.forward = functools.partial(_norm_in_compute_dtype, norm)
-    try:
-        yield len(norms)
-    finally:
-        for norm in norms:
-            del norm.forward
+    with _forwards_replaced(norms, lambda norm: functools.partial(_norm_in_compute_dtype, norm)) as count:
+        yield count
 
 
 class _InputGradOnlyConv(torch.autograd.Function):
@@ -340,14 +352,13 @@ def frozen_convs_keep_no_input(unet: nn.Module, enabled: bool) -> Iterator[int]:
                 isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
             ):
                 convs.append(m)
-    for conv in convs:
+
+    def forward_for(conv: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         forward = _frozen_frame_conv_forward if isinstance(conv, FrameConv) else _frozen_conv_forward
-        conv.forward = functools.partial(forward, conv)
-    try:
-        yield len(convs)
-    finally:
-        for conv in convs:
-            del conv.forward
+        return functools.partial(forward, conv)
+
+    with _forwards_replaced(convs, forward_for) as count:
+        yield count
 
 
 #: Layers that `compile="regional"` compiles one by one: group norms, SiLU, casts, dropout and convolutions.

@@ -1,6 +1,8 @@
 """The speed and memory options of train_motion: frozen-weight dtype, selective checkpointing, compile, graphs."""
 
 
+import functools
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -308,3 +310,14 @@ def test_frozen_convs_leave_a_trainable_convolution_to_autograd():
         assert count == 0  # the first trains, the second pads by name
         model(torch.randn(1, 2, 4, 4)).sum().backward()
     assert conv.weight.grad is not None
+
+
+def test_layer_swaps_leave_a_module_with_its_own_instance_forward_alone():
+    from motion_adapters.training_step import frozen_convs_keep_no_input, norms_in_compute_dtype
+
+    hooked = torch.nn.GroupNorm(2, 4)
+    hooked.forward = lambda x: x  # what an offload hook does: a forward set on the instance
+    model = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), hooked, torch.nn.Conv2d(4, 4, 1)).requires_grad_(False)
+    with norms_in_compute_dtype(model, True) as norms, frozen_convs_keep_no_input(model, True) as convs:
+        assert (norms, convs) == (1, 1) and not isinstance(model[1].forward, functools.partial)
+    assert model[1].forward(torch.ones(1)).item() == 1.0 and "forward" not in vars(model[0])
