@@ -173,6 +173,26 @@ def training_summary(data: dict) -> str:
     return "\n".join(lines)
 
 
+def activation_memory_table(data: dict) -> str:
+    """Bytes kept for the backward pass by module class, for each `frozen_convs` choice (`activation_memory.py`)."""
+    runs = data.get("runs", {})
+    names = list(runs)
+    settings = data.get("settings", {})
+    env = data.get("env", {})
+    modules = sorted({m for r in runs.values() for m in r["by_module"]},
+                     key=lambda m: -max(r["by_module"].get(m, 0) for r in runs.values()))  # fmt: skip
+    lines = [f"_CPU, {env.get('dtype')}, torch {env.get('torch')}, commit `{env.get('commit')}`; block_out_channels "
+             f"{settings.get('block_out_channels')}, {settings.get('frames')} x {settings.get('height')} x "
+             f"{settings.get('image_width')}_", "",
+             "| kept by | " + " | ".join(f"MiB, `frozen_convs='{n}'`" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for module in modules:
+        cells = [f"{runs[n]['by_module'].get(module, 0) / 2**20:.0f}" for n in names]
+        lines.append(f"| `{module}` | " + " | ".join(cells) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{runs[n]['total_bytes'] / 2**20:.0f}**" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -185,6 +205,8 @@ def render() -> dict[str, str]:
                 blocks[f"profile:{path.stem}"] = profile_table(data)
         elif kind == "cascade":
             blocks[f"cascade:{path.stem}"] = cascade_tables(data)
+        elif kind == "activation_memory":
+            blocks[f"activation_memory:{path.stem}"] = activation_memory_table(data)
         elif kind == "stage_kernels":
             blocks[f"stage_kernels:{path.stem}"] = stage_kernels_table(data)
     return blocks

@@ -61,3 +61,15 @@ def test_training_summary_gives_each_run_its_ratio_to_the_reference_loop(report)
         "| reference loop (fp32 + fp16 autocast) | 120.0 s (projected) | 0.300 | 1.00x | 18.0 |",
         "| `train_motion`, full | 41.0 s (measured) | 0.100 | 3.00x | 10.0 |",
     ]
+
+
+def test_activation_memory_counts_what_frozen_convolutions_no_longer_keep(report, tmp_path):
+    bench = load_script("benchmarks/activation_memory.py")
+    data = bench.main(["--frames", "2", "--height", "8", "--image-width", "8", "--out", str(tmp_path / "a.json")])
+    full, lean = data["runs"]["autograd"], data["runs"]["input_grad_only"]
+    assert full["by_module"]["Conv2d"] > 0 and "Conv2d" not in lean["by_module"]
+    assert lean["total_bytes"] < full["total_bytes"] == sum(full["by_module"].values())
+    assert json.loads((tmp_path / "a.json").read_text())["runs"] == data["runs"]
+    assert "| **total** |" in report.activation_memory_table(data)
+    with pytest.raises(SystemExit, match="must keep whole heads"):
+        bench.main(["--width", "0.3", "--out", str(tmp_path / "b.json")])
