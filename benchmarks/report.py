@@ -180,7 +180,7 @@ def activation_memory_table(data: dict) -> str:
     settings = data.get("settings", {})
     env = data.get("env", {})
     modules = sorted({m for r in runs.values() for m in r["by_module"]},
-                     key=lambda m: -max(r["by_module"].get(m, 0) for r in runs.values()))  # fmt: skip
+                     key=lambda m: (-max(r["by_module"].get(m, 0) for r in runs.values()), m))  # fmt: skip
     lines = [f"_CPU, {env.get('dtype')}, torch {env.get('torch')}, commit `{env.get('commit')}`; block_out_channels "
              f"{settings.get('block_out_channels')}, {settings.get('frames')} x {settings.get('height')} x "
              f"{settings.get('image_width')}_", "",
