@@ -22,21 +22,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_training import git_commit  # noqa: E402
 
 from motion_adapters.injection import inject_temporal_adapter  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training_step import frozen_convs_keep_no_input, temporal_kernels  # noqa: E402
-
-
-def git_commit() -> str | None:
-    head = ROOT / ".git" / "HEAD"
-    if not head.is_file():
-        return None
-    ref = head.read_text().strip()
-    if ref.startswith("ref: "):
-        path = ROOT / ".git" / ref[5:]
-        return path.read_text().strip()[:12] if path.is_file() else None
-    return ref[:12]
 
 
 def build(width: float, seed: int = 0) -> Show1UNet3DConditionModel:
@@ -104,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = {
         "benchmark": "activation_memory",
         "env": {"python": platform.python_version(), "torch": torch.__version__, "device": "cpu", "dtype": "float32",
-                "commit": git_commit()},
+                "commit": (git_commit(ROOT) or "")[:12] or None},
         "settings": {**vars(args), "out": str(args.out),
                      "block_out_channels": list(unet.config.block_out_channels)},  # fmt: skip
         "runs": {},
