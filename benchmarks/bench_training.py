@@ -58,31 +58,28 @@ TINY = dict(
     attention_head_dim=64,
 )
 GIB = 2**30
+#: The layer options as they were before `norm_dtype` and `frozen_convs` (the earlier variants keep measuring that).
+EARLIER_LAYERS = {"norm_dtype": "float32", "frozen_convs": "autograd"}
 #: name -> (description, train_motion overrides); "baseline*" runs are the reference loop.
 VARIANTS = {
     "baseline": ("reference loop: fp32 weights, fp16 autocast, GradScaler, torch AdamW", None),
     "baseline_rerun": ("reference loop again, same draws, other dropout masks (noise scale)", None),
     "full_eager": ("train_motion full: bf16 frozen weights, fp32 masters, fused AdamW, fast temporal kernels; "
                    "no CUDA graph",
-                   {"mode": "full", "cuda_graph": "no", "temporal_kernels": "best", "norm_dtype": "float32",
-                    "frozen_convs": "autograd"}),
+                   {"mode": "full", "cuda_graph": "no", "temporal_kernels": "best", **EARLIER_LAYERS}),
     "full_graph": ("train_motion full: bf16 frozen weights, fp32 masters, fused AdamW, whole-step CUDA graph; "
                    "library temporal kernels",
-                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "library", "norm_dtype": "float32",
-                    "frozen_convs": "autograd"}),
+                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "library", **EARLIER_LAYERS}),
     "full_graph_math": ("as full_graph, temporal attention on the math SDPA kernel",
-                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "math_attention",
-                         "norm_dtype": "float32", "frozen_convs": "autograd"}),
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "math_attention", **EARLIER_LAYERS}),
     "full_graph_conv": ("as full_graph, temporal convolutions as Conv2d",
-                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "conv2d", "norm_dtype": "float32",
-                         "frozen_convs": "autograd"}),
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "conv2d", **EARLIER_LAYERS}),
     "full_graph_fast": ("as full_graph, both (temporal_kernels='fast')",
-                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "float32",
-                         "frozen_convs": "autograd"}),
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", **EARLIER_LAYERS}),
     "full_graph_regional": ("as full_graph_fast, with every ResNet and temporal-convolution layer compiled on its own "
                             "(compile='regional')",
                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "compile": "regional",
-                             "norm_dtype": "float32", "frozen_convs": "autograd"}),
+                             **EARLIER_LAYERS}),
     "full_graph_norms": ("as full_graph_fast, group and layer norms in bf16 (norm_dtype='compute')",
                          {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
                           "frozen_convs": "autograd"}),

@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return cache[captions]
 
             unet, trainable_text = components[STAGE_UNETS[stage]], None
-        if stage == "keyframes" and curriculum is not None:
+        phased = stage == "keyframes" and curriculum is not None
+        if phased:
 
             def make_batch(size: int, progress: float) -> dict[str, torch.Tensor]:
                 return batches.keyframes(size, motions=motions_at(curriculum, progress))
@@ -562,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             weighting=args.weighting,
         )  # fmt: skip
         result["parameters"] = sum(p.numel() for p in unet.parameters())
-        if stage == "keyframes" and curriculum is not None:
+        if phased:
             result["curriculum"] = [{"motions": list(m), "share": round(w, 4)} for m, w in curriculum]
         if args.init_from:  # the stage continued from these weights; the earlier record moves to "previous"
             result["init_from"] = args.init_from
