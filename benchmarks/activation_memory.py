@@ -4,7 +4,8 @@ Runs one forward pass of a Show-1 keyframe UNet with show-1-base's block structu
 `--width`, since the bytes of every activation scale with the channels) on 8 x 40 x 64 frames, with only the temporal
 attention's q/k/v trainable, as `train_motion` sets it up, and attributes every tensor that autograd saves to the
 innermost module running when it is saved. Each storage is counted once; the model's own parameters are not
-counted. Compares `frozen_convs="autograd"` with `"input_grad_only"`.
+counted. Compares `frozen_convs="autograd"` with `"input_grad_only"`, and the latter with
+`frozen_activations="recompute"` on top (the defaults).
 
     python benchmarks/activation_memory.py --out benchmarks/results/activation_memory_cpu.json
 """
@@ -28,7 +29,11 @@ from bench_training import git_commit  # noqa: E402
 
 from motion_adapters.injection import inject_temporal_adapter  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
-from motion_adapters.training_step import frozen_convs_keep_no_input, temporal_kernels  # noqa: E402
+from motion_adapters.training_step import (  # noqa: E402
+    frozen_activations_recomputed,
+    frozen_convs_keep_no_input,
+    temporal_kernels,
+)
 
 
 def build(width: float, seed: int = 0) -> Show1UNet3DConditionModel:
@@ -45,7 +50,9 @@ def build(width: float, seed: int = 0) -> Show1UNet3DConditionModel:
     return unet
 
 
-def saved_bytes(unet, frames: int, height: int, width: int, input_grad_convs: bool) -> dict[str, int]:
+def saved_bytes(
+    unet, frames: int, height: int, width: int, input_grad_convs: bool, recompute: bool = False
+) -> dict[str, int]:
     """Bytes autograd keeps for the backward pass of one step, by module class."""
     stack: list[str] = []
 
@@ -71,6 +78,7 @@ def saved_bytes(unet, frames: int, height: int, width: int, input_grad_convs: bo
     text = torch.randn(1, 77, unet.config.encoder_hid_dim)
     try:
         with temporal_kernels(unet, "fast"), frozen_convs_keep_no_input(unet, input_grad_convs), \
+                frozen_activations_recomputed(unet, recompute), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = unet(x, torch.tensor([500]), text).sample
         del out
@@ -101,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "block_out_channels": list(unet.config.block_out_channels)},  # fmt: skip
         "runs": {},
     }
-    for name, flag in (("autograd", False), ("input_grad_only", True)):
-        kept = saved_bytes(unet, args.frames, args.height, args.image_width, flag)
+    for name, flags in (("autograd", (False, False)), ("input_grad_only", (True, False)),
+                        ("input_grad_only+recompute", (True, True))):
+        kept = saved_bytes(unet, args.frames, args.height, args.image_width, *flags)
         data["runs"][name] = {"total_bytes": sum(kept.values()), "by_module": kept}
         print(name, f"{sum(kept.values()) / 2**20:.0f} MiB", {k: f"{v / 2**20:.0f}" for k, v in kept.items()})
     args.out.parent.mkdir(parents=True, exist_ok=True)

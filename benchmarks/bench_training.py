@@ -58,8 +58,9 @@ TINY = dict(
     attention_head_dim=64,
 )
 GIB = 2**30
-#: The layer options as they were before `norm_dtype` and `frozen_convs` (the earlier variants keep measuring that).
-EARLIER_LAYERS = {"norm_dtype": "float32", "frozen_convs": "autograd"}
+#: The layer options as they were before `norm_dtype`, `frozen_convs` and `frozen_activations` (the earlier variants
+#: keep measuring that).
+EARLIER_LAYERS = {"norm_dtype": "float32", "frozen_convs": "autograd", "frozen_activations": "autograd"}
 #: name -> (description, train_motion overrides); "baseline*" runs are the reference loop.
 VARIANTS = {
     "baseline": ("reference loop: fp32 weights, fp16 autocast, GradScaler, torch AdamW", None),
@@ -82,12 +83,17 @@ VARIANTS = {
                              **EARLIER_LAYERS}),
     "full_graph_norms": ("as full_graph_fast, group and layer norms in bf16 (norm_dtype='compute')",
                          {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
-                          "frozen_convs": "autograd"}),
+                          "frozen_convs": "autograd", "frozen_activations": "autograd"}),
     "full_graph_convs": ("as full_graph_norms, frozen convolutions keep no input (frozen_convs='input_grad_only')",
                          {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
-                          "frozen_convs": "input_grad_only"}),
+                          "frozen_convs": "input_grad_only", "frozen_activations": "autograd"}),
+    "full_graph_recompute": ("as full_graph_convs, frozen norm -> activation pairs and GEGLU feed-forwards keep "
+                             "only their inputs, dropout masks as bits (frozen_activations='recompute')",
+                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
+                              "frozen_convs": "input_grad_only", "frozen_activations": "recompute"}),
     "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
-             "keeping no input, fp32 masters, fused AdamW, whole-step CUDA graph, the fastest temporal kernels",
+             "keeping no input, frozen activations recomputed, fp32 masters, fused AdamW, whole-step CUDA graph, "
+             "the fastest temporal kernels",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
@@ -326,7 +332,7 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
         out["baseline_vs_rerun_mean_abs_diff"] = n_noise
         out["baseline_vs_rerun_diff_std"] = statistics.pstdev(diffs)
     for name in ("full", "full_graph", "full_graph_fast", "full_graph_regional", "full_graph_norms",
-                 "full_graph_convs", "full_eager", "full_compile"):
+                 "full_graph_convs", "full_graph_recompute", "full_eager", "full_compile"):
         ours = runs.get(name, {}).get("losses")
         if not ours:
             continue

@@ -17,6 +17,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 FROZEN_DTYPES = ("auto", "compute", "keep")
 NORM_DTYPES = ("auto", "float32", "compute")
 FROZEN_CONVS = ("auto", "autograd", "input_grad_only")
+FROZEN_ACTIVATIONS = ("auto", "autograd", "recompute")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
 TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention")
@@ -75,6 +76,12 @@ class MotionDistillationConfig:
             the weight alone and computes the same input gradient with the same kernel, so the activations entering
             the ResNet and temporal convolutions are not held (on an H200: 1.1 GiB less peak memory at the same step
             time); "auto" is "input_grad_only".
+        frozen_activations: what frozen norm -> activation pairs and GEGLU feed-forwards keep for the backward pass.
+            "autograd" keeps what PyTorch keeps (the norm's input and output, the feed-forward's projection and
+            GELU); "recompute" keeps only their inputs and recomputes the rest in the backward pass (the same
+            kernels, plus one normalisation a pair and one matrix product a feed-forward), and dropout masks as
+            bits; same outputs and dropout masks, gradients equal to rounding. "auto" is "recompute" on CUDA without
+            `compile`, else "autograd". See docs/performance.md for what it saves and costs.
         compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs"), or
             "regional": each ResNet and temporal-convolution layer compiled on its own, attention left eager (the
             layers are restored after training).
@@ -132,6 +139,7 @@ class MotionDistillationConfig:
     frozen_dtype: str = "auto"
     norm_dtype: str = "auto"
     frozen_convs: str = "auto"
+    frozen_activations: str = "auto"
     compile: str = "no"
     cuda_graph: str = "auto"
     temporal_kernels: str = "auto"
@@ -163,6 +171,7 @@ class MotionDistillationConfig:
         _choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
         _choice("norm_dtype", self.norm_dtype, NORM_DTYPES)
         _choice("frozen_convs", self.frozen_convs, FROZEN_CONVS)
+        _choice("frozen_activations", self.frozen_activations, FROZEN_ACTIVATIONS)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
         _choice("temporal_kernels", self.temporal_kernels, TEMPORAL_KERNELS)

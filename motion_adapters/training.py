@@ -43,6 +43,7 @@ from motion_adapters.training_step import (
     autocast_dtype,
     checkpointing,
     compiled,
+    frozen_activations_recomputed,
     frozen_convs_keep_no_input,
     keep_implementation_flags,
     norms_in_compute_dtype,
@@ -182,6 +183,9 @@ def train_motion(
         config.frozen_dtype == "auto" and device.type == "cuda" and compute_dtype is not None
     )
     input_grad_convs = config.frozen_convs != "autograd"
+    recompute = config.frozen_activations == "recompute" or (
+        config.frozen_activations == "auto" and device.type == "cuda" and config.compile == "no"
+    )
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
     )
@@ -218,6 +222,7 @@ def train_motion(
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
+                frozen_activations_recomputed(unet, recompute, float32_norms=not half_norms), \
                 regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
@@ -274,6 +279,7 @@ def train_motion(
         "temporal_kernels": kernels,
         "norm_dtype": "compute" if half_norms else "float32",
         "frozen_convs": "input_grad_only" if input_grad_convs else "autograd",
+        "frozen_activations": "recompute" if recompute else "autograd",
     }
     return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
 

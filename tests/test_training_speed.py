@@ -300,6 +300,120 @@ def test_frozen_convs_keep_no_input_give_the_same_gradients_and_hold_less(choice
     assert fast_kept < 0.9 * kept
 
 
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_frozen_activations_recomputed_give_the_same_gradients_and_hold_less(train_mode):
+    from motion_adapters.training_step import frozen_activations_recomputed, frozen_convs_keep_no_input
+
+    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
+
+    def run(enabled):
+        unet = tiny_show1().train(train_mode)  # train mode: the temporal convolutions' dropout (p=0.1) is on
+        inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_v.weight")))
+        kept, weights = [], {p.data_ptr() for p in unet.parameters()}
+
+        def keep(t):
+            kept.append(0 if t.data_ptr() in weights else t.numel())
+            return t
+
+        torch.manual_seed(5)  # same dropout masks in both runs: the recomputed layers draw no random numbers
+        with frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, enabled) as count, \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = unet(x, torch.tensor([10]), text).sample
+            kinds = {type(m).__name__ for m in unet.modules() if "forward" in vars(m)}
+        out.pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+        assert all("forward" not in vars(m) for m in unet.modules())
+        return out.detach(), grads, sum(kept), count, kinds
+
+    out, grads, kept, count, _ = run(False)
+    fast_out, fast_grads, fast_kept, fast_count, kinds = run(True)
+    assert count == 0 and fast_count > 0 and {"Sequential", "FeedForward", "ResnetBlock2D"} <= kinds
+    torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
+    assert grads.keys() == fast_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert fast_kept < 0.8 * kept
+
+
+@pytest.mark.parametrize("float32_norms", [True, False])
+def test_group_norm_act_keeping_input_follows_the_norm_dtype_under_autocast(float32_norms):
+    from motion_adapters.training_step import group_norm_act_keeping_input, norms_in_compute_dtype
+
+    norm = torch.nn.GroupNorm(2, 4).requires_grad_(False)
+    x = torch.randn(2, 4, 3, 5).permute(0, 1, 3, 2).requires_grad_(True)  # non-contiguous, as in TemporalConvLayer
+    with torch.autocast("cpu", dtype=torch.bfloat16), norms_in_compute_dtype(norm, not float32_norms):
+        reference = torch.nn.functional.silu(norm(x))
+        fused = group_norm_act_keeping_input(norm, x, "silu", float32_norms)
+    assert fused.dtype == reference.dtype == (torch.float32 if float32_norms else torch.bfloat16)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=0)
+    (g_ref,) = torch.autograd.grad(reference.float().sum(), x)
+    (g_fused,) = torch.autograd.grad(fused.float().sum(), x)
+    assert g_fused.shape == x.shape
+    torch.testing.assert_close(g_fused, g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm, act, resample", [("default", "silu", "down"), ("scale_shift", "gelu", "up"),
+                                                  ("default", "gelu", None)])
+def test_recomputed_resnet_blocks_match_diffusers(norm, act, resample):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from motion_adapters.training_step import frozen_activations_recomputed
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, time_embedding_norm=norm,
+                          non_linearity=act, up=resample == "up", down=resample == "down").requires_grad_(False)
+    block.conv1.weight.requires_grad_(True)  # a trainable layer between the two recomputed pairs
+    x, temb = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 12)
+
+    def run(enabled):
+        with frozen_activations_recomputed(block, enabled) as count:
+            out = block(x, temb)
+        grads = torch.autograd.grad(out.square().sum(), [x, block.conv1.weight])
+        return out, grads, count
+
+    (out, grads, count), (fast_out, fast_grads, fast_count) = run(False), run(True)
+    assert (count, fast_count) == (0, 1) and "forward" not in vars(block)
+    torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
+    for fast, reference in zip(fast_grads, grads):
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_bit_mask_dropout_keeps_the_mask_of_nn_dropout_in_an_eighth_of_the_bytes():
+    from motion_adapters.training_step import _BitMaskDropout, _pack_bits, _unpack_bits
+
+    mask = torch.rand(3, 5, 7) < 0.5  # 105 values: not a multiple of 8
+    packed = _pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == 14
+    assert torch.equal(_unpack_bits(packed, mask.shape), mask)
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    torch.manual_seed(1)
+    reference = torch.nn.functional.dropout(x, 0.3, training=True)
+    torch.manual_seed(1)
+    ours = _BitMaskDropout.apply(x, 0.3)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert not torch.equal(ours, x)  # the mask dropped something
+    (grad,) = torch.autograd.grad(ours.sum(), x)
+    torch.testing.assert_close(grad, (reference != 0).float() / 0.7)
+
+
+def test_frozen_activations_leave_trainable_and_dropout_feed_forwards_to_autograd():
+    from diffusers.models.attention import FeedForward
+
+    from motion_adapters.training_step import frozen_activations_recomputed
+
+    trained = FeedForward(8, activation_fn="geglu")
+    dropped = FeedForward(8, activation_fn="geglu", dropout=0.1).requires_grad_(False)
+    plain_gelu = FeedForward(8, activation_fn="gelu").requires_grad_(False)
+    norm_trains = torch.nn.Sequential(torch.nn.GroupNorm(2, 8), torch.nn.SiLU())
+    model = torch.nn.ModuleList([trained, dropped.train(), plain_gelu, norm_trains])
+    with frozen_activations_recomputed(model, True) as count:
+        assert count == 0
+    with frozen_activations_recomputed(dropped.eval(), True) as count:
+        assert count == 1  # in eval mode its dropout does nothing
+
+
 def test_frozen_convs_leave_a_trainable_convolution_to_autograd():
     from motion_adapters.training_step import frozen_convs_keep_no_input
 
@@ -321,3 +435,37 @@ def test_layer_swaps_leave_a_module_with_its_own_instance_forward_alone():
     with norms_in_compute_dtype(model, True) as norms, frozen_convs_keep_no_input(model, True) as convs:
         assert (norms, convs) == (1, 1) and not isinstance(model[1].forward, functools.partial)
     assert model[1].forward(torch.ones(1)).item() == 1.0 and "forward" not in vars(model[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("float32_norms", [True, False])
+def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms):
+    from motion_adapters.training_step import (
+        frozen_activations_recomputed,
+        frozen_convs_keep_no_input,
+        norms_in_compute_dtype,
+        temporal_kernels,
+    )
+
+    device = torch.device("cuda")
+    x, text = torch.randn(1, 3, 8, 16, 16, device=device), embeds(64).to(device)
+
+    def run(enabled):
+        unet = tiny_show1().to(device).train()  # dropout on: CUDA's fused native_dropout draws the masks
+        inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_v.weight")))
+        torch.manual_seed(7)
+        with torch.autocast("cuda", dtype=torch.bfloat16), temporal_kernels(unet, "fast"), \
+                frozen_convs_keep_no_input(unet, True), norms_in_compute_dtype(unet, not float32_norms), \
+                frozen_activations_recomputed(unet, enabled, float32_norms) as count:
+            out = unet(x, torch.tensor([10], device=device), text).sample
+        out.float().pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}, count
+
+    (out, grads, count), (fast_out, fast_grads, fast_count) = run(False), run(True)
+    assert count == 0 and fast_count > 0
+    torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=2e-2, atol=1e-4, msg=name)
