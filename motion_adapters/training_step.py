@@ -385,12 +385,13 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 class _GroupNormAct(torch.autograd.Function):
-    """`act(group_norm(x) * (1 + scale) + shift)` for a frozen norm, keeping `x` and two statistics for the backward.
+    """`act(group_norm(x) * factor + shift)` for a frozen norm, keeping `x` and two statistics for the backward.
 
     Autograd keeps the norm's input and, for the activation, the normalised (and scaled) activation: two tensors of
     the same size. Here the backward pass recomputes the second from the first (one more normalisation, a
     memory-bound kernel) and calls the same `silu_backward` / `gelu_backward` and `native_group_norm_backward`
-    that autograd calls. `scale` and `shift` ((N, C, 1, 1), or None) must not require gradients.
+    that autograd calls. `scale` (the factor, 1 + the time scale) and `shift` ((N, C, 1, 1), or None) must not
+    require gradients; they keep their dtype, so type promotion is that of diffusers' own expression.
     """
 
     @staticmethod
@@ -402,7 +403,7 @@ class _GroupNormAct(torch.autograd.Function):
         ctx.norm = (n, c, hw, groups, eps, activation)
         y = y.view(x.shape)
         if scale is not None:
-            y = y * (1 + scale) + shift
+            y = y * scale + shift
         return _activate(y, activation)
 
     @staticmethod
@@ -411,13 +412,13 @@ class _GroupNormAct(torch.autograd.Function):
         n, c, hw, groups, eps, activation = ctx.norm
         shape, x = x.shape, x.contiguous()
         y = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)[0].view(shape)
-        pre = y if scale is None else y * (1 + scale) + shift
+        pre = y if scale is None else y * scale + shift
         grad = grad.to(y.dtype)
         if activation == "silu":
             grad_pre = torch.ops.aten.silu_backward(grad, pre)
         else:
             grad_pre = torch.ops.aten.gelu_backward(grad, pre)
-        grad_y = grad_pre if scale is None else grad_pre * (1 + scale)
+        grad_y = grad_pre if scale is None else grad_pre * scale
         grad_x = torch.ops.aten.native_group_norm_backward(
             grad_y.contiguous(), x, mean, rstd, weight, n, c, hw, groups, [True, False, False]
         )[0]  # fmt: skip
@@ -448,20 +449,28 @@ def group_norm_act_keeping_input(
     weight = None if norm.weight is None else norm.weight.to(dtype)
     bias = None if norm.bias is None else norm.bias.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        if scale is not None:
-            scale, shift = scale.to(dtype), shift.to(dtype)
-        return _GroupNormAct.apply(x.to(dtype), weight, bias, scale, shift, norm.num_groups, norm.eps, activation)
+        factor = None if scale is None else 1 + scale  # in scale's dtype, as diffusers computes it
+        return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation)
+
+
+#: Multiplying eight 0/1 bytes read as one int64 by this gathers them into its top byte; multiplying a byte by it
+#: and masking spreads the byte's bits back into eight bytes (the constant as a signed int64).
+_SPREAD = 0x8040201008040201 - (1 << 64)
+_LOW_BITS = 0x0101010101010101
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits, eight to a byte, the first in the highest bit (see `_unpack_bits`)."""
     flat = mask.reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.uint8)
-    return (flat << torch.arange(8, device=mask.device, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return ((flat.view(torch.uint8).view(torch.int64) * _SPREAD) >> 56).to(torch.uint8)
 
 
 def _unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    bits = (packed[:, None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
-    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
+    """The bool tensor of `shape` that `_pack_bits` packed."""
+    spread = ((packed.to(torch.int64) * _SPREAD) >> 7) & _LOW_BITS
+    return spread.view(torch.uint8).view(torch.bool)[: shape.numel()].view(shape)
 
 
 class _BitMaskDropout(torch.autograd.Function):
@@ -487,7 +496,7 @@ class _BitMaskDropout(torch.autograd.Function):
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
         shape, p = ctx.dropout
-        return grad * _unpack_bits(packed, shape).to(grad.dtype) * (1.0 / (1 - p)), None
+        return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(packed, shape), 1.0 / (1 - p)), None
 
 
 def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, x: torch.Tensor) -> torch.Tensor:

@@ -383,10 +383,13 @@ def test_recomputed_resnet_blocks_match_diffusers(norm, act, resample):
 def test_bit_mask_dropout_keeps_the_mask_of_nn_dropout_in_an_eighth_of_the_bytes():
     from motion_adapters.training_step import _BitMaskDropout, _pack_bits, _unpack_bits
 
-    mask = torch.rand(3, 5, 7) < 0.5  # 105 values: not a multiple of 8
-    packed = _pack_bits(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == 14
-    assert torch.equal(_unpack_bits(packed, mask.shape), mask)
+    for shape, nbytes in (((3, 5, 7), 14), ((4, 16), 8)):  # 105 values (padded) and 64
+        mask = torch.rand(shape) < 0.5
+        packed = _pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == nbytes
+        assert torch.equal(_unpack_bits(packed, mask.shape), mask)
+    first_in_highest_bit = torch.tensor([0b10010000], dtype=torch.uint8)
+    assert torch.equal(_pack_bits(torch.tensor([True, False, False, True] + [False] * 4)), first_in_highest_bit)
     x = torch.randn(4, 6, 5, requires_grad=True)
     torch.manual_seed(1)
     reference = torch.nn.functional.dropout(x, 0.3, training=True)
