@@ -173,8 +173,14 @@ def training_summary(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _activation_run_label(name: str) -> str:
+    """`activation_memory.py`'s run name as the options it sets ("input_grad_only+recompute")."""
+    convs, _, recompute = name.partition("+")
+    return f"`frozen_convs='{convs}'`" + (" + `frozen_activations='recompute'`" if recompute else "")
+
+
 def activation_memory_table(data: dict) -> str:
-    """Bytes kept for the backward pass by module class, for each `frozen_convs` choice (`activation_memory.py`)."""
+    """Bytes kept for the backward pass by module class, for each layer choice (`activation_memory.py`)."""
     runs = data.get("runs", {})
     names = list(runs)
     settings = data.get("settings", {})
@@ -184,7 +190,7 @@ def activation_memory_table(data: dict) -> str:
     lines = [f"_CPU, {env.get('dtype')}, torch {env.get('torch')}, commit `{env.get('commit')}`; block_out_channels "
              f"{settings.get('block_out_channels')}, {settings.get('frames')} x {settings.get('height')} x "
              f"{settings.get('image_width')}_", "",
-             "| kept by | " + " | ".join(f"MiB, `frozen_convs='{n}'`" for n in names) + " |",
+             "| kept by | " + " | ".join(f"MiB, {_activation_run_label(n)}" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for module in modules:
         cells = [f"{runs[n]['by_module'].get(module, 0) / 2**20:.0f}" for n in names]

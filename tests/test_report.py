@@ -70,6 +70,11 @@ def test_activation_memory_counts_what_frozen_convolutions_no_longer_keep(report
     assert full["by_module"]["Conv2d"] > 0 and "Conv2d" not in lean["by_module"]
     assert lean["total_bytes"] < full["total_bytes"] == sum(full["by_module"].values())
     assert json.loads((tmp_path / "a.json").read_text())["runs"] == data["runs"]
-    assert "| **total** |" in report.activation_memory_table(data)
+    recomputed = data["runs"]["input_grad_only+recompute"]
+    assert "GEGLU" in lean["by_module"] and "GEGLU" not in recomputed["by_module"]
+    assert lean["by_module"]["Dropout"] > 0 and "Dropout" not in recomputed["by_module"]  # bit masks: under Sequential
+    assert recomputed["total_bytes"] < lean["total_bytes"]
+    table = report.activation_memory_table(data)
+    assert "| **total** |" in table and "`frozen_convs='input_grad_only'` + `frozen_activations='recompute'`" in table
     with pytest.raises(SystemExit, match="must keep whole heads"):
         bench.main(["--width", "0.3", "--out", str(tmp_path / "b.json")])
