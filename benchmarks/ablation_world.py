@@ -18,6 +18,8 @@ Variants (all train the same parameters, the keyframe UNet's temporal q/k/v, unl
 - `eps_matching`: plain epsilon-matching fine-tuning (no frame residuals) of the temporal q/k/v.
 - `inversion_only`: no training; the clip's inverted noise alone (the paper's "without adaptation").
 - `random_noise`: no training, no inversion: the pretrained model from random noise (the floor).
+- `*_base`: a training above, generating from the clip's inversion by the pretrained UNet (`invert_with="base"`,
+  the library's default) instead of the tuned UNet's inversion (the paper; every variant without the suffix).
 
     python benchmarks/ablation_world.py --out benchmarks/results/ablation_world.json \
         --table docs/ablation.md --figure docs/images/ablation_samples.png          # GPU: minutes
@@ -62,8 +64,17 @@ VARIANTS: dict[str, dict] = {
     "eps_matching": {"config": {"loss": "eps_mse"}},
     "inversion_only": {"config": None},
     "random_noise": {"config": None, "prior": False},
+    # the same trainings, generating from the clip's inversion by the pretrained UNet (`invert_with="base"`, the
+    # library's default) instead of by the tuned one (the paper, and every variant above)
+    "vmc_cos_paper_base": {"config": {"loss": "cos", "cos_variant": "paper"}, "invert_with": "base"},
+    "vmc_cos_released_base": {"config": RELEASED, "invert_with": "base"},
+    "vmc_l2_base": {"config": {"loss": "l2"}, "invert_with": "base"},
+    "vmc_lora_base": {"config": {**RELEASED, "mode": "lora", "r": 8, "lora_alpha": 8}, "invert_with": "base"},
+    "spatial_attn_base": {"config": {**RELEASED, "target": "spatial_attn.to_[qkv]"}, "invert_with": "base"},
+    "eps_matching_base": {"config": {"loss": "eps_mse"}, "invert_with": "base"},
 }
-"""Variant name -> config overrides (None: no training), training prompt kind, whether to start from the prior."""
+"""Variant name -> config overrides (None: no training), training prompt kind, whether to start from the prior,
+which UNet inverts the clip ("tuned" unless named)."""
 
 METRICS = ("displacement_cosine", "endpoint_error", "appearance_accuracy")
 
@@ -120,6 +131,7 @@ def run(args: argparse.Namespace) -> dict:
                         checkpointing_steps=0,
                     )  # fmt: skip
                     result = pipe.train_motion(clip, prompt, config, num_inversion_steps=args.inversion_steps,
+                                               invert_with=variant.get("invert_with", "tuned"),
                                                progress=False)  # fmt: skip
                     prior, losses = pipe._noise_priors["default"], result.losses
                 else:

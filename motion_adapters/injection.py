@@ -277,6 +277,10 @@ def set_adapter_scales(unet: nn.Module, adapter_names: list[str], weights: list[
     unknown = [n for n in adapter_names if n not in state.infos]
     if unknown:
         raise ValueError(f"no adapter named {unknown} on this model; loaded: {sorted(state.infos)}.")
+    modules = dict(unet.named_modules())
+    for name, info in state.infos.items():  # a full-mode motion trained in place: its weights become a delta
+        if info.mode == "full" and name not in state.deltas:
+            state.deltas[name] = {m: modules[m].weight.detach().to("cpu", copy=True) for m in info.module_names}
     from peft.tuners.lora import LoraLayer
 
     lora_names = [n for n in adapter_names if state.infos[n].mode == "lora"]

@@ -63,6 +63,46 @@ def test_train_motion_moves_only_keyframe_temporal_attention_and_stores_a_prior(
     assert not any(p.requires_grad for p in pipe.unet.parameters())
 
 
+def test_a_motion_trained_in_place_is_switched_off_and_on_by_set_motions(tmp_path):
+    pipe = make_pipe(tmp_path)
+    video = clip()[None]
+    before = pipe.invert(video, 4, progress=False)
+    pipe.train_motion(video, "a red square zigzagging", CONFIG, invert=False, progress=False)
+    trained = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.set_motions([])
+    torch.testing.assert_close(pipe.invert(video, 4, progress=False), before, rtol=0, atol=0)
+    pipe.set_motions(["default"])
+    for key, value in pipe.unet.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+
+
+def test_noise_prior_comes_from_the_base_unet_by_default_and_from_the_tuned_one_when_asked(tmp_path):
+    pipe = make_pipe(tmp_path)
+    video = clip()[None]
+    base_prior = pipe.invert(video, 4, progress=False).cpu()
+    pipe.train_motion(video, "a red square zigzagging", CONFIG, adapter_name="other", invert=False, progress=False)
+    pipe.set_motions(["other"], [0.5])
+    assert not torch.allclose(pipe.invert(video, 4, progress=False).cpu(), base_prior)  # it changes the inversion
+    torch.testing.assert_close(pipe._invert_without_motions(video, 4, "model", False), base_prior, rtol=0, atol=0)
+    assert pipe.motions == {"other": 0.5}  # switched off for the inversion only
+    pipe.unload_motion()  # full-mode motions do not stack: one at a time
+
+    pipe.train_motion(video, "a red square zigzagging", CONFIG, output_dir=tmp_path / "m", num_inversion_steps=4,
+                      progress=False)
+    torch.testing.assert_close(pipe._noise_priors["default"], base_prior, rtol=0, atol=0)
+    assert not torch.allclose(pipe.invert(video, 4, progress=False).cpu(), base_prior)
+    from motion_adapters.serialization import load_motion_adapter
+
+    assert load_motion_adapter(tmp_path / "m").training["noise_prior_inverted_with"] == "base"
+    pipe.unload_motion()
+    pipe.train_motion(video, "a red square zigzagging", CONFIG, num_inversion_steps=4, invert_with="tuned",
+                      progress=False)
+    torch.testing.assert_close(pipe._noise_priors["default"], pipe.invert(video, 4, progress=False).cpu(),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="invert_with='both' must be one of"):
+        pipe.train_motion(video, "a red square zigzagging", CONFIG, invert_with="both", progress=False)
+
+
 def test_saved_motion_reloads_into_a_fresh_pipeline_and_generates_identically(tmp_path):
     pipe = make_pipe(tmp_path)
     pipe.train_motion(clip(), "a red square zigzagging", CONFIG, output_dir=tmp_path / "m", num_inversion_steps=4,

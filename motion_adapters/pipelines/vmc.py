@@ -32,6 +32,9 @@ from motion_adapters.training import Callback, TrainingResult, train_motion
 
 logger = logging.getLogger(__name__)
 
+INVERT_WITH = ("base", "tuned")
+"""Which keyframe UNet `VMCPipeline.train_motion` inverts the clip with: the pretrained one or the tuned one."""
+
 
 class VMCPipeline(Show1CascadePipeline):
     """The Show-1 cascade with motion adapters on its keyframe UNet.
@@ -215,11 +218,12 @@ class VMCPipeline(Show1CascadePipeline):
         invert: bool = True,
         num_inversion_steps: int = 75,
         inversion_schedule: str = "model",
+        invert_with: str = "base",
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
         video_kwargs: dict[str, Any] | None = None,
     ) -> TrainingResult:
-        """Learn the motion of one clip into the keyframe UNet (VMC), then invert the clip for its noise prior.
+        """Learn the motion of one clip into the keyframe UNet (VMC) and invert the clip for its noise prior.
 
         The prompt is encoded once by T5; during training the text encoder is moved off the accelerator and
         put back afterwards. Only the keyframe UNet's temporal attention trains.
@@ -232,9 +236,14 @@ class VMCPipeline(Show1CascadePipeline):
             config: hyperparameters (`MotionDistillationConfig`); its `prompt` is set to `prompt`.
             output_dir: where to save checkpoints and the motion.
             adapter_name: the adapter's name on the UNet.
-            invert: compute and store the noise prior after training.
+            invert: compute and store the noise prior.
             num_inversion_steps: DDIM inversion steps.
             inversion_schedule: "model" or "scaled_linear".
+            invert_with: which UNet inverts the clip. "base" (default): the keyframe UNet before this motion
+                is learned, with every loaded motion switched off, so the prior is the clip's inversion by the
+                pretrained model; "tuned": the UNet after training, as the paper describes. On the embedded
+                default model "base" keeps the clip's motion in the prior and "tuned" loses it
+                (docs/ablation.md measures both).
             callbacks: training callbacks.
             progress: show progress bars.
             video_kwargs: extra `load_video` arguments (stride, start, resize_mode, reverse).
@@ -243,6 +252,11 @@ class VMCPipeline(Show1CascadePipeline):
             >>> result = pipe.train_motion("seagull.mp4", "a seagull is walking", output_dir="seagull-walk")
             ... # doctest: +SKIP
         """
+        if invert_with not in INVERT_WITH:
+            raise ValueError(
+                f"invert_with={invert_with!r} must be one of {INVERT_WITH}: 'base' inverts with the pretrained UNet "
+                "before training, 'tuned' with the UNet after it (the paper)."
+            )
         base = (config or MotionDistillationConfig()).to_dict()
         base["prompt"] = prompt
         config = MotionDistillationConfig.from_dict(base)
@@ -250,6 +264,9 @@ class VMCPipeline(Show1CascadePipeline):
         # motion with its noise prior replaces that folder's files at the end
         warn_if_scene_prompt(prompt)
         clip = self._prepare_clip(video, config, video_kwargs or {})
+        noise = None
+        if invert and invert_with == "base":
+            noise = self._invert_without_motions(clip, num_inversion_steps, inversion_schedule, progress)
         embeds, _ = self.encode_prompt(prompt, None, None, None)
         embeds = embeds[:1].detach()
         encoder = self.keyframes.text_encoder
@@ -280,10 +297,11 @@ class VMCPipeline(Show1CascadePipeline):
         finally:  # the encoder goes back before the inversion, which encodes the empty prompt with it
             encoder.to(encoder_device)
         try:
-            noise = None
-            if invert:
+            if invert and invert_with == "tuned":
                 noise = self.invert(clip, num_inversion_steps, inversion_schedule, progress=progress).cpu()
+            if noise is not None:
                 self._noise_priors[adapter_name] = noise
+                facts["noise_prior_inverted_with"] = invert_with
             losses = result.losses
             facts.update(
                 steps=len(losses),
@@ -300,6 +318,17 @@ class VMCPipeline(Show1CascadePipeline):
         finally:
             self.unet.requires_grad_(False)
         return result
+
+    def _invert_without_motions(self, clip: torch.Tensor, steps: int, schedule: str, progress: bool) -> torch.Tensor:
+        """`invert` with every loaded motion switched off for the inversion, then their weights restored."""
+        weights = self.motions
+        if weights:
+            self.set_motions([])
+        try:
+            return self.invert(clip, steps, schedule, progress=progress).cpu()
+        finally:
+            if weights:
+                self.set_motions(list(weights), list(weights.values()))
 
     def _prepare_clip(self, video, config: MotionDistillationConfig, video_kwargs: dict) -> torch.Tensor:
         if isinstance(video, (str, os.PathLike)):
