@@ -57,3 +57,18 @@ def test_merge_joins_runs_split_by_motion_and_refuses_other_settings():
     page = ablation.table(merged)
     assert "| `a` | 0.400 +- 0.200 | 0.100 +- 0.000 | 1.000 +- 0.000 |" in page
     assert "| variant | zigzag | circling |" in page
+
+
+def test_each_variant_is_compared_clip_by_clip_with_inversion_only():
+    rows = _rows("inversion_only", "zigzag", [0.5, 0.1, 0.3]) + _rows("vmc", "zigzag", [0.9, 0.0, 0.7])
+    rows[-1]["appearance_accuracy"] = 0.5
+    summary = ablation.summarize(rows, ["inversion_only", "vmc"])
+    paired = summary["vmc"]["paired_vs_inversion_only"]
+    assert paired["displacement_cosine"]["mean"] == pytest.approx(0.7 / 3, abs=1e-4)  # 0.4, -0.1, 0.4
+    assert (paired["displacement_cosine"]["better"], paired["displacement_cosine"]["worse"]) == (2, 1)
+    assert (paired["appearance_accuracy"]["better"], paired["appearance_accuracy"]["worse"]) == (0, 1)
+    assert "paired_vs_inversion_only" not in summary["inversion_only"]
+    result = {**_result("zigzag", rows), "summary": summary}
+    page = ablation.table(result, heading="Other run", source="other.json", intro="Why this run.")
+    assert page.startswith("# Other run\n") and "results/other.json" in page and "Why this run." in page
+    assert "| `vmc` | +0.233 +- 0.289 | 2 / 1 | -0.167 +- 0.289 | 0 / 1 |" in page
