@@ -71,6 +71,7 @@ VARIANTS: dict[str, dict] = {
     "vmc_l2_base": {"config": {"loss": "l2"}, "invert_with": "base"},
     "vmc_lora_base": {"config": {**RELEASED, "mode": "lora", "r": 8, "lora_alpha": 8}, "invert_with": "base"},
     "spatial_attn_base": {"config": {**RELEASED, "target": "spatial_attn.to_[qkv]"}, "invert_with": "base"},
+    "scene_prompt_base": {"config": RELEASED, "prompt": "scene", "invert_with": "base"},
     "eps_matching_base": {"config": {"loss": "eps_mse"}, "invert_with": "base"},
 }
 """Variant name -> config overrides (None: no training), training prompt kind, whether to start from the prior,
