@@ -28,12 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_training import git_commit  # noqa: E402
 
 from motion_adapters.injection import inject_temporal_adapter  # noqa: E402
+from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
-from motion_adapters.training_step import (  # noqa: E402
-    frozen_activations_recomputed,
-    frozen_convs_keep_no_input,
-    temporal_kernels,
-)
+from motion_adapters.training_step import temporal_kernels  # noqa: E402
 
 
 def build(width: float, seed: int = 0) -> Show1UNet3DConditionModel:

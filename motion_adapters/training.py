@@ -29,6 +29,11 @@ from motion_adapters.injection import (
     inject_temporal_adapter,
     load_adapter_state_dict,
 )
+from motion_adapters.lean_backward import (
+    frozen_activations_recomputed,
+    frozen_convs_keep_no_input,
+    norms_in_compute_dtype,
+)
 from motion_adapters.losses import prediction_type
 from motion_adapters.serialization import (
     atomic_save_safetensors,
@@ -43,10 +48,7 @@ from motion_adapters.training_step import (
     autocast_dtype,
     checkpointing,
     compiled,
-    frozen_activations_recomputed,
-    frozen_convs_keep_no_input,
     keep_implementation_flags,
-    norms_in_compute_dtype,
     optimizer_for,
     regional_compile,
     temporal_kernels,

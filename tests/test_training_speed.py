@@ -213,7 +213,7 @@ def test_regional_compile_computes_the_same_function_and_is_undone():
 
 
 def test_norms_in_compute_dtype_read_and_write_bf16_under_autocast_and_are_undone():
-    from motion_adapters.training_step import norms_in_compute_dtype
+    from motion_adapters.lean_backward import norms_in_compute_dtype
 
     unet = tiny_show1().eval()
     x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
@@ -266,7 +266,8 @@ def test_norm_dtype_compute_trains_with_half_norm_weights_and_restores_them_exac
 
 @pytest.mark.parametrize("choice", ["library", "conv2d"])
 def test_frozen_convs_keep_no_input_give_the_same_gradients_and_hold_less(choice):
-    from motion_adapters.training_step import FrameConv, frozen_convs_keep_no_input, temporal_kernels
+    from motion_adapters.lean_backward import frozen_convs_keep_no_input
+    from motion_adapters.training_step import FrameConv, temporal_kernels
 
     x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
 
@@ -302,7 +303,7 @@ def test_frozen_convs_keep_no_input_give_the_same_gradients_and_hold_less(choice
 
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_frozen_activations_recomputed_give_the_same_gradients_and_hold_less(train_mode):
-    from motion_adapters.training_step import frozen_activations_recomputed, frozen_convs_keep_no_input
+    from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
     x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
 
@@ -339,7 +340,7 @@ def test_frozen_activations_recomputed_give_the_same_gradients_and_hold_less(tra
 
 @pytest.mark.parametrize("float32_norms", [True, False])
 def test_group_norm_act_keeping_input_follows_the_norm_dtype_under_autocast(float32_norms):
-    from motion_adapters.training_step import group_norm_act_keeping_input, norms_in_compute_dtype
+    from motion_adapters.lean_backward import group_norm_act_keeping_input, norms_in_compute_dtype
 
     norm = torch.nn.GroupNorm(2, 4).requires_grad_(False)
     x = torch.randn(2, 4, 3, 5).permute(0, 1, 3, 2).requires_grad_(True)  # non-contiguous, as in TemporalConvLayer
@@ -359,7 +360,7 @@ def test_group_norm_act_keeping_input_follows_the_norm_dtype_under_autocast(floa
 def test_recomputed_resnet_blocks_match_diffusers(norm, act, resample):
     from diffusers.models.resnet import ResnetBlock2D
 
-    from motion_adapters.training_step import frozen_activations_recomputed
+    from motion_adapters.lean_backward import frozen_activations_recomputed
 
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, time_embedding_norm=norm,
@@ -381,7 +382,7 @@ def test_recomputed_resnet_blocks_match_diffusers(norm, act, resample):
 
 
 def test_bit_mask_dropout_keeps_the_mask_of_nn_dropout_in_an_eighth_of_the_bytes():
-    from motion_adapters.training_step import _BitMaskDropout, _pack_bits, _unpack_bits
+    from motion_adapters.lean_backward import _BitMaskDropout, _pack_bits, _unpack_bits
 
     for shape, nbytes in (((3, 5, 7), 14), ((4, 16), 8)):  # 105 values (padded) and 64
         mask = torch.rand(shape) < 0.5
@@ -404,7 +405,7 @@ def test_bit_mask_dropout_keeps_the_mask_of_nn_dropout_in_an_eighth_of_the_bytes
 def test_frozen_activations_leave_trainable_and_dropout_feed_forwards_to_autograd():
     from diffusers.models.attention import FeedForward
 
-    from motion_adapters.training_step import frozen_activations_recomputed
+    from motion_adapters.lean_backward import frozen_activations_recomputed
 
     trained = FeedForward(8, activation_fn="geglu")
     dropped = FeedForward(8, activation_fn="geglu", dropout=0.1).requires_grad_(False)
@@ -418,7 +419,7 @@ def test_frozen_activations_leave_trainable_and_dropout_feed_forwards_to_autogra
 
 
 def test_frozen_convs_leave_a_trainable_convolution_to_autograd():
-    from motion_adapters.training_step import frozen_convs_keep_no_input
+    from motion_adapters.lean_backward import frozen_convs_keep_no_input
 
     conv = torch.nn.Conv2d(2, 2, 3, padding=1)
     model = torch.nn.Sequential(conv, torch.nn.Conv2d(2, 2, 3, padding="same")).requires_grad_(False)
@@ -430,7 +431,7 @@ def test_frozen_convs_leave_a_trainable_convolution_to_autograd():
 
 
 def test_layer_swaps_leave_a_module_with_its_own_instance_forward_alone():
-    from motion_adapters.training_step import frozen_convs_keep_no_input, norms_in_compute_dtype
+    from motion_adapters.lean_backward import frozen_convs_keep_no_input, norms_in_compute_dtype
 
     hooked = torch.nn.GroupNorm(2, 4)
     hooked.forward = lambda x: x  # what an offload hook does: a forward set on the instance
@@ -444,12 +445,12 @@ def test_layer_swaps_leave_a_module_with_its_own_instance_forward_alone():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("float32_norms", [True, False])
 def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms):
-    from motion_adapters.training_step import (
+    from motion_adapters.lean_backward import (
         frozen_activations_recomputed,
         frozen_convs_keep_no_input,
         norms_in_compute_dtype,
-        temporal_kernels,
     )
+    from motion_adapters.training_step import temporal_kernels
 
     device = torch.device("cuda")
     x, text = torch.randn(1, 3, 8, 16, 16, device=device), embeds(64).to(device)

@@ -1,0 +1,458 @@
+"""Layer swaps for a training run that keep less for the backward pass, each a context manager that restores them.
+
+- `norms_in_compute_dtype` runs group and layer norms in the mixed-precision dtype instead of autocast's float32.
+- `frozen_convs_keep_no_input` makes frozen convolutions keep only their weight for the backward pass.
+- `frozen_activations_recomputed` makes frozen norm -> activation pairs and GEGLU feed-forwards keep only their
+  input and recompute the rest in the backward pass, and keeps dropout masks as bits.
+
+Each replaces `forward` on module instances (never a module's class, which diffusers checks with `isinstance`),
+computes the same outputs and input gradients, and leaves modules that already carry an instance `forward` (an
+offload hook) alone. `train_motion` enters them from `MotionDistillationConfig`'s `norm_dtype`, `frozen_convs` and
+`frozen_activations`; `benchmarks/activation_memory.py` counts what each saves.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from motion_adapters.training_step import FrameConv
+
+
+@contextmanager
+def _forwards_replaced(modules: list[nn.Module], forward_for: Callable[[nn.Module], Callable]) -> Iterator[int]:
+    """Give each module the instance `forward` `forward_for(module)` for the block, then its class's again.
+
+    Modules that already carry an instance `forward` (an accelerate offload hook, say) are left as they are.
+    Yields how many modules were changed.
+    """
+    changed = [m for m in modules if "forward" not in vars(m)]
+    for module in changed:
+        module.forward = forward_for(module)
+    try:
+        yield len(changed)
+    finally:
+        for module in changed:
+            del module.forward
+
+
+def _norm_in_compute_dtype(norm: nn.GroupNorm | nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` in autocast's dtype (or `x`'s outside autocast), not autocast's float32."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    weight = None if norm.weight is None else norm.weight.to(dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if isinstance(norm, nn.GroupNorm):
+            return torch.nn.functional.group_norm(x.to(dtype), norm.num_groups, weight, bias, norm.eps)
+        return torch.nn.functional.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
+
+
+@contextmanager
+def norms_in_compute_dtype(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Run every `GroupNorm` and `LayerNorm` of `unet` in the autocast dtype for the run, then restore them.
+
+    Autocast computes norms in float32: a norm casts its half input up and returns float32, which the next
+    convolution or linear layer casts back down, so every normalised activation is copied twice and kept in
+    float32 for the backward pass. Here the norm reads and writes the half dtype; PyTorch's CUDA kernels accumulate
+    mean and variance in float32 either way. The modules keep their class (diffusers checks `isinstance` on
+    `norm_cross`): only their `forward` is replaced, on the instance. Yields the number of norms changed.
+
+    Example:
+        >>> with norms_in_compute_dtype(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    norms = [m for m in unet.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))] if enabled else []
+    with _forwards_replaced(norms, lambda norm: functools.partial(_norm_in_compute_dtype, norm)) as count:
+        yield count
+
+
+class _InputGradOnlyConv(torch.autograd.Function):
+    """A convolution whose backward pass computes the input's gradient only, so it keeps the weight, not the input.
+
+    Autograd's own convolution keeps its input for the weight gradient even when the weight is frozen; this one
+    computes the same output and the same input gradient (the same `convolution_backward` call, asked for the input
+    gradient alone) without holding the activation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        dims = weight.ndim - 2
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, x.dtype, stride, padding, dilation, groups, dims)
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups, dims = ctx.conv
+        placeholder = grad.new_empty(1).expand(shape)  # read for its shape only: the weight gradient is not asked
+        grad_input = torch.ops.aten.convolution_backward(
+            grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims, groups,
+            (True, False, False),
+        )[0]  # fmt: skip
+        return grad_input.to(dtype), None, None, None, None, None, None
+
+
+def conv_keeping_no_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int
+) -> torch.Tensor:
+    """`conv2d` / `conv3d` (by the weight's rank) for a frozen weight, keeping no activation for the backward pass.
+
+    Under autocast the input, weight and bias are cast to its dtype first, as autocast's own convolution does.
+
+    Example:
+        >>> w = torch.randn(4, 2, 3, 3)
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> torch.allclose(conv_keeping_no_input(x, w, None, [1, 1], [1, 1], [1, 1], 1),
+        ...                torch.nn.functional.conv2d(x, w, padding=1), atol=1e-6)
+        True
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+
+
+def _frozen_conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    return conv_keeping_no_input(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _frozen_frame_conv_forward(conv: FrameConv, x: torch.Tensor) -> torch.Tensor:
+    b, _, f, h, w = x.shape
+    y = conv_keeping_no_input(x.reshape(b, x.shape[1], f, h * w), conv.weight.squeeze(-1), conv.bias, [1, 1],
+                              [conv.frame_padding, 0], [1, 1], 1)  # fmt: skip
+    return y.reshape(b, y.shape[1], f, h, w)
+
+
+@contextmanager
+def frozen_convs_keep_no_input(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Make every frozen convolution of `unet` keep only its weight for the backward pass, then restore them.
+
+    A frozen convolution passes gradients back through its weight alone, yet autograd keeps its input for a weight
+    gradient nobody asks for: in a UNet that is one activation for each of the two convolutions of a ResNet block
+    and the four of a temporal convolution layer. Only `nn.Conv2d`, `nn.Conv3d` (and `FrameConv`) with zero padding
+    given as numbers and no parameter that requires gradients are changed, by replacing their `forward` on the
+    instance. Same outputs, same input gradients. Yields the number of convolutions changed.
+
+    Example:
+        >>> with frozen_convs_keep_no_input(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    convs = []
+    if enabled:
+        for m in unet.modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                continue
+            if isinstance(m, FrameConv) or (
+                isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            ):
+                convs.append(m)
+
+    def forward_for(conv: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        forward = _frozen_frame_conv_forward if isinstance(conv, FrameConv) else _frozen_conv_forward
+        return functools.partial(forward, conv)
+
+    with _forwards_replaced(convs, forward_for) as count:
+        yield count
+
+
+def _compute_dtype(x: torch.Tensor, float32_under_autocast: bool) -> torch.dtype:
+    """The dtype autocast would run a layer in: its half dtype, float32 for norms under autocast's own rule, or x's."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x.dtype
+    return torch.float32 if float32_under_autocast else torch.get_autocast_dtype(device_type)
+
+
+def _activation_of(module: nn.Module) -> str | None:
+    """"silu" or "gelu" for an exact `nn.SiLU` or an exact `nn.GELU` without approximation, else None."""
+    if type(module) is nn.SiLU:
+        return "silu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    return None
+
+
+def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    return torch.nn.functional.silu(y) if activation == "silu" else torch.nn.functional.gelu(y)
+
+
+class _GroupNormAct(torch.autograd.Function):
+    """`act(group_norm(x) * factor + shift)` for a frozen norm, keeping `x` and two statistics for the backward.
+
+    Autograd keeps the norm's input and, for the activation, the normalised (and scaled) activation: two tensors of
+    the same size. Here the backward pass recomputes the second from the first (one more normalisation, a
+    memory-bound kernel) and calls the same `silu_backward` / `gelu_backward` and `native_group_norm_backward`
+    that autograd calls. `scale` (the factor, 1 + the time scale) and `shift` ((N, C, 1, 1), or None) must not
+    require gradients; they keep their dtype, so type promotion is that of diffusers' own expression.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation):
+        n, c = x.shape[:2]
+        hw = x.numel() // (n * c)
+        y, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), weight, bias, n, c, hw, groups, eps)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.norm = (n, c, hw, groups, eps, activation)
+        y = y.view(x.shape)
+        if scale is not None:
+            y = y * scale + shift
+        return _activate(y, activation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        n, c, hw, groups, eps, activation = ctx.norm
+        shape, x = x.shape, x.contiguous()
+        y = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)[0].view(shape)
+        pre = y if scale is None else y * scale + shift
+        grad = grad.to(y.dtype)
+        if activation == "silu":
+            grad_pre = torch.ops.aten.silu_backward(grad, pre)
+        else:
+            grad_pre = torch.ops.aten.gelu_backward(grad, pre)
+        grad_y = grad_pre if scale is None else grad_pre * scale
+        grad_x = torch.ops.aten.native_group_norm_backward(
+            grad_y.contiguous(), x, mean, rstd, weight, n, c, hw, groups, [True, False, False]
+        )[0]  # fmt: skip
+        return grad_x.view(shape), None, None, None, None, None, None, None
+
+
+def group_norm_act_keeping_input(
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    activation: str = "silu",
+    float32_norms: bool = True,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`act(norm(x) * (1 + scale) + shift)` for a frozen `norm`, keeping only `x` for the backward pass.
+
+    `activation` is "silu" or "gelu"; `scale` and `shift` are optional and must not require gradients. Runs in the
+    dtype the norm would run in: float32 under autocast when `float32_norms` (autocast's rule), else autocast's
+    dtype (as `norm_dtype="compute"`); outside autocast in `x`'s dtype.
+
+    Example:
+        >>> norm = torch.nn.GroupNorm(2, 4)
+        >>> x = torch.randn(1, 4, 3, 5)
+        >>> torch.allclose(group_norm_act_keeping_input(norm, x), torch.nn.functional.silu(norm(x)), atol=1e-6)
+        True
+    """
+    dtype = _compute_dtype(x, float32_norms)
+    weight = None if norm.weight is None else norm.weight.to(dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        factor = None if scale is None else 1 + scale  # in scale's dtype, as diffusers computes it
+        return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation)
+
+
+#: Multiplying eight 0/1 bytes read as one int64 by this gathers them into its top byte; multiplying a byte by it
+#: and masking spreads the byte's bits back into eight bytes (the constant as a signed int64).
+_SPREAD = 0x8040201008040201 - (1 << 64)
+_LOW_BITS = 0x0101010101010101
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits, eight to a byte, the first in the highest bit (see `_unpack_bits`)."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return ((flat.view(torch.uint8).view(torch.int64) * _SPREAD) >> 56).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool tensor of `shape` that `_pack_bits` packed."""
+    spread = ((packed.to(torch.int64) * _SPREAD) >> 7) & _LOW_BITS
+    return spread.view(torch.uint8).view(torch.bool)[: shape.numel()].view(shape)
+
+
+class _BitMaskDropout(torch.autograd.Function):
+    """Dropout that keeps its mask as bits (one byte for eight values) instead of one byte a value.
+
+    Draws the mask exactly as `nn.Dropout` does on the input's device (CUDA's fused `native_dropout`, the CPU's
+    `bernoulli_`), so the same seed gives the same mask and output.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p):
+        if x.is_cuda:
+            out, mask = torch.ops.aten.native_dropout(x, p, True)
+        else:
+            noise = torch.empty_like(x).bernoulli_(1 - p)
+            mask = noise.bool()
+            out = x * noise.div_(1 - p)
+        ctx.save_for_backward(_pack_bits(mask))
+        ctx.dropout = (x.shape, p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        shape, p = ctx.dropout
+        return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(packed, shape), 1.0 / (1 - p)), None
+
+
+def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, x: torch.Tensor) -> torch.Tensor:
+    x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), float32_norms)
+    for module in list(seq)[2:]:
+        if type(module) is nn.Dropout and module.training and 0 < module.p < 1 and torch.is_grad_enabled():
+            x = _BitMaskDropout.apply(x, module.p)
+        else:
+            x = module(x)
+    return x
+
+
+def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, input_tensor, temb, *args, **kwargs):
+    """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`."""
+    activation = _activation_of(block.nonlinearity)
+    if (args or kwargs) or (temb is not None and temb.requires_grad) or not torch.is_grad_enabled():
+        return type(block).forward(block, input_tensor, temb, *args, **kwargs)
+    hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms)
+    if block.upsample is not None:
+        if hidden_states.shape[0] >= 64:
+            input_tensor, hidden_states = input_tensor.contiguous(), hidden_states.contiguous()
+        input_tensor, hidden_states = block.upsample(input_tensor), block.upsample(hidden_states)
+    elif block.downsample is not None:
+        input_tensor, hidden_states = block.downsample(input_tensor), block.downsample(hidden_states)
+    hidden_states = block.conv1(hidden_states)
+    if block.time_emb_proj is not None:
+        if not block.skip_time_act:
+            temb = block.nonlinearity(temb)
+        temb = block.time_emb_proj(temb)[:, :, None, None]
+    if block.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {block.time_embedding_norm}")
+        scale, shift = torch.chunk(temb, 2, dim=1)
+        hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms,
+                                                     scale, shift)  # fmt: skip
+    else:
+        if block.time_embedding_norm == "default" and temb is not None:
+            hidden_states = hidden_states + temb
+        hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms)
+    hidden_states = block.dropout(hidden_states)
+    hidden_states = block.conv2(hidden_states)
+    if block.conv_shortcut is not None:
+        input_tensor = block.conv_shortcut(input_tensor.contiguous() if block.training else input_tensor)
+    return (input_tensor + hidden_states) / block.output_scale_factor
+
+
+def _resnet_qualifies(block: nn.Module) -> bool:
+    """A diffusers `ResnetBlock2D` with frozen group norms, an exact SiLU/GELU and the time norms mirrored above."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return (
+        type(block) is ResnetBlock2D
+        and type(block).forward is ResnetBlock2D.forward
+        and type(block.norm1) is nn.GroupNorm
+        and type(block.norm2) is nn.GroupNorm
+        and _activation_of(block.nonlinearity) is not None
+        and block.time_embedding_norm in ("default", "scale_shift")
+        and not any(p.requires_grad for p in (*block.norm1.parameters(), *block.norm2.parameters()))
+        and not any(hasattr(m, "_hf_hook") for m in block.modules())
+    )
+
+
+class _GEGLUFeedForward(torch.autograd.Function):
+    """A frozen GEGLU feed-forward, `w2(h * gelu(g))` with `(h, g) = w1(x)`, that keeps only `x` for the backward.
+
+    Autograd keeps the projection's output (both halves) and the GELU's output, twelve values for each channel of
+    the input; this keeps the input and recomputes the projection in the backward pass (one more matrix product
+    of the two).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        hidden, gate = torch.nn.functional.linear(x, w1, b1).chunk(2, dim=-1)
+        ctx.save_for_backward(x, w1, b1, w2)
+        return torch.nn.functional.linear(hidden * torch.nn.functional.gelu(gate), w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2 = ctx.saved_tensors
+        hidden, gate = torch.nn.functional.linear(x, w1, b1).chunk(2, dim=-1)
+        grad_act = grad.to(w2.dtype).matmul(w2)
+        grad_hidden = grad_act * torch.nn.functional.gelu(gate)
+        grad_gate = torch.ops.aten.gelu_backward(grad_act * hidden, gate)
+        grad_x = torch.cat([grad_hidden, grad_gate], dim=-1).matmul(w1)
+        return grad_x.to(x.dtype), None, None, None, None
+
+
+def _frozen_geglu_parts(ff: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """(projection, output) of a diffusers `FeedForward` that is exactly GEGLU -> no-op dropouts -> Linear, frozen."""
+    from diffusers.models.activations import GEGLU
+
+    net = list(getattr(ff, "net", []))
+    if not net or type(net[0]) is not GEGLU or any(hasattr(m, "_hf_hook") for m in ff.modules()):
+        return None
+    rest = [m for m in net[1:] if not (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))]
+    if len(rest) != 1 or type(rest[0]) is not nn.Linear:
+        return None
+    proj, out = net[0].proj, rest[0]
+    if any(p.requires_grad for p in (*proj.parameters(), *out.parameters())):
+        return None
+    return proj, out
+
+
+def _geglu_feed_forward(ff: nn.Module, parts: tuple[nn.Linear, nn.Linear], x: torch.Tensor, *args, **kwargs):
+    proj, out = parts
+    dropouts = [m for m in ff.net if isinstance(m, nn.Dropout)]
+    if any(m.training and m.p > 0 for m in dropouts):  # switched on after the check: run the module as written
+        return type(ff).forward(ff, x, *args, **kwargs)
+    dtype = _compute_dtype(x, False)
+    w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (proj.weight, proj.bias, out.weight, out.bias))
+    with torch.autocast(x.device.type, enabled=False):
+        return _GEGLUFeedForward.apply(x.to(dtype), w1, b1, w2, b2)
+
+
+@contextmanager
+def frozen_activations_recomputed(unet: nn.Module, enabled: bool, float32_norms: bool = True) -> Iterator[int]:
+    """Make frozen norm -> activation pairs and GEGLU feed-forwards keep only their input, then restore them.
+
+    Changed, by replacing `forward` on the instance:
+
+    - every `nn.Sequential` that starts with a frozen `GroupNorm` and an exact `nn.SiLU` or `nn.GELU` (the four of
+      each temporal convolution layer): the activation's input is recomputed in the backward pass instead of kept,
+      and a dropout inside keeps its mask as bits;
+    - every diffusers `ResnetBlock2D` with frozen group norms: the same for its two norm -> activation pairs (the
+      second with the time embedding's scale and shift between them), the rest of its forward unchanged;
+    - every diffusers `FeedForward` that is a frozen GEGLU -> Linear (the feed-forward of each temporal
+      transformer): its projection is recomputed instead of keeping three activations four to eight times the
+      input's size.
+
+    Same outputs, same dropout masks, same input gradients; a little more compute in the backward pass.
+    `float32_norms` says whether the norms run in float32 under autocast (`norm_dtype="float32"`). Yields the
+    number of modules changed.
+
+    Example:
+        >>> with frozen_activations_recomputed(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    chosen: dict[nn.Module, Callable] = {}
+    if enabled:
+        for m in unet.modules():
+            if isinstance(m, nn.Sequential) and len(m) >= 2 and type(m[0]) is nn.GroupNorm and _activation_of(m[1]):
+                if not any(p.requires_grad for p in m[0].parameters()) and not hasattr(m[0], "_hf_hook"):
+                    chosen[m] = functools.partial(_norm_act_sequential, m, float32_norms)
+            elif type(m).__name__ == "FeedForward" and (parts := _frozen_geglu_parts(m)) is not None:
+                chosen[m] = functools.partial(_geglu_feed_forward, m, parts)
+            elif _resnet_qualifies(m):
+                chosen[m] = functools.partial(_resnet_keeping_inputs, m, float32_norms)
+    with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
+        yield count
+
+
+__all__ = [
+    "conv_keeping_no_input",
+    "frozen_activations_recomputed",
+    "frozen_convs_keep_no_input",
+    "group_norm_act_keeping_input",
+    "norms_in_compute_dtype",
+]
