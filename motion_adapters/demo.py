@@ -5,7 +5,7 @@ pretraining), generates "a yellow square zigzagging ... on a checkered backgroun
 clip's inverted noise without training, and with the learned motion (from the same noise, the pretrained UNet's
 inversion), writes the videos and `report.json`, and prints the tracked motion fidelity and the appearance accuracy
 of each beside the reference clip's. Everything (three cascades to 29 frames of 96 x 96, one inversion, 150
-training steps) runs on the CPU in about four minutes on two cores.
+training steps) runs on the CPU in about three minutes on two cores.
 """
 
 from __future__ import annotations
