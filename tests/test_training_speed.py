@@ -1,6 +1,7 @@
 """The speed and memory options of train_motion: frozen-weight dtype, selective checkpointing, compile, graphs."""
 
 
+import contextlib
 import functools
 
 import pytest
@@ -264,78 +265,72 @@ def test_norm_dtype_compute_trains_with_half_norm_weights_and_restores_them_exac
     assert cpu_auto.extra["norm_dtype"] == "float32"  # "auto" changes the norms on CUDA only
 
 
-@pytest.mark.parametrize("choice", ["library", "conv2d"])
-def test_frozen_convs_keep_no_input_give_the_same_gradients_and_hold_less(choice):
-    from motion_adapters.lean_backward import frozen_convs_keep_no_input
-    from motion_adapters.training_step import FrameConv, temporal_kernels
+def _swapped_step(swaps, train_mode=False, trainable=("to_q.weight", "to_k.weight")):
+    """One forward and backward pass of a tiny Show-1 UNet inside the layer swaps `swaps` (functions of the UNet).
 
-    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
+    Returns the output, the trainable parameters' gradients, the numbers of activation values autograd kept, what
+    each swap yielded, and the class names of the modules inside the swaps (with or without an instance forward).
+    """
+    x = torch.randn(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    unet = tiny_show1().train(train_mode)  # train mode: the temporal convolutions' dropout (p=0.1) is on
+    inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
+    for name, p in unet.named_parameters():
+        p.requires_grad_(".temp_attentions." in name and name.endswith(trainable))
+    kept, weights = [], {p.data_ptr() for p in unet.parameters()}
 
-    def run(enabled):
-        unet = tiny_show1().eval()
-        inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
-        for name, p in unet.named_parameters():
-            p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_k.weight")))
-        kept, weights = [], {p.data_ptr() for p in unet.parameters()}
+    def keep(t):  # activations only: weights are held by the model anyway
+        kept.append(0 if t.data_ptr() in weights else t.numel())
+        return t
 
-        def keep(t):  # activations only: weights are held by the model anyway
-            kept.append(0 if t.data_ptr() in weights else t.numel())
-            return t
+    torch.manual_seed(5)  # same dropout masks in every run: the swapped layers draw no other random numbers
+    with contextlib.ExitStack() as stack:
+        yielded = [stack.enter_context(swap(unet)) for swap in swaps]
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = unet(x, torch.tensor([10]), embeds(64)).sample
+        modules = {"all": [type(m).__name__ for m in unet.modules()],
+                   "swapped": {type(m).__name__ for m in unet.modules() if "forward" in vars(m)}}  # fmt: skip
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+    assert all("forward" not in vars(m) for m in unet.modules())
+    return out.detach(), grads, sum(kept), yielded, modules
 
-        with temporal_kernels(unet, choice), frozen_convs_keep_no_input(unet, enabled) as count, \
-                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            out = unet(x, torch.tensor([10]), text).sample
-            frame_convs = sum(isinstance(m, FrameConv) for m in unet.modules())
-        out.pow(2).mean().backward()
-        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
-        assert all("forward" not in vars(m) for m in unet.modules())
-        return out.detach(), grads, sum(kept), count, frame_convs
 
-    out, grads, kept, count, _ = run(False)
-    fast_out, fast_grads, fast_kept, fast_count, frame_convs = run(True)
-    assert count == 0 and fast_count > 0 and (frame_convs > 0) == (choice == "conv2d")
+def _assert_same_step(fast, reference, kept_at_most):
+    (fast_out, fast_grads, fast_kept, _, _), (out, grads, kept, _, _) = fast, reference
     torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
     assert grads.keys() == fast_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    assert fast_kept < 0.9 * kept
+    assert fast_kept < kept_at_most * kept
+
+
+@pytest.mark.parametrize("choice", ["library", "conv2d"])
+def test_frozen_convs_keep_no_input_give_the_same_gradients_and_hold_less(choice):
+    from motion_adapters.lean_backward import frozen_convs_keep_no_input
+    from motion_adapters.training_step import temporal_kernels
+
+    def run(enabled):
+        return _swapped_step([lambda u: temporal_kernels(u, choice), lambda u: frozen_convs_keep_no_input(u, enabled)])
+
+    reference, fast = run(False), run(True)
+    frame_convs = fast[4]["all"].count("FrameConv")
+    assert reference[3][1] == 0 and fast[3][1] > 0 and (frame_convs > 0) == (choice == "conv2d")
+    _assert_same_step(fast, reference, kept_at_most=0.9)
 
 
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_frozen_activations_recomputed_give_the_same_gradients_and_hold_less(train_mode):
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
-    x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
-
     def run(enabled):
-        unet = tiny_show1().train(train_mode)  # train mode: the temporal convolutions' dropout (p=0.1) is on
-        inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
-        for name, p in unet.named_parameters():
-            p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_v.weight")))
-        kept, weights = [], {p.data_ptr() for p in unet.parameters()}
+        return _swapped_step([lambda u: frozen_convs_keep_no_input(u, True),
+                              lambda u: frozen_activations_recomputed(u, enabled)],
+                             train_mode=train_mode, trainable=("to_q.weight", "to_v.weight"))  # fmt: skip
 
-        def keep(t):
-            kept.append(0 if t.data_ptr() in weights else t.numel())
-            return t
-
-        torch.manual_seed(5)  # same dropout masks in both runs: the recomputed layers draw no random numbers
-        with frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, enabled) as count, \
-                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            out = unet(x, torch.tensor([10]), text).sample
-            kinds = {type(m).__name__ for m in unet.modules() if "forward" in vars(m)}
-        out.pow(2).mean().backward()
-        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
-        assert all("forward" not in vars(m) for m in unet.modules())
-        return out.detach(), grads, sum(kept), count, kinds
-
-    out, grads, kept, count, _ = run(False)
-    fast_out, fast_grads, fast_kept, fast_count, kinds = run(True)
-    assert count == 0 and fast_count > 0 and {"Sequential", "FeedForward", "ResnetBlock2D"} <= kinds
-    torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
-    assert grads.keys() == fast_grads.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    assert fast_kept < 0.8 * kept
+    reference, fast = run(False), run(True)
+    assert reference[3][1] == 0 and fast[3][1] > 0
+    assert {"Sequential", "FeedForward", "ResnetBlock2D"} <= fast[4]["swapped"]
+    _assert_same_step(fast, reference, kept_at_most=0.8)
 
 
 @pytest.mark.parametrize("float32_norms", [True, False])
