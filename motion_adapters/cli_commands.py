@@ -52,6 +52,10 @@ def add_pipeline_commands(sub) -> None:
     train.add_argument("--resize-mode", choices=("crop", "stretch"), default="crop")
     train.add_argument("--reverse", action="store_true", help="learn the backward motion")
     train.add_argument("--no-invert", action="store_true", help="skip computing the noise prior")
+    train.add_argument("--inversion-steps", type=int, default=75, help="DDIM steps of the inversion")
+    train.add_argument("--invert-with", choices=("base", "tuned"), default="base",
+                       help="which keyframe UNet inverts the clip for the noise prior: the pretrained one (before "
+                            "training) or the tuned one (after it, as the paper)")  # fmt: skip
     train.add_argument("--config", default=None, help="a JSON file of MotionDistillationConfig fields")
     train.set_defaults(func=_cmd_train)
 
@@ -112,7 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = MotionDistillationConfig.from_dict(fields)
     pipe = load_pipeline(args.model, args.device)
     result = pipe.train_motion(
-        args.video, args.prompt, config, output_dir=args.out, invert=not args.no_invert,
+        args.video, args.prompt, config, output_dir=args.out, invert=not args.no_invert, invert_with=args.invert_with,
+        num_inversion_steps=args.inversion_steps,
         video_kwargs={"stride": args.stride, "start": args.start, "resize_mode": args.resize_mode,
                       "reverse": args.reverse},
     )

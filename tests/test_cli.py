@@ -19,18 +19,31 @@ def test_train_inspect_generate_round_trip(tmp_path, cascade_dir, capsys):
     clip = write_clip(ClipSpec("square", "red", "blue", "zigzag"), tmp_path / "clip.gif", num_frames=8, height=16,
                       width=24)
     code = main(["train", str(clip), "--prompt", "a red square zigzagging", "--out", str(tmp_path / "m"),
-                 "--model", str(cascade_dir), "--steps", "2", "--lr", "1e-3", "--device", "cpu"])
+                 "--model", str(cascade_dir), "--steps", "2", "--lr", "1e-3", "--device", "cpu",
+                 "--inversion-steps", "4"])
     out = capsys.readouterr().out
     assert code == 0 and "motion saved to" in out and "2 steps" in out
     assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
     description = json.loads(capsys.readouterr().out)
     assert description["training"]["prompt"] == "a red square zigzagging"
+    assert description["training"]["noise_prior_inverted_with"] == "base"
     assert description["noise_prior"] == [1, 3, 8, 40, 64]
     assert main(["inspect", str(tmp_path / "m")]) == 0
     assert "backbone    Show1UNet3DConditionModel" in capsys.readouterr().out
     code = main(["generate", "--motion", str(tmp_path / "m"), "--prompt", "a cat", "-o", str(tmp_path / "o.gif"),
                  "--model", str(cascade_dir), "--stages", "keyframes", "--steps", "2", "--device", "cpu"])
     assert code == 0 and (tmp_path / "o.gif").is_file()
+
+
+def test_train_takes_the_papers_inversion_order(tmp_path, cascade_dir, capsys):
+    clip = write_clip(ClipSpec("square", "red", "blue", "zigzag"), tmp_path / "clip.gif", num_frames=8, height=16,
+                      width=24)
+    assert main(["train", str(clip), "--prompt", "a red square zigzagging", "--out", str(tmp_path / "m"),
+                 "--model", str(cascade_dir), "--steps", "1", "--device", "cpu", "--invert-with", "tuned",
+                 "--inversion-steps", "4"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["noise_prior_inverted_with"] == "tuned"
 
 
 def test_missing_motion_exits_1_with_a_message(tmp_path, capsys):
