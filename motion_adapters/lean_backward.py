@@ -40,13 +40,20 @@ def _forwards_replaced(modules: list[nn.Module], forward_for: Callable[[nn.Modul
             del module.forward
 
 
+def _compute_dtype(x: torch.Tensor, float32_under_autocast: bool) -> torch.dtype:
+    """The dtype autocast would run a layer in: its half dtype, float32 for norms under autocast's own rule, or x's."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x.dtype
+    return torch.float32 if float32_under_autocast else torch.get_autocast_dtype(device_type)
+
+
 def _norm_in_compute_dtype(norm: nn.GroupNorm | nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """`norm(x)` in autocast's dtype (or `x`'s outside autocast), not autocast's float32."""
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    dtype = _compute_dtype(x, float32_under_autocast=False)
     weight = None if norm.weight is None else norm.weight.to(dtype)
     bias = None if norm.bias is None else norm.bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         if isinstance(norm, nn.GroupNorm):
             return torch.nn.functional.group_norm(x.to(dtype), norm.num_groups, weight, bias, norm.eps)
         return torch.nn.functional.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
@@ -162,14 +169,6 @@ def frozen_convs_keep_no_input(unet: nn.Module, enabled: bool) -> Iterator[int]:
 
     with _forwards_replaced(convs, forward_for) as count:
         yield count
-
-
-def _compute_dtype(x: torch.Tensor, float32_under_autocast: bool) -> torch.dtype:
-    """The dtype autocast would run a layer in: its half dtype, float32 for norms under autocast's own rule, or x's."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return x.dtype
-    return torch.float32 if float32_under_autocast else torch.get_autocast_dtype(device_type)
 
 
 def _activation_of(module: nn.Module) -> str | None:
