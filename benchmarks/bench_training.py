@@ -90,10 +90,16 @@ VARIANTS = {
     "full_graph_recompute": ("as full_graph_convs, frozen norm -> activation pairs and GEGLU feed-forwards keep "
                              "only their inputs, dropout masks as bits (frozen_activations='recompute')",
                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
-                              "frozen_convs": "input_grad_only", "frozen_activations": "recompute"}),
+                              "frozen_convs": "input_grad_only", "frozen_activations": "recompute",
+                              "norm_kernels": "torch"}),
+    "full_graph_triton": ("as full_graph_recompute, the recomputed norm -> activation pairs on fused Triton kernels "
+                          "(norm_kernels='triton')",
+                          {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast", "norm_dtype": "compute",
+                           "frozen_convs": "input_grad_only", "frozen_activations": "recompute",
+                           "norm_kernels": "triton"}),
     "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
-             "keeping no input, frozen activations recomputed, fp32 masters, fused AdamW, whole-step CUDA graph, "
-             "the fastest temporal kernels",
+             "keeping no input, frozen activations recomputed on fused Triton norm kernels, fp32 masters, fused "
+             "AdamW, whole-step CUDA graph, the fastest temporal kernels",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",

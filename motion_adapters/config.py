@@ -18,6 +18,7 @@ FROZEN_DTYPES = ("auto", "compute", "keep")
 NORM_DTYPES = ("auto", "float32", "compute")
 FROZEN_CONVS = ("auto", "autograd", "input_grad_only")
 FROZEN_ACTIVATIONS = ("auto", "autograd", "recompute")
+NORM_KERNELS = ("auto", "torch", "triton")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
 TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention")
@@ -82,6 +83,11 @@ class MotionDistillationConfig:
             kernels, plus one normalisation a pair and one matrix product a feed-forward), and dropout masks as
             bits; same outputs and dropout masks, gradients equal to rounding. "auto" is "recompute" on CUDA without
             `compile`, else "autograd". See docs/performance.md for what it saves and costs.
+        norm_kernels: the kernels the recomputed norm -> activation pairs of `frozen_activations="recompute"` run
+            on. "torch" is PyTorch's group norm, scale and shift and activation, one kernel each; "triton" fuses
+            each pass into Triton kernels split over channels and chunks of frames and pixels
+            (`motion_adapters.fused_norm`; float32 arithmetic, one rounding at the output); "auto" is "triton"
+            on CUDA where Triton is installed, else "torch".
         compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs"), or
             "regional": each ResNet and temporal-convolution layer compiled on its own, attention left eager (the
             layers are restored after training).
@@ -140,6 +146,7 @@ class MotionDistillationConfig:
     norm_dtype: str = "auto"
     frozen_convs: str = "auto"
     frozen_activations: str = "auto"
+    norm_kernels: str = "auto"
     compile: str = "no"
     cuda_graph: str = "auto"
     temporal_kernels: str = "auto"
@@ -172,6 +179,7 @@ class MotionDistillationConfig:
         _choice("norm_dtype", self.norm_dtype, NORM_DTYPES)
         _choice("frozen_convs", self.frozen_convs, FROZEN_CONVS)
         _choice("frozen_activations", self.frozen_activations, FROZEN_ACTIVATIONS)
+        _choice("norm_kernels", self.norm_kernels, NORM_KERNELS)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
         _choice("temporal_kernels", self.temporal_kernels, TEMPORAL_KERNELS)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from motion_adapters.fused_norm import fused_norm_available, group_norm_act_backward, group_norm_act_forward
 from motion_adapters.training_step import FrameConv
 
 
@@ -191,16 +192,24 @@ class _GroupNormAct(torch.autograd.Function):
     the same size. Here the backward pass recomputes the second from the first (one more normalisation, a
     memory-bound kernel) and calls the same `silu_backward` / `gelu_backward` and `native_group_norm_backward`
     that autograd calls. `scale` (the factor, 1 + the time scale) and `shift` ((N, C, 1, 1), or None) must not
-    require gradients; they keep their dtype, so type promotion is that of diffusers' own expression.
+    require gradients; they keep their dtype, so type promotion is that of diffusers' own expression. With `fused`
+    both passes run as the Triton kernels of `motion_adapters.fused_norm` instead (float32 statistics kept).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation):
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation, fused=False):
         n, c = x.shape[:2]
         hw = x.numel() // (n * c)
+        ctx.fused = fused
+        ctx.norm = (n, c, hw, groups, eps, activation)
+        if fused:
+            y, mean, rstd = group_norm_act_forward(x, weight, bias, scale, shift, groups, eps, activation)
+            ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+            out_dtype = x.dtype if scale is None else torch.promote_types(torch.promote_types(x.dtype, scale.dtype),
+                                                                          shift.dtype)  # fmt: skip
+            return y.view(x.shape).to(out_dtype)
         y, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), weight, bias, n, c, hw, groups, eps)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.norm = (n, c, hw, groups, eps, activation)
         y = y.view(x.shape)
         if scale is not None:
             y = y * scale + shift
@@ -210,6 +219,9 @@ class _GroupNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         n, c, hw, groups, eps, activation = ctx.norm
+        if ctx.fused:
+            grad_x = group_norm_act_backward(grad, x, weight, bias, scale, shift, mean, rstd, groups, activation)
+            return grad_x.view(x.shape), None, None, None, None, None, None, None, None
         shape, x = x.shape, x.contiguous()
         y = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)[0].view(shape)
         pre = y if scale is None else y * scale + shift
@@ -222,7 +234,7 @@ class _GroupNormAct(torch.autograd.Function):
         grad_x = torch.ops.aten.native_group_norm_backward(
             grad_y.contiguous(), x, mean, rstd, weight, n, c, hw, groups, [True, False, False]
         )[0]  # fmt: skip
-        return grad_x.view(shape), None, None, None, None, None, None, None
+        return grad_x.view(shape), None, None, None, None, None, None, None, None
 
 
 def group_norm_act_keeping_input(
@@ -232,12 +244,14 @@ def group_norm_act_keeping_input(
     float32_norms: bool = True,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """`act(norm(x) * (1 + scale) + shift)` for a frozen `norm`, keeping only `x` for the backward pass.
 
     `activation` is "silu" or "gelu"; `scale` and `shift` are optional and must not require gradients. Runs in the
     dtype the norm would run in: float32 under autocast when `float32_norms` (autocast's rule), else autocast's
-    dtype (as `norm_dtype="compute"`); outside autocast in `x`'s dtype.
+    dtype (as `norm_dtype="compute"`); outside autocast in `x`'s dtype. `fused` runs it as one Triton kernel a
+    pass where `fused_norm_available(x)` (`norm_kernels="triton"`), else as PyTorch's kernels.
 
     Example:
         >>> norm = torch.nn.GroupNorm(2, 4)
@@ -250,7 +264,9 @@ def group_norm_act_keeping_input(
     bias = None if norm.bias is None else norm.bias.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
         factor = None if scale is None else 1 + scale  # in scale's dtype, as diffusers computes it
-        return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation)
+        fused = fused and fused_norm_available(x)
+        return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation,
+                                   fused)  # fmt: skip
 
 
 #: Multiplying eight 0/1 bytes read as one int64 by this gathers them into its top byte; multiplying a byte by it
@@ -299,8 +315,8 @@ class _BitMaskDropout(torch.autograd.Function):
         return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(packed, shape), 1.0 / (1 - p)), None
 
 
-def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, x: torch.Tensor) -> torch.Tensor:
-    x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), float32_norms)
+def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x: torch.Tensor) -> torch.Tensor:
+    x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), float32_norms, fused=fused)
     for module in list(seq)[2:]:
         if type(module) is nn.Dropout and module.training and 0 < module.p < 1 and torch.is_grad_enabled():
             x = _BitMaskDropout.apply(x, module.p)
@@ -309,12 +325,12 @@ def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, x: torch.Tenso
     return x
 
 
-def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, input_tensor, temb, *args, **kwargs):
+def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):
     """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`."""
     activation = _activation_of(block.nonlinearity)
     if (args or kwargs) or (temb is not None and temb.requires_grad) or not torch.is_grad_enabled():
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
-    hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms)
+    hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
         if hidden_states.shape[0] >= 64:
             input_tensor, hidden_states = input_tensor.contiguous(), hidden_states.contiguous()
@@ -331,11 +347,12 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, input_tensor, 
             raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {block.time_embedding_norm}")
         scale, shift = torch.chunk(temb, 2, dim=1)
         hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms,
-                                                     scale, shift)  # fmt: skip
+                                                     scale, shift, fused)  # fmt: skip
     else:
         if block.time_embedding_norm == "default" and temb is not None:
             hidden_states = hidden_states + temb
-        hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms)
+        hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms,
+                                                     fused=fused)  # fmt: skip
     hidden_states = block.dropout(hidden_states)
     hidden_states = block.conv2(hidden_states)
     if block.conv_shortcut is not None:
@@ -412,7 +429,9 @@ def _geglu_feed_forward(ff: nn.Module, parts: tuple[nn.Linear, nn.Linear], x: to
 
 
 @contextmanager
-def frozen_activations_recomputed(unet: nn.Module, enabled: bool, float32_norms: bool = True) -> Iterator[int]:
+def frozen_activations_recomputed(
+    unet: nn.Module, enabled: bool, float32_norms: bool = True, fused_norms: bool = False
+) -> Iterator[int]:
     """Make frozen norm -> activation pairs and GEGLU feed-forwards keep only their input, then restore them.
 
     Changed, by replacing `forward` on the instance:
@@ -427,8 +446,9 @@ def frozen_activations_recomputed(unet: nn.Module, enabled: bool, float32_norms:
       input's size.
 
     Same outputs, same dropout masks, same input gradients; a little more compute in the backward pass.
-    `float32_norms` says whether the norms run in float32 under autocast (`norm_dtype="float32"`). Yields the
-    number of modules changed.
+    `float32_norms` says whether the norms run in float32 under autocast (`norm_dtype="float32"`); `fused_norms`
+    runs the norm -> activation pairs as Triton kernels (`motion_adapters.fused_norm`) where they can run. Yields
+    the number of modules changed.
 
     Example:
         >>> with frozen_activations_recomputed(unet, True) as count:  # doctest: +SKIP
@@ -439,11 +459,11 @@ def frozen_activations_recomputed(unet: nn.Module, enabled: bool, float32_norms:
         for m in unet.modules():
             if isinstance(m, nn.Sequential) and len(m) >= 2 and type(m[0]) is nn.GroupNorm and _activation_of(m[1]):
                 if not any(p.requires_grad for p in m[0].parameters()) and not hasattr(m[0], "_hf_hook"):
-                    chosen[m] = functools.partial(_norm_act_sequential, m, float32_norms)
+                    chosen[m] = functools.partial(_norm_act_sequential, m, float32_norms, fused_norms)
             elif type(m).__name__ == "FeedForward" and (parts := _frozen_geglu_parts(m)) is not None:
                 chosen[m] = functools.partial(_geglu_feed_forward, m, parts)
             elif _resnet_qualifies(m):
-                chosen[m] = functools.partial(_resnet_keeping_inputs, m, float32_norms)
+                chosen[m] = functools.partial(_resnet_keeping_inputs, m, float32_norms, fused_norms)
     with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
         yield count
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.fused_norm import fused_norm_available, triton
 from motion_adapters.injection import (
     AdapterInfo,
     adapter_infos,
@@ -188,6 +189,7 @@ def train_motion(
     recompute = config.frozen_activations == "recompute" or (
         config.frozen_activations == "auto" and device.type == "cuda" and config.compile == "no"
     )
+    fused_norms = _fused_norms(config.norm_kernels, device, recompute)
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
     )
@@ -224,7 +226,7 @@ def train_motion(
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
-                frozen_activations_recomputed(unet, recompute, float32_norms=not half_norms), \
+                frozen_activations_recomputed(unet, recompute, not half_norms, fused_norms), \
                 regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
@@ -282,8 +284,26 @@ def train_motion(
         "norm_dtype": "compute" if half_norms else "float32",
         "frozen_convs": "input_grad_only" if input_grad_convs else "autograd",
         "frozen_activations": "recompute" if recompute else "autograd",
+        "norm_kernels": "triton" if fused_norms else "torch",
     }
     return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
+
+
+def _fused_norms(choice: str, device: torch.device, recompute: bool) -> bool:
+    """Whether `norm_kernels=choice` runs the recomputed norm -> activation pairs as Triton kernels on `device`."""
+    if choice == "torch":
+        return False
+    usable = device.type == "cuda" and fused_norm_available()
+    if choice == "triton":
+        if not usable:
+            why = "Triton is not installed" if triton is None else f"the UNet is on {device.type}, not CUDA"
+            raise ValueError(f"norm_kernels='triton' cannot run: {why}. Use norm_kernels='auto' or 'torch'.")
+        if not recompute:
+            raise ValueError(
+                "norm_kernels='triton' runs the norm -> activation pairs that frozen_activations='recompute' "
+                "swaps in: set frozen_activations='recompute' (or 'auto' on CUDA without compile)."
+            )
+    return usable and recompute
 
 
 def _check_video(video: torch.Tensor, config: MotionDistillationConfig) -> torch.Tensor:

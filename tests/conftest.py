@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # The fused norm kernels (motion_adapters.fused_norm) then run in Triton's CPU interpreter. Triton reads this
+    # once, when it is first imported, so it is set here, before any test module imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

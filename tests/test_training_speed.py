@@ -438,8 +438,8 @@ def test_layer_swaps_leave_a_module_with_its_own_instance_forward_alone():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("float32_norms", [True, False])
-def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms):
+@pytest.mark.parametrize("float32_norms, fused_norms", [(True, False), (False, False), (False, True)])
+def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms, fused_norms):
     from motion_adapters.lean_backward import (
         frozen_activations_recomputed,
         frozen_convs_keep_no_input,
@@ -458,13 +458,15 @@ def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms
         torch.manual_seed(7)
         with torch.autocast("cuda", dtype=torch.bfloat16), temporal_kernels(unet, "fast"), \
                 frozen_convs_keep_no_input(unet, True), norms_in_compute_dtype(unet, not float32_norms), \
-                frozen_activations_recomputed(unet, enabled, float32_norms) as count:
+                frozen_activations_recomputed(unet, enabled, float32_norms, fused_norms) as count:
             out = unet(x, torch.tensor([10], device=device), text).sample
         out.float().pow(2).mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}, count
 
     (out, grads, count), (fast_out, fast_grads, fast_count) = run(False), run(True)
     assert count == 0 and fast_count > 0
-    torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
+    # PyTorch's kernels: the same output bit for bit; the fused ones round once where PyTorch rounds after each op
+    exact = 0 if not fused_norms else 2e-2
+    torch.testing.assert_close(fast_out, out, rtol=exact, atol=exact)
     for name in grads:
         torch.testing.assert_close(fast_grads[name], grads[name], rtol=2e-2, atol=1e-4, msg=name)

@@ -1,0 +1,266 @@
+"""Fused `act(group_norm(x) * factor + shift)` in Triton, forward and backward, for frozen group norms.
+
+PyTorch's CUDA group norm computes each group's statistics with one thread block per (sample, group): a temporal
+convolution's norm over a (1, C, F, H, W) activation with 32 groups runs 32 blocks on a GPU with 132 SMs, and the
+statistics pass alone was 13 ms of an H200 training step (docs/performance.md). Around it sit separate kernels for
+the time embedding's scale and shift, the activation and, in the backward pass, their gradients.
+
+Here every pass is split over (sample, channel, chunk of the frames and pixels) programs:
+
+- forward: per-chunk moments (two-pass inside the chunk), combined per group with Chan's formula into float32
+  mean and 1 / std; then one kernel that normalises, applies the norm's weight and bias, the factor and shift,
+  and the activation;
+- backward: per-chunk sums of `d_xhat` and `d_xhat * xhat` (recomputing the pre-activation from `x`), combined
+  per group; then one kernel for the input gradient.
+
+The arithmetic is float32 throughout with one rounding at the output, where PyTorch's chain rounds after the
+norm, the scale, the shift and the activation. Only the input gets a gradient: the norm's weight and bias, the
+factor and the shift must not require one (the callers check). `TRITON_INTERPRET=1` runs the kernels on CPU
+tensors (the tests do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    triton = None
+    tl = None
+
+#: Values of one (sample, channel) row that one program handles.
+BLOCK = 1024
+#: The most per-chunk partial results a program combines at once (it loops over more).
+MAX_BLOCK_K = 4096
+ACTIVATIONS = ("silu", "gelu", "none")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_norm_available(x: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernels can run on `x`'s device: Triton importable, and CUDA (or the interpreter on CPU)."""
+    if triton is None:
+        return False
+    if x is None:
+        return torch.cuda.is_available() or interpreting()
+    return x.is_cuda or (interpreting() and x.device.type == "cpu")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _act(z, ACTIVATION: tl.constexpr):
+        if ACTIVATION == 0:
+            return z * tl.sigmoid(z)
+        elif ACTIVATION == 1:
+            return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+        else:
+            return z
+
+    @triton.jit
+    def _act_grad(z, ACTIVATION: tl.constexpr):
+        if ACTIVATION == 0:
+            s = tl.sigmoid(z)
+            return s * (1.0 + z * (1.0 - s))
+        elif ACTIVATION == 1:
+            return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        else:
+            return tl.full(z.shape, 1.0, tl.float32)
+
+    @triton.jit
+    def _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr):  # fmt: skip
+        """mean, rstd, the effective weight (norm weight times factor) and offset of channel row `nc`."""
+        n = nc // C
+        c = nc % C
+        row = n * G + c // (C // G)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        gamma = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
+        beta = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
+        if HAS_F:
+            factor = tl.load(f_ptr + n * f_sn + c * f_sc).to(tl.float32)
+            shift = tl.load(s_ptr + n * s_sn + c * s_sc).to(tl.float32)
+            return mean, rstd, gamma * factor, beta * factor + shift
+        return mean, rstd, gamma, beta
+
+    @triton.jit
+    def _chunk_moments(x_ptr, mean_part, m2_part, S, P, BLOCK: tl.constexpr):
+        """Mean and sum of squared deviations of chunk `p` of channel row `nc` (grid: rows, chunks)."""
+        nc = tl.program_id(0)
+        p = tl.program_id(1)
+        offs = p * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < S
+        x = tl.load(x_ptr + nc.to(tl.int64) * S + offs, mask=mask, other=0.0).to(tl.float32)
+        count = tl.minimum(S - p * BLOCK, BLOCK).to(tl.float32)
+        mean = tl.sum(x, axis=0) / count
+        d = tl.where(mask, x - mean, 0.0)
+        tl.store(mean_part + nc * P + p, mean)
+        tl.store(m2_part + nc * P + p, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def _group_moments(mean_part, m2_part, mean_ptr, rstd_ptr, S, P, K, eps, BLOCK_K: tl.constexpr):
+        """Combine the K = channels-per-group * P chunk moments of group row `r` (Chan et al.) into mean, 1/std."""
+        r = tl.program_id(0)
+        base = r.to(tl.int64) * K
+        total = tl.zeros([BLOCK_K], tl.float32)
+        counts = tl.zeros([BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            mask = k < K
+            count = tl.where(mask, tl.minimum(S - (k % P) * BLOCK, BLOCK).to(tl.float32), 0.0)
+            total += count * tl.load(mean_part + base + k, mask=mask, other=0.0)
+            counts += count
+        n = tl.sum(counts, axis=0)
+        mean = tl.sum(total, axis=0) / n
+        m2 = tl.zeros([BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            mask = k < K
+            count = tl.where(mask, tl.minimum(S - (k % P) * BLOCK, BLOCK).to(tl.float32), 0.0)
+            d = tl.load(mean_part + base + k, mask=mask, other=0.0) - mean
+            m2 += tl.load(m2_part + base + k, mask=mask, other=0.0) + count * d * d
+        var = tl.sum(m2, axis=0) / n
+        tl.store(mean_ptr + r, mean)
+        tl.store(rstd_ptr + r, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def _normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
+                       C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
+                       ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        nc = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < S
+        mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                                                   mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        at = nc.to(tl.int64) * S + offs
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y = _act((x - mean) * rstd * weight + offset, ACTIVATION)
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                         mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """Sums of d_xhat and d_xhat * xhat over chunk `p` of channel row `nc`."""
+        nc = tl.program_id(0)
+        p = tl.program_id(1)
+        offs = p * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < S
+        mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                                                   mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        at = nc.to(tl.int64) * S + offs
+        xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dxhat = tl.where(mask, dy * _act_grad(xhat * weight + offset, ACTIVATION) * weight, 0.0)
+        tl.store(s1_part + nc * P + p, tl.sum(dxhat, axis=0))
+        tl.store(s2_part + nc * P + p, tl.sum(dxhat * xhat, axis=0))
+
+    @triton.jit
+    def _group_grad_means(s1_part, s2_part, c1_ptr, c2_ptr, K, L, BLOCK_K: tl.constexpr):
+        r = tl.program_id(0)
+        base = r.to(tl.int64) * K
+        s1 = tl.zeros([BLOCK_K], tl.float32)
+        s2 = tl.zeros([BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            mask = k < K
+            s1 += tl.load(s1_part + base + k, mask=mask, other=0.0)
+            s2 += tl.load(s2_part + base + k, mask=mask, other=0.0)
+        tl.store(c1_ptr + r, tl.sum(s1, axis=0) / L)
+        tl.store(c2_ptr + r, tl.sum(s2, axis=0) / L)
+
+    @triton.jit
+    def _input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                    mean_ptr, rstd_ptr, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
+                    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        nc = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < S
+        mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                                                   mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        row = (nc // C) * G + (nc % C) // (C // G)
+        c1 = tl.load(c1_ptr + row)
+        c2 = tl.load(c2_ptr + row)
+        at = nc.to(tl.int64) * S + offs
+        xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dxhat = dy * _act_grad(xhat * weight + offset, ACTIVATION) * weight
+        tl.store(dx_ptr + at, (rstd * (dxhat - c1 - xhat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_k(k: int) -> int:
+    return min(MAX_BLOCK_K, triton.next_power_of_2(max(k, 1)))
+
+
+def _affine_args(x: torch.Tensor, weight, bias, factor, shift):
+    """The pointer and stride arguments the kernels take for the norm's affine and the (N, C) factor and shift."""
+    n, c = x.shape[:2]
+    if (factor is None) != (shift is None):
+        raise ValueError("factor and shift go together: pass both or neither.")
+    if factor is not None:
+        factor = factor.reshape(factor.shape[0], -1).expand(n, c)
+        shift = shift.reshape(shift.shape[0], -1).expand(n, c)
+        f_args = (factor, shift, factor.stride(0), factor.stride(1), shift.stride(0), shift.stride(1))
+    else:
+        f_args = (x, x, 0, 0, 0, 0)
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    flags = {"HAS_W": weight is not None, "HAS_B": bias is not None, "HAS_F": factor is not None}
+    return (w, b, *f_args), flags
+
+
+def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
+    """`(y, mean, rstd)`: `y = act(group_norm(x) * factor + shift)` in x's dtype, float32 (N, groups) statistics.
+
+    `x` is (N, C, ...) and contiguous; `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
+    n, c = x.shape[:2]
+    if c % groups:
+        raise ValueError(f"{c} channels do not split into groups={groups}.")
+    x = x.contiguous()
+    s = x.numel() // (n * c)
+    p = triton.cdiv(s, BLOCK)
+    parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
+    stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    _chunk_moments[(n * c, p)](x, parts[0], parts[1], s, p, BLOCK=BLOCK)
+    k = (c // groups) * p
+    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK_K=_block_k(k))
+    affine, flags = _affine_args(x, weight, bias, factor, shift)
+    y = torch.empty_like(x)
+    _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], c, groups, s, **flags,
+                               ACTIVATION=ACTIVATIONS.index(activation), BLOCK=BLOCK)  # fmt: skip
+    return y, stats[0], stats[1]
+
+
+def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+    """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype."""
+    n, c = x.shape[:2]
+    x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
+    s = x.numel() // (n * c)
+    p = triton.cdiv(s, BLOCK)
+    k = (c // groups) * p
+    affine, flags = _affine_args(x, weight, bias, factor, shift)
+    act = ACTIVATIONS.index(activation)
+    parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
+    _chunk_grad_sums[(n * c, p)](x, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s, p, **flags,
+                                 ACTIVATION=act, BLOCK=BLOCK)  # fmt: skip
+    means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
+                                     BLOCK_K=_block_k(k))  # fmt: skip
+    dx = torch.empty_like(x)
+    _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, **flags,
+                            ACTIVATION=act, BLOCK=BLOCK)  # fmt: skip
+    return dx
+
+
+__all__ = ["fused_norm_available", "group_norm_act_backward", "group_norm_act_forward"]

@@ -1,0 +1,152 @@
+"""The fused group norm -> scale/shift -> activation Triton kernels: compiled on a GPU, else in Triton's interpreter.
+
+Without CUDA, conftest.py sets `TRITON_INTERPRET=1` before Triton is first imported, and the kernels run on CPU
+tensors; with CUDA the same tests run the compiled kernels on the GPU.
+"""
+
+import pytest
+import torch
+
+from motion_adapters import fused_norm as fused_module
+from motion_adapters import lean_backward
+from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.training import train_motion
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def fused():
+    """`motion_adapters.fused_norm`, where its kernels can run on DEVICE."""
+    if not fused_module.fused_norm_available(torch.empty(0, device=DEVICE)):
+        pytest.fail("the fused kernels cannot run here: TRITON_INTERPRET=1 must be set before triton is imported")
+    return fused_module
+
+
+def reference(x, weight, bias, factor, shift, groups, activation, eps=1e-5):
+    """The unfused chain in float64: group norm, factor and shift, activation."""
+    x = x.double()
+    y = torch.nn.functional.group_norm(
+        x, groups, None if weight is None else weight.double(), None if bias is None else bias.double(), eps
+    )
+    if factor is not None:
+        y = y * factor.double() + shift.double()
+    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "none": lambda t: t}[activation](y)
+
+
+def inputs(shape, affine, scale_shift, seed=0, mean=3.0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=g) * 2 + mean).to(DEVICE)
+    weight = torch.randn(c, generator=g).to(DEVICE) if affine else None
+    bias = torch.randn(c, generator=g).to(DEVICE) if affine else None
+    if scale_shift:  # a chunk of a (N, 2C, 1, 1) time embedding, as diffusers' ResNet takes it: strided views
+        temb = torch.randn(n, 2 * c, *[1] * (len(shape) - 2), generator=g).to(DEVICE)
+        factor, shift = 1 + 0.3 * temb[:, :c], temb[:, c:]
+    else:
+        factor = shift = None
+    return x, weight, bias, factor, shift
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "activation", "affine", "scale_shift"),
+    [
+        ((2, 8, 3, 5), 4, "silu", True, False),  # one chunk a channel
+        ((2, 8, 3, 700), 2, "gelu", True, True),  # three chunks a channel, the last partial
+        ((1, 6, 2, 3, 300), 3, "silu", False, False),  # a (B, C, F, H, W) temporal norm, no affine
+        ((3, 4, 1030), 1, "none", True, True),
+    ],
+)
+def test_forward_and_input_gradient_match_the_float64_chain(fused, shape, groups, activation, affine, scale_shift):
+    x, weight, bias, factor, shift = inputs(shape, affine, scale_shift)
+    y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, factor, shift, groups, 1e-5, activation)
+    x64 = x.double().requires_grad_(True)
+    expected = reference(x64, weight, bias, factor, shift, groups, activation)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (expected_dx,) = torch.autograd.grad(expected, x64, grad.double())
+    dx = fused.group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation)
+    assert y.dtype == dx.dtype == x.dtype and y.shape == dx.shape == x.shape
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (shape[0] * groups,)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), expected_dx, rtol=1e-4, atol=1e-5)
+    groups_of = x.double().reshape(shape[0] * groups, -1)
+    torch.testing.assert_close(mean.double(), groups_of.mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), (groups_of.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch):
+    """Chunk moments combined by Chan's formula, not E[x^2] - E[x]^2: a mean of 1000 and a spread of 0.01 survive;
+    a small combine block makes the per-group reduction loop over its chunks."""
+    monkeypatch.setattr(fused, "MAX_BLOCK_K", 2)
+    x, *_ = inputs((1, 2, 5000), affine=False, scale_shift=False, mean=0.0)
+    x = 1000 + 0.01 * x
+    y, mean, rstd = fused.group_norm_act_forward(x, None, None, None, None, 1, 1e-5, "none")
+    spread = x.double().flatten().std(unbiased=False)
+    torch.testing.assert_close(rstd.double(), (spread**2 + 1e-5).rsqrt().reshape(1), rtol=2e-3, atol=0)
+    torch.testing.assert_close(y.double(), reference(x, None, None, None, None, 1, "none"), rtol=0, atol=3e-3)
+
+
+def test_bf16_output_is_within_one_rounding_of_the_exact_value(fused):
+    x, weight, bias, factor, shift = inputs((2, 4, 2500), affine=True, scale_shift=True)
+    x16, f16, s16 = x.bfloat16(), factor.bfloat16(), shift.bfloat16()
+    y, _, _ = fused.group_norm_act_forward(x16, weight.bfloat16(), bias.bfloat16(), f16, s16, 2, 1e-5, "gelu")
+    exact = reference(x16, weight.bfloat16(), bias.bfloat16(), f16, s16, 2, "gelu")
+    assert y.dtype == torch.bfloat16
+    # float32 arithmetic, one rounding to bf16 at the output: within one unit in the last place (2**-7 relative;
+    # Triton's interpreter truncates where the GPU rounds to nearest), where PyTorch's chain rounds four times
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+
+
+def test_bad_arguments_are_named(fused):
+    x = torch.randn(1, 6, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="activation='relu' must be one of"):
+        fused.group_norm_act_forward(x, None, None, None, None, 3, 1e-5, "relu")
+    with pytest.raises(ValueError, match="6 channels do not split into groups=4"):
+        fused.group_norm_act_forward(x, None, None, None, None, 4, 1e-5, "silu")
+    with pytest.raises(ValueError, match="factor and shift go together"):
+        fused.group_norm_act_forward(x, None, None, torch.ones(1, 6, 1, device=DEVICE), None, 3, 1e-5, "silu")
+
+
+@pytest.mark.parametrize("norm", ["scale_shift", "default"])
+def test_recomputed_resnet_block_with_fused_norms_matches_diffusers(fused, norm, monkeypatch):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, time_embedding_norm=norm,
+                          non_linearity="silu").requires_grad_(False).to(DEVICE)  # fmt: skip
+    block.conv1.weight.requires_grad_(True)
+    x = torch.randn(2, 8, 6, 6, device=DEVICE, requires_grad=True)
+    temb = torch.randn(2, 12, device=DEVICE)
+    seen = []
+    forward = fused.group_norm_act_forward
+
+    def counting_forward(*args):
+        seen.append(args[-1])
+        return forward(*args)
+
+    def run(fused_norms):
+        with lean_backward.frozen_activations_recomputed(block, True, fused_norms=fused_norms):
+            out = block(x, temb)
+        return out, torch.autograd.grad(out.square().sum(), [x, block.conv1.weight])
+
+    monkeypatch.setattr(lean_backward, "group_norm_act_forward", counting_forward)
+    (out, grads), (fast_out, fast_grads) = run(False), run(True)
+    assert seen == ["silu", "silu"]  # both pairs of the block ran fused, and only in the fused run
+    torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
+    for fast, expected in zip(fast_grads, grads):
+        torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the refusal is for a UNet off CUDA")
+def test_norm_kernels_triton_off_cuda_is_refused_with_the_reason():
+    from diffusers import DDPMScheduler
+    from tiny_models import tiny_unet3d
+
+    config = MotionDistillationConfig(max_train_steps=1, num_frames=4, norm_kernels="triton",
+                                      frozen_activations="recompute")  # fmt: skip
+    with pytest.raises(ValueError, match="norm_kernels='triton' cannot run: the UNet is on cpu, not CUDA"):
+        train_motion(tiny_unet3d(), torch.zeros(4, 4, 8, 8), torch.zeros(1, 7, 16), DDPMScheduler(), config,
+                     progress=False)
+    with pytest.raises(ValueError, match="norm_kernels='cuda' is not supported: use one of 'auto', 'torch'"):
+        MotionDistillationConfig(norm_kernels="cuda")
