@@ -83,13 +83,19 @@ if triton is not None:
         row = n * G + c // (C // G)
         mean = tl.load(mean_ptr + row)
         rstd = tl.load(rstd_ptr + row)
-        gamma = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
-        beta = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
+        if HAS_W:
+            weight = tl.load(w_ptr + c).to(tl.float32)
+        else:
+            weight = 1.0
+        if HAS_B:
+            offset = tl.load(b_ptr + c).to(tl.float32)
+        else:
+            offset = 0.0
         if HAS_F:
             factor = tl.load(f_ptr + n * f_sn + c * f_sc).to(tl.float32)
-            shift = tl.load(s_ptr + n * s_sn + c * s_sc).to(tl.float32)
-            return mean, rstd, gamma * factor, beta * factor + shift
-        return mean, rstd, gamma, beta
+            weight = weight * factor
+            offset = offset * factor + tl.load(s_ptr + n * s_sn + c * s_sc).to(tl.float32)
+        return mean, rstd, weight, offset
 
     @triton.jit
     def _chunk_moments(x_ptr, mean_part, m2_part, S, P, BLOCK: tl.constexpr):
@@ -106,7 +112,8 @@ if triton is not None:
         tl.store(m2_part + nc * P + p, tl.sum(d * d, axis=0))
 
     @triton.jit
-    def _group_moments(mean_part, m2_part, mean_ptr, rstd_ptr, S, P, K, eps, BLOCK_K: tl.constexpr):
+    def _group_moments(mean_part, m2_part, mean_ptr, rstd_ptr, S, P, K, eps, BLOCK: tl.constexpr,
+                       BLOCK_K: tl.constexpr):  # fmt: skip
         """Combine the K = channels-per-group * P chunk moments of group row `r` (Chan et al.) into mean, 1/std."""
         r = tl.program_id(0)
         base = r.to(tl.int64) * K
@@ -234,7 +241,8 @@ def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: flo
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _chunk_moments[(n * c, p)](x, parts[0], parts[1], s, p, BLOCK=BLOCK)
     k = (c // groups) * p
-    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK_K=_block_k(k))
+    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=BLOCK,
+                                  BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)
     _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], c, groups, s, **flags,

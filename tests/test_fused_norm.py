@@ -150,3 +150,39 @@ def test_norm_kernels_triton_off_cuda_is_refused_with_the_reason():
                      progress=False)
     with pytest.raises(ValueError, match="norm_kernels='cuda' is not supported: use one of 'auto', 'torch'"):
         MotionDistillationConfig(norm_kernels="cuda")
+
+
+COMPILE_FOR_HOPPER = """
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import motion_adapters.fused_norm as f
+
+FLOAT32 = ("mean_part", "m2_part", "mean_ptr", "rstd_ptr", "s1_part", "s2_part", "c1_ptr", "c2_ptr")
+for kernel in (f._chunk_moments, f._group_moments, f._normalize_act, f._chunk_grad_sums, f._group_grad_means,
+               f._input_grad):
+    names = kernel.arg_names
+    flags = [n for n in names if n.startswith(("HAS_", "ACTIVATION"))]
+    for values in itertools.product(*[(0, 1, 2) if n == "ACTIVATION" else (True, False) for n in flags]):
+        constexprs = {"BLOCK": 1024, "BLOCK_K": 64, **dict(zip(flags, values))}
+        signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*bf16"
+                     if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
+        triton.compile(ASTSource(kernel, signature, {k: v for k, v in constexprs.items() if k in names}),
+                       target=GPUTarget("cuda", 90, 32))
+    print("compiled", kernel.__name__)
+"""
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_one():
+    """The interpreter runs code the compiler refuses (a global read in a kernel, say): compile every kernel and
+    every flag combination for sm_90, in a process with the interpreter off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled ") == 6
