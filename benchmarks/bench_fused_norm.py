@@ -2,10 +2,12 @@
 
 For each shape: PyTorch's forward (`group_norm`, then `* factor + shift` for a ResNet's second pair, then `silu`)
 and its backward as `train_motion`'s recompute runs it (`native_group_norm` again, `silu_backward`,
-`native_group_norm_backward`), against `motion_adapters.fused_norm`'s forward and backward, in bf16. Medians of
-`triton.testing.do_bench` (CUDA events), several input sets rotated so that no run reads a cached tensor; the
-outputs checked against a float64 reference first. Bytes: one read of x and one write of y forward; two reads of
-x and dy and one write of dx backward: the floor at the measured copy bandwidth.
+`native_group_norm_backward`), against `motion_adapters.fused_norm`'s forward and backward (with its chunk sizes
+fitted to the rows, and with 1024 throughout), in bf16. Medians of `triton.testing.do_bench_cudagraph` (GPU time,
+replayed from a CUDA graph as the training step runs) and of `do_bench` (eager, launched from Python); several
+input sets rotated so that no run reads a cached tensor; the outputs checked against a float64 reference first.
+Bytes: one read of x and one write of y forward; two reads of x and dy and one write of dx backward: the floor at
+the measured copy bandwidth.
 
     python benchmarks/bench_fused_norm.py --out benchmarks/results/fused_norm_h200.json
 """
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import GIB, environment  # noqa: E402
 
+from motion_adapters import fused_norm as fused_module  # noqa: E402
 from motion_adapters.fused_norm import group_norm_act_backward, group_norm_act_forward  # noqa: E402
 
 #: name -> (shape, groups, with the time embedding's scale and shift). Show-1 base trains at 8 x 40 x 64 (frames
@@ -90,6 +93,7 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
     ref = torch_chain(x64, weight.double(), bias.double(), None if factor is None else factor.double(),
                       None if shift is None else shift.double(), groups)  # fmt: skip
     (ref_dx,) = torch.autograd.grad(ref, x64, grad.double())
+    ref = ref.detach()
     y, mean, rstd = group_norm_act_forward(x, weight, bias, factor, shift, groups, 1e-5, "silu")
     dx = group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, "silu")
     torch_y = torch_chain(x, weight, bias, factor, shift, groups)
@@ -97,7 +101,7 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
     torch_dx = torch_backward(grad, x, weight, bias, factor, shift, native[1], native[2], groups)
 
     def rel(a, b):
-        return float((a.double() - b).norm() / b.norm())
+        return float((a.double() - b).norm() / b.norm().detach())
 
     errors = {"fused_forward": rel(y, ref), "torch_forward": rel(torch_y, ref),
               "fused_backward": rel(dx, ref_dx), "torch_backward": rel(torch_dx, ref_dx)}  # fmt: skip
@@ -121,20 +125,36 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
         "fused_backward": rotating(lambda s, nat, fus: group_norm_act_backward(s[1], s[0], s[2], s[3], s[4], s[5],
                                                                                 fus[1], fus[2], groups, "silu")),
     }  # fmt: skip
-    ms = {k: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for k, fn in timings.items()}
+    # GPU time: the calls replayed from a CUDA graph (as train_motion's step runs them), so that Python's launch
+    # cost does not hide the kernels; eager: launched from Python, as an uncaptured call runs
+    ms, eager_ms = {}, {}
+    for key, fn in timings.items():
+        policies = {"fit": fused_module.block_for, "fixed_1024": lambda s: 1024}
+        for policy, choose in policies.items() if key.startswith("fused") else [("", None)]:
+            label = f"{key}_{policy}" if policy else key
+            if choose is not None:
+                fused_module.block_for = choose
+            fn()
+            torch.cuda.synchronize()
+            ms[label] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        fused_module.block_for = policies["fit"]
+    ms["fused_forward"], ms["fused_backward"] = ms["fused_forward_fit"], ms["fused_backward_fit"]
     nbytes = x.numel() * x.element_size()
     floor = {"forward": 2 * nbytes / bandwidth * 1e3, "backward": 5 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": list(shape), "groups": groups, "scale_shift": scale_shift,
-           "ms": {k: round(v, 4) for k, v in ms.items()},
+           "ms": {k: round(v, 4) for k, v in ms.items()}, "eager_ms": {k: round(v, 4) for k, v in eager_ms.items()},
            "floor_ms": {k: round(v, 4) for k, v in floor.items()},
            "speedup": {"forward": round(ms["torch_forward"] / ms["fused_forward"], 2),
                        "backward": round(ms["torch_backward"] / ms["fused_backward"], 2)},
            "relative_error_vs_float64": {k: float(f"{v:.3g}") for k, v in errors.items()}}  # fmt: skip
-    print(f"{name:32s} fwd {ms['torch_forward']:.4f} -> {ms['fused_forward']:.4f} ms "
-          f"({row['speedup']['forward']}x, floor {floor['forward']:.4f})  bwd {ms['torch_backward']:.4f} -> "
-          f"{ms['fused_backward']:.4f} ms ({row['speedup']['backward']}x, floor {floor['backward']:.4f})  "
-          f"err fused {errors['fused_forward']:.1e}/{errors['fused_backward']:.1e} "
-          f"torch {errors['torch_forward']:.1e}/{errors['torch_backward']:.1e}", flush=True)  # fmt: skip
+    print(f"{name:30s} fwd {ms['torch_forward']:.4f} -> {ms['fused_forward']:.4f} ms "
+          f"({row['speedup']['forward']}x; 1024: {ms['fused_forward_fixed_1024']:.4f}; floor {floor['forward']:.4f})"
+          f"  bwd {ms['torch_backward']:.4f} -> {ms['fused_backward']:.4f} ms ({row['speedup']['backward']}x; "
+          f"1024: {ms['fused_backward_fixed_1024']:.4f}; floor {floor['backward']:.4f})  eager fwd "
+          f"{eager_ms['torch_forward']:.4f} -> {eager_ms['fused_forward_fit']:.4f}  err fused "
+          f"{errors['fused_forward']:.1e}/{errors['fused_backward']:.1e} torch {errors['torch_forward']:.1e}/"
+          f"{errors['torch_backward']:.1e}", flush=True)  # fmt: skip
     return row
 
 

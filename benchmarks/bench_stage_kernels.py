@@ -24,6 +24,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from bench_training import GIB, environment, write  # noqa: E402
 
+from motion_adapters.lean_backward import fused_norm_activations  # noqa: E402
 from motion_adapters.models import (  # noqa: E402
     Show1UNet3DConditionModel,
     show1_base_config,
@@ -39,8 +40,9 @@ STAGES = {
     "sr1": (show1_sr1_config, (8, 160, 256), 2, 125 * 4),
 }
 KERNELS = ("library", "math_attention", "fast")
-#: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile
-OTHERS = ("channels_last", "compiled")
+#: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile, or
+#: with the group norm -> activation pairs on the fused Triton kernels (alone, or with math-kernel temporal attention)
+OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms")
 
 
 def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
             model = torch.compile(unet, dynamic=False) if variant == "compiled" else unet
             if variant == "channels_last":
                 conv2d_format(unet, torch.channels_last)
-            with temporal_kernels(unet, variant if variant in KERNELS else "library"):
+            kernels = "math_attention" if variant == "math_attention_fused_norms" else variant
+            with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
+                    fused_norm_activations(unet, variant.endswith("fused_norms")):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds = time_calls(model, inputs, args.repeats, device, first)

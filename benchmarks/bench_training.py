@@ -337,8 +337,7 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
         n_noise = statistics.mean(abs(d) for d in diffs)
         out["baseline_vs_rerun_mean_abs_diff"] = n_noise
         out["baseline_vs_rerun_diff_std"] = statistics.pstdev(diffs)
-    for name in ("full", "full_graph", "full_graph_fast", "full_graph_regional", "full_graph_norms",
-                 "full_graph_convs", "full_graph_recompute", "full_eager", "full_compile"):
+    for name in [n for n in runs if not n.startswith("baseline") and n != "lora"]:
         ours = runs.get(name, {}).get("losses")
         if not ours:
             continue

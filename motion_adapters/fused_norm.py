@@ -7,7 +7,8 @@ the time embedding's scale and shift, the activation and, in the backward pass, 
 
 Here every pass is split over (sample, channel, chunk of the frames and pixels) programs:
 
-- forward: per-chunk moments (two-pass inside the chunk), combined per group with Chan's formula into float32
+- forward: per-chunk moments (two passes over the chunk, shifted by its first value), combined per group with
+  Chan's formula into float32
   mean and 1 / std; then one kernel that normalises, applies the norm's weight and bias, the factor and shift,
   and the activation;
 - backward: per-chunk sums of `d_xhat` and `d_xhat * xhat` (recomputing the pre-activation from `x`), combined
@@ -32,8 +33,8 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-#: Values of one (sample, channel) row that one program handles.
-BLOCK = 1024
+#: The sizes of the chunk of a (sample, channel) row that one program handles, from which `block_for` picks.
+BLOCKS = (128, 256, 512, 1024, 2048)
 #: The most per-chunk partial results a program combines at once (it loops over more).
 MAX_BLOCK_K = 4096
 ACTIVATIONS = ("silu", "gelu", "none")
@@ -104,11 +105,13 @@ if triton is not None:
         p = tl.program_id(1)
         offs = p * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
-        x = tl.load(x_ptr + nc.to(tl.int64) * S + offs, mask=mask, other=0.0).to(tl.float32)
+        row = x_ptr + nc.to(tl.int64) * S
+        pivot = tl.load(row + p * BLOCK).to(tl.float32)  # sums of x - pivot keep their digits when |mean| >> std
+        x = tl.where(mask, tl.load(row + offs, mask=mask, other=0.0).to(tl.float32) - pivot, 0.0)
         count = tl.minimum(S - p * BLOCK, BLOCK).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
         d = tl.where(mask, x - mean, 0.0)
-        tl.store(mean_part + nc * P + p, mean)
+        tl.store(mean_part + nc * P + p, pivot + mean)
         tl.store(m2_part + nc * P + p, tl.sum(d * d, axis=0))
 
     @triton.jit
@@ -203,6 +206,15 @@ if triton is not None:
         tl.store(dx_ptr + at, (rstd * (dxhat - c1 - xhat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def block_for(s: int) -> int:
+    """The chunk size for rows of `s` values: the least padding over `BLOCKS`, the larger block on a tie."""
+    return min(BLOCKS, key=lambda b: (triton.cdiv(s, b) * b, -b))
+
+
+def _warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
 def _block_k(k: int) -> int:
     return min(MAX_BLOCK_K, triton.next_power_of_2(max(k, 1)))
 
@@ -236,17 +248,18 @@ def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: flo
         raise ValueError(f"{c} channels do not split into groups={groups}.")
     x = x.contiguous()
     s = x.numel() // (n * c)
-    p = triton.cdiv(s, BLOCK)
+    block = block_for(s)
+    p, warps = triton.cdiv(s, block), _warps(block)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-    _chunk_moments[(n * c, p)](x, parts[0], parts[1], s, p, BLOCK=BLOCK)
+    _chunk_moments[(n * c, p)](x, parts[0], parts[1], s, p, BLOCK=block, num_warps=warps)
     k = (c // groups) * p
-    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=BLOCK,
+    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block,
                                   BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)
     _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], c, groups, s, **flags,
-                               ACTIVATION=ACTIVATIONS.index(activation), BLOCK=BLOCK)  # fmt: skip
+                               ACTIVATION=ACTIVATIONS.index(activation), BLOCK=block, num_warps=warps)  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -255,20 +268,21 @@ def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, gr
     n, c = x.shape[:2]
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
     s = x.numel() // (n * c)
-    p = triton.cdiv(s, BLOCK)
+    block = block_for(s)
+    p, warps = triton.cdiv(s, block), _warps(block)
     k = (c // groups) * p
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     _chunk_grad_sums[(n * c, p)](x, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s, p, **flags,
-                                 ACTIVATION=act, BLOCK=BLOCK)  # fmt: skip
+                                 ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
                                      BLOCK_K=_block_k(k))  # fmt: skip
     dx = torch.empty_like(x)
     _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, **flags,
-                            ACTIVATION=act, BLOCK=BLOCK)  # fmt: skip
+                            ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
     return dx
 
 
-__all__ = ["fused_norm_available", "group_norm_act_backward", "group_norm_act_forward"]
+__all__ = ["block_for", "fused_norm_available", "group_norm_act_backward", "group_norm_act_forward"]

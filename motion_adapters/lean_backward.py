@@ -328,7 +328,7 @@ def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):
     """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`."""
     activation = _activation_of(block.nonlinearity)
-    if (args or kwargs) or (temb is not None and temb.requires_grad) or not torch.is_grad_enabled():
+    if (args or kwargs) or (temb is not None and temb.requires_grad) or (not torch.is_grad_enabled() and not fused):
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
     hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
@@ -360,8 +360,8 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     return (input_tensor + hidden_states) / block.output_scale_factor
 
 
-def _resnet_qualifies(block: nn.Module) -> bool:
-    """A diffusers `ResnetBlock2D` with frozen group norms, an exact SiLU/GELU and the time norms mirrored above."""
+def _resnet_qualifies(block: nn.Module, frozen: bool = True) -> bool:
+    """A diffusers `ResnetBlock2D` with (if `frozen`, frozen) group norms, an exact SiLU/GELU, known time norms."""
     from diffusers.models.resnet import ResnetBlock2D
 
     return (
@@ -371,9 +371,51 @@ def _resnet_qualifies(block: nn.Module) -> bool:
         and type(block.norm2) is nn.GroupNorm
         and _activation_of(block.nonlinearity) is not None
         and block.time_embedding_norm in ("default", "scale_shift")
-        and not any(p.requires_grad for p in (*block.norm1.parameters(), *block.norm2.parameters()))
+        and not (frozen and any(p.requires_grad for p in (*block.norm1.parameters(), *block.norm2.parameters())))
         and not any(hasattr(m, "_hf_hook") for m in block.modules())
     )
+
+
+def _norm_act_pairs(unet: nn.Module, frozen: bool) -> Iterator[tuple[str, nn.Module]]:
+    """("sequential" | "resnet", module) for each norm -> activation pair holder the swaps below change."""
+    for m in unet.modules():
+        if isinstance(m, nn.Sequential) and len(m) >= 2 and type(m[0]) is nn.GroupNorm and _activation_of(m[1]):
+            if not (frozen and any(p.requires_grad for p in m[0].parameters())) and not hasattr(m[0], "_hf_hook"):
+                yield "sequential", m
+        elif _resnet_qualifies(m, frozen):
+            yield "resnet", m
+
+
+def _unless_grad(module: nn.Module, fused_forward: Callable, *args, **kwargs):
+    """`fused_forward` when gradients are off, else the module's own forward."""
+    if torch.is_grad_enabled():
+        return type(module).forward(module, *args, **kwargs)
+    return fused_forward(*args, **kwargs)
+
+
+@contextmanager
+def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """For sampling: run `unet`'s group norm -> activation pairs on the fused Triton kernels, then restore them.
+
+    The pairs of `frozen_activations_recomputed` (the four of each temporal convolution layer, the two of each
+    diffusers `ResnetBlock2D`, the second with the time embedding's scale and shift) run as one normalise-and-
+    activate kernel after two small statistics kernels (`motion_adapters.fused_norm`) while gradients are off and
+    Triton can run on the input's device; with gradients on, or elsewhere, the modules run as written. The
+    outputs differ from PyTorch's by bf16 rounding (one rounding instead of one per operation). Yields the number
+    of modules changed.
+
+    Example:
+        >>> with torch.no_grad(), fused_norm_activations(unet) as count:  # doctest: +SKIP
+        ...     sample = unet(x, t, text).sample
+    """
+    chosen: dict[nn.Module, Callable] = {}
+    if enabled:
+        for kind, m in _norm_act_pairs(unet, frozen=False):
+            fused = functools.partial(_norm_act_sequential if kind == "sequential" else _resnet_keeping_inputs, m,
+                                      False, True)  # fmt: skip
+            chosen[m] = functools.partial(_unless_grad, m, fused)
+    with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
+        yield count
 
 
 class _GEGLUFeedForward(torch.autograd.Function):
@@ -456,14 +498,12 @@ def frozen_activations_recomputed(
     """
     chosen: dict[nn.Module, Callable] = {}
     if enabled:
+        for kind, m in _norm_act_pairs(unet, frozen=True):
+            forward = _norm_act_sequential if kind == "sequential" else _resnet_keeping_inputs
+            chosen[m] = functools.partial(forward, m, float32_norms, fused_norms)
         for m in unet.modules():
-            if isinstance(m, nn.Sequential) and len(m) >= 2 and type(m[0]) is nn.GroupNorm and _activation_of(m[1]):
-                if not any(p.requires_grad for p in m[0].parameters()) and not hasattr(m[0], "_hf_hook"):
-                    chosen[m] = functools.partial(_norm_act_sequential, m, float32_norms, fused_norms)
-            elif type(m).__name__ == "FeedForward" and (parts := _frozen_geglu_parts(m)) is not None:
+            if type(m).__name__ == "FeedForward" and (parts := _frozen_geglu_parts(m)) is not None:
                 chosen[m] = functools.partial(_geglu_feed_forward, m, parts)
-            elif _resnet_qualifies(m):
-                chosen[m] = functools.partial(_resnet_keeping_inputs, m, float32_norms, fused_norms)
     with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
         yield count
 
@@ -472,6 +512,7 @@ __all__ = [
     "conv_keeping_no_input",
     "frozen_activations_recomputed",
     "frozen_convs_keep_no_input",
+    "fused_norm_activations",
     "group_norm_act_keeping_input",
     "norms_in_compute_dtype",
 ]

@@ -53,7 +53,7 @@ def inputs(shape, affine, scale_shift, seed=0, mean=3.0):
     ("shape", "groups", "activation", "affine", "scale_shift"),
     [
         ((2, 8, 3, 5), 4, "silu", True, False),  # one chunk a channel
-        ((2, 8, 3, 700), 2, "gelu", True, True),  # three chunks a channel, the last partial
+        ((2, 8, 3, 700), 2, "gelu", True, True),  # 17 chunks of 128 a channel, the last partial
         ((1, 6, 2, 3, 300), 3, "silu", False, False),  # a (B, C, F, H, W) temporal norm, no affine
         ((3, 4, 1030), 1, "none", True, True),
     ],
@@ -76,15 +76,19 @@ def test_forward_and_input_gradient_match_the_float64_chain(fused, shape, groups
 
 
 def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch):
-    """Chunk moments combined by Chan's formula, not E[x^2] - E[x]^2: a mean of 1000 and a spread of 0.01 survive;
-    a small combine block makes the per-group reduction loop over its chunks."""
+    """A mean 10,000 times the spread: the one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely, the
+    kernels' shifted chunk moments combined by Chan's formula keep it. A small combine block makes the per-group
+    reduction loop over its chunks."""
     monkeypatch.setattr(fused, "MAX_BLOCK_K", 2)
     x, *_ = inputs((1, 2, 5000), affine=False, scale_shift=False, mean=0.0)
-    x = 1000 + 0.01 * x
-    y, mean, rstd = fused.group_norm_act_forward(x, None, None, None, None, 1, 1e-5, "none")
-    spread = x.double().flatten().std(unbiased=False)
-    torch.testing.assert_close(rstd.double(), (spread**2 + 1e-5).rsqrt().reshape(1), rtol=2e-3, atol=0)
-    torch.testing.assert_close(y.double(), reference(x, None, None, None, None, 1, "none"), rtol=0, atol=3e-3)
+    x = 100 + 0.005 * x  # spread 0.01
+    y, mean, rstd = fused.group_norm_act_forward(x, None, None, None, None, 1, 1e-8, "none")
+    exact = (x.double().flatten().var(unbiased=False) + 1e-8).rsqrt().reshape(1)
+    naive = (x.square().mean() - x.mean().square()).clamp_min(0).add(1e-8).rsqrt().double().cpu()
+    assert abs(float(naive.cpu() / exact.cpu()) - 1) > 0.1  # the test has teeth
+    torch.testing.assert_close(rstd.double(), exact, rtol=2e-3, atol=0)
+    torch.testing.assert_close(y.double(), reference(x, None, None, None, None, 1, "none", eps=1e-8), rtol=0,
+                               atol=2e-3)  # fmt: skip
 
 
 def test_bf16_output_is_within_one_rounding_of_the_exact_value(fused):
@@ -96,6 +100,12 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value(fused):
     # float32 arithmetic, one rounding to bf16 at the output: within one unit in the last place (2**-7 relative;
     # Triton's interpreter truncates where the GPU rounds to nearest), where PyTorch's chain rounds four times
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+
+
+def test_chunks_fit_the_rows():
+    # Show-1's rows: a ResNet norm at 40x64, 20x32, 5x8; a temporal norm at 8x40x64; SR1 at 160x256
+    assert [fused_module.block_for(s) for s in (2560, 640, 40, 20480, 40960, 2100)] == [512, 128, 128, 2048, 2048,
+                                                                                       128]  # fmt: skip
 
 
 def test_bad_arguments_are_named(fused):
@@ -186,3 +196,41 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled ") == 6
+
+
+class _Block(torch.nn.Module):
+    """A ResNet with the time embedding's scale and shift, then a temporal-convolution-style pair, as in Show-1."""
+
+    def __init__(self):
+        from diffusers.models.resnet import ResnetBlock2D
+
+        super().__init__()
+        self.resnet = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=12, groups=4,
+                                    time_embedding_norm="scale_shift")  # fmt: skip
+        self.conv = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.Dropout(0.1),
+                                        torch.nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)))  # fmt: skip
+
+    def forward(self, x, temb):
+        h = self.resnet(x, temb)  # (B*F, C, H, W), F = 2
+        return self.conv(h.unflatten(0, (-1, 2)).transpose(1, 2)).sum()
+
+
+def test_fused_norm_activations_sample_like_the_modules_and_stand_aside_with_gradients(fused, monkeypatch):
+    torch.manual_seed(0)
+    model = _Block().to(DEVICE).eval()  # trainable parameters, as a loaded pipeline's UNet has them
+    x, temb = torch.randn(4, 8, 6, 6, device=DEVICE), torch.randn(4, 12, device=DEVICE)
+    calls = []
+    forward = fused.group_norm_act_forward
+    monkeypatch.setattr(lean_backward, "group_norm_act_forward", lambda *a: calls.append(a[-1]) or forward(*a))
+    with torch.no_grad():
+        expected = model(x, temb)
+        with lean_backward.fused_norm_activations(model) as count:
+            sampled = model(x, temb)
+    assert count == 2 and calls == ["silu"] * 3  # the ResNet's two pairs and the temporal pair ran fused
+    torch.testing.assert_close(sampled, expected, rtol=1e-5, atol=1e-4)
+    calls.clear()
+    with lean_backward.fused_norm_activations(model):
+        with_grad = model(x, temb)
+    assert calls == [] and with_grad.requires_grad  # gradients on: the modules ran as written
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=0, atol=0)
+    assert all("forward" not in vars(m) for m in model.modules())

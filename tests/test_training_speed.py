@@ -465,8 +465,15 @@ def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms
 
     (out, grads, count), (fast_out, fast_grads, fast_count) = run(False), run(True)
     assert count == 0 and fast_count > 0
-    # PyTorch's kernels: the same output bit for bit; the fused ones round once where PyTorch rounds after each op
-    exact = 0 if not fused_norms else 2e-2
-    torch.testing.assert_close(fast_out, out, rtol=exact, atol=exact)
-    for name in grads:
-        torch.testing.assert_close(fast_grads[name], grads[name], rtol=2e-2, atol=1e-4, msg=name)
+    if not fused_norms:  # PyTorch's kernels: the same output bit for bit
+        torch.testing.assert_close(fast_out, out, rtol=0, atol=0)
+        for name in grads:
+            torch.testing.assert_close(fast_grads[name], grads[name], rtol=2e-2, atol=1e-4, msg=name)
+        return
+    # the fused kernels round once where PyTorch's chain rounds after each op: bf16-level differences through the
+    # whole UNet, measured as ||fast - reference|| / ||reference||
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    assert rel(fast_out, out) < 1e-2
+    assert max(rel(fast_grads[name], grads[name]) for name in grads) < 3e-2
