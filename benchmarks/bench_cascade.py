@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="fraction of each stage's steps to run")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test of the code")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--norm-kernels", default="auto", choices=("auto", "torch", "triton"),
+                        help="the pixel stages' norm -> activation kernels (Show1StagePipeline.set_norm_kernels)")
     parser.add_argument("--compile-sr1", action="store_true",
                         help="compile the SR1 UNet in place (nn.Module.compile, default mode) before the warm-up pass")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"benchmark": "cascade", "env": environment(device, args.commit),
             "settings": {"prompt": PROMPT, "dtype": str(dtype), "steps_scale": args.steps_scale,
                          "stage_kwargs": stage_steps(args.steps_scale), "first_frame": "bilinear (IF-II not run)",
-                         "warmup": args.warmup, "compile_sr1": args.compile_sr1,
+                         "warmup": args.warmup, "compile_sr1": args.compile_sr1, "norm_kernels": args.norm_kernels,
                          "target": {"seconds": 60.0, "peak_gib": 16.0}},
             "stages": {}}
     print(json.dumps(data["env"]), flush=True)
@@ -339,6 +341,8 @@ def run(args, device, dtype, data):
     )
     for pipe in (cascade.keyframes, cascade.interpolation, cascade.sr1, cascade.sr2):
         pipe.set_progress_bar_config(disable=True)
+    for pipe in (cascade.keyframes, cascade.interpolation, cascade.sr1):
+        pipe.set_norm_kernels(args.norm_kernels)
     data["temporal_kernels"] = {  # what each stage's temporal_kernels="auto" ran on this device
         name: pipe._gpu_temporal_kernels if device.type == "cuda" else "library"
         for name, pipe in (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation),

@@ -3,9 +3,10 @@
 For each shape: PyTorch's forward (`group_norm`, then `* factor + shift` for a ResNet's second pair, then `silu`)
 and its backward as `train_motion`'s recompute runs it (`native_group_norm` again, `silu_backward`,
 `native_group_norm_backward`), against `motion_adapters.fused_norm`'s forward and backward (with its chunk sizes
-fitted to the rows, and with 1024 throughout), in bf16. Medians of `triton.testing.do_bench_cudagraph` (GPU time,
-replayed from a CUDA graph as the training step runs) and of `do_bench` (eager, launched from Python); several
-input sets rotated so that no run reads a cached tensor; the outputs checked against a float64 reference first.
+as `block_for` picks them, and with 1024 throughout), in bf16. Medians of `triton.testing.do_bench_cudagraph`
+(GPU time, replayed from a CUDA graph as the training step runs) and of `do_bench` (eager, launched from
+Python); several input sets rotated so that no run reads a cached tensor; the outputs checked against a float64
+reference first.
 Bytes: one read of x and one write of y forward; two reads of x and dy and one write of dx backward: the floor at
 the measured copy bandwidth.
 
@@ -129,7 +130,7 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
     # cost does not hide the kernels; eager: launched from Python, as an uncaptured call runs
     ms, eager_ms = {}, {}
     for key, fn in timings.items():
-        policies = {"fit": fused_module.block_for, "fixed_1024": lambda s: 1024}
+        policies = {"default": fused_module.block_for, "fixed_1024": lambda s: 1024}
         for policy, choose in policies.items() if key.startswith("fused") else [("", None)]:
             label = f"{key}_{policy}" if policy else key
             if choose is not None:
@@ -138,8 +139,8 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
             torch.cuda.synchronize()
             ms[label] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
             eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        fused_module.block_for = policies["fit"]
-    ms["fused_forward"], ms["fused_backward"] = ms["fused_forward_fit"], ms["fused_backward_fit"]
+        fused_module.block_for = policies["default"]
+    ms["fused_forward"], ms["fused_backward"] = ms["fused_forward_default"], ms["fused_backward_default"]
     nbytes = x.numel() * x.element_size()
     floor = {"forward": 2 * nbytes / bandwidth * 1e3, "backward": 5 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": list(shape), "groups": groups, "scale_shift": scale_shift,
@@ -152,7 +153,7 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
           f"({row['speedup']['forward']}x; 1024: {ms['fused_forward_fixed_1024']:.4f}; floor {floor['forward']:.4f})"
           f"  bwd {ms['torch_backward']:.4f} -> {ms['fused_backward']:.4f} ms ({row['speedup']['backward']}x; "
           f"1024: {ms['fused_backward_fixed_1024']:.4f}; floor {floor['backward']:.4f})  eager fwd "
-          f"{eager_ms['torch_forward']:.4f} -> {eager_ms['fused_forward_fit']:.4f}  err fused "
+          f"{eager_ms['torch_forward']:.4f} -> {eager_ms['fused_forward_default']:.4f}  err fused "
           f"{errors['fused_forward']:.1e}/{errors['fused_backward']:.1e} torch {errors['torch_forward']:.1e}/"
           f"{errors['torch_backward']:.1e}", flush=True)  # fmt: skip
     return row

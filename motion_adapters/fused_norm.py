@@ -33,8 +33,10 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-#: The sizes of the chunk of a (sample, channel) row that one program handles, from which `block_for` picks.
-BLOCKS = (128, 256, 512, 1024, 2048)
+#: The values of a (sample, channel) row that one program handles: 1024, or 128 for rows shorter than 512 (the
+#: deepest levels of a UNet). On an H200 (`benchmarks/results/fused_norm_h200.json`) 1024 was as fast as or faster
+#: than chunks fitted to each row's length everywhere but there; each size is one more compilation of each kernel.
+BLOCK, SHORT_BLOCK, SHORT_ROW = 1024, 128, 512
 #: The most per-chunk partial results a program combines at once (it loops over more).
 MAX_BLOCK_K = 4096
 ACTIVATIONS = ("silu", "gelu", "none")
@@ -207,8 +209,8 @@ if triton is not None:
 
 
 def block_for(s: int) -> int:
-    """The chunk size for rows of `s` values: the least padding over `BLOCKS`, the larger block on a tie."""
-    return min(BLOCKS, key=lambda b: (triton.cdiv(s, b) * b, -b))
+    """The chunk size for rows of `s` values (see `BLOCK`)."""
+    return SHORT_BLOCK if s < SHORT_ROW else BLOCK
 
 
 def _warps(block: int) -> int:

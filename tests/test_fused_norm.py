@@ -53,8 +53,9 @@ def inputs(shape, affine, scale_shift, seed=0, mean=3.0):
     ("shape", "groups", "activation", "affine", "scale_shift"),
     [
         ((2, 8, 3, 5), 4, "silu", True, False),  # one chunk a channel
-        ((2, 8, 3, 700), 2, "gelu", True, True),  # 17 chunks of 128 a channel, the last partial
+        ((2, 8, 3, 700), 2, "gelu", True, True),  # three chunks a channel, the last partial
         ((1, 6, 2, 3, 300), 3, "silu", False, False),  # a (B, C, F, H, W) temporal norm, no affine
+        ((2, 4, 9, 5), 2, "gelu", True, True),  # a short row: chunks of 128
         ((3, 4, 1030), 1, "none", True, True),
     ],
 )
@@ -104,8 +105,8 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value(fused):
 
 def test_chunks_fit_the_rows():
     # Show-1's rows: a ResNet norm at 40x64, 20x32, 5x8; a temporal norm at 8x40x64; SR1 at 160x256
-    assert [fused_module.block_for(s) for s in (2560, 640, 40, 20480, 40960, 2100)] == [512, 128, 128, 2048, 2048,
-                                                                                       128]  # fmt: skip
+    assert [fused_module.block_for(s) for s in (2560, 640, 40, 20480, 40960, 2100)] == [1024, 1024, 128, 1024, 1024,
+                                                                                       1024]  # fmt: skip
 
 
 def test_bad_arguments_are_named(fused):

@@ -511,3 +511,17 @@ def test_stage_temporal_kernels_run_the_same_function_and_are_restored_after_the
     assert torch.equal(outputs["auto"], outputs["library"])
     with pytest.raises(ValueError, match="temporal kernels must be one of"):
         pipe.set_temporal_kernels("turbo")
+
+
+def test_stage_norm_kernels_are_validated_and_triton_off_a_gpu_is_refused(cascade):
+    pipe = cascade.keyframes
+    assert pipe.norm_kernels == "auto"
+    with pytest.raises(ValueError, match="norm kernels must be one of"):
+        pipe.set_norm_kernels("cudnn")
+    pipe.set_norm_kernels("triton")
+    try:
+        with pytest.raises(ValueError, match=r"norm_kernels='triton' needs the UNet on a CUDA device .* on cpu"):
+            pipe(prompt_embeds=torch.randn(1, 77, 64), num_inference_steps=1, output_type="pt")
+    finally:
+        pipe.set_norm_kernels("auto")
+    assert all("forward" not in vars(m) for m in pipe.unet.modules())

@@ -450,13 +450,13 @@ def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms
     device = torch.device("cuda")
     x, text = torch.randn(1, 3, 8, 16, 16, device=device), embeds(64).to(device)
 
-    def run(enabled):
+    def run(enabled, half=True):
         unet = tiny_show1().to(device).train()  # dropout on: CUDA's fused native_dropout draws the masks
         inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
         for name, p in unet.named_parameters():
             p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_v.weight")))
         torch.manual_seed(7)
-        with torch.autocast("cuda", dtype=torch.bfloat16), temporal_kernels(unet, "fast"), \
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half), temporal_kernels(unet, "fast"), \
                 frozen_convs_keep_no_input(unet, True), norms_in_compute_dtype(unet, not float32_norms), \
                 frozen_activations_recomputed(unet, enabled, float32_norms, fused_norms) as count:
             out = unet(x, torch.tensor([10], device=device), text).sample
@@ -470,10 +470,14 @@ def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms
         for name in grads:
             torch.testing.assert_close(fast_grads[name], grads[name], rtol=2e-2, atol=1e-4, msg=name)
         return
-    # the fused kernels round once where PyTorch's chain rounds after each op: bf16-level differences through the
-    # whole UNet, measured as ||fast - reference|| / ||reference||
+    # the fused kernels round once where PyTorch's chain rounds after each op, so the two bf16 runs differ by
+    # rounding: both are measured against the same step in float32 (||run - exact|| / ||exact||), and the fused
+    # run must be about as close to it as PyTorch's
+    exact_out, exact_grads, _ = run(False, half=False)
+
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
 
-    assert rel(fast_out, out) < 1e-2
-    assert max(rel(fast_grads[name], grads[name]) for name in grads) < 3e-2
+    errors = {"torch": [rel(out, exact_out)] + [rel(grads[n], exact_grads[n]) for n in grads],
+              "fused": [rel(fast_out, exact_out)] + [rel(fast_grads[n], exact_grads[n]) for n in grads]}  # fmt: skip
+    assert all(f <= 1.5 * t + 1e-3 for f, t in zip(errors["fused"], errors["torch"])), errors

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from diffusers import DiffusionPipeline, schedulers
@@ -16,7 +17,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download
 from transformers import T5EncoderModel, T5Tokenizer
 
-from motion_adapters.config import TEMPORAL_KERNELS
+from motion_adapters.config import NORM_KERNELS, TEMPORAL_KERNELS
+from motion_adapters.fused_norm import fused_norm_available
+from motion_adapters.lean_backward import fused_norm_activations
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
     HUB_KWARGS,
@@ -54,6 +57,7 @@ class Show1StagePipeline(DiffusionPipeline):
     # sizes): the library's layers, except where another choice measured faster (the interpolation stage).
     _gpu_temporal_kernels = "library"
     temporal_kernels = "auto"
+    norm_kernels = "auto"
 
     def set_temporal_kernels(self, choice: str) -> None:
         """Choose how the UNet's temporal layers run while this pipeline denoises (same weights, same function).
@@ -69,12 +73,36 @@ class Show1StagePipeline(DiffusionPipeline):
             raise ValueError(f"temporal kernels must be one of {TEMPORAL_KERNELS}, got {choice!r}.")
         self.temporal_kernels = choice
 
-    def _temporal_kernels(self):
-        """The context that runs the temporal layers of this pipeline's UNet with the chosen kernels."""
+    def set_norm_kernels(self, choice: str) -> None:
+        """Choose the kernels of the UNet's group norm -> activation pairs while this pipeline denoises.
+
+        "torch" runs them as built; "triton" runs each pair as the fused kernels of `motion_adapters.fused_norm`
+        (`lean_backward.fused_norm_activations`: float32 statistics, one rounding at the output, so samples differ
+        from "torch" by bf16 rounding); "auto" (the default) is "triton" on a GPU where Triton is installed, else
+        "torch". The measured speed-ups are in docs/performance.md.
+
+        Example:
+            >>> pipe.set_norm_kernels("torch")  # doctest: +SKIP
+        """
+        if choice not in NORM_KERNELS:
+            raise ValueError(f"norm kernels must be one of {NORM_KERNELS}, got {choice!r}.")
+        self.norm_kernels = choice
+
+    @contextmanager
+    def _temporal_kernels(self) -> Iterator[None]:
+        """The context that runs this pipeline's UNet with the chosen temporal and norm kernels."""
         choice = self.temporal_kernels
+        on_gpu = self.unet.device.type == "cuda"
         if choice == "auto":
-            choice = self._gpu_temporal_kernels if self.unet.device.type == "cuda" else "library"
-        return temporal_kernels(self.unet, choice)
+            choice = self._gpu_temporal_kernels if on_gpu else "library"
+        fused = self.norm_kernels == "triton" or (self.norm_kernels == "auto" and on_gpu and fused_norm_available())
+        if self.norm_kernels == "triton" and not (on_gpu and fused_norm_available()):
+            raise ValueError(
+                f"norm_kernels='triton' needs the UNet on a CUDA device with Triton installed (it is on "
+                f"{self.unet.device}): call pipe.set_norm_kernels('auto') or ('torch')."
+            )
+        with temporal_kernels(self.unet, choice), fused_norm_activations(self.unet, fused):
+            yield
 
     @torch.no_grad()
     def encode_prompt(
