@@ -348,6 +348,12 @@ def run(args, device, dtype, data):
         for name, pipe in (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation),
                            ("sr1", cascade.sr1))
     }  # fmt: skip
+    data["norm_kernels"] = {  # and what norm_kernels ran
+        name: (pipe._gpu_norm_kernels if device.type == "cuda" else "torch") if args.norm_kernels == "auto"
+        else args.norm_kernels
+        for name, pipe in (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation),
+                           ("sr1", cascade.sr1))
+    }  # fmt: skip
     if args.compile_sr1:
         sr1.compile(dynamic=False)
     # the embeddings are computed; unregister the released T5 so the keyframe stage's execution device is the UNet's

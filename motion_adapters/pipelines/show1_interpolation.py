@@ -81,8 +81,9 @@ class Show1InterpolationPipeline(Show1StagePipeline):
     """
 
     # bench_stage_kernels.py, H100, real size: 0.30 s a call with the math SDPA kernel against 0.41 s (14 sequences
-    # of 5 frames at every pixel)
+    # of 5 frames at every pixel); H200 (stage_kernels_fused_h200.json): 0.286 s, and 0.273 s with the fused norms
     _gpu_temporal_kernels = "math_attention"
+    _gpu_norm_kernels = "triton"
 
     def __init__(
         self,

@@ -56,6 +56,10 @@ class Show1StagePipeline(DiffusionPipeline):
     # What temporal_kernels="auto" runs on a GPU, chosen per stage by benchmarks/bench_stage_kernels.py (H100, real
     # sizes): the library's layers, except where another choice measured faster (the interpolation stage).
     _gpu_temporal_kernels = "library"
+    # What norm_kernels="auto" runs on a GPU, chosen the same way (H200): PyTorch's kernels for the keyframe stage,
+    # whose small activations make the fused kernels' launches from Python cost more than they save (0.157 against
+    # 0.120 s a call, stage_kernels_fused_h200.json); the fused kernels where they measured faster.
+    _gpu_norm_kernels = "torch"
     temporal_kernels = "auto"
     norm_kernels = "auto"
 
@@ -78,8 +82,9 @@ class Show1StagePipeline(DiffusionPipeline):
 
         "torch" runs them as built; "triton" runs each pair as the fused kernels of `motion_adapters.fused_norm`
         (`lean_backward.fused_norm_activations`: float32 statistics, one rounding at the output, so samples differ
-        from "torch" by bf16 rounding); "auto" (the default) is "triton" on a GPU where Triton is installed, else
-        "torch". The measured speed-ups are in docs/performance.md.
+        from "torch" by bf16 rounding); "auto" (the default) is, on a GPU where Triton is installed, what measured
+        faster for the stage (the fused kernels for interpolation and SR1, PyTorch's for the keyframes), else
+        "torch". The measurements are in docs/performance.md.
 
         Example:
             >>> pipe.set_norm_kernels("torch")  # doctest: +SKIP
@@ -95,7 +100,9 @@ class Show1StagePipeline(DiffusionPipeline):
         on_gpu = self.unet.device.type == "cuda"
         if choice == "auto":
             choice = self._gpu_temporal_kernels if on_gpu else "library"
-        fused = self.norm_kernels == "triton" or (self.norm_kernels == "auto" and on_gpu and fused_norm_available())
+        fused = self.norm_kernels == "triton" or (
+            self.norm_kernels == "auto" and on_gpu and self._gpu_norm_kernels == "triton" and fused_norm_available()
+        )
         if self.norm_kernels == "triton" and not (on_gpu and fused_norm_available()):
             raise ValueError(
                 f"norm_kernels='triton' needs the UNet on a CUDA device with Triton installed (it is on "
