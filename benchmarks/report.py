@@ -199,6 +199,29 @@ def activation_memory_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def fused_norm_table(data: dict) -> str:
+    """The fused norm kernels against PyTorch's chain at Show-1's shapes (``bench_fused_norm.py``)."""
+    env = data.get("env", {})
+    lines = [f"_{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit `{env.get('commit')}`, "
+             f"{env.get('date')}; {data.get('dtype')}, SiLU; copy bandwidth {data.get('copy_bandwidth_gb_s')} GB/s "
+             "(read + write, measured in the run)_", "",
+             "| shape (groups 32) | scale, shift | forward ms: PyTorch / fused (chunks as chosen / 1024) / floor | "
+             "speed-up | backward ms: PyTorch / fused (as chosen / 1024) / floor | speed-up | error vs float64: "
+             "PyTorch / fused |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in data.get("rows", []):
+        ms, floor, err = row["ms"], row["floor_ms"], row["relative_error_vs_float64"]
+        policy = "fit" if "fused_forward_fit" in ms else "default"
+        lines.append(
+            f"| {row['name']} {tuple(row['shape'])} | {'yes' if row['scale_shift'] else 'no'} | "
+            f"{ms['torch_forward']:.4f} / {ms[f'fused_forward_{policy}']:.4f} / {ms['fused_forward_fixed_1024']:.4f}"
+            f" / {floor['forward']:.4f} | {row['speedup']['forward']:.2f}x | {ms['torch_backward']:.4f} / "
+            f"{ms[f'fused_backward_{policy}']:.4f} / {ms['fused_backward_fixed_1024']:.4f} / {floor['backward']:.4f}"
+            " | "
+            f"{row['speedup']['backward']:.2f}x | {err['torch_forward']:.1e} / {err['fused_forward']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -215,6 +238,8 @@ def render() -> dict[str, str]:
             blocks[f"activation_memory:{path.stem}"] = activation_memory_table(data)
         elif kind == "stage_kernels":
             blocks[f"stage_kernels:{path.stem}"] = stage_kernels_table(data)
+        elif kind == "fused_norm":
+            blocks[f"fused_norm:{path.stem}"] = fused_norm_table(data)
     return blocks
 
 
