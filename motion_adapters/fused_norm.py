@@ -22,6 +22,7 @@ tensors (the tests do).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,9 +30,11 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is missing
-    triton = None
-    tl = None
+
+    TRITON_IMPORT_ERROR = None
+except Exception as error:  # pragma: no cover - not installed, or built for another PyTorch: the kernels are optional
+    triton = tl = None
+    TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 #: The values of a (sample, channel) row that one program handles: 1024, or 128 for rows shorter than 512 (the
 #: deepest levels of a UNet). On an H200 (`benchmarks/results/fused_norm_h200.json`) 1024 was as fast as or faster
@@ -238,11 +241,27 @@ def _affine_args(x: torch.Tensor, weight, bias, factor, shift):
     return (w, b, *f_args), flags
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on `x`'s GPU: Triton launches on the current device, which need not be the tensor's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
     """`(y, mean, rstd)`: `y = act(group_norm(x) * factor + shift)` in x's dtype, float32 (N, groups) statistics.
 
-    `x` is (N, C, ...) and contiguous; `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None.
+    `x` is (N, C, ...); `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None.
     """
+    with _on_device(x):
+        return _forward(x, weight, bias, factor, shift, groups, eps, activation)
+
+
+def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+    """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype."""
+    with _on_device(x):
+        return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation)
+
+
+def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
     n, c = x.shape[:2]
@@ -265,8 +284,7 @@ def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: flo
     return y, stats[0], stats[1]
 
 
-def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
-    """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype."""
+def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
     n, c = x.shape[:2]
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
     s = x.numel() // (n * c)

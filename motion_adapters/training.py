@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from motion_adapters.config import MotionDistillationConfig
-from motion_adapters.fused_norm import fused_norm_available, triton
+from motion_adapters.fused_norm import TRITON_IMPORT_ERROR, fused_norm_available, triton
 from motion_adapters.injection import (
     AdapterInfo,
     adapter_infos,
@@ -296,7 +296,9 @@ def _fused_norms(choice: str, device: torch.device, recompute: bool) -> bool:
     usable = device.type == "cuda" and fused_norm_available()
     if choice == "triton":
         if not usable:
-            why = "Triton is not installed" if triton is None else f"the UNet is on {device.type}, not CUDA"
+            why = f"Triton cannot be imported ({TRITON_IMPORT_ERROR})" if triton is None else (
+                f"the UNet is on {device.type}, not CUDA"
+            )
             raise ValueError(f"norm_kernels='triton' cannot run: {why}. Use norm_kernels='auto' or 'torch'.")
         if not recompute:
             raise ValueError(

@@ -163,6 +163,20 @@ def test_norm_kernels_triton_off_cuda_is_refused_with_the_reason():
         MotionDistillationConfig(norm_kernels="cuda")
 
 
+def test_norm_kernels_triton_without_triton_names_the_import_error(monkeypatch):
+    from diffusers import DDPMScheduler
+    from tiny_models import tiny_unet3d
+
+    from motion_adapters import training
+
+    monkeypatch.setattr(training, "triton", None)
+    monkeypatch.setattr(training, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    config = MotionDistillationConfig(max_train_steps=1, num_frames=4, norm_kernels="triton")
+    with pytest.raises(ValueError, match=r"cannot run: Triton cannot be imported \(ModuleNotFoundError: No module"):
+        train_motion(tiny_unet3d(), torch.zeros(4, 4, 8, 8), torch.zeros(1, 7, 16), DDPMScheduler(), config,
+                     progress=False)
+
+
 COMPILE_FOR_HOPPER = """
 import itertools
 import triton
