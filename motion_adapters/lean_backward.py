@@ -3,7 +3,9 @@
 - `norms_in_compute_dtype` runs group and layer norms in the mixed-precision dtype instead of autocast's float32.
 - `frozen_convs_keep_no_input` makes frozen convolutions keep only their weight for the backward pass.
 - `frozen_activations_recomputed` makes frozen norm -> activation pairs and GEGLU feed-forwards keep only their
-  input and recompute the rest in the backward pass, and keeps dropout masks as bits.
+  input and recompute the rest in the backward pass, and keeps dropout masks as bits; with `fused_norms` the pairs
+  run on the Triton kernels of `motion_adapters.fused_norm`.
+- `fused_norm_activations` runs the same pairs on those kernels while sampling (gradients off).
 
 Each replaces `forward` on module instances (never a module's class, which diffusers checks with `isinstance`),
 computes the same outputs and input gradients, and leaves modules that already carry an instance `forward` (an
