@@ -104,6 +104,13 @@ if triton is not None:
         return mean, rstd, weight, offset
 
     @triton.jit
+    def _normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION: tl.constexpr):
+        """The normalised x (xhat) and the gradient reaching it: dy * act'(xhat * weight + offset) * weight."""
+        xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        return xhat, tl.where(mask, dy * _act_grad(xhat * weight + offset, ACTIVATION) * weight, 0.0)
+
+    @triton.jit
     def _chunk_moments(x_ptr, mean_part, m2_part, S, P, BLOCK: tl.constexpr):
         """Mean and sum of squared deviations of chunk `p` of channel row `nc` (grid: rows, chunks)."""
         nc = tl.program_id(0)
@@ -171,10 +178,8 @@ if triton is not None:
         mask = offs < S
         mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                                                    mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
-        at = nc.to(tl.int64) * S + offs
-        xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dxhat = tl.where(mask, dy * _act_grad(xhat * weight + offset, ACTIVATION) * weight, 0.0)
+        xhat, dxhat = _normalized_and_grad(x_ptr, dy_ptr, nc.to(tl.int64) * S + offs, mask, mean, rstd, weight,
+                                           offset, ACTIVATION)  # fmt: skip
         tl.store(s1_part + nc * P + p, tl.sum(dxhat, axis=0))
         tl.store(s2_part + nc * P + p, tl.sum(dxhat * xhat, axis=0))
 
@@ -205,9 +210,7 @@ if triton is not None:
         c1 = tl.load(c1_ptr + row)
         c2 = tl.load(c2_ptr + row)
         at = nc.to(tl.int64) * S + offs
-        xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dxhat = dy * _act_grad(xhat * weight + offset, ACTIVATION) * weight
+        xhat, dxhat = _normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
         tl.store(dx_ptr + at, (rstd * (dxhat - c1 - xhat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
