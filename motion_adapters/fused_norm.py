@@ -51,7 +51,12 @@ def interpreting() -> bool:
 
 
 def fused_norm_available(x: torch.Tensor | None = None) -> bool:
-    """Whether the fused kernels can run on `x`'s device: Triton importable, and CUDA (or the interpreter on CPU)."""
+    """Whether the fused kernels can run on `x`'s device: Triton importable, and CUDA (or the interpreter on CPU).
+
+    Example:
+        >>> fused_norm_available(torch.zeros(1, device="cuda"))  # doctest: +SKIP
+        True
+    """
     if triton is None:
         return False
     if x is None:
@@ -215,7 +220,12 @@ if triton is not None:
 
 
 def block_for(s: int) -> int:
-    """The chunk size for rows of `s` values (see `BLOCK`)."""
+    """The chunk size for rows of `s` values (see `BLOCK`).
+
+    Example:
+        >>> block_for(8 * 40 * 64), block_for(5 * 8)  # a temporal norm at 40 x 64; a ResNet norm at 5 x 8
+        (1024, 128)
+    """
     return SHORT_BLOCK if s < SHORT_ROW else BLOCK
 
 
@@ -252,14 +262,26 @@ def _on_device(x: torch.Tensor):
 def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
     """`(y, mean, rstd)`: `y = act(group_norm(x) * factor + shift)` in x's dtype, float32 (N, groups) statistics.
 
-    `x` is (N, C, ...); `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None.
+    `x` is (N, C, ...); `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None; `activation` is
+    "silu", "gelu" (exact) or "none". Raises `ValueError` for another activation or channels that `groups` does
+    not divide.
+
+    Example:
+        >>> x = torch.randn(8, 320, 40, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> y, mean, rstd = group_norm_act_forward(x, None, None, None, None, 32, 1e-5, "silu")  # doctest: +SKIP
     """
     with _on_device(x):
         return _forward(x, weight, bias, factor, shift, groups, eps, activation)
 
 
 def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
-    """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype."""
+    """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype.
+
+    `mean` and `rstd` are the statistics the forward pass returned; the pre-activation is recomputed from `x`.
+
+    Example:
+        >>> dx = group_norm_act_backward(grad, x, None, None, None, None, mean, rstd, 32, "silu")  # doctest: +SKIP
+    """
     with _on_device(x):
         return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation)
 
