@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from motion_adapters.config import MotionDistillationConfig
-from motion_adapters.fused_norm import TRITON_IMPORT_ERROR, fused_norm_available, triton
+from motion_adapters.fused_norm import TRITON_IMPORT_ERROR, fused_norm_available
 from motion_adapters.injection import (
     AdapterInfo,
     adapter_infos,
@@ -296,7 +296,7 @@ def _fused_norms(choice: str, device: torch.device, recompute: bool) -> bool:
     usable = device.type == "cuda" and fused_norm_available()
     if choice == "triton":
         if not usable:
-            why = f"Triton cannot be imported ({TRITON_IMPORT_ERROR})" if triton is None else (
+            why = f"Triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
                 f"the UNet is on {device.type}, not CUDA"
             )
             raise ValueError(f"norm_kernels='triton' cannot run: {why}. Use norm_kernels='auto' or 'torch'.")

@@ -169,7 +169,6 @@ def test_norm_kernels_triton_without_triton_names_the_import_error(monkeypatch):
 
     from motion_adapters import training
 
-    monkeypatch.setattr(training, "triton", None)
     monkeypatch.setattr(training, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
     config = MotionDistillationConfig(max_train_steps=1, num_frames=4, norm_kernels="triton")
     with pytest.raises(ValueError, match=r"cannot run: Triton cannot be imported \(ModuleNotFoundError: No module"):

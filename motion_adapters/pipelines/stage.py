@@ -100,14 +100,14 @@ class Show1StagePipeline(DiffusionPipeline):
         on_gpu = self.unet.device.type == "cuda"
         if choice == "auto":
             choice = self._gpu_temporal_kernels if on_gpu else "library"
-        fused = self.norm_kernels == "triton" or (
-            self.norm_kernels == "auto" and on_gpu and self._gpu_norm_kernels == "triton" and fused_norm_available()
-        )
-        if self.norm_kernels == "triton" and not (on_gpu and fused_norm_available()):
+        usable = on_gpu and fused_norm_available()
+        if self.norm_kernels == "triton" and not usable:
             raise ValueError(
                 f"norm_kernels='triton' needs the UNet on a CUDA device with Triton installed (it is on "
-                f"{self.unet.device}): call pipe.set_norm_kernels('auto') or ('torch')."
+                f"{self.unet.device}): call pipe.set_norm_kernels('auto') or pipe.set_norm_kernels('torch')."
             )
+        wanted = self._gpu_norm_kernels if self.norm_kernels == "auto" else self.norm_kernels
+        fused = usable and wanted == "triton"
         with temporal_kernels(self.unet, choice), fused_norm_activations(self.unet, fused):
             yield
 
