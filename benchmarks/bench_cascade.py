@@ -343,17 +343,10 @@ def run(args, device, dtype, data):
         pipe.set_progress_bar_config(disable=True)
     for pipe in (cascade.keyframes, cascade.interpolation, cascade.sr1):
         pipe.set_norm_kernels(args.norm_kernels)
-    data["temporal_kernels"] = {  # what each stage's temporal_kernels="auto" ran on this device
-        name: pipe._gpu_temporal_kernels if device.type == "cuda" else "library"
-        for name, pipe in (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation),
-                           ("sr1", cascade.sr1))
-    }  # fmt: skip
-    data["norm_kernels"] = {  # and what norm_kernels ran
-        name: (pipe._gpu_norm_kernels if device.type == "cuda" else "torch") if args.norm_kernels == "auto"
-        else args.norm_kernels
-        for name, pipe in (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation),
-                           ("sr1", cascade.sr1))
-    }  # fmt: skip
+    stages = (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation), ("sr1", cascade.sr1))
+    in_use = {name: pipe._kernels_in_use() for name, pipe in stages}  # what each stage's choices run on this device
+    data["temporal_kernels"] = {name: kernels[0] for name, kernels in in_use.items()}
+    data["norm_kernels"] = {name: kernels[1] for name, kernels in in_use.items()}
     if args.compile_sr1:
         sr1.compile(dynamic=False)
     # the embeddings are computed; unregister the released T5 so the keyframe stage's execution device is the UNet's

@@ -286,20 +286,25 @@ def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, gr
         return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation)
 
 
+def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int, int, int]:
+    """(N, C, values a channel row, chunk size, chunks a row, warps, chunk results a group) of a contiguous `x`."""
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)
+    block = block_for(s)
+    p = triton.cdiv(s, block)
+    return n, c, s, block, p, _warps(block), (c // groups) * p
+
+
 def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
-    n, c = x.shape[:2]
-    if c % groups:
-        raise ValueError(f"{c} channels do not split into groups={groups}.")
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into groups={groups}.")
     x = x.contiguous()
-    s = x.numel() // (n * c)
-    block = block_for(s)
-    p, warps = triton.cdiv(s, block), _warps(block)
+    n, c, s, block, p, warps, k = _layout(x, groups)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _chunk_moments[(n * c, p)](x, parts[0], parts[1], s, p, BLOCK=block, num_warps=warps)
-    k = (c // groups) * p
     _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block,
                                   BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
@@ -310,12 +315,8 @@ def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation
 
 
 def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
-    n, c = x.shape[:2]
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
-    s = x.numel() // (n * c)
-    block = block_for(s)
-    p, warps = triton.cdiv(s, block), _warps(block)
-    k = (c // groups) * p
+    n, c, s, block, p, warps, k = _layout(x, groups)
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)

@@ -93,13 +93,16 @@ class Show1StagePipeline(DiffusionPipeline):
             raise ValueError(f"norm kernels must be one of {NORM_KERNELS}, got {choice!r}.")
         self.norm_kernels = choice
 
-    @contextmanager
-    def _temporal_kernels(self) -> Iterator[None]:
-        """The context that runs this pipeline's UNet with the chosen temporal and norm kernels."""
-        choice = self.temporal_kernels
+    def _kernels_in_use(self) -> tuple[str, str]:
+        """(temporal kernels, norm kernels) that a call runs now: "auto" resolved for the UNet's device.
+
+        Raises:
+            ValueError: norm kernels "triton" where Triton cannot run.
+        """
         on_gpu = self.unet.device.type == "cuda"
-        if choice == "auto":
-            choice = self._gpu_temporal_kernels if on_gpu else "library"
+        temporal = self.temporal_kernels
+        if temporal == "auto":
+            temporal = self._gpu_temporal_kernels if on_gpu else "library"
         usable = on_gpu and fused_norm_available()
         if self.norm_kernels == "triton" and not usable:
             raise ValueError(
@@ -107,8 +110,13 @@ class Show1StagePipeline(DiffusionPipeline):
                 f"{self.unet.device}): call pipe.set_norm_kernels('auto') or pipe.set_norm_kernels('torch')."
             )
         wanted = self._gpu_norm_kernels if self.norm_kernels == "auto" else self.norm_kernels
-        fused = usable and wanted == "triton"
-        with temporal_kernels(self.unet, choice), fused_norm_activations(self.unet, fused):
+        return temporal, "triton" if usable and wanted == "triton" else "torch"
+
+    @contextmanager
+    def _temporal_kernels(self) -> Iterator[None]:
+        """The context that runs this pipeline's UNet with the chosen temporal and norm kernels."""
+        temporal, norms = self._kernels_in_use()
+        with temporal_kernels(self.unet, temporal), fused_norm_activations(self.unet, norms == "triton"):
             yield
 
     @torch.no_grad()
