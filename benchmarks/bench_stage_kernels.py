@@ -39,10 +39,11 @@ STAGES = {
     "interpolation": (show1_interpolation_config, (5, 40, 64), 14, 75),
     "sr1": (show1_sr1_config, (8, 160, 256), 2, 125 * 4),
 }
-KERNELS = ("library", "math_attention", "fast")
+KERNELS = ("library", "math_attention", "fast", "triton_attention")
 #: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile, or
-#: with the group norm -> activation pairs on the fused Triton kernels (alone, or with math-kernel temporal attention)
-OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms")
+#: with the group norm -> activation pairs on the fused Triton kernels (alone, or with math-kernel or Triton temporal
+#: attention)
+OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms", "triton_attention_fused_norms")
 
 
 def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = torch.compile(unet, dynamic=False) if variant == "compiled" else unet
             if variant == "channels_last":
                 conv2d_format(unet, torch.channels_last)
-            kernels = "math_attention" if variant == "math_attention_fused_norms" else variant
+            kernels = variant.removesuffix("_fused_norms")
             with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
                     fused_norm_activations(unet, variant.endswith("fused_norms")):
                 if device.type == "cuda":

@@ -102,6 +102,12 @@ VARIANTS = {
              "AdamW, whole-step CUDA graph, the fastest temporal kernels",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_triton_attention": ("as full, temporal attention on the Triton frame-attention kernels "
+                              "(temporal_kernels='triton_fast')",
+                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "triton_fast"}),
+    "lora_triton_attention": ("as lora, temporal attention on the Triton frame-attention kernels "
+                              "(temporal_kernels='triton_fast')",
+                              {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "triton_fast"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -337,7 +343,7 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
         n_noise = statistics.mean(abs(d) for d in diffs)
         out["baseline_vs_rerun_mean_abs_diff"] = n_noise
         out["baseline_vs_rerun_diff_std"] = statistics.pstdev(diffs)
-    for name in [n for n in runs if not n.startswith("baseline") and n != "lora"]:
+    for name in [n for n in runs if not n.startswith(("baseline", "lora"))]:
         ours = runs.get(name, {}).get("losses")
         if not ours:
             continue
@@ -367,7 +373,8 @@ def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops
     dtype = torch.float32 if baseline or device.type != "cuda" else torch.bfloat16
     unet = build_unet(unet_config, args.model_seed, device, dtype)
     other = args.baseline_steps if baseline else args.other_steps
-    steps = {"full": args.steps, "lora": args.lora_steps}.get(name, other)
+    steps = {"full": args.steps, "full_triton_attention": args.steps, "lora": args.lora_steps,
+             "lora_triton_attention": args.lora_steps}.get(name, other)  # fmt: skip
     record = {"description": description, "steps_asked": steps}
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -21,7 +21,7 @@ FROZEN_ACTIVATIONS = ("auto", "autograd", "recompute")
 NORM_KERNELS = ("auto", "torch", "triton")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
-TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention")
+TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention", "triton_attention", "triton_fast")
 
 CONFIG_NAME = "motion_adapter_config.json"
 

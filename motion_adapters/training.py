@@ -190,6 +190,7 @@ def train_motion(
         config.frozen_activations == "auto" and device.type == "cuda" and config.compile == "no"
     )
     fused_norms = _fused_norms(config.norm_kernels, device, recompute)
+    kernels = _temporal_kernels(config.temporal_kernels, device)
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
     )
@@ -216,9 +217,6 @@ def train_motion(
             compiled(unet, config.compile), x0, embeds, alphas_cumprod, list(params.values()), optimizer, config,
             compute_dtype, scaler, graph, predicts,
         )
-        kernels = config.temporal_kernels
-        if kernels == "auto":
-            kernels = "fast" if device.type == "cuda" else "library"
         # dropout (Show-1's temporal convolutions use p=0.1) draws from the global generators: train on a fork of
         # them, seeded from the config, so that a run does not depend on what the process did before and leaves
         # the caller's random state alone. On CPU each step is seeded on its own, so a resumed run is exact; a
@@ -306,6 +304,18 @@ def _fused_norms(choice: str, device: torch.device, recompute: bool) -> bool:
                 "swaps in: set frozen_activations='recompute' (or 'auto' on CUDA without compile)."
             )
     return usable and recompute
+
+
+def _temporal_kernels(choice: str, device: torch.device) -> str:
+    """`temporal_kernels=choice` resolved for `device`; the Triton choices refused where Triton cannot run."""
+    if choice == "auto":
+        return "fast" if device.type == "cuda" else "library"
+    if choice.startswith("triton") and not (device.type == "cuda" and fused_norm_available()):
+        why = f"Triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
+            f"the UNet is on {device.type}, not CUDA"
+        )
+        raise ValueError(f"temporal_kernels={choice!r} cannot run: {why}. Use temporal_kernels='auto' or 'fast'.")
+    return choice
 
 
 def _check_video(video: torch.Tensor, config: MotionDistillationConfig) -> torch.Tensor:

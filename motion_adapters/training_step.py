@@ -29,6 +29,7 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.frame_attention import FrameAttnProcessor
 from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
 
 #: Normalisation layers keep float32 weights: autocast computes them in float32 anyway.
@@ -189,30 +190,33 @@ class ShortSequenceAttnProcessor(AttnProcessor2_0):
 
 @contextmanager
 def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
-    """Swap in faster temporal layers for the run ("conv2d", "math_attention", "fast" = both), then restore.
+    """Swap in faster temporal layers for the run, then restore them.
 
     "conv2d" runs every (k, 1, 1) `Conv3d` of the temporal convolutions as a `Conv2d` (`FrameConv`);
     "math_attention" gives every temporal attention (`*temp_attentions*` and `transformer_in`, the layers whose
-    sequences are frames) a `ShortSequenceAttnProcessor`. Same function, same parameters; "library" changes
-    nothing.
+    sequences are frames) a `ShortSequenceAttnProcessor`, "triton_attention" a `FrameAttnProcessor` (the Triton
+    kernels of `motion_adapters.frame_attention`); "fast" is "conv2d" with "math_attention", "triton_fast"
+    "conv2d" with "triton_attention". Same function, same parameters; "library" changes nothing.
 
     Example:
         >>> with temporal_kernels(unet, "fast"):  # doctest: +SKIP
         ...     loss = step(unet)
     """
     undo: list[Callable[[], None]] = []
-    if choice in ("conv2d", "fast"):
+    if choice in ("conv2d", "fast", "triton_fast"):
         for parent in list(unet.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Conv3d) and tuple(child.kernel_size[1:]) == (1, 1) and child.groups == 1:
                     setattr(parent, name, FrameConv(child))
                     undo.append(functools.partial(setattr, parent, name, child))
-    if choice in ("math_attention", "fast"):
+    processor = {"math_attention": ShortSequenceAttnProcessor, "fast": ShortSequenceAttnProcessor,
+                 "triton_attention": FrameAttnProcessor, "triton_fast": FrameAttnProcessor}.get(choice)  # fmt: skip
+    if processor is not None:
         for name, module in unet.named_modules():
             temporal = ".temp_attentions." in f".{name}" or name.startswith("transformer_in")
             if temporal and isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0:
                 undo.append(functools.partial(module.set_processor, module.processor))
-                module.set_processor(ShortSequenceAttnProcessor())
+                module.set_processor(processor())
     try:
         yield
     finally:

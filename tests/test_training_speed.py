@@ -173,9 +173,12 @@ def test_compiled_unet_trains_like_the_eager_one():
     assert fast.losses == pytest.approx(eager.losses, rel=1e-3, abs=1e-4)
 
 
-@pytest.mark.parametrize("choice", ["conv2d", "math_attention", "fast"])
+@pytest.mark.parametrize("choice", ["conv2d", "math_attention", "fast", "triton_attention", "triton_fast"])
 def test_fast_temporal_kernels_compute_the_same_function_and_are_undone(choice):
+    from motion_adapters.frame_attention import FrameAttnProcessor
     from motion_adapters.training_step import FrameConv, ShortSequenceAttnProcessor, temporal_kernels
+
+    kind = FrameAttnProcessor if choice.startswith("triton") else ShortSequenceAttnProcessor
 
     unet = tiny_show1().eval()
     x, text = torch.randn(1, 3, 4, 8, 8), embeds(64)
@@ -185,13 +188,14 @@ def test_fast_temporal_kernels_compute_the_same_function_and_are_undone(choice):
         reference = unet(x, torch.tensor([10]), text).sample
         with temporal_kernels(unet, choice):
             convs = sum(isinstance(m, FrameConv) for m in unet.modules())
-            processors = sum(isinstance(p, ShortSequenceAttnProcessor) for p in unet.attn_processors.values())
+            processors = sum(isinstance(p, kind) for p in unet.attn_processors.values())
             assert [n for n, _ in unet.named_parameters()] == names
             fast = unet(x, torch.tensor([10]), text).sample
-    assert (convs > 0) == (choice != "math_attention") and (processors == temporal) == (choice != "conv2d")
+    convs_expected = choice in ("conv2d", "fast", "triton_fast")
+    assert (convs > 0) == convs_expected and (processors == temporal > 0) == (choice != "conv2d")
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, FrameConv) for m in unet.modules())
-    assert not any(isinstance(p, ShortSequenceAttnProcessor) for p in unet.attn_processors.values())
+    assert not any(isinstance(p, kind) for p in unet.attn_processors.values())
 
 
 @pytest.mark.slow

@@ -66,9 +66,10 @@ class Show1StagePipeline(DiffusionPipeline):
     def set_temporal_kernels(self, choice: str) -> None:
         """Choose how the UNet's temporal layers run while this pipeline denoises (same weights, same function).
 
-        "library" runs them as built; "math_attention", "conv2d" and "fast" are the kernels of
-        `motion_adapters.training_step.temporal_kernels`, swapped in for each call and restored after it; "auto"
-        (the default) picks the measured fastest on a GPU and "library" elsewhere.
+        "library" runs them as built; "math_attention", "conv2d", "fast", "triton_attention" and "triton_fast" are
+        the kernels of `motion_adapters.training_step.temporal_kernels`, swapped in for each call and restored after
+        it (the Triton ones need a CUDA device); "auto" (the default) picks the measured fastest on a GPU and
+        "library" elsewhere.
 
         Example:
             >>> pipe.set_temporal_kernels("math_attention")  # doctest: +SKIP
@@ -97,13 +98,20 @@ class Show1StagePipeline(DiffusionPipeline):
         """(temporal kernels, norm kernels) that a call runs now: "auto" resolved for the UNet's device.
 
         Raises:
-            ValueError: norm kernels "triton" where Triton cannot run.
+            ValueError: Triton temporal or norm kernels asked for where Triton cannot run.
         """
         on_gpu = self.unet.device.type == "cuda"
+        usable = on_gpu and fused_norm_available()
         temporal = self.temporal_kernels
         if temporal == "auto":
             temporal = self._gpu_temporal_kernels if on_gpu else "library"
-        usable = on_gpu and fused_norm_available()
+            if temporal.startswith("triton") and not usable:  # a GPU without Triton: the measured next best
+                temporal = {"triton_attention": "math_attention", "triton_fast": "fast"}[temporal]
+        elif temporal.startswith("triton") and not usable:
+            raise ValueError(
+                f"temporal_kernels={temporal!r} needs the UNet on a CUDA device with Triton installed (it is on "
+                f"{self.unet.device}): call pipe.set_temporal_kernels('auto') or pipe.set_temporal_kernels('library')."
+            )
         if self.norm_kernels == "triton" and not usable:
             raise ValueError(
                 f"norm_kernels='triton' needs the UNet on a CUDA device with Triton installed (it is on "

@@ -1,0 +1,232 @@
+"""Attention over a few frames in one Triton kernel a pass: Show-1's temporal attention, forward and backward.
+
+Show-1's temporal attention attends, at every pixel, over the frames (5 to 8) with 64 heads of 2 to 20 channels.
+PyTorch runs that as flash attention, whose 128-query tiles are mostly padding there, or as the math kernel: a
+head split copy, two batched matmuls of 8 x 8 x d, a softmax, a head merge copy, and in the backward pass their
+gradients plus the kept probabilities (docs/performance.md: about a fifth of a training step's GPU time).
+
+Here one program takes a block of (sequence, head) pairs and holds each pair's queries, keys and values in
+registers: scores, softmax and output in float32, one rounding at the output. It reads q, k and v where the
+projections wrote them, (N, F, heads * d) with any row strides, so there is no head split or merge. The backward
+pass recomputes the probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk and dv in one
+kernel. `TRITON_INTERPRET=1` runs the kernels on CPU tensors (the tests do).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from motion_adapters.fused_norm import _on_device, fused_norm_available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+#: The most values of the (pairs, frames, frames, padded head channels) products a program forms at once; the
+#: pairs a program takes follow from it. Longer sequences or wider heads than this allows fall back to PyTorch.
+TILE = 8192
+
+
+def frame_attention_supported(q: torch.Tensor, heads: int, kv_length: int | None = None) -> str | None:
+    """Why `frame_attention` cannot run on `q` (a sentence), or None when it can.
+
+    Example:
+        >>> frame_attention_supported(torch.zeros(4, 8, 640, device="cuda"), 64)  # doctest: +SKIP
+    """
+    if not fused_norm_available(q):
+        return "Triton cannot run on this device" if triton is not None else "Triton is not installed"
+    if q.ndim != 3:
+        return f"queries of {q.ndim} dimensions, not (N, frames, channels)"
+    if q.shape[-1] % heads:
+        return f"{q.shape[-1]} channels do not split into {heads} heads"
+    if kv_length is not None and kv_length != q.shape[1]:
+        return "keys of another length than the queries"
+    if _padded(q.shape[1]) ** 2 * _padded(q.shape[-1] // heads) > TILE:
+        return f"{q.shape[1]} frames of {q.shape[-1] // heads} channels a head do not fit one program"
+    return None
+
+
+def _padded(n: int) -> int:
+    return max(2, triton.next_power_of_2(n)) if triton is not None else n
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load(ptr, sn, sf, n, h, f, d, mask, D: tl.constexpr):
+        """The (pairs, frames, head channels) tile of pairs (n, h), in float32."""
+        at = n[:, None, None] * sn + f[None, :, None] * sf + h[:, None, None] * D + d[None, None, :]
+        return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store(ptr, value, sn, sf, n, h, f, d, mask, D: tl.constexpr):
+        at = n[:, None, None] * sn + f[None, :, None] * sf + h[:, None, None] * D + d[None, None, :]
+        tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pairs(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
+               BLOCK_P: tl.constexpr):  # fmt: skip
+        """This program's (sequence, head) pairs, frame and channel indices, and the tile mask."""
+        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        f = tl.arange(0, FP)
+        d = tl.arange(0, DP)
+        mask = (pair < P)[:, None, None] & (f < F)[None, :, None] & (d < D)[None, None, :]
+        return pair // HEADS, pair % HEADS, f, d, mask
+
+    @triton.jit
+    def _probabilities(q, k, F, scale, FP: tl.constexpr):
+        """softmax(q k^T * scale) over the keys, (pairs, queries, keys); padded keys get no weight."""
+        s = tl.sum(q[:, :, None, :] * k[:, None, :, :], axis=3) * scale
+        s = tl.where((tl.arange(0, FP) < F)[None, None, :], s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=2)[:, :, None])
+        return e / tl.sum(e, axis=2)[:, :, None]
+
+    @triton.jit
+    def _frame_attention_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf,
+                                 P, F, scale, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr,
+                                 DP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        n, h, f, d, mask = _pairs(P, F, HEADS, D, FP, DP, BLOCK_P)
+        q = _load(q_ptr, q_sn, q_sf, n, h, f, d, mask, D)
+        k = _load(k_ptr, k_sn, k_sf, n, h, f, d, mask, D)
+        v = _load(v_ptr, v_sn, v_sf, n, h, f, d, mask, D)
+        p = _probabilities(q, k, F, scale, FP)
+        _store(o_ptr, tl.sum(p[:, :, :, None] * v[:, None, :, :], axis=2), o_sn, o_sf, n, h, f, d, mask, D)
+
+    @triton.jit
+    def _frame_attention_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf,
+                                  v_sn, v_sf, do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr,
+                                  D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
+                                  BLOCK_P: tl.constexpr):  # fmt: skip
+        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
+        n, h, f, d, mask = _pairs(P, F, HEADS, D, FP, DP, BLOCK_P)
+        q = _load(q_ptr, q_sn, q_sf, n, h, f, d, mask, D)
+        k = _load(k_ptr, k_sn, k_sf, n, h, f, d, mask, D)
+        v = _load(v_ptr, v_sn, v_sf, n, h, f, d, mask, D)
+        do = _load(do_ptr, do_sn, do_sf, n, h, f, d, mask, D)
+        p = _probabilities(q, k, F, scale, FP)
+        dv = tl.sum(p[:, :, :, None] * do[:, :, None, :], axis=1)
+        dp = tl.sum(do[:, :, None, :] * v[:, None, :, :], axis=3)
+        ds = p * (dp - tl.sum(p * dp, axis=2)[:, :, None]) * scale
+        dq = tl.sum(ds[:, :, :, None] * k[:, None, :, :], axis=2)
+        dk = tl.sum(ds[:, :, :, None] * q[:, :, None, :], axis=1)
+        _store(dq_ptr, dq, g_sn, g_sf, n, h, f, d, mask, D)
+        _store(dk_ptr, dk, g_sn, g_sf, n, h, f, d, mask, D)
+        _store(dv_ptr, dv, g_sn, g_sf, n, h, f, d, mask, D)
+
+
+def _launch(q: torch.Tensor, heads: int) -> tuple[tuple[int], dict]:
+    """The grid and the shape constants of a launch over `q`'s (N * heads) pairs."""
+    n, frames, channels = q.shape
+    fp, dp = _padded(frames), _padded(channels // heads)
+    block = max(1, TILE // (fp * fp * dp))
+    return (triton.cdiv(n * heads, block),), {"HEADS": heads, "D": channels // heads, "FP": fp, "DP": dp,
+                                              "BLOCK_P": block, "num_warps": 4}  # fmt: skip
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` with unit channel stride (a copy only when it has another)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(q, k, v, heads: int) -> None:
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k and v must have one shape (N, frames, channels); got {q.shape}, {k.shape}, {v.shape}.")
+    reason = frame_attention_supported(q, heads)
+    if reason is not None:
+        raise ValueError(f"frame_attention cannot run here: {reason}. Use torch's scaled_dot_product_attention.")
+
+
+class _FrameAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int, scale: float):
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        grid, meta = _launch(q, heads)
+        with _on_device(q):
+            _frame_attention_forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                           v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                                           q.shape[0] * heads, q.shape[1], scale, **meta)  # fmt: skip
+        ctx.save_for_backward(q, k, v)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        grad = _rows(grad.to(q.dtype))
+        dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+        grid, meta = _launch(q, ctx.heads)
+        with _on_device(q):
+            _frame_attention_backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0),
+                                            k.stride(1), v.stride(0), v.stride(1), grad.stride(0), grad.stride(1),
+                                            dq.stride(0), dq.stride(1), q.shape[0] * ctx.heads, q.shape[1],
+                                            ctx.scale, **meta)  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Multi-head self-attention of (N, F, heads * d) projections over their F positions, heads merged.
+
+    The same function as splitting the heads, `scaled_dot_product_attention` (scale `1 / sqrt(d)` unless given)
+    and merging them, for sequences of a few frames: see the module docstring. Differentiable in q, k and v.
+
+    Raises:
+        ValueError: shapes that differ, channels `heads` does not divide, a device Triton cannot run on, or more
+            frames or wider heads than one program holds (`frame_attention_supported` says which).
+
+    Example:
+        >>> q, k, v = (torch.randn(2560, 8, 320, device="cuda", dtype=torch.bfloat16) for _ in range(3))  # doctest: +SKIP
+        >>> frame_attention(q, k, v, heads=64).shape  # doctest: +SKIP
+        torch.Size([2560, 8, 320])
+    """
+    _check(q, k, v, heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1] // heads)
+    return _FrameAttention.apply(q, k, v, heads, float(scale))
+
+
+class FrameAttnProcessor:
+    """A diffusers attention processor for temporal self-attention on `frame_attention`.
+
+    It runs the fused kernel where the layer is plain self-attention over frames (3-d hidden states, no mask, no
+    group, spatial or q/k norm) and the shapes fit; any other call goes to PyTorch's processor
+    (`AttnProcessor2_0`), so the result is the same function either way.
+
+    Example:
+        >>> attn.set_processor(FrameAttnProcessor())  # doctest: +SKIP
+    """
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self._fallback = AttnProcessor2_0()
+
+    @staticmethod
+    def _plain(attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+        """Self-attention over 3-d hidden states with no mask and no group, spatial or q/k norm."""
+        return (
+            attention_mask is None and encoder_hidden_states is None and hidden_states.ndim == 3
+            and attn.spatial_norm is None and attn.group_norm is None
+            and getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None
+        )  # fmt: skip
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):  # fmt: skip
+        """The layer's output, as `AttnProcessor2_0` computes it."""
+        if args or kwargs or not self._plain(attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if frame_attention_supported(q, attn.heads) is None:
+            out = frame_attention(q, k, v, attn.heads)
+        else:  # what AttnProcessor2_0 computes from the same projections
+            split = [t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v)]
+            out = torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+__all__ = ["FrameAttnProcessor", "frame_attention", "frame_attention_supported"]

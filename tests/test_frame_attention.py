@@ -1,0 +1,202 @@
+"""The Triton frame-attention kernels: compiled on a GPU, else in Triton's interpreter (conftest.py sets it)."""
+
+import pytest
+import torch
+
+from motion_adapters import frame_attention as fa
+from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.training import train_motion
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _kernels_can_run():
+    if fa.frame_attention_supported(torch.zeros(1, 2, 4, device=DEVICE), 2) is not None:
+        pytest.fail("the kernels cannot run here: TRITON_INTERPRET=1 must be set before triton is imported")
+
+
+def reference(q, k, v, heads):
+    """Heads split, PyTorch's SDPA in float64, heads merged: what AttnProcessor2_0 computes."""
+    split = [t.double().unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize(
+    ("n", "frames", "channels", "heads"),
+    [
+        (6, 8, 320, 64),  # show-1-base's top level: 64 heads of 5
+        (5, 5, 128, 64),  # an interpolation window: 5 frames (padded to 8), heads of 2 (SR1's top level)
+        (3, 8, 80, 4),  # heads of 20, fewer pairs a program
+        (17, 3, 24, 2),  # pairs that do not fill the last program
+    ],
+)
+def test_output_and_gradients_match_float64_attention(n, frames, channels, heads):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, frames, channels, generator=g).to(DEVICE).requires_grad_(True) for _ in range(3))
+    out = fa.frame_attention(q, k, v, heads)
+    grad = torch.randn(out.shape, generator=g).to(DEVICE)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = reference(*exact, heads)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
+    assert out.shape == (n, frames, channels) and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip((dq, dk, dv), expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_strided_projections_are_read_in_place_and_the_scale_is_honoured():
+    """q, k and v as column slices of one (N, F, 3C) projection, as a fused q/k/v layer would give them."""
+    qkv = torch.randn(4, 6, 3 * 48, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split(48, dim=-1)
+    out = fa.frame_attention(q, k, v, heads=4, scale=0.3)
+    out.square().sum().backward()
+    exact = qkv.detach().double().requires_grad_(True)
+    eq, ek, ev = exact.split(48, dim=-1)
+    split = [t.unflatten(-1, (4, -1)).transpose(1, 2) for t in (eq, ek, ev)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*split, scale=0.3).transpose(1, 2).flatten(2)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv.grad.double(), exact.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_output_is_within_one_rounding_of_the_exact_value():
+    q, k, v = (torch.randn(64, 8, 320, device=DEVICE) for _ in range(3))
+    out = fa.frame_attention(*(t.bfloat16() for t in (q, k, v)), heads=64)
+    exact = reference(*(t.bfloat16() for t in (q, k, v)), 64)  # the same bf16 inputs, exact arithmetic
+    assert out.dtype == torch.bfloat16
+    # float32 arithmetic, one rounding at the output: within one unit in the last place (2**-7 relative; Triton's
+    # interpreter truncates where the GPU rounds to nearest)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(2, 8, 60, device=DEVICE)
+    with pytest.raises(ValueError, match="60 channels do not split into 7 heads"):
+        fa.frame_attention(x, x, x, heads=7)
+    with pytest.raises(ValueError, match="must have one shape"):
+        fa.frame_attention(x, x[:, :4], x[:, :4], heads=4)
+    long = torch.randn(1, 64, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="64 frames of 64 channels a head do not fit one program"):
+        fa.frame_attention(long, long, long, heads=4)
+    assert fa.frame_attention_supported(torch.zeros(2, 8, 60, device="meta"), 4) == "Triton cannot run on this device"
+
+
+def _temporal_attention():
+    from motion_adapters.models.blocks_show1 import temporal_attention
+
+    torch.manual_seed(0)
+    return temporal_attention(64, 16, norm_num_groups=8).to(DEVICE)  # 16 heads of 4, Show-1's split
+
+
+def test_processor_matches_pytorchs_in_a_temporal_transformer_and_runs_the_kernel(monkeypatch):
+    calls = []
+    kernel = fa.frame_attention
+    monkeypatch.setattr(fa, "frame_attention", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    model = _temporal_attention()
+    x = torch.randn(2 * 6, 64, 3, 5, device=DEVICE, requires_grad=True)  # (B * F, C, H, W), 6 frames
+
+    def run():
+        out = model(x, num_frames=6).sample
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        return out, grad
+
+    expected, expected_grad = run()
+    for module in model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(fa.FrameAttnProcessor())
+    out, grad = run()
+    assert calls and all(shape == (2 * 3 * 5, 6, 64) for shape in calls)  # every attention on the kernel
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_processor_hands_what_it_does_not_cover_to_pytorchs():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, heads=4, dim_head=8).to(DEVICE)
+    x, context = torch.randn(3, 5, 32, device=DEVICE), torch.randn(3, 7, 32, device=DEVICE)
+    mask = torch.zeros(3, 1, 5, device=DEVICE)
+    mask[..., -1] = -1e4
+    expected = [attn(x, context), attn(x, attention_mask=mask)]
+    attn.set_processor(fa.FrameAttnProcessor())
+    got = [attn(x, context), attn(x, attention_mask=mask)]  # cross-attention, a mask
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_temporal_kernels_off_cuda_are_refused_with_the_reason():
+    from diffusers import DDPMScheduler
+    from tiny_models import tiny_unet3d
+
+    config = MotionDistillationConfig(max_train_steps=1, num_frames=4, temporal_kernels="triton_attention")
+    with pytest.raises(ValueError, match=r"temporal_kernels='triton_attention' cannot run: the UNet is on cpu"):
+        train_motion(tiny_unet3d(), torch.zeros(4, 4, 8, 8), torch.zeros(1, 7, 16), DDPMScheduler(), config,
+                     progress=False)
+
+
+COMPILE_FOR_HOPPER = """
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import motion_adapters.frame_attention as fa
+
+for frames, width in ((8, 5), (8, 20), (5, 10), (8, 2)):  # Show-1's head widths at 8 frames; interpolation's 5
+    _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64)
+    meta.pop("num_warps")
+    for kernel in (fa._frame_attention_forward, fa._frame_attention_backward):
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
+                     else "i32" for n in names}
+        triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}),
+                       target=GPUTarget("cuda", 90, 32))
+        print("compiled", kernel.__name__)
+"""
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_one():
+    """The interpreter runs code the compiler refuses: compile both kernels for sm_90 with the interpreter off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled ") == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_step_on_triton_attention_is_as_close_to_float32_as_the_math_kernel():
+    """bf16 steps of a tiny Show-1 UNet with the math SDPA kernel and with the Triton kernels, each against the
+    same step in float32."""
+    from test_training_speed import embeds, tiny_show1
+
+    from motion_adapters import inject_temporal_adapter
+    from motion_adapters.training_step import temporal_kernels
+
+    device = torch.device("cuda")
+    x, text = torch.randn(1, 3, 8, 16, 16, device=device), embeds(64).to(device)
+
+    def run(kernels, half=True):
+        unet = tiny_show1().to(device).eval()
+        inject_temporal_adapter(unet, target="temporal_attn.to_[qkv]", mode="full")
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".temp_attentions." in name and name.endswith(("to_q.weight", "to_v.weight")))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half), temporal_kernels(unet, kernels):
+            out = unet(x, torch.tensor([10], device=device), text).sample
+        out.float().pow(2).mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in unet.parameters() if p.requires_grad]
+
+    exact = run("library", half=False)
+    errors = {kernels: [float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(run(kernels),
+                                                                                                   exact)]
+              for kernels in ("math_attention", "triton_attention")}  # fmt: skip
+    assert len(exact) > 2
+    assert all(t <= 1.5 * m + 1e-3 for t, m in zip(errors["triton_attention"], errors["math_attention"])), errors
