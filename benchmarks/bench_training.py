@@ -43,7 +43,7 @@ from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
 from motion_adapters.config import MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
-from motion_adapters.training import train_motion  # noqa: E402
+from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
 
 TEMPORAL_QKV = re.compile(r"temp_attentions\.\d+\.transformer_blocks\.0\.attn[12]\.to_[qkv]$")
 TINY = dict(
@@ -99,15 +99,13 @@ VARIANTS = {
                            "norm_kernels": "triton"}),
     "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
              "keeping no input, frozen activations recomputed on fused Triton norm kernels, fp32 masters, fused "
-             "AdamW, whole-step CUDA graph, the fastest temporal kernels",
+             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto')",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_triton_attention": ("as full, temporal attention on the Triton frame-attention kernels "
-                              "(temporal_kernels='triton_fast')",
-                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "triton_fast"}),
-    "lora_triton_attention": ("as lora, temporal attention on the Triton frame-attention kernels "
-                              "(temporal_kernels='triton_fast')",
-                              {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "triton_fast"}),
+    "full_fast": ("as full, temporal_kernels='fast' (math-kernel SDPA temporal attention, the default before "
+                  "the Triton frame-attention kernels)",
+                  {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast"}),
+    "lora_fast": ("as lora, temporal_kernels='fast'", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "fast"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -464,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     write(args.out, data)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     video, embeds = inputs(args.frames, height, width, text_len, text_dim, device)
-    args.best_kernels = "fast" if device.type == "cuda" else "library"
+    args.best_kernels = _temporal_kernels("auto", device)  # what train_motion's default runs here
     for name in args.variants.split(","):
         timed = {k: data["runs"][k].get("s_per_step") for k in ("full_graph", "full_graph_math", "full_graph_conv",
                                                                  "full_graph_fast") if k in data["runs"]}

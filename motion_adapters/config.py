@@ -100,7 +100,9 @@ class MotionDistillationConfig:
         temporal_kernels: how the temporal layers run while training (same function, same weights): "conv2d"
             runs the temporal convolutions' (3, 1, 1) Conv3d as Conv2d, "math_attention" runs temporal attention
             (sequences of a few frames) with the math SDPA kernel instead of flash kernels built for long
-            sequences, "fast" does both, "library" neither; "auto" is "fast" on CUDA, else "library".
+            sequences, "fast" does both, "library" neither; "triton_attention" runs temporal attention on the
+            Triton kernels of `motion_adapters.frame_attention` and "triton_fast" is that with "conv2d"; "auto" is
+            "triton_fast" on CUDA where Triton is installed, "fast" on CUDA without it, else "library".
         activation_memory_budget: with `compile`, the fraction in (0, 1] of the activations the compiler may keep
             for the backward pass; lower values recompute more and use less memory
             (`torch._functorch.config.activation_memory_budget`). `None` keeps torch's default (1.0).

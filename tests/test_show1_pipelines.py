@@ -11,7 +11,10 @@ from fixtures_tiny import tiny_cascade, tiny_if_superres, tiny_scheduler, tiny_s
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines import (
     Show1CascadePipeline,
+    Show1InterpolationPipeline,
     Show1KeyframesPipeline,
+    Show1StagePipeline,
+    Show1SuperResPipeline,
     combine_guidance,
     interpolated_num_frames,
     scheduler_step_per_frame,
@@ -491,7 +494,7 @@ def test_stage_temporal_kernels_run_the_same_function_and_are_restored_after_the
     keyframes = torch.rand(1, 3, 3, 8, 8, generator=seeded(3)) * 2 - 1
     embeds = torch.randn(1, 77, 64, generator=seeded(4))
     before = {name: type(p) for name, p in unet.attn_processors.items()}
-    assert pipe.temporal_kernels == "auto" and type(pipe)._gpu_temporal_kernels == "math_attention"
+    assert pipe.temporal_kernels == "auto" and type(pipe)._gpu_temporal_kernels == "triton_attention"
     seen = []
 
     def record(pipe_, step, t, tensors):
@@ -525,3 +528,37 @@ def test_stage_norm_kernels_are_validated_and_triton_off_a_gpu_is_refused(cascad
     finally:
         pipe.set_norm_kernels("auto")
     assert all("forward" not in vars(m) for m in pipe.unet.modules())
+
+
+@pytest.mark.parametrize("triton_usable", [True, False])
+@pytest.mark.parametrize(
+    ("stage", "on_gpu"),
+    [
+        (Show1KeyframesPipeline, ("triton_attention", "torch")),
+        (Show1InterpolationPipeline, ("triton_attention", "triton")),
+        (Show1SuperResPipeline, ("math_attention", "triton")),
+    ],
+)
+def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton(
+    monkeypatch, stage, on_gpu, triton_usable
+):
+    import types
+
+    import motion_adapters.pipelines.stage as stage_module
+
+    monkeypatch.setattr(stage_module, "fused_norm_available", lambda x=None: triton_usable)
+    fallback = {"triton_attention": "math_attention"}
+
+    def in_use(device, temporal="auto", norms="auto"):
+        pipe = types.SimpleNamespace(unet=types.SimpleNamespace(device=torch.device(device)),
+                                     temporal_kernels=temporal, norm_kernels=norms,
+                                     _gpu_temporal_kernels=stage._gpu_temporal_kernels,
+                                     _gpu_norm_kernels=stage._gpu_norm_kernels)  # fmt: skip
+        return Show1StagePipeline._kernels_in_use(pipe)
+
+    expected = on_gpu if triton_usable else (fallback.get(on_gpu[0], on_gpu[0]), "torch")
+    assert in_use("cuda") == expected
+    assert in_use("cpu") == ("library", "torch")
+    if not triton_usable:
+        with pytest.raises(ValueError, match=r"set_temporal_kernels\('auto'\)"):
+            in_use("cuda", temporal="triton_attention")

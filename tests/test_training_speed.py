@@ -485,3 +485,19 @@ def test_frozen_activations_recomputed_on_cuda_under_bf16_autocast(float32_norms
     errors = {"torch": [rel(out, exact_out)] + [rel(grads[n], exact_grads[n]) for n in grads],
               "fused": [rel(fast_out, exact_out)] + [rel(fast_grads[n], exact_grads[n]) for n in grads]}  # fmt: skip
     assert all(f <= 1.5 * t + 1e-3 for f, t in zip(errors["fused"], errors["torch"])), errors
+
+
+@pytest.mark.parametrize("triton_usable", [True, False])
+def test_auto_temporal_kernels_pick_triton_frame_attention_on_cuda_only_where_triton_runs(monkeypatch, triton_usable):
+    import motion_adapters.training as training
+
+    monkeypatch.setattr(training, "fused_norm_available", lambda x=None: triton_usable)
+    cuda = torch.device("cuda")
+    assert training._temporal_kernels("auto", cuda) == ("triton_fast" if triton_usable else "fast")
+    assert training._temporal_kernels("auto", torch.device("cpu")) == "library"
+    assert training._temporal_kernels("math_attention", cuda) == "math_attention"
+    if triton_usable:
+        assert training._temporal_kernels("triton_attention", cuda) == "triton_attention"
+    else:
+        with pytest.raises(ValueError, match="temporal_kernels='triton_attention' cannot run.*'auto' or 'fast'"):
+            training._temporal_kernels("triton_attention", cuda)

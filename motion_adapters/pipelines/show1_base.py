@@ -44,6 +44,10 @@ class Show1KeyframesPipeline(Show1StagePipeline):
         >>> video = pipe("a panda surfing", output_type="pt").frames  # (1, 3, 8, 40, 64)  # doctest: +SKIP
     """
 
+    # bench_stage_kernels.py, H200, real size (stage_kernels_triton_attention_h200.json): the Triton frame-attention
+    # kernels with PyTorch's norms measured fastest for this stage's small activations
+    _gpu_temporal_kernels = "triton_attention"
+
     def __init__(
         self,
         tokenizer: T5Tokenizer | None,

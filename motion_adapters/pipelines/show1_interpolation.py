@@ -80,9 +80,9 @@ class Show1InterpolationPipeline(Show1StagePipeline):
         ...              output_type="pt").frames  # (1, 3, 29, 40, 64)  # doctest: +SKIP
     """
 
-    # bench_stage_kernels.py, H100, real size: 0.30 s a call with the math SDPA kernel against 0.41 s (14 sequences
-    # of 5 frames at every pixel); H200 (stage_kernels_fused_h200.json): 0.286 s, and 0.273 s with the fused norms
-    _gpu_temporal_kernels = "math_attention"
+    # bench_stage_kernels.py, H200, real size (stage_kernels_triton_attention_h200.json): the Triton frame-attention
+    # kernels with the fused norms measured fastest (14 sequences of 5 frames at every pixel)
+    _gpu_temporal_kernels = "triton_attention"
     _gpu_norm_kernels = "triton"
 
     def __init__(

@@ -53,8 +53,8 @@ class Show1StagePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
     _optional_components = ["tokenizer", "text_encoder"]
     _callback_tensor_inputs = ["latents"]
-    # What temporal_kernels="auto" runs on a GPU, chosen per stage by benchmarks/bench_stage_kernels.py (H100, real
-    # sizes): the library's layers, except where another choice measured faster (the interpolation stage).
+    # What temporal_kernels="auto" runs on a GPU, chosen per stage by benchmarks/bench_stage_kernels.py at real
+    # sizes; each stage class sets its own. A Triton choice falls back to its SDPA twin where Triton is missing.
     _gpu_temporal_kernels = "library"
     # What norm_kernels="auto" runs on a GPU, chosen the same way (H200): PyTorch's kernels for the keyframe stage,
     # whose small activations make the fused kernels' launches from Python cost more than they save (0.157 against
@@ -68,8 +68,9 @@ class Show1StagePipeline(DiffusionPipeline):
 
         "library" runs them as built; "math_attention", "conv2d", "fast", "triton_attention" and "triton_fast" are
         the kernels of `motion_adapters.training_step.temporal_kernels`, swapped in for each call and restored after
-        it (the Triton ones need a CUDA device); "auto" (the default) picks the measured fastest on a GPU and
-        "library" elsewhere.
+        it (the Triton ones need a CUDA device with Triton installed); "auto" (the default) picks the measured
+        fastest for the stage on a GPU (Triton frame attention for the keyframes and interpolation, math-kernel
+        SDPA for SR1, the SDPA twin of a Triton choice where Triton is missing) and "library" elsewhere.
 
         Example:
             >>> pipe.set_temporal_kernels("math_attention")  # doctest: +SKIP
