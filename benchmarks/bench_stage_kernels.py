@@ -80,12 +80,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=",".join(KERNELS + OTHERS), help="comma-separated, of "
                         f"{KERNELS + OTHERS}; 'library' always runs (the baseline)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {tuple(STAGES)}")
+    parser.add_argument("--profile", default=None, metavar="VARIANT",
+                        help="also record the top CUDA operators of two calls of each stage with VARIANT")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     data = {"benchmark": "stage_kernels", "env": environment(device, args.commit), "dtype": str(dtype), "stages": {}}
     variants = ["library"] + [v for v in args.variants.split(",") if v != "library"]
     unknown = sorted(set(variants) - set(KERNELS + OTHERS)) + sorted(set(args.stages.split(",")) - set(STAGES))
+    if args.profile in ("compiled", "channels_last"):
+        parser.error(f"--profile {args.profile} is not supported: profile a kernels or fused-norms variant.")
+    if args.profile and args.profile not in KERNELS + OTHERS:
+        unknown.append(args.profile)
     if unknown:
         parser.error(f"unknown variants or stages {unknown}")
     for name in args.stages.split(","):
@@ -136,12 +142,41 @@ def main(argv: list[str] | None = None) -> dict:
             record[variant]["speedup_vs_library"] = record["library"]["seconds_per_call"] / seconds
             print(name, variant, json.dumps(record[variant]), flush=True)
         data["stages"][name] = record
+        if args.profile and device.type == "cuda":
+            data.setdefault("profiles", {})[name] = {"variant": args.profile,
+                                                     **profile_calls(unet, inputs, args.profile)}  # fmt: skip
         write(args.out, data)  # after every stage: a run cut off by a time limit keeps what it measured
         del unet, outputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     write(args.out, data)
     return data
+
+
+def profile_calls(unet, inputs, variant: str, calls: int = 2, rows: int = 30) -> dict:
+    """The top CUDA operators and kernels of `calls` UNet calls with `variant` (where a stage's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernels = variant.removesuffix("_fused_norms")
+    with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
+            fused_norm_activations(unet, variant.endswith("fused_norms")), torch.no_grad():
+        unet(**inputs)  # warm: the first call's compilation and algorithm search stay out of the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                unet(**inputs)
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernel_events = [e for e in events if e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in kernel_events) or 1
+    top = sorted(events, key=lambda e: -e.device_time_total)[:rows]
+    result = {"kernels_per_call": sum(e.count for e in kernel_events) / calls,
+              "cuda_ms_per_call": total / 1e3 / calls,
+              "rows": [{"name": e.key[:120], "cuda_ms_per_call": e.device_time_total / 1e3 / calls,
+                        "calls_per_call": e.count / calls, "share": e.device_time_total / total} for e in top]}
+    for row in result["rows"][:15]:
+        print(row, flush=True)
+    return result
 
 
 if __name__ == "__main__":

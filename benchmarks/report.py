@@ -154,6 +154,21 @@ def profile_table(data: dict, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def stage_profile_tables(data: dict, rows: int = 12) -> str:
+    """The top CUDA operators of a call of each stage (``bench_stage_kernels.py --profile VARIANT``)."""
+    lines = [environment_line(data)]
+    for stage, profile in data.get("profiles", {}).items():
+        lines += ["", f"**{stage}**, `{profile['variant']}`: {profile['cuda_ms_per_call']:.1f} ms of CUDA kernels "
+                  f"and {profile['kernels_per_call']:,.0f} kernels a call. Operators nest, so the shares overlap.", "",
+                  "| operator or kernel | CUDA ms a call | calls a call | share of the call's kernel time |",
+                  "|---|---|---|---|"]
+        for row in profile["rows"][:rows]:
+            name = row["name"].replace("|", "/")
+            lines.append(f"| `{name}` | {row['cuda_ms_per_call']:.1f} | {row['calls_per_call']:.0f} | "
+                         f"{100 * row['share']:.1f} % |")
+    return "\n".join(lines)
+
+
 def training_summary(data: dict) -> str:
     """Three rows for the project README: the reference loop against `train_motion`'s full and LoRA runs."""
     runs = data.get("runs", {})
@@ -238,6 +253,8 @@ def render() -> dict[str, str]:
             blocks[f"activation_memory:{path.stem}"] = activation_memory_table(data)
         elif kind == "stage_kernels":
             blocks[f"stage_kernels:{path.stem}"] = stage_kernels_table(data)
+            if data.get("profiles"):
+                blocks[f"stage_profile:{path.stem}"] = stage_profile_tables(data)
         elif kind == "fused_norm":
             blocks[f"fused_norm:{path.stem}"] = fused_norm_table(data)
     return blocks
