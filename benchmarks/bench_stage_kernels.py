@@ -3,8 +3,9 @@
 For each Show-1 stage UNet at its real size and batch (random weights, bf16, classifier-free guidance doubling the
 batch), time one forward pass with the library's layers and inside `motion_adapters.training_step.temporal_kernels`
 ("math_attention": temporal attention on the math SDPA kernel; "fast": that plus the (3, 1, 1) temporal
-convolutions as 2D convolutions), with channels-last weights, and through `torch.compile`, after warm-up, in the
-same process, and check the outputs agree.
+convolutions as 2D convolutions; "triton_attention", "triton_conv" and "triton": the Triton kernels for temporal
+attention, for the temporal convolutions, for both), with the fused norm kernels, with channels-last weights, and
+through `torch.compile`, after warm-up, in the same process, and check the outputs agree.
 
     python benchmarks/bench_stage_kernels.py --out benchmarks/results/stage_kernels_h100.json
     python benchmarks/bench_stage_kernels.py --tiny --out /tmp/stage_kernels.json  # CPU smoke test
@@ -39,11 +40,12 @@ STAGES = {
     "interpolation": (show1_interpolation_config, (5, 40, 64), 14, 75),
     "sr1": (show1_sr1_config, (8, 160, 256), 2, 125 * 4),
 }
-KERNELS = ("library", "math_attention", "fast", "triton_attention")
+KERNELS = ("library", "math_attention", "fast", "triton_attention", "triton_conv", "triton")
 #: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile, or
 #: with the group norm -> activation pairs on the fused Triton kernels (alone, or with math-kernel or Triton temporal
 #: attention)
-OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms", "triton_attention_fused_norms")
+OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms", "triton_attention_fused_norms",
+          "triton_conv_fused_norms", "triton_fused_norms")
 
 
 def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:

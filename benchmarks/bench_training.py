@@ -106,6 +106,11 @@ VARIANTS = {
                   "the Triton frame-attention kernels)",
                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast"}),
     "lora_fast": ("as lora, temporal_kernels='fast'", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "fast"}),
+    "full_triton": ("as full, temporal_kernels='triton' (the (3, 1, 1) temporal convolutions on the Triton kernel "
+                    "of motion_adapters.temporal_conv, temporal attention on the Triton frame-attention kernels)",
+                    {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "triton"}),
+    "lora_triton": ("as lora, temporal_kernels='triton'", {"mode": "lora", "cuda_graph": "yes",
+                                                          "temporal_kernels": "triton"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",

@@ -21,7 +21,12 @@ FROZEN_ACTIVATIONS = ("auto", "autograd", "recompute")
 NORM_KERNELS = ("auto", "torch", "triton")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
-TEMPORAL_KERNELS = ("auto", "library", "fast", "conv2d", "math_attention", "triton_attention", "triton_fast")
+TEMPORAL_KERNELS = (
+    "auto", "library", "fast", "conv2d", "math_attention", "triton_attention", "triton_fast", "triton_conv", "triton"
+)  # fmt: skip
+#: Each Triton temporal-kernel choice's twin without Triton: what "auto" runs where Triton cannot.
+TRITON_TEMPORAL_FALLBACK = {"triton_attention": "math_attention", "triton_fast": "fast", "triton_conv": "conv2d",
+                            "triton": "fast"}  # fmt: skip
 
 CONFIG_NAME = "motion_adapter_config.json"
 
@@ -101,8 +106,10 @@ class MotionDistillationConfig:
             runs the temporal convolutions' (3, 1, 1) Conv3d as Conv2d, "math_attention" runs temporal attention
             (sequences of a few frames) with the math SDPA kernel instead of flash kernels built for long
             sequences, "fast" does both, "library" neither; "triton_attention" runs temporal attention on the
-            Triton kernels of `motion_adapters.frame_attention` and "triton_fast" is that with "conv2d"; "auto" is
-            "triton_fast" on CUDA where Triton is installed, "fast" on CUDA without it, else "library".
+            Triton kernels of `motion_adapters.frame_attention` and "triton_fast" is that with "conv2d";
+            "triton_conv" runs the (3, 1, 1) convolutions on the Triton kernel of `motion_adapters.temporal_conv`
+            and "triton" is that with "triton_attention"; "auto" is "triton_fast" on CUDA where Triton is
+            installed, "fast" on CUDA without it, else "library".
         activation_memory_budget: with `compile`, the fraction in (0, 1] of the activations the compiler may keep
             for the backward pass; lower values recompute more and use less memory
             (`torch._functorch.config.activation_memory_budget`). `None` keeps torch's default (1.0).

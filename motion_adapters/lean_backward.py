@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from motion_adapters.fused_norm import fused_norm_available, group_norm_act_backward, group_norm_act_forward
+from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
 
 
@@ -136,6 +137,8 @@ def _frozen_conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.
 
 
 def _frozen_frame_conv_forward(conv: FrameConv, x: torch.Tensor) -> torch.Tensor:
+    if conv.runs_triton(x):  # the Triton kernel keeps only the weight already
+        return temporal_conv(x, conv.weight, conv.bias)
     b, _, f, h, w = x.shape
     y = conv_keeping_no_input(x.reshape(b, x.shape[1], f, h * w), conv.weight.squeeze(-1), conv.bias, [1, 1],
                               [conv.frame_padding, 0], [1, 1], 1)  # fmt: skip

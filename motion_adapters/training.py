@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from motion_adapters.config import MotionDistillationConfig
+from motion_adapters.config import TRITON_TEMPORAL_FALLBACK, MotionDistillationConfig
 from motion_adapters.fused_norm import TRITON_IMPORT_ERROR, fused_norm_available
 from motion_adapters.injection import (
     AdapterInfo,
@@ -311,7 +311,7 @@ def _temporal_kernels(choice: str, device: torch.device) -> str:
     if choice == "auto":  # bench_training.py, H200: triton_fast 0.090 s a step against 0.097 s for fast
         if device.type != "cuda":
             return "library"
-        return "triton_fast" if fused_norm_available() else "fast"
+        return "triton_fast" if fused_norm_available() else TRITON_TEMPORAL_FALLBACK["triton_fast"]
     if choice.startswith("triton") and not (device.type == "cuda" and fused_norm_available()):
         why = f"Triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
             f"the UNet is on {device.type}, not CUDA"

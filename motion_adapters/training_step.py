@@ -9,8 +9,9 @@ step and how the UNet is prepared for it:
 - `motion_adapters.lean_backward` holds the layer swaps that keep less for the backward pass (norms in the compute
   dtype, frozen convolutions without their input, frozen activations recomputed).
 - `checkpointing` switches gradient checkpointing on for all blocks or for named blocks only, and restores it.
-- `temporal_kernels` swaps in kernels suited to sequences of a few frames (math SDPA for temporal attention,
-  `Conv2d` for the (3, 1, 1) temporal convolutions) for the run, and restores the originals.
+- `temporal_kernels` swaps in kernels suited to sequences of a few frames (math SDPA or Triton kernels for
+  temporal attention, `Conv2d` or a Triton kernel for the (3, 1, 1) temporal convolutions) for the run, and
+  restores the originals.
 - `StepRunner` runs forward, loss, backward, clipping and AdamW, eagerly or (after warm-up steps) as the replay of
   one CUDA graph that holds the whole step, optionally through a `torch.compile`d UNet.
 
@@ -30,7 +31,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from motion_adapters.config import MotionDistillationConfig
 from motion_adapters.frame_attention import FrameAttnProcessor
+from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
+from motion_adapters.temporal_conv import temporal_conv, temporal_conv_supported
 
 #: Normalisation layers keep float32 weights: autocast computes them in float32 anyway.
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
@@ -146,7 +149,10 @@ class FrameConv(nn.Module):
     """A `Conv3d` with kernel (k, 1, 1) run as the equal `Conv2d` with kernel (k, 1) over (frames, pixels).
 
     Shares the wrapped layer's parameters (same names, so state dicts are unchanged); cuDNN has fast 2D kernels
-    for this shape where its 3D ones are slow.
+    for this shape where its 3D ones are slow. With `kernel="triton"` a frozen (3, 1, 1) convolution runs on the
+    Triton kernel of `motion_adapters.temporal_conv` instead (no layout conversion, the bias added in the kernel,
+    only the weight kept for the backward pass) wherever Triton can run on the input's device; elsewhere, and for
+    a weight that trains, it runs on cuDNN as with `kernel="cudnn"`.
 
     Example:
         >>> conv = torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0))
@@ -155,14 +161,29 @@ class FrameConv(nn.Module):
         True
     """
 
-    def __init__(self, conv: nn.Conv3d):
+    def __init__(self, conv: nn.Conv3d, kernel: str = "cudnn"):
         super().__init__()
+        if kernel not in ("cudnn", "triton"):
+            raise ValueError(f"kernel must be 'cudnn' or 'triton', got {kernel!r}.")
         self.weight = conv.weight  # the same Parameter objects, under the same names
         self.bias = conv.bias
         self.frame_padding = conv.padding[0]
+        self.kernel = kernel
+
+    def runs_triton(self, x: torch.Tensor) -> bool:
+        """Whether a call on `x` runs the Triton kernel: asked for, frozen, supported, Triton runs on x's device."""
+        return (
+            self.kernel == "triton"
+            and not self.weight.requires_grad
+            and x.ndim == 5
+            and temporal_conv_supported(self.weight, self.frame_padding)
+            and fused_norm_available(x)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve (B, C, F, H, W) along frames."""
+        if self.runs_triton(x):
+            return temporal_conv(x, self.weight, self.bias)
         b, _, f, h, w = x.shape
         y = torch.nn.functional.conv2d(
             x.reshape(b, x.shape[1], f, h * w), self.weight.squeeze(-1), self.bias, padding=(self.frame_padding, 0)
@@ -192,25 +213,30 @@ class ShortSequenceAttnProcessor(AttnProcessor2_0):
 def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
     """Swap in faster temporal layers for the run, then restore them.
 
-    "conv2d" runs every (k, 1, 1) `Conv3d` of the temporal convolutions as a `Conv2d` (`FrameConv`);
-    "math_attention" gives every temporal attention (`*temp_attentions*` and `transformer_in`, the layers whose
-    sequences are frames) a `ShortSequenceAttnProcessor`, "triton_attention" a `FrameAttnProcessor` (the Triton
-    kernels of `motion_adapters.frame_attention`); "fast" is "conv2d" with "math_attention", "triton_fast"
-    "conv2d" with "triton_attention". Same function, same parameters; "library" changes nothing.
+    "conv2d" runs every (k, 1, 1) `Conv3d` of the temporal convolutions as a `Conv2d` (`FrameConv`), "triton_conv"
+    as the Triton kernel of `motion_adapters.temporal_conv` (`FrameConv(kernel="triton")`); "math_attention" gives
+    every temporal attention (`*temp_attentions*` and `transformer_in`, the layers whose sequences are frames) a
+    `ShortSequenceAttnProcessor`, "triton_attention" a `FrameAttnProcessor` (the Triton kernels of
+    `motion_adapters.frame_attention`). "fast" is "conv2d" with "math_attention", "triton_fast" "conv2d" with
+    "triton_attention", "triton" "triton_conv" with "triton_attention". Same function, same parameters; "library"
+    changes nothing.
 
     Example:
         >>> with temporal_kernels(unet, "fast"):  # doctest: +SKIP
         ...     loss = step(unet)
     """
     undo: list[Callable[[], None]] = []
-    if choice in ("conv2d", "fast", "triton_fast"):
+    conv_kernel = {"conv2d": "cudnn", "fast": "cudnn", "triton_fast": "cudnn", "triton_conv": "triton",
+                   "triton": "triton"}.get(choice)  # fmt: skip
+    if conv_kernel is not None:
         for parent in list(unet.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Conv3d) and tuple(child.kernel_size[1:]) == (1, 1) and child.groups == 1:
-                    setattr(parent, name, FrameConv(child))
+                    setattr(parent, name, FrameConv(child, conv_kernel))
                     undo.append(functools.partial(setattr, parent, name, child))
     processor = {"math_attention": ShortSequenceAttnProcessor, "fast": ShortSequenceAttnProcessor,
-                 "triton_attention": FrameAttnProcessor, "triton_fast": FrameAttnProcessor}.get(choice)  # fmt: skip
+                 "triton_attention": FrameAttnProcessor, "triton_fast": FrameAttnProcessor,
+                 "triton": FrameAttnProcessor}.get(choice)  # fmt: skip
     if processor is not None:
         for name, module in unet.named_modules():
             temporal = ".temp_attentions." in f".{name}" or name.startswith("transformer_in")

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download
 from transformers import T5EncoderModel, T5Tokenizer
 
-from motion_adapters.config import NORM_KERNELS, TEMPORAL_KERNELS
+from motion_adapters.config import NORM_KERNELS, TEMPORAL_KERNELS, TRITON_TEMPORAL_FALLBACK
 from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.lean_backward import fused_norm_activations
 from motion_adapters.models import Show1UNet3DConditionModel
@@ -66,11 +66,12 @@ class Show1StagePipeline(DiffusionPipeline):
     def set_temporal_kernels(self, choice: str) -> None:
         """Choose how the UNet's temporal layers run while this pipeline denoises (same weights, same function).
 
-        "library" runs them as built; "math_attention", "conv2d", "fast", "triton_attention" and "triton_fast" are
-        the kernels of `motion_adapters.training_step.temporal_kernels`, swapped in for each call and restored after
-        it (the Triton ones need a CUDA device with Triton installed); "auto" (the default) picks the measured
-        fastest for the stage on a GPU (Triton frame attention for the keyframes and interpolation, math-kernel
-        SDPA for SR1, the SDPA twin of a Triton choice where Triton is missing) and "library" elsewhere.
+        "library" runs them as built; "math_attention", "conv2d", "fast", "triton_attention", "triton_fast",
+        "triton_conv" and "triton" are the kernels of `motion_adapters.training_step.temporal_kernels`, swapped in
+        for each call and restored after it (the Triton ones need a CUDA device with Triton installed); "auto" (the
+        default) picks the measured fastest for the stage on a GPU (Triton frame attention for the keyframes and
+        interpolation, math-kernel SDPA for SR1, the twin without Triton of a Triton choice where Triton is
+        missing) and "library" elsewhere.
 
         Example:
             >>> pipe.set_temporal_kernels("math_attention")  # doctest: +SKIP
@@ -107,7 +108,7 @@ class Show1StagePipeline(DiffusionPipeline):
         if temporal == "auto":
             temporal = self._gpu_temporal_kernels if on_gpu else "library"
             if temporal.startswith("triton") and not usable:  # a GPU without Triton: the measured next best
-                temporal = {"triton_attention": "math_attention", "triton_fast": "fast"}[temporal]
+                temporal = TRITON_TEMPORAL_FALLBACK[temporal]
         elif temporal.startswith("triton") and not usable:
             raise ValueError(
                 f"temporal_kernels={temporal!r} needs the UNet on a CUDA device with Triton installed (it is on "

@@ -1,0 +1,152 @@
+"""Show-1's (3, 1, 1) temporal convolutions as one Triton kernel a pass, forward and input gradient.
+
+Every temporal convolution layer of Show-1 runs four `Conv3d`s with a (3, 1, 1) kernel over (N, C, F, H, W)
+activations: at each pixel, a matrix product over channels of three neighbouring frames. cuDNN runs them after
+converting the activation (and the weight) to channels-last and adds the bias in a separate pass afterwards;
+converting and adding took about a quarter of an SR1 call's convolution time on an H200
+(`benchmarks/results/stage_profile_sr1_h200.json`).
+
+Here a program computes a (output channels, pixels) tile of one frame as three matrix products, one per tap,
+reading the input where it lies (each channel's pixels of a frame are contiguous), and adds the bias before its
+one store: no layout conversion, no bias pass. The input gradient of a frozen convolution is the same kernel with
+the taps reversed and the weight transposed. Accumulation is float32. `TRITON_INTERPRET=1` runs the kernels on CPU
+tensors (the tests do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from motion_adapters.fused_norm import _on_device, triton
+
+if triton is not None:
+    import triton.language as tl
+
+#: (output channels, pixels, input channels) of a program's tile, and its warps and pipeline stages.
+TILE_DEFAULT = (64, 128, 32, 4, 3)
+
+
+def temporal_conv_supported(weight: torch.Tensor, frame_padding: int) -> bool:
+    """Whether the kernel runs a convolution with this weight: (CO, CI, 3, 1, 1) (or (CO, CI, 3, 1)), padding 1.
+
+    Example:
+        >>> temporal_conv_supported(torch.zeros(8, 8, 3, 1, 1), 1)
+        True
+        >>> temporal_conv_supported(torch.zeros(8, 8, 5, 1, 1), 2)
+        False
+    """
+    taps = weight.shape[2:]
+    return weight.ndim in (4, 5) and taps[0] == 3 and all(k == 1 for k in taps[1:]) and frame_padding == 1
+
+
+if triton is not None:
+
+    @triton.jit
+    def _temporal_conv(x_ptr, w_ptr, b_ptr, y_ptr, CI, CO, F, S, HAS_B: tl.constexpr, BLOCK_CO: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_CI: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """y[n, :, f] = sum over taps k of w[k] @ x[n, :, f + k - 1] (+ b); grid: pixel tiles, channel tiles, N * F.
+
+        x is (N, CI, F, S), w (3, CO, CI), y (N, CO, F, S), all contiguous.
+        """
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+        nf = tl.program_id(2)
+        n = nf // F
+        f = nf % F
+        ci = tl.arange(0, BLOCK_CI)
+        acc = tl.zeros([BLOCK_CO, BLOCK_S], tl.float32)
+        for k in range(3):
+            frame = f + k - 1
+            if (frame >= 0) & (frame < F):
+                x_at = x_ptr + (n.to(tl.int64) * CI * F + frame) * S
+                for start in range(0, CI, BLOCK_CI):
+                    c = start + ci
+                    w = tl.load(w_ptr + (k * CO + co[:, None]) * CI + c[None, :],
+                                mask=(co[:, None] < CO) & (c[None, :] < CI), other=0.0)  # fmt: skip
+                    xs = tl.load(x_at + c[:, None].to(tl.int64) * F * S + s[None, :],
+                                 mask=(c[:, None] < CI) & (s[None, :] < S), other=0.0)  # fmt: skip
+                    if IEEE:
+                        acc += tl.dot(w, xs, input_precision="ieee")
+                    else:
+                        acc += tl.dot(w, xs)
+        if HAS_B:
+            acc += tl.load(b_ptr + co, mask=co < CO, other=0.0).to(tl.float32)[:, None]
+        y_at = y_ptr + ((n.to(tl.int64) * CO + co[:, None]) * F + f) * S + s[None, :]
+        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=(co[:, None] < CO) & (s[None, :] < S))
+
+
+def _launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, tile=None) -> torch.Tensor:
+    """Run `_temporal_conv` on a contiguous (N, CI, F, ...) `x` with (3, CO, CI) `taps`.
+
+    `tile` is (BLOCK_CO, BLOCK_S, BLOCK_CI, warps, stages), by default the module's (benchmarks try others).
+    """
+    block_co, block_s, block_ci, warps, stages = tile or TILE_DEFAULT
+    n, ci, f = x.shape[:3]
+    s = x[0, 0, 0].numel()
+    co = taps.shape[1]
+    y = x.new_empty((n, co, *x.shape[2:]))
+    grid = (triton.cdiv(s, block_s), triton.cdiv(co, block_co), n * f)
+    with _on_device(x):
+        _temporal_conv[grid](x, taps, bias if bias is not None else taps, y, ci, co, f, s, HAS_B=bias is not None,
+                             BLOCK_CO=block_co, BLOCK_S=block_s, BLOCK_CI=block_ci, IEEE=x.dtype == torch.float32,
+                             num_warps=warps, num_stages=stages)  # fmt: skip
+    return y
+
+
+def temporal_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile=None) -> torch.Tensor:
+    """`conv3d(x, weight, bias, padding=(1, 0, 0))` for a (CO, CI, 3, 1, 1) `weight`, in x's dtype.
+
+    Example:
+        >>> w = torch.randn(64, 32, 3, 1, 1, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> x = torch.randn(1, 32, 8, 40, 64, device="cuda", dtype=w.dtype)  # doctest: +SKIP
+        >>> y = temporal_conv_forward(x, w, None)  # doctest: +SKIP
+    """
+    taps = weight.to(x.dtype).reshape(weight.shape[0], weight.shape[1], 3).permute(2, 0, 1).contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    return _launch(x.contiguous(), taps, bias, tile)
+
+
+def temporal_conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, tile=None) -> torch.Tensor:
+    """The gradient of `temporal_conv_forward`'s input: the taps reversed, the weight transposed.
+
+    Example:
+        >>> dx = temporal_conv_input_grad(dy, w)  # doctest: +SKIP
+    """
+    taps = weight.to(grad.dtype).reshape(weight.shape[0], weight.shape[1], 3).permute(2, 1, 0).flip(0).contiguous()
+    return _launch(grad.contiguous(), taps, None, tile)
+
+
+class _TemporalConv(torch.autograd.Function):
+    """A frozen (3, 1, 1) convolution on the Triton kernel; its backward pass computes the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return temporal_conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return temporal_conv_input_grad(grad, weight), None, None
+
+
+def temporal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv3d(x, weight, bias, padding=(1, 0, 0))` for a frozen (CO, CI, 3, 1, 1) `weight`, on the Triton kernel.
+
+    `x` is (N, CI, F, H, W) on a device where `fused_norm_available(x)` holds; the caller checks that and
+    `temporal_conv_supported`. Under autocast it runs in autocast's dtype, as autocast's own convolution does.
+    Keeps only the weight for the backward pass, which computes the input's gradient alone (the weight gets none).
+
+    Example:
+        >>> conv = torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)).requires_grad_(False)
+        >>> x = torch.randn(1, 4, 5, 2, 3, device="cuda")  # doctest: +SKIP
+        >>> torch.testing.assert_close(temporal_conv(x, conv.weight, conv.bias), conv(x))  # doctest: +SKIP
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    with torch.autocast(device_type, enabled=False):
+        return _TemporalConv.apply(x, weight, bias)
+
+
+__all__ = ["temporal_conv", "temporal_conv_forward", "temporal_conv_input_grad", "temporal_conv_supported"]
