@@ -39,16 +39,15 @@ SHAPES = {
     "interpolation 320 @ 5x40x64": (14, 320, 5, 40, 64),
     "interpolation 1280 @ 5x5x8": (14, 1280, 5, 5, 8),
 }
-#: (BLOCK_CO, BLOCK_S, BLOCK_CI, warps, stages)
+#: (BLOCK_CO, BLOCK_P, BLOCK_CI, warps, stages); the first and the last are `default_tile`'s two choices
 TILES = [
-    (64, 128, 32, 4, 3),
     (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 3),
     (64, 256, 32, 8, 3),
+    (128, 256, 32, 8, 3),
+    (64, 128, 32, 4, 3),
+    (128, 64, 32, 4, 3),
     (128, 128, 64, 8, 3),
     (64, 64, 32, 4, 4),
-    (128, 256, 32, 8, 3),
-    (64, 128, 64, 4, 3),
 ]
 
 
@@ -111,12 +110,13 @@ def measure(name, shape, device) -> dict:
                "backward_ms": triton.testing.do_bench_cudagraph(backward, rep=100, return_mode="median")}
         tiles.append(row)
     ok = [t for t in tiles if "error" not in t]
-    default = next(t for t in ok if tuple(t["tile"]) == tc.TILE_DEFAULT) if ok else None
+    default_tile = tc.default_tile(c, n * f * h * w)
+    default = next((t for t in ok if tuple(t["tile"]) == default_tile), None)
     best_f = min(ok, key=lambda t: t["forward_ms"])
     best_b = min(ok, key=lambda t: t["backward_ms"])
     result = {"name": name, "shape": list(shape), "cudnn_ms": {k: round(v, 4) for k, v in ms.items()},
               "cudnn_relative_error": errors, "tiles": tiles,
-              "default_tile": list(tc.TILE_DEFAULT),
+              "default_tile": list(default_tile),
               "speedup_default": None if default is None else
               {"forward": round(ms["cudnn_forward"] / default["forward_ms"], 2),
                "backward": round(ms["cudnn_backward"] / default["backward_ms"], 2),

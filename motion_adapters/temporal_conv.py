@@ -6,10 +6,11 @@ converting the activation (and the weight) to channels-last and adds the bias in
 converting and adding took about a quarter of an SR1 call's convolution time on an H200
 (`benchmarks/results/stage_profile_sr1_h200.json`).
 
-Here a program computes a (output channels, pixels) tile of one frame as three matrix products, one per tap,
-reading the input where it lies (each channel's pixels of a frame are contiguous), and adds the bias before its
-one store: no layout conversion, no bias pass. The input gradient of a frozen convolution is the same kernel with
-the taps reversed and the weight transposed. Accumulation is float32. `TRITON_INTERPRET=1` runs the kernels on CPU
+Here a program computes a (output channels, pixels) tile as three matrix products, one per tap, reading the
+input where it lies (each channel's pixels of a frame are contiguous; a tile's pixels may span frames and clips,
+so the deepest levels' few pixels a frame still fill it), and adds the bias before its one store: no layout
+conversion, no bias pass. The input gradient of a frozen convolution is the same kernel with the taps reversed
+and the weight transposed. Accumulation is float32. `TRITON_INTERPRET=1` runs the kernels on CPU
 tensors (the tests do).
 """
 
@@ -21,10 +22,6 @@ from motion_adapters.fused_norm import _on_device, triton
 
 if triton is not None:
     import triton.language as tl
-
-#: (output channels, pixels, input channels) of a program's tile, and its warps and pipeline stages.
-TILE_DEFAULT = (64, 128, 32, 4, 3)
-
 
 def temporal_conv_supported(weight: torch.Tensor, frame_padding: int) -> bool:
     """Whether the kernel runs a convolution with this weight: (CO, CI, 3, 1, 1) (or (CO, CI, 3, 1)), padding 1.
@@ -42,54 +39,72 @@ def temporal_conv_supported(weight: torch.Tensor, frame_padding: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _temporal_conv(x_ptr, w_ptr, b_ptr, y_ptr, CI, CO, F, S, HAS_B: tl.constexpr, BLOCK_CO: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_CI: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-        """y[n, :, f] = sum over taps k of w[k] @ x[n, :, f + k - 1] (+ b); grid: pixel tiles, channel tiles, N * F.
+    def _temporal_conv(x_ptr, w_ptr, b_ptr, y_ptr, CI, CO, F, S, P, HAS_B: tl.constexpr, BLOCK_CO: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """y[n, :, f, s] = sum over taps k of w[k] @ x[n, :, f + k - 1, s] (+ b); grid: pixel tiles, channel tiles.
 
-        x is (N, CI, F, S), w (3, CO, CI), y (N, CO, F, S), all contiguous.
+        x is (N, CI, F, S), w (3, CO, CI), y (N, CO, F, S), all contiguous. The pixel axis runs over all P = N * F * S
+        (clip, frame, pixel) triples, so a tile may span frames and clips: small frames still fill a tile.
         """
-        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-        nf = tl.program_id(2)
-        n = nf // F
-        f = nf % F
+        in_range = p < P
+        s = p % S
+        f = (p // S) % F
+        n = (p // (S * F)).to(tl.int64)
+        x_at = x_ptr + (n * CI * F + f) * S + s  # channel 0 of the own frame
         ci = tl.arange(0, BLOCK_CI)
-        acc = tl.zeros([BLOCK_CO, BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_CO, BLOCK_P], tl.float32)
         for k in range(3):
-            frame = f + k - 1
-            if (frame >= 0) & (frame < F):
-                x_at = x_ptr + (n.to(tl.int64) * CI * F + frame) * S
-                for start in range(0, CI, BLOCK_CI):
-                    c = start + ci
-                    w = tl.load(w_ptr + (k * CO + co[:, None]) * CI + c[None, :],
-                                mask=(co[:, None] < CO) & (c[None, :] < CI), other=0.0)  # fmt: skip
-                    xs = tl.load(x_at + c[:, None].to(tl.int64) * F * S + s[None, :],
-                                 mask=(c[:, None] < CI) & (s[None, :] < S), other=0.0)  # fmt: skip
-                    if IEEE:
-                        acc += tl.dot(w, xs, input_precision="ieee")
-                    else:
-                        acc += tl.dot(w, xs)
+            frame_ok = in_range & (f + k - 1 >= 0) & (f + k - 1 < F)
+            for start in range(0, CI, BLOCK_CI):
+                c = start + ci
+                w = tl.load(w_ptr + (k * CO + co[:, None]) * CI + c[None, :],
+                            mask=(co[:, None] < CO) & (c[None, :] < CI), other=0.0)  # fmt: skip
+                xs = tl.load(x_at[None, :] + (c[:, None].to(tl.int64) * F + k - 1) * S,
+                             mask=(c[:, None] < CI) & frame_ok[None, :], other=0.0)  # fmt: skip
+                if IEEE:
+                    acc += tl.dot(w, xs, input_precision="ieee")
+                else:
+                    acc += tl.dot(w, xs)
         if HAS_B:
             acc += tl.load(b_ptr + co, mask=co < CO, other=0.0).to(tl.float32)[:, None]
-        y_at = y_ptr + ((n.to(tl.int64) * CO + co[:, None]) * F + f) * S + s[None, :]
-        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=(co[:, None] < CO) & (s[None, :] < S))
+        y_at = y_ptr + ((n * CO)[None, :] + co[:, None]) * F * S + (f * S + s)[None, :]
+        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=(co[:, None] < CO) & in_range[None, :])
+
+
+def default_tile(out_channels: int, pixels: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_CO, BLOCK_P, BLOCK_CI, warps, stages) for `out_channels` x `pixels` (N * F * H * W) outputs.
+
+    128 x 128 tiles where they make a wave of programs on an H200's 132 multiprocessors, else 64 x 64 (the deepest
+    levels: 1280 channels of 5 x 8 pixels); chosen from `benchmarks/bench_temporal_conv.py`.
+
+    Example:
+        >>> default_tile(320, 8 * 40 * 64)
+        (128, 128, 32, 8, 3)
+        >>> default_tile(1280, 8 * 5 * 8)
+        (64, 64, 32, 4, 4)
+    """
+    if -(-out_channels // 128) * -(-pixels // 128) >= 132:
+        return (128, 128, 32, 8, 3)
+    return (64, 64, 32, 4, 4)
 
 
 def _launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, tile=None) -> torch.Tensor:
     """Run `_temporal_conv` on a contiguous (N, CI, F, ...) `x` with (3, CO, CI) `taps`.
 
-    `tile` is (BLOCK_CO, BLOCK_S, BLOCK_CI, warps, stages), by default the module's (benchmarks try others).
+    `tile` is (BLOCK_CO, BLOCK_P, BLOCK_CI, warps, stages), by default `default_tile`'s (benchmarks try others).
     """
-    block_co, block_s, block_ci, warps, stages = tile or TILE_DEFAULT
     n, ci, f = x.shape[:3]
     s = x[0, 0, 0].numel()
     co = taps.shape[1]
+    block_co, block_p, block_ci, warps, stages = tile or default_tile(co, n * f * s)
     y = x.new_empty((n, co, *x.shape[2:]))
-    grid = (triton.cdiv(s, block_s), triton.cdiv(co, block_co), n * f)
+    grid = (triton.cdiv(n * f * s, block_p), triton.cdiv(co, block_co))
     with _on_device(x):
-        _temporal_conv[grid](x, taps, bias if bias is not None else taps, y, ci, co, f, s, HAS_B=bias is not None,
-                             BLOCK_CO=block_co, BLOCK_S=block_s, BLOCK_CI=block_ci, IEEE=x.dtype == torch.float32,
-                             num_warps=warps, num_stages=stages)  # fmt: skip
+        _temporal_conv[grid](x, taps, bias if bias is not None else taps, y, ci, co, f, s, n * f * s,
+                             HAS_B=bias is not None, BLOCK_CO=block_co, BLOCK_P=block_p, BLOCK_CI=block_ci,
+                             IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
     return y
 
 
@@ -149,4 +164,6 @@ def temporal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _TemporalConv.apply(x, weight, bias)
 
 
-__all__ = ["temporal_conv", "temporal_conv_forward", "temporal_conv_input_grad", "temporal_conv_supported"]
+__all__ = [
+    "default_tile", "temporal_conv", "temporal_conv_forward", "temporal_conv_input_grad", "temporal_conv_supported"
+]  # fmt: skip
