@@ -39,19 +39,28 @@ def temporal_conv_supported(weight: torch.Tensor, frame_padding: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _temporal_conv(x_ptr, w_ptr, b_ptr, y_ptr, CI, CO, F, S, P, HAS_B: tl.constexpr, BLOCK_CO: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    def _temporal_conv(x_ptr, w_ptr, b_ptr, y_ptr, CI, CO, F, S, P, HAS_B: tl.constexpr, FLAT: tl.constexpr,
+                       BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+                       IEEE: tl.constexpr):  # fmt: skip
         """y[n, :, f, s] = sum over taps k of w[k] @ x[n, :, f + k - 1, s] (+ b); grid: pixel tiles, channel tiles.
 
-        x is (N, CI, F, S), w (3, CO, CI), y (N, CO, F, S), all contiguous. The pixel axis runs over all P = N * F * S
-        (clip, frame, pixel) triples, so a tile may span frames and clips: small frames still fill a tile.
+        x is (N, CI, F, S), w (3, CO, CI), y (N, CO, F, S), all contiguous. A program's pixels lie in one frame
+        (grid axis 2: N * F), or with FLAT run over all P = N * F * S (clip, frame, pixel) triples, so that frames
+        of few pixels still fill a tile (at the cost of loads the compiler cannot prove contiguous).
         """
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-        in_range = p < P
-        s = p % S
-        f = (p // S) % F
-        n = (p // (S * F)).to(tl.int64)
+        if FLAT:
+            p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+            in_range = p < P
+            s = p % S
+            f = (p // S) % F
+            n = (p // (S * F)).to(tl.int64)
+        else:
+            s = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+            in_range = s < S
+            same = tl.zeros([BLOCK_P], tl.int32)  # frame and clip are the program's: vectors of one value
+            f = same + tl.program_id(2) % F
+            n = (same + tl.program_id(2) // F).to(tl.int64)
         x_at = x_ptr + (n * CI * F + f) * S + s  # channel 0 of the own frame
         ci = tl.arange(0, BLOCK_CI)
         acc = tl.zeros([BLOCK_CO, BLOCK_P], tl.float32)
@@ -69,25 +78,30 @@ if triton is not None:
                     acc += tl.dot(w, xs)
         if HAS_B:
             acc += tl.load(b_ptr + co, mask=co < CO, other=0.0).to(tl.float32)[:, None]
-        y_at = y_ptr + ((n * CO)[None, :] + co[:, None]) * F * S + (f * S + s)[None, :]
+        y_at = y_ptr + ((n * CO * F + f) * S + s)[None, :] + co[:, None].to(tl.int64) * F * S
         tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=(co[:, None] < CO) & in_range[None, :])
 
 
-def default_tile(out_channels: int, pixels: int) -> tuple[int, int, int, int, int]:
+#: Frames of fewer pixels than this run with FLAT tiles (pixels across frames and clips).
+FLAT_BELOW = 256
+
+
+def default_tile(out_channels: int, pixels: int, frame_pixels: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_CO, BLOCK_P, BLOCK_CI, warps, stages) for `out_channels` x `pixels` (N * F * H * W) outputs.
 
-    128 x 128 tiles where they make a wave of programs on an H200's 132 multiprocessors, else 64 x 64 (the deepest
-    levels: 1280 channels of 5 x 8 pixels); chosen from `benchmarks/bench_temporal_conv.py`.
+    128 x 128 tiles (within 5 % of the best tile at every large shape of `benchmarks/bench_temporal_conv.py` on an
+    H200) where they make a wave of programs on its 132 multiprocessors, else 64 x 64 (the deepest levels: 1280
+    channels of 5 x 8 pixels). `frame_pixels` (H * W) decides the layout of a tile, not its size.
 
     Example:
-        >>> default_tile(320, 8 * 40 * 64)
+        >>> default_tile(320, 8 * 40 * 64, 40 * 64)
         (128, 128, 32, 8, 3)
-        >>> default_tile(1280, 8 * 5 * 8)
+        >>> default_tile(1280, 8 * 5 * 8, 5 * 8)
         (64, 64, 32, 4, 4)
     """
-    if -(-out_channels // 128) * -(-pixels // 128) >= 132:
-        return (128, 128, 32, 8, 3)
-    return (64, 64, 32, 4, 4)
+    tiles = -(-out_channels // 128) * (-(-pixels // 128) if frame_pixels < FLAT_BELOW else
+                                       pixels // frame_pixels * -(-frame_pixels // 128))  # fmt: skip
+    return (128, 128, 32, 8, 3) if tiles >= 132 else (64, 64, 32, 4, 4)
 
 
 def _launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, tile=None) -> torch.Tensor:
@@ -98,13 +112,18 @@ def _launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, tile
     n, ci, f = x.shape[:3]
     s = x[0, 0, 0].numel()
     co = taps.shape[1]
-    block_co, block_p, block_ci, warps, stages = tile or default_tile(co, n * f * s)
+    block_co, block_p, block_ci, warps, stages = tile or default_tile(co, n * f * s, s)
+    flat = s < FLAT_BELOW
     y = x.new_empty((n, co, *x.shape[2:]))
-    grid = (triton.cdiv(n * f * s, block_p), triton.cdiv(co, block_co))
+    if flat:
+        grid = (triton.cdiv(n * f * s, block_p), triton.cdiv(co, block_co), 1)
+    else:
+        grid = (triton.cdiv(s, block_p), triton.cdiv(co, block_co), n * f)
     with _on_device(x):
         _temporal_conv[grid](x, taps, bias if bias is not None else taps, y, ci, co, f, s, n * f * s,
-                             HAS_B=bias is not None, BLOCK_CO=block_co, BLOCK_P=block_p, BLOCK_CI=block_ci,
-                             IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)  # fmt: skip
+                             HAS_B=bias is not None, FLAT=flat, BLOCK_CO=block_co, BLOCK_P=block_p,
+                             BLOCK_CI=block_ci, IEEE=x.dtype == torch.float32, num_warps=warps,
+                             num_stages=stages)  # fmt: skip
     return y
 
 

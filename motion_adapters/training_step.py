@@ -152,7 +152,7 @@ class FrameConv(nn.Module):
     for this shape where its 3D ones are slow. With `kernel="triton"` a frozen (3, 1, 1) convolution runs on the
     Triton kernel of `motion_adapters.temporal_conv` instead (no layout conversion, the bias added in the kernel,
     only the weight kept for the backward pass) wherever Triton can run on the input's device; elsewhere, and for
-    a weight that trains, it runs on cuDNN as with `kernel="cudnn"`.
+    a weight that trains (requires grad, with gradients on), it runs on cuDNN as with `kernel="cudnn"`.
 
     Example:
         >>> conv = torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0))
@@ -171,10 +171,10 @@ class FrameConv(nn.Module):
         self.kernel = kernel
 
     def runs_triton(self, x: torch.Tensor) -> bool:
-        """Whether a call on `x` runs the Triton kernel: asked for, frozen, supported, Triton runs on x's device."""
+        """Whether a call on `x` runs the Triton kernel: asked, no weight gradient, supported, Triton on x's device."""
         return (
             self.kernel == "triton"
-            and not self.weight.requires_grad
+            and not (self.weight.requires_grad and torch.is_grad_enabled())
             and x.ndim == 5
             and temporal_conv_supported(self.weight, self.frame_padding)
             and fused_norm_available(x)

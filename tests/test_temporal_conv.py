@@ -40,7 +40,8 @@ def conv_and_input(shape, out_channels, bias=True, seed=0):
         ((1, 40, 3, 2, 30), 24, False, SMALL_TILE),  # channels over several tiles, no bias
         ((1, 3, 1, 1, 5), 3, True, SMALL_TILE),  # one frame: only the middle tap
         ((1, 16, 4, 4, 8), 16, True, None),  # the default tile
-        ((3, 8, 2, 1, 3), 8, True, SMALL_TILE),  # a tile spans frames and clips
+        ((3, 8, 2, 1, 3), 8, True, SMALL_TILE),  # flat: a tile spans frames and clips
+        ((2, 8, 3, 16, 20), 16, True, SMALL_TILE),  # frames of 320 pixels: a tile within a frame
     ],
 )
 def test_forward_and_input_gradient_match_float64_conv3d(shape, out_channels, bias, tile):
@@ -107,6 +108,20 @@ def test_frame_conv_with_a_trainable_weight_stays_on_cudnn_and_trains(monkeypatc
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
+def test_frame_conv_samples_on_the_kernel_though_its_weight_requires_grad(monkeypatch):
+    """Pipelines load UNets whose parameters require grad; sampling runs without gradients, so on the kernel."""
+    calls = []
+    kernel = tc._launch
+    monkeypatch.setattr(tc, "_launch", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    conv, x = conv_and_input((1, 4, 3, 2, 2), 4)
+    conv, x = conv.float(), x.float()
+    with torch.no_grad():
+        out = FrameConv(conv, kernel="triton")(x)
+        expected = conv(x)
+    assert conv.weight.requires_grad and calls == [1]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_frame_conv_names_a_bad_kernel():
     with pytest.raises(ValueError, match="kernel must be 'cudnn' or 'triton', got 'cuda'"):
         FrameConv(torch.nn.Conv3d(2, 2, (3, 1, 1), padding=(1, 0, 0)), kernel="cuda")
@@ -160,10 +175,11 @@ from triton.compiler import ASTSource
 import motion_adapters.temporal_conv as tc
 
 kernel = tc._temporal_conv
-tiles = ((tc.default_tile(320, 20480), True), (tc.default_tile(1280, 320), False))  # both choices
-for (block_co, block_p, block_ci, _, _), has_b in tiles:
+tiles = ((tc.default_tile(320, 20480, 2560), False, True), (tc.default_tile(1280, 320, 40), True, False))
+for (block_co, block_p, block_ci, _, _), flat, has_b in tiles:  # both tiles, both layouts
     for dtype, ieee in (("bf16", False), ("fp32", True)):
-        meta = {"HAS_B": has_b, "BLOCK_CO": block_co, "BLOCK_P": block_p, "BLOCK_CI": block_ci, "IEEE": ieee}
+        meta = {"HAS_B": has_b, "FLAT": flat, "BLOCK_CO": block_co, "BLOCK_P": block_p, "BLOCK_CI": block_ci,
+                "IEEE": ieee}
         signature = {n: "constexpr" if n in meta else f"*{dtype}" if n.endswith("_ptr") else "i32"
                      for n in kernel.arg_names}
         triton.compile(ASTSource(kernel, signature, meta), target=GPUTarget("cuda", 90, 32))
