@@ -237,6 +237,27 @@ def fused_norm_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def temporal_conv_table(data: dict) -> str:
+    """The (3, 1, 1) temporal convolutions on cuDNN against the Triton kernel (``bench_temporal_conv.py``)."""
+    env = data.get("env", {})
+    lines = [f"_{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit `{env.get('commit')}`, "
+             f"{env.get('date')}; {data.get('dtype')}; GPU ms of calls replayed from a CUDA graph (medians)_", "",
+             "| shape (N, C, F, H, W) | forward ms: cuDNN conv3d / cuDNN (3, 1) conv2d / Triton | speed-up vs conv2d | "
+             "input gradient ms: conv3d / conv2d / Triton | speed-up vs conv2d | Triton tile | relative error vs "
+             "float32: cuDNN / Triton |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in data.get("rows", []):
+        ms, tile = row["cudnn_ms"], tuple(row["default_tile"])
+        ours = next(t for t in row["tiles"] if tuple(t["tile"]) == tile)
+        lines.append(
+            f"| {row['name']} {tuple(row['shape'])} | {ms['cudnn_forward']:.4f} / {ms['cudnn_frames_forward']:.4f} / "
+            f"{ours['forward_ms']:.4f} | {ms['cudnn_frames_forward'] / ours['forward_ms']:.2f}x | "
+            f"{ms['cudnn_backward']:.4f} / {ms['cudnn_frames_backward']:.4f} / {ours['backward_ms']:.4f} | "
+            f"{ms['cudnn_frames_backward'] / ours['backward_ms']:.2f}x | {tile[:3]} | "
+            f"{row['cudnn_relative_error']['cudnn_forward']:.1e} / {ours['forward_error']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -257,6 +278,8 @@ def render() -> dict[str, str]:
                 blocks[f"stage_profile:{path.stem}"] = stage_profile_tables(data)
         elif kind == "fused_norm":
             blocks[f"fused_norm:{path.stem}"] = fused_norm_table(data)
+        elif kind == "temporal_conv":
+            blocks[f"temporal_conv:{path.stem}"] = temporal_conv_table(data)
     return blocks
 
 
