@@ -16,14 +16,13 @@ the measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import GIB, environment  # noqa: E402
+from bench_training import GIB, environment, write  # noqa: E402
 
 from motion_adapters import fused_norm as fused_module  # noqa: E402
 from motion_adapters.fused_norm import group_norm_act_backward, group_norm_act_forward  # noqa: E402
@@ -175,10 +174,7 @@ def main() -> None:
     result = {"benchmark": "fused_norm", "env": {**environment(device, args.commit), "triton": triton.__version__},
               "dtype": "bfloat16", "activation": "silu", "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
               "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    write(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from bench_training import GIB, environment, write  # noqa: E402
+from bench_training import GIB, environment, top_cuda_events, write  # noqa: E402
 
 from motion_adapters.lean_backward import fused_norm_activations  # noqa: E402
 from motion_adapters.models import (  # noqa: E402
@@ -168,14 +168,7 @@ def profile_calls(unet, inputs, variant: str, calls: int = 2, rows: int = 30) ->
             for _ in range(calls):
                 unet(**inputs)
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    kernel_events = [e for e in events if e.device_type.name == "CUDA"]
-    total = sum(e.device_time_total for e in kernel_events) or 1
-    top = sorted(events, key=lambda e: -e.device_time_total)[:rows]
-    result = {"kernels_per_call": sum(e.count for e in kernel_events) / calls,
-              "cuda_ms_per_call": total / 1e3 / calls,
-              "rows": [{"name": e.key[:120], "cuda_ms_per_call": e.device_time_total / 1e3 / calls,
-                        "calls_per_call": e.count / calls, "share": e.device_time_total / total} for e in top]}
+    result = top_cuda_events(prof.key_averages(), per=calls, unit="call", rows=rows)
     for row in result["rows"][:15]:
         print(row, flush=True)
     return result

@@ -13,14 +13,13 @@ bias added in the kernel) and its input gradient, for each tile in `TILES`. GPU 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import GIB, environment  # noqa: E402
+from bench_training import GIB, environment, write  # noqa: E402
 
 from motion_adapters import temporal_conv as tc  # noqa: E402
 
@@ -143,13 +142,10 @@ def main() -> None:
 
     result = {"benchmark": "temporal_conv", "env": {**environment(device, args.commit), "triton": triton.__version__},
               "dtype": "bfloat16", "rows": []}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:  # written after every shape: a run cut off by a time limit keeps what it measured
         result["rows"].append(measure(name, SHAPES[name], device))
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)
+        write(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -105,7 +105,8 @@ VARIANTS = {
     "full_fast": ("as full, temporal_kernels='fast' (math-kernel SDPA temporal attention, the default before "
                   "the Triton frame-attention kernels)",
                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast"}),
-    "lora_fast": ("as lora, temporal_kernels='fast'", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "fast"}),
+    "lora_fast": ("as lora, temporal_kernels='fast'",
+                  {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "fast"}),
     "full_triton": ("as full, temporal_kernels='triton' (the (3, 1, 1) temporal convolutions on the Triton kernel "
                     "of motion_adapters.temporal_conv, temporal attention on the Triton frame-attention kernels)",
                     {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "triton"}),
@@ -497,6 +498,21 @@ def main(argv: list[str] | None = None) -> dict:
     return data
 
 
+def top_cuda_events(key_averages, per: int, unit: str, rows: int) -> dict:
+    """The profiler's operators and kernels ranked by CUDA time, per `unit` (`per` units were profiled).
+
+    Returns `kernels_per_<unit>`, `cuda_ms_per_<unit>` (kernel time) and `rows`: the top `rows` events with their
+    CUDA ms and calls per unit and their share of the kernel time (operators nest, so shares overlap).
+    """
+    events = sorted((e for e in key_averages if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in kernels) or 1
+    return {f"kernels_per_{unit}": sum(e.count for e in kernels) / per, f"cuda_ms_per_{unit}": total / 1e3 / per,
+            "rows": [{"name": e.key[:120], f"cuda_ms_per_{unit}": e.device_time_total / 1e3 / per,
+                      f"calls_per_{unit}": e.count / per, "share": e.device_time_total / total}
+                     for e in events[:rows]]}  # fmt: skip
+
+
 def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
     """The top CUDA kernels of two eager train_motion steps with the chosen temporal kernels (where time goes)."""
     if device.type != "cuda":
@@ -513,13 +529,9 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
         if state.step == 5:
             torch.cuda.synchronize()
             prof.ctx.__exit__(None, None, None)
-            table = prof.ctx.key_averages()
-            events = sorted((e for e in table if e.device_time_total > 0), key=lambda e: -e.device_time_total)
-            total = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") or 1
-            for e in events[:40]:
-                rows.append({"name": e.key[:120], "cuda_ms_per_step": e.device_time_total / 2e3,
-                             "calls_per_step": e.count / 2, "share": e.device_time_total / total})
-            prof.kernels_per_step = sum(e.count for e in events if e.device_type.name == "CUDA") / 2
+            top = top_cuda_events(prof.ctx.key_averages(), per=2, unit="step", rows=40)
+            rows.extend(top["rows"])
+            prof.kernels_per_step = top["kernels_per_step"]
 
     config = MotionDistillationConfig(max_train_steps=5, seed=args.seed, checkpointing_steps=0,
                                       mixed_precision="bf16", cuda_graph="no", num_frames=args.frames,

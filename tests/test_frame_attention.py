@@ -128,12 +128,13 @@ def test_processor_hands_what_it_does_not_cover_to_pytorchs():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_triton_temporal_kernels_off_cuda_are_refused_with_the_reason():
+@pytest.mark.parametrize("choice", ["triton_attention", "triton_fast", "triton_conv", "triton"])
+def test_triton_temporal_kernels_off_cuda_are_refused_with_the_reason(choice):
     from diffusers import DDPMScheduler
     from tiny_models import tiny_unet3d
 
-    config = MotionDistillationConfig(max_train_steps=1, num_frames=4, temporal_kernels="triton_attention")
-    with pytest.raises(ValueError, match=r"temporal_kernels='triton_attention' cannot run: the UNet is on cpu"):
+    config = MotionDistillationConfig(max_train_steps=1, num_frames=4, temporal_kernels=choice)
+    with pytest.raises(ValueError, match=rf"temporal_kernels='{choice}' cannot run: the UNet is on cpu"):
         train_motion(tiny_unet3d(), torch.zeros(4, 4, 8, 8), torch.zeros(1, 7, 16), DDPMScheduler(), config,
                      progress=False)
 
@@ -160,15 +161,9 @@ for frames, width in ((8, 5), (8, 20), (5, 10), (8, 2)):  # Show-1's head widths
 
 def test_kernels_compile_for_a_hopper_gpu_without_one():
     """The interpreter runs code the compiler refuses: compile both kernels for sm_90 with the interpreter off."""
-    import os
-    import subprocess
-    import sys
+    from hopper import compiled_for_hopper
 
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled ") == 8
+    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 8
 
 
 @pytest.mark.gpu

@@ -78,3 +78,19 @@ def test_activation_memory_counts_what_frozen_convolutions_no_longer_keep(report
     assert "| **total** |" in table and "`frozen_convs='input_grad_only'` + `frozen_activations='recompute'`" in table
     with pytest.raises(SystemExit, match="must keep whole heads"):
         bench.main(["--width", "0.3", "--out", str(tmp_path / "b.json")])
+
+
+def test_top_cuda_events_rank_by_cuda_time_and_count_per_unit():
+    """The profile ranking that bench_training's step profile and bench_stage_kernels' call profile share."""
+    from types import SimpleNamespace
+
+    def event(key, us, count, kind):
+        return SimpleNamespace(key=key, device_time_total=us, count=count, device_type=SimpleNamespace(name=kind))
+
+    events = [event("aten::conv2d", 600.0, 4, "CPU"), event("cudnn_kernel", 500.0, 4, "CUDA"),
+              event("add_kernel", 100.0, 8, "CUDA"), event("aten::empty", 0.0, 10, "CPU")]  # fmt: skip
+    top = load_script("benchmarks/bench_training.py").top_cuda_events(events, per=2, unit="call", rows=2)
+    assert top["kernels_per_call"] == 6 and top["cuda_ms_per_call"] == 0.3  # kernels only: 600 us over 2 calls
+    assert [r["name"] for r in top["rows"]] == ["aten::conv2d", "cudnn_kernel"]  # by time, operators included
+    assert top["rows"][1] == {"name": "cudnn_kernel", "cuda_ms_per_call": 0.25, "calls_per_call": 2.0,
+                              "share": 500 / 600}  # fmt: skip
