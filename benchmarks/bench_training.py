@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters.config import MotionDistillationConfig  # noqa: E402
+from motion_adapters.config import TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
 
@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a tiny Show-1 UNet: a CPU smoke test of the code")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one eager step")
+    parser.add_argument("--profile-kernels", default=None, choices=TEMPORAL_KERNELS,
+                        help="temporal_kernels of the profiled step (default: what train_motion's default runs)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -492,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
                  if k not in ("losses", "step_seconds", "config")}
         print(json.dumps(short), flush=True)
     if args.profile:
+        data["profile_temporal_kernels"] = args.profile_kernels or args.best_kernels
         data["profile"] = profile_step(unet_config, args, video, embeds, scheduler, device)
         write(args.out, data)
     print(json.dumps(data.get("loss_agreement", {}), indent=1)[:3000], flush=True)
@@ -535,7 +538,7 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
 
     config = MotionDistillationConfig(max_train_steps=5, seed=args.seed, checkpointing_steps=0,
                                       mixed_precision="bf16", cuda_graph="no", num_frames=args.frames,
-                                      temporal_kernels=args.best_kernels)
+                                      temporal_kernels=args.profile_kernels or args.best_kernels)
     try:
         train_motion(unet, video, embeds, scheduler, config, progress=False, callbacks=[prof])
         rows.insert(0, {"kernels_per_step": getattr(prof, "kernels_per_step", None)})
