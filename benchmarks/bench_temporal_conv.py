@@ -95,6 +95,7 @@ def measure(name, shape, device) -> dict:
         except Exception as error:  # a tile the GPU cannot hold (shared memory): recorded, not fatal
             tiles.append({"tile": list(tile), "error": f"{type(error).__name__}: {str(error)[:200]}"})
             continue
+
         def forward(tile=tile):
             return tc.temporal_conv_forward(x, weight, bias, tile)
 

@@ -94,3 +94,10 @@ def test_top_cuda_events_rank_by_cuda_time_and_count_per_unit():
     assert [r["name"] for r in top["rows"]] == ["aten::conv2d", "cudnn_kernel"]  # by time, operators included
     assert top["rows"][1] == {"name": "cudnn_kernel", "cuda_ms_per_call": 0.25, "calls_per_call": 2.0,
                               "share": 500 / 600}  # fmt: skip
+
+
+def test_temporal_conv_table_names_a_default_tile_that_failed(report):
+    row = {"name": "base 320", "shape": [1, 320, 8, 40, 64], "default_tile": [128, 128, 32, 8, 3],
+           "cudnn_ms": {}, "tiles": [{"tile": [128, 128, 32, 8, 3], "error": "OutOfResources: shared memory"}]}
+    table = report.temporal_conv_table({"env": {}, "rows": [row]})
+    assert "| base 320 (1, 320, 8, 40, 64) | the default tile (128, 128, 32) failed |" in table
