@@ -14,6 +14,10 @@ Here every pass is split over (sample, channel, chunk of the frames and pixels) 
 - backward: per-chunk sums of `d_xhat` and `d_xhat * xhat` (recomputing the pre-activation from `x`), combined
   per group; then one kernel for the input gradient.
 
+Channels-last inputs (`torch.channels_last`, `torch.channels_last_3d`, and their (N, C, H * W) views) run on
+kernels of their own that take (values, channels) tiles and keep the layout: the output and the input gradient
+have the input's strides, so a convolution that follows needs no layout conversion.
+
 The arithmetic is float32 throughout with one rounding at the output, where PyTorch's chain rounds after the
 norm, the scale, the shift and the activation. Only the input gets a gradient: the norm's weight and bias, the
 factor and the shift must not require one (the callers check). `TRITON_INTERPRET=1` runs the kernels on CPU
@@ -42,6 +46,8 @@ except Exception as error:  # pragma: no cover - not installed, or built for ano
 BLOCK, SHORT_BLOCK, SHORT_ROW = 1024, 128, 512
 #: The most per-chunk partial results a program combines at once (it loops over more).
 MAX_BLOCK_K = 4096
+#: Channels-last tiles: up to CL_BLOCK_C channels by CL_TILE / channels values (see `cl_tile`).
+CL_BLOCK_C, CL_TILE = 64, 4096
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -219,6 +225,105 @@ if triton is not None:
         tl.store(dx_ptr + at, (rstd * (dxhat - c1 - xhat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+    # Channels-last: `x` is (N, S, C) in memory (channels innermost, as NHWC and NDHWC tensors are). A program takes
+    # a (BLOCK_S values, BLOCK_C channels) tile of one sample and keeps one result a channel, so the per-chunk
+    # moments and gradient sums land where the channel-row kernels above put theirs ((n * C + c) * P + p) and the
+    # same group kernels combine them.
+
+    @triton.jit
+    def _cl_tile(pid, cb, C, S, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        n = pid // P
+        p = pid % P
+        s = p * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = (s < S)[:, None] & cmask[None, :]
+        at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
+        return n, p, c, cmask, mask, at
+
+    @triton.jit
+    def _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr):  # fmt: skip
+        """Per-channel vectors: mean, rstd, effective weight and offset of channels `c` of sample `n`."""
+        row = n * G + c // (C // G)
+        mean = tl.load(mean_ptr + row, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=cmask, other=0.0)
+        if HAS_W:
+            weight = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            weight = tl.where(cmask, 1.0, 1.0)
+        if HAS_B:
+            offset = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            offset = tl.where(cmask, 0.0, 0.0)
+        if HAS_F:
+            factor = tl.load(f_ptr + n * f_sn + c * f_sc, mask=cmask, other=0.0).to(tl.float32)
+            weight = weight * factor
+            offset = offset * factor + tl.load(s_ptr + n * s_sn + c * s_sc, mask=cmask, other=0.0).to(tl.float32)
+        return mean, rstd, weight, offset
+
+    @triton.jit
+    def _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION: tl.constexpr):
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        grad = dy * _act_grad(xhat * weight[None, :] + offset[None, :], ACTIVATION) * weight[None, :]
+        return xhat, tl.where(mask, grad, 0.0)
+
+    @triton.jit
+    def _cl_chunk_moments(x_ptr, mean_part, m2_part, C, S, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-channel mean and sum of squared deviations of chunk `p` of sample `n` (grid: N * P, channel tiles)."""
+        n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
+        first = n.to(tl.int64) * S * C + (p * BLOCK_S).to(tl.int64) * C + c
+        pivot = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
+        x = tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
+        count = tl.minimum(S - p * BLOCK_S, BLOCK_S).to(tl.float32)
+        mean = tl.sum(x, axis=0) / count
+        d = tl.where(mask, x - mean[None, :], 0.0)
+        out = (n * C + c) * P + p
+        tl.store(mean_part + out, pivot + mean, mask=cmask)
+        tl.store(m2_part + out, tl.sum(d * d, axis=0), mask=cmask)
+
+    @triton.jit
+    def _cl_normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
+                          C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
+                          ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
+        mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
+                                                      s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y = _act((x - mean[None, :]) * rstd[None, :] * weight[None, :] + offset[None, :], ACTIVATION)
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _cl_chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                            mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                            HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                            BLOCK_C: tl.constexpr):  # fmt: skip
+        n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
+        mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
+                                                      s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
+        out = (n * C + c) * P + p
+        tl.store(s1_part + out, tl.sum(dxhat, axis=0), mask=cmask)
+        tl.store(s2_part + out, tl.sum(dxhat * xhat, axis=0), mask=cmask)
+
+    @triton.jit
+    def _cl_input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
+                       mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_C: tl.constexpr):  # fmt: skip
+        n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
+        mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
+                                                      s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        row = n * G + c // (C // G)
+        c1 = tl.load(c1_ptr + row, mask=cmask, other=0.0)
+        c2 = tl.load(c2_ptr + row, mask=cmask, other=0.0)
+        xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
+        dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def block_for(s: int) -> int:
     """The chunk size for rows of `s` values (see `BLOCK`).
 
@@ -300,6 +405,9 @@ def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation
         raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into groups={groups}.")
+    rows = channels_last_rows(x)
+    if rows is not None:
+        return _cl_forward(x, rows, weight, bias, factor, shift, groups, eps, activation)
     x = x.contiguous()
     n, c, s, block, p, warps, k = _layout(x, groups)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
@@ -314,7 +422,65 @@ def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation
     return y, stats[0], stats[1]
 
 
+def channels_last_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """`x` as an (N, values a channel, C) contiguous view when its channels are innermost in memory, else None.
+
+    That is the memory of a `torch.channels_last` (N, C, H, W) tensor, of a `torch.channels_last_3d`
+    (N, C, F, H, W) one, and of the (N, C, H * W) view of either; a contiguous `x` gives None (the channel-row
+    kernels take it).
+
+    Example:
+        >>> channels_last_rows(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last)).shape
+        torch.Size([2, 4, 5, 3])
+        >>> channels_last_rows(torch.zeros(2, 3, 4, 5)) is None
+        True
+    """
+    if x.dim() < 3 or x.is_contiguous():
+        return None
+    rows = x.permute(0, *range(2, x.dim()), 1)
+    return rows if rows.is_contiguous() else None
+
+
+def cl_tile(c: int, s: int) -> tuple[int, int, int]:
+    """(values, channels, warps) of the tile a channels-last program takes, for C channels of S values a sample.
+
+    Example:
+        >>> cl_tile(320, 8 * 40 * 64), cl_tile(1280, 40)
+        ((64, 64, 8), (64, 64, 8))
+    """
+    block_c = min(CL_BLOCK_C, triton.next_power_of_2(c))
+    block_s = min(CL_TILE // block_c, triton.next_power_of_2(s))
+    return block_s, block_c, max(1, min(8, block_s * block_c // 512))
+
+
+def _cl_layout(rows: torch.Tensor, groups: int):
+    n, c = rows.shape[0], rows.shape[-1]
+    s = rows.numel() // (n * c)
+    block_s, block_c, warps = cl_tile(c, s)
+    p = triton.cdiv(s, block_s)
+    return n, c, s, block_s, block_c, p, warps, (c // groups) * p
+
+
+def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, activation: str):
+    n, c, s, block_s, block_c, p, warps, k = _cl_layout(rows, groups)
+    grid = (n * p, triton.cdiv(c, block_c))
+    parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
+    stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    _cl_chunk_moments[grid](rows, parts[0], parts[1], c, s, p, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block_s,
+                                  BLOCK_K=_block_k(k))  # fmt: skip
+    affine, flags = _affine_args(x, weight, bias, factor, shift)
+    y = torch.empty_like(x)  # x's strides: the same channels-last memory
+    _cl_normalize_act[grid](rows, y, *affine, stats[0], stats[1], c, groups, s, p, **flags,
+                            ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_c,
+                            num_warps=warps)  # fmt: skip
+    return y, stats[0], stats[1]
+
+
 def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+    rows = channels_last_rows(x)
+    if rows is not None:
+        return _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups, activation)
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
     n, c, s, block, p, warps, k = _layout(x, groups)
     affine, flags = _affine_args(x, weight, bias, factor, shift)
@@ -331,4 +497,31 @@ def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, act
     return dx
 
 
-__all__ = ["block_for", "fused_norm_available", "group_norm_act_backward", "group_norm_act_forward"]
+def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+    grad = grad.to(x.dtype)
+    if grad.stride() != x.stride():
+        grad = torch.empty_like(x).copy_(grad)
+    n, c, s, block_s, block_c, p, warps, k = _cl_layout(rows, groups)
+    grid = (n * p, triton.cdiv(c, block_c))
+    affine, flags = _affine_args(x, weight, bias, factor, shift)
+    act = ACTIVATIONS.index(activation)
+    parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
+    _cl_chunk_grad_sums[grid](rows, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s, p, **flags,
+                              ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
+                                     BLOCK_K=_block_k(k))  # fmt: skip
+    dx = torch.empty_like(x)
+    _cl_input_grad[grid](rows, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, p, **flags,
+                         ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    return dx
+
+
+__all__ = [
+    "block_for",
+    "channels_last_rows",
+    "cl_tile",
+    "fused_norm_available",
+    "group_norm_act_backward",
+    "group_norm_act_forward",
+]
