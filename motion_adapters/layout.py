@@ -1,0 +1,111 @@
+"""Channels-last activations through a Show-1 UNet while it samples, so cuDNN converts no layout.
+
+cuDNN's fast convolution kernels on a Hopper GPU take NHWC data. A UNet whose activations are NCHW pays a layout
+conversion before each convolution and another after it: in an H200 profile of an SR1 call, 26 ms of 141 ms
+(`benchmarks/results/stage_profile_sr1_h200.json`). Storing the convolution weights channels-last alone moves the
+conversions instead of removing them (PyTorch's CUDA group norm takes and returns NCHW). Here, for the run:
+
+- every `Conv2d` / `Conv3d` weight is stored channels-last (`torch.channels_last` / `torch.channels_last_3d`), so a
+  convolution of a channels-last input returns a channels-last output;
+- every group norm that its module calls directly (the spatial attention's, the temporal transformers', the one
+  before `conv_out`) runs on the channels-last kernels of `motion_adapters.fused_norm`, which keep the layout;
+  the norm -> activation pairs keep it too when they run fused (`fused_norm_activations`);
+- every diffusers `TransformerTemporalModel` writes its output channels-last, its copy back from the frames-last
+  sequences and the residual addition in one pass.
+
+The first convolution (`conv_in`) turns the input into channels-last and everything after it keeps the layout:
+the spatial attention reads and writes the (B, H * W, C) sequences without the transposing copies of NCHW. Same
+function, same parameters; outputs differ by bf16 rounding. Gradients are not supported: with gradients on, the
+changed modules run as written.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from motion_adapters.fused_norm import channels_last_rows, fused_norm_available, group_norm_act_forward
+from motion_adapters.lean_backward import _forwards_replaced, _unless_grad
+
+#: The choices of `Show1StagePipeline.set_memory_format`.
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+def _channels_last(weight: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if weight.ndim == 4 else torch.channels_last_3d
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` on the channels-last kernels where `x` is channels-last and Triton runs on its device."""
+    if channels_last_rows(x) is None or not fused_norm_available(x):
+        return type(norm).forward(norm, x)
+    weight = None if norm.weight is None else norm.weight.to(x.dtype)
+    bias = None if norm.bias is None else norm.bias.to(x.dtype)
+    return group_norm_act_forward(x, weight, bias, None, None, norm.num_groups, norm.eps, "none")[0]
+
+
+def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None, timestep=None,
+                          class_labels=None, num_frames: int = 1, cross_attention_kwargs=None,
+                          return_dict: bool = True):  # fmt: skip
+    """diffusers' `TransformerTemporalModel.forward`, its output written channels-last with the residual added."""
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+
+    batch_frames, channels, height, width = hidden_states.shape
+    batch = batch_frames // num_frames
+    residual = hidden_states
+    hidden_states = hidden_states.reshape(batch, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+    hidden_states = model.norm(hidden_states)
+    hidden_states = hidden_states.permute(0, 3, 4, 2, 1).reshape(batch * height * width, num_frames, channels)
+    hidden_states = model.proj_in(hidden_states)
+    for block in model.transformer_blocks:
+        hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                              cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)  # fmt: skip
+    hidden_states = model.proj_out(hidden_states)
+    hidden_states = hidden_states.reshape(batch, height, width, num_frames, channels).permute(0, 3, 4, 1, 2)
+    output = torch.empty_like(residual, memory_format=torch.channels_last)
+    torch.add(residual.view(hidden_states.shape), hidden_states, out=output.view(hidden_states.shape))
+    if not return_dict:
+        return (output,)
+    return TransformerTemporalModelOutput(sample=output)
+
+
+@contextmanager
+def channels_last_sampling(unet: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Keep `unet`'s activations channels-last while it samples (see the module), then restore it.
+
+    The convolution weights go back to contiguous storage on exit (safetensors saves contiguous tensors). Yields
+    the number of modules changed (weights stored channels-last count too).
+
+    Example:
+        >>> with torch.no_grad(), fused_norm_activations(unet), channels_last_sampling(unet):  # doctest: +SKIP
+        ...     sample = unet(x, t, text).sample
+    """
+    if not enabled:
+        yield 0
+        return
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    convs = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.weight.ndim in (4, 5)]
+    chosen = {}
+    for m in unet.modules():
+        if hasattr(m, "_hf_hook"):
+            continue
+        if type(m) is nn.GroupNorm:
+            chosen[m] = functools.partial(_unless_grad, m, functools.partial(_group_norm, m))
+        elif type(m) is TransformerTemporalModel and type(m).forward is TransformerTemporalModel.forward:
+            chosen[m] = functools.partial(_unless_grad, m, functools.partial(_temporal_transformer, m))
+    for conv in convs:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=_channels_last(conv.weight))
+    try:
+        with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
+            yield count + len(convs)
+    finally:
+        for conv in convs:
+            conv.weight.data = conv.weight.data.contiguous()
+
+
+__all__ = ["MEMORY_FORMATS", "channels_last_sampling"]
