@@ -7,6 +7,7 @@ as `block_for` picks them, and with 1024 throughout), in bf16. Medians of `trito
 (GPU time, replayed from a CUDA graph as the training step runs) and of `do_bench` (eager, launched from
 Python); several input sets rotated so that no run reads a cached tensor; the outputs checked against a float64
 reference first.
+The channels-last kernels run on the same values stored channels-last, at three tile sizes.
 Bytes: one read of x and one write of y forward; two reads of x and dy and one write of dx backward: the floor at
 the measured copy bandwidth.
 
@@ -140,6 +141,41 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
             eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         fused_module.block_for = policies["default"]
     ms["fused_forward"], ms["fused_backward"] = ms["fused_forward_default"], ms["fused_backward_default"]
+    # The channels-last kernels on the same values stored channels-last (the layout `layout.channels_last_sampling`
+    # keeps through a UNet), with tiles of CL_TILE values as chosen and at half and twice that
+    memory_format = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    cl_saved = []
+    for s, nat, fus in saved:
+        xc, gc = s[0].contiguous(memory_format=memory_format), s[1].contiguous(memory_format=memory_format)
+        cl_saved.append(((xc, gc, *s[2:]), nat, group_norm_act_forward(xc, *s[2:], groups, 1e-5, "silu")))
+    (xc, gc, *_), _, cl_fus = cl_saved[0]
+    errors["fused_channels_last_forward"] = rel(cl_fus[0], ref)
+    errors["fused_channels_last_backward"] = rel(
+        group_norm_act_backward(gc, xc, weight, bias, factor, shift, cl_fus[1], cl_fus[2], groups, "silu"), ref_dx)
+
+    def cl_rotating(fn):
+        def call():
+            counter["i"] = (counter["i"] + 1) % len(cl_saved)
+            return fn(*cl_saved[counter["i"]])
+
+        return call
+
+    cl_calls = {
+        "fused_channels_last_forward": cl_rotating(lambda s, nat, fus: group_norm_act_forward(
+            s[0], s[2], s[3], s[4], s[5], groups, 1e-5, "silu")),
+        "fused_channels_last_backward": cl_rotating(lambda s, nat, fus: group_norm_act_backward(
+            s[1], s[0], s[2], s[3], s[4], s[5], fus[1], fus[2], groups, "silu")),
+    }  # fmt: skip
+    default_tile = fused_module.CL_TILE
+    for key, fn in cl_calls.items():
+        for label, tile in ((key, default_tile), (f"{key}_tile_{default_tile // 2}", default_tile // 2),
+                            (f"{key}_tile_{default_tile * 2}", default_tile * 2)):  # fmt: skip
+            fused_module.CL_TILE = tile
+            fn()
+            torch.cuda.synchronize()
+            ms[label] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        fused_module.CL_TILE = default_tile
     nbytes = x.numel() * x.element_size()
     floor = {"forward": 2 * nbytes / bandwidth * 1e3, "backward": 5 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": list(shape), "groups": groups, "scale_shift": scale_shift,
@@ -154,7 +190,8 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
           f"1024: {ms['fused_backward_fixed_1024']:.4f}; floor {floor['backward']:.4f})  eager fwd "
           f"{eager_ms['torch_forward']:.4f} -> {eager_ms['fused_forward_default']:.4f}  err fused "
           f"{errors['fused_forward']:.1e}/{errors['fused_backward']:.1e} torch {errors['torch_forward']:.1e}/"
-          f"{errors['torch_backward']:.1e}", flush=True)  # fmt: skip
+          f"{errors['torch_backward']:.1e}; channels-last fwd {ms['fused_channels_last_forward']:.4f} bwd "
+          f"{ms['fused_channels_last_backward']:.4f}", flush=True)  # fmt: skip
     return row
 
 

@@ -4,8 +4,9 @@ For each Show-1 stage UNet at its real size and batch (random weights, bf16, cla
 batch), time one forward pass with the library's layers and inside `motion_adapters.training_step.temporal_kernels`
 ("math_attention": temporal attention on the math SDPA kernel; "fast": that plus the (3, 1, 1) temporal
 convolutions as 2D convolutions; "triton_attention", "triton_conv" and "triton": the Triton kernels for temporal
-attention, for the temporal convolutions, for both), with the fused norm kernels, with channels-last weights, and
-through `torch.compile`, after warm-up, in the same process, and check the outputs agree.
+attention, for the temporal convolutions, for both), with the fused norm kernels, with channels-last weights or
+channels-last activations through the whole UNet, and through `torch.compile`, after warm-up, in the same
+process, and check the outputs agree.
 
     python benchmarks/bench_stage_kernels.py --out benchmarks/results/stage_kernels_h100.json
     python benchmarks/bench_stage_kernels.py --tiny --out /tmp/stage_kernels.json  # CPU smoke test
@@ -17,6 +18,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from bench_training import GIB, environment, top_cuda_events, write  # noqa: E402
 
+from motion_adapters.layout import channels_last_sampling  # noqa: E402
 from motion_adapters.lean_backward import fused_norm_activations  # noqa: E402
 from motion_adapters.models import (  # noqa: E402
     Show1UNet3DConditionModel,
@@ -43,9 +47,21 @@ STAGES = {
 KERNELS = ("library", "math_attention", "fast", "triton_attention", "triton_conv", "triton")
 #: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile, or
 #: with the group norm -> activation pairs on the fused Triton kernels (alone, or with math-kernel or Triton temporal
-#: attention)
+#: attention); "_cl": and with channels-last activations through the UNet (`layout.channels_last_sampling`)
 OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms", "triton_attention_fused_norms",
-          "triton_conv_fused_norms", "triton_fused_norms")
+          "triton_conv_fused_norms", "triton_fused_norms", "fused_norms_cl", "math_attention_fused_norms_cl",
+          "triton_attention_fused_norms_cl")
+
+
+@contextmanager
+def variant_kernels(unet: torch.nn.Module, variant: str) -> Iterator[None]:
+    """Run `unet` the way `variant` names: temporal kernels, then "_fused_norms", then "_cl" (see OTHERS)."""
+    base = variant.removesuffix("_cl")
+    kernels = base.removesuffix("_fused_norms")
+    with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
+            fused_norm_activations(unet, base.endswith("fused_norms")), \
+            channels_last_sampling(unet, variant.endswith("_cl")):
+        yield
 
 
 def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:
@@ -123,9 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = torch.compile(unet, dynamic=False) if variant == "compiled" else unet
             if variant == "channels_last":
                 conv2d_format(unet, torch.channels_last)
-            kernels = variant.removesuffix("_fused_norms")
-            with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
-                    fused_norm_activations(unet, variant.endswith("fused_norms")):
+            with variant_kernels(unet, variant):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds = time_calls(model, inputs, args.repeats, device, first)
@@ -159,9 +173,7 @@ def profile_calls(unet, inputs, variant: str, calls: int = 2, rows: int = 30) ->
     """The top CUDA operators and kernels of `calls` UNet calls with `variant` (where a stage's time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    kernels = variant.removesuffix("_fused_norms")
-    with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
-            fused_norm_activations(unet, variant.endswith("fused_norms")), torch.no_grad():
+    with variant_kernels(unet, variant), torch.no_grad():
         unet(**inputs)  # warm: the first call's compilation and algorithm search stay out of the profile
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
