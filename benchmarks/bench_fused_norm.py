@@ -145,7 +145,7 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
     # keeps through a UNet), with tiles of CL_TILE values as chosen and at half and twice that
     memory_format = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
     cl_saved = []
-    for s, nat, fus in saved:
+    for s, nat, _ in saved:
         xc, gc = s[0].contiguous(memory_format=memory_format), s[1].contiguous(memory_format=memory_format)
         cl_saved.append(((xc, gc, *s[2:]), nat, group_norm_act_forward(xc, *s[2:], groups, 1e-5, "silu")))
     (xc, gc, *_), _, cl_fus = cl_saved[0]
