@@ -51,7 +51,7 @@ def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None, timestep=None,
                           class_labels=None, num_frames: int = 1, cross_attention_kwargs=None,
                           return_dict: bool = True):  # fmt: skip
-    """The forward of diffusers' `TransformerTemporalModel`, writing its output channels-last with the residual added."""
+    """Diffusers' `TransformerTemporalModel` forward, writing its output channels-last with the residual added."""
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
     batch_frames, channels, height, width = hidden_states.shape
