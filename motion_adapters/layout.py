@@ -5,8 +5,9 @@ conversion before each convolution and another after it: in an H200 profile of a
 (`benchmarks/results/stage_profile_sr1_h200.json`). Storing the convolution weights channels-last alone moves the
 conversions instead of removing them (PyTorch's CUDA group norm takes and returns NCHW). Here, for the run:
 
-- every `Conv2d` / `Conv3d` weight is stored channels-last (`torch.channels_last` / `torch.channels_last_3d`), so a
-  convolution of a channels-last input returns a channels-last output;
+- every `Conv2d` / `Conv3d` weight (and `FrameConv`'s, the temporal kernels' swap) is stored channels-last
+  (`torch.channels_last` / `torch.channels_last_3d`), so a convolution of a channels-last input returns a
+  channels-last output (the Triton temporal convolution reads NCFHW, so `FrameConv` runs such input on cuDNN);
 - every group norm that its module calls directly (the spatial attention's, the temporal transformers', the one
   before `conv_out`) runs on the channels-last kernels of `motion_adapters.fused_norm`, which keep the layout;
   the norm -> activation pairs keep it too when they run fused (`fused_norm_activations`);
@@ -30,6 +31,7 @@ from torch import nn
 
 from motion_adapters.fused_norm import channels_last_rows, fused_norm_available, group_norm_act_forward
 from motion_adapters.lean_backward import _forwards_replaced, _unless_grad
+from motion_adapters.training_step import FrameConv
 
 #: The choices of `Show1StagePipeline.set_memory_format`.
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -89,7 +91,7 @@ def channels_last_sampling(unet: nn.Module, enabled: bool = True) -> Iterator[in
         return
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
-    convs = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.weight.ndim in (4, 5)]
+    convs = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, FrameConv)) and m.weight.ndim in (4, 5)]
     chosen = {}
     for m in unet.modules():
         if hasattr(m, "_hf_hook"):

@@ -171,11 +171,12 @@ class FrameConv(nn.Module):
         self.kernel = kernel
 
     def runs_triton(self, x: torch.Tensor) -> bool:
-        """Whether a call on `x` runs the Triton kernel: asked, no weight gradient, supported, Triton on x's device."""
+        """Whether a call on `x` runs the Triton kernel: asked, no weight grad, `x` contiguous, supported, Triton."""
         return (
             self.kernel == "triton"
             and not (self.weight.requires_grad and torch.is_grad_enabled())
             and x.ndim == 5
+            and x.is_contiguous()  # the kernel reads (B, C, F, H, W) rows; cuDNN takes channels-last input as is
             and temporal_conv_supported(self.weight, self.frame_padding)
             and fused_norm_available(x)
         )

@@ -76,6 +76,56 @@ def test_forward_and_input_gradient_match_the_float64_chain(fused, shape, groups
     torch.testing.assert_close(rstd.double(), (groups_of.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
 
+def channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values with the channels innermost in memory: NHWC, NDHWC, or an (N, C, S) transposed view."""
+    if layout == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "ndhwc":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x.transpose(1, -1).contiguous().transpose(1, -1)  # (N, C, S) stored as (N, S, C): the attention's view
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "groups", "activation", "affine", "scale_shift"),
+    [
+        ((2, 8, 3, 5), "nhwc", 4, "silu", True, True),  # one tile a sample
+        ((2, 96, 9, 15), "nhwc", 4, "gelu", True, True),  # two channel tiles, the values in three chunks
+        ((1, 6, 2, 3, 30), "ndhwc", 3, "silu", False, False),  # a temporal norm, fewer channels than a tile
+        ((2, 8, 300), "nsc", 2, "none", True, False),  # the spatial attention's (N, C, H * W) view
+    ],
+)
+def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fused, monkeypatch, shape, layout,
+                                                                           groups, activation, affine,
+                                                                           scale_shift):  # fmt: skip
+    monkeypatch.setattr(fused, "CL_TILE", 256)  # small tiles: several chunks and channel tiles at test sizes
+    x, weight, bias, factor, shift = inputs(shape, affine, scale_shift)
+    x = channels_last(x, layout)
+    assert fused.channels_last_rows(x) is not None and not x.is_contiguous()
+    y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, factor, shift, groups, 1e-5, activation)
+    x64 = x.double().requires_grad_(True)
+    expected = reference(x64, weight, bias, factor, shift, groups, activation)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # contiguous: another layout
+    (expected_dx,) = torch.autograd.grad(expected, x64, grad.double())
+    dx = fused.group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation)
+    assert y.stride() == dx.stride() == x.stride()  # the layout is kept: no conversion before the next conv
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), expected_dx, rtol=1e-4, atol=1e-5)
+    groups_of = x.double().reshape(shape[0] * groups, -1)
+    torch.testing.assert_close(mean.double(), groups_of.mean(1), rtol=1e-6, atol=1e-6)
+    contiguous = fused.group_norm_act_forward(x.contiguous(), weight, bias, factor, shift, groups, 1e-5, activation)
+    torch.testing.assert_close(y, contiguous[0], rtol=1e-5, atol=1e-6)  # the channel-row kernels agree
+
+
+def test_channels_last_tiles_cover_show1_shapes():
+    # (values, channels, warps): 64 channels a tile, CL_TILE values in all, fewer where a sample has fewer values
+    assert fused_module.cl_tile(320, 2560) == (64, 64, 8)
+    assert fused_module.cl_tile(6, 20480) == (512, 8, 8)
+    assert fused_module.cl_tile(1280, 40) == (64, 64, 8)
+    assert fused_module.cl_tile(32, 4) == (4, 32, 1)
+    assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5)) is None  # contiguous: the channel-row kernels
+    assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5).transpose(2, 3)) is None  # neither layout
+
+
 def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch):
     """A mean 10,000 times the spread: the one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely, the
     kernels' shifted chunk moments combined by Chan's formula keep it. A small combine block makes the per-group

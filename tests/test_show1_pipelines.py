@@ -562,3 +562,19 @@ def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton
     if not triton_usable:
         with pytest.raises(ValueError, match=r"set_temporal_kernels\('auto'\)"):
             in_use("cuda", temporal="triton_attention")
+
+
+def test_stage_memory_format_is_validated_and_runs_the_layout_for_the_call_only(cascade):
+    pipe, unet = cascade.keyframes, cascade.keyframes.unet
+    assert pipe.memory_format == "auto" and pipe._memory_format_in_use() == "contiguous"  # on the CPU
+    with pytest.raises(ValueError, match="memory format must be one of"):
+        pipe.set_memory_format("nhwc")
+    layouts = {}
+    for choice in ("contiguous", "channels_last"):
+        pipe.set_memory_format(choice)
+        with pipe._temporal_kernels():  # the context every stage's denoising loop runs in (tests/test_layout.py
+            # checks the channels-last UNet samples like the contiguous one)
+            layouts[choice] = unet.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    pipe.set_memory_format("auto")
+    assert layouts == {"contiguous": False, "channels_last": True}
+    assert unet.conv_out.weight.is_contiguous() and all("forward" not in vars(m) for m in unet.modules())

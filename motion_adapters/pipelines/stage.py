@@ -19,6 +19,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 from motion_adapters.config import NORM_KERNELS, TEMPORAL_KERNELS, TRITON_TEMPORAL_FALLBACK
 from motion_adapters.fused_norm import fused_norm_available
+from motion_adapters.layout import MEMORY_FORMATS, channels_last_sampling
 from motion_adapters.lean_backward import fused_norm_activations
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
@@ -60,8 +61,11 @@ class Show1StagePipeline(DiffusionPipeline):
     # whose small activations make the fused kernels' launches from Python cost more than they save (0.157 against
     # 0.120 s a call, stage_kernels_fused_h200.json); the fused kernels where they measured faster.
     _gpu_norm_kernels = "torch"
+    # What memory_format="auto" runs on a GPU, chosen the same way; each stage class sets its own.
+    _gpu_memory_format = "contiguous"
     temporal_kernels = "auto"
     norm_kernels = "auto"
+    memory_format = "auto"
 
     def set_temporal_kernels(self, choice: str) -> None:
         """Choose how the UNet's temporal layers run while this pipeline denoises (same weights, same function).
@@ -96,6 +100,28 @@ class Show1StagePipeline(DiffusionPipeline):
             raise ValueError(f"norm kernels must be one of {NORM_KERNELS}, got {choice!r}.")
         self.norm_kernels = choice
 
+    def set_memory_format(self, choice: str) -> None:
+        """Choose the layout of the UNet's activations while this pipeline denoises (same weights, same function).
+
+        "contiguous" runs the UNet as built (NCHW activations); "channels_last" keeps its activations channels-last
+        from `conv_in` on (`motion_adapters.layout.channels_last_sampling`: convolution weights stored
+        channels-last for the call, group norms on the channels-last kernels of `motion_adapters.fused_norm`
+        where Triton runs, so that cuDNN converts no layout); "auto" (the default) is what measured faster for the
+        stage on a GPU, else "contiguous". Samples differ by bf16 rounding.
+
+        Example:
+            >>> pipe.set_memory_format("channels_last")  # doctest: +SKIP
+        """
+        if choice not in MEMORY_FORMATS:
+            raise ValueError(f"memory format must be one of {MEMORY_FORMATS}, got {choice!r}.")
+        self.memory_format = choice
+
+    def _memory_format_in_use(self) -> str:
+        """The memory format a call runs now: "auto" resolved for the UNet's device."""
+        if self.memory_format != "auto":
+            return self.memory_format
+        return self._gpu_memory_format if self.unet.device.type == "cuda" else "contiguous"
+
     def _kernels_in_use(self) -> tuple[str, str]:
         """(temporal kernels, norm kernels) that a call runs now: "auto" resolved for the UNet's device.
 
@@ -124,9 +150,10 @@ class Show1StagePipeline(DiffusionPipeline):
 
     @contextmanager
     def _temporal_kernels(self) -> Iterator[None]:
-        """The context that runs this pipeline's UNet with the chosen temporal and norm kernels."""
+        """The context that runs this pipeline's UNet with the chosen temporal and norm kernels and memory format."""
         temporal, norms = self._kernels_in_use()
-        with temporal_kernels(self.unet, temporal), fused_norm_activations(self.unet, norms == "triton"):
+        with temporal_kernels(self.unet, temporal), fused_norm_activations(self.unet, norms == "triton"), \
+                channels_last_sampling(self.unet, self._memory_format_in_use() == "channels_last"):
             yield
 
     @torch.no_grad()

@@ -1,0 +1,88 @@
+"""Channels-last sampling through a Show-1 UNet (`motion_adapters.layout`), its norms in Triton's interpreter on CPU."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from fixtures_tiny import tiny_unet
+
+from motion_adapters import layout
+from motion_adapters.fused_norm import channels_last_rows
+from motion_adapters.lean_backward import fused_norm_activations
+from motion_adapters.training_step import FrameConv, temporal_kernels
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def unet_inputs(unet, frames=2, size=8):
+    g = torch.Generator().manual_seed(0)
+    config = unet.config
+    inputs = {
+        "sample": torch.randn(2, config.in_channels, frames, size, size, generator=g).to(DEVICE),
+        "timestep": torch.tensor([500, 500], device=DEVICE),
+        "encoder_hidden_states": torch.randn(2, 5, config.encoder_hid_dim, generator=g).to(DEVICE),
+    }
+    if config.class_embed_type == "timestep":
+        inputs["class_labels"] = torch.tensor([250, 250], device=DEVICE)
+    return inputs
+
+
+def conv_input_layouts(unet):
+    """Record, for every convolution call, whether its input was channels-last; returns (records, remove)."""
+    seen = []
+    convs = (torch.nn.Conv2d, torch.nn.Conv3d, FrameConv)
+    names = {m: name for name, m in unet.named_modules() if isinstance(m, convs)}
+
+    def hook(module, args):
+        seen.append((names[module], tuple(args[0].shape), channels_last_rows(args[0]) is not None))
+
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    return seen, lambda: [h.remove() for h in handles]
+
+
+@pytest.mark.parametrize(
+    ("stage", "fused", "kernels"), [("sr1", True, "conv2d"), ("keyframes", False, "conv2d"), ("sr1", True, "library")]
+)
+def test_channels_last_sampling_keeps_every_convolution_input_channels_last_and_the_output(stage, fused, kernels):
+    unet = tiny_unet(stage).to(DEVICE)
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+        with temporal_kernels(unet, kernels), fused_norm_activations(unet, fused):
+            seen, remove = conv_input_layouts(unet)
+            with layout.channels_last_sampling(unet) as count:
+                convs = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, FrameConv))]
+                sampled = unet(**inputs).sample
+            remove()
+    temporal = [m for m in unet.modules() if type(m) is TransformerTemporalModel]
+    norms = [m for m in unet.modules() if type(m) is torch.nn.GroupNorm]
+    assert count == len(convs) + len(temporal) + len(norms) and temporal
+    # conv_in turns the input channels-last; every later convolution gets channels-last input (no conversion)
+    assert len(seen) == len(convs)
+    if kernels != "library" or DEVICE == "cuda":  # the CPU's Conv3d returns a contiguous output; cuDNN's does not
+        assert [call for call in seen if not call[-1]] == [("conv_in", (4, unet.config.in_channels, 8, 8), False)]
+    torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
+    # restored: weights contiguous again (safetensors saves contiguous tensors), forwards the class's
+    assert all(m.weight.is_contiguous() for m in convs)
+    assert all("forward" not in vars(m) for m in unet.modules())
+
+
+def test_channels_last_sampling_stands_aside_with_gradients_and_when_disabled():
+    unet = tiny_unet("keyframes").to(DEVICE)
+    inputs = unet_inputs(unet, frames=1)
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    with layout.channels_last_sampling(unet):
+        with_grad = unet(**inputs).sample
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-5)  # the modules as written
+    with layout.channels_last_sampling(unet, enabled=False) as count:
+        assert count == 0 and all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_weights_are_restored_when_the_call_fails():
+    unet = tiny_unet("keyframes").to(DEVICE)
+    with pytest.raises(RuntimeError, match="boom"), layout.channels_last_sampling(unet):
+        assert not unet.conv_in.weight.is_contiguous()
+        raise RuntimeError("boom")
+    assert unet.conv_in.weight.is_contiguous() and all("forward" not in vars(m) for m in unet.modules())
