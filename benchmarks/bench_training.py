@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters.config import TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
+from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
 
@@ -112,6 +112,11 @@ VARIANTS = {
                     {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "triton"}),
     "lora_triton": ("as lora, temporal_kernels='triton'", {"mode": "lora", "cuda_graph": "yes",
                                                           "temporal_kernels": "triton"}),
+    "full_cl": ("as full, memory_format='channels_last' (activations NHWC through the UNet: frozen convolution "
+                "weights channels-last, the group norms on the channels-last Triton kernels)",
+                {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),
+    "lora_cl": ("as lora, memory_format='channels_last'",
+                {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -447,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one eager step")
     parser.add_argument("--profile-kernels", default=None, choices=TEMPORAL_KERNELS,
                         help="temporal_kernels of the profiled step (default: what train_motion's default runs)")
+    parser.add_argument("--profile-memory-format", default="auto", choices=MEMORY_FORMATS,
+                        help="memory_format of the profiled step")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -495,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(short), flush=True)
     if args.profile:
         data["profile_temporal_kernels"] = args.profile_kernels or args.best_kernels
+        data["profile_memory_format"] = args.profile_memory_format
         data["profile"] = profile_step(unet_config, args, video, embeds, scheduler, device)
         write(args.out, data)
     print(json.dumps(data.get("loss_agreement", {}), indent=1)[:3000], flush=True)
@@ -538,7 +546,8 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
 
     config = MotionDistillationConfig(max_train_steps=5, seed=args.seed, checkpointing_steps=0,
                                       mixed_precision="bf16", cuda_graph="no", num_frames=args.frames,
-                                      temporal_kernels=args.profile_kernels or args.best_kernels)
+                                      temporal_kernels=args.profile_kernels or args.best_kernels,
+                                      memory_format=args.profile_memory_format)  # fmt: skip
     try:
         train_motion(unet, video, embeds, scheduler, config, progress=False, callbacks=[prof])
         rows.insert(0, {"kernels_per_step": getattr(prof, "kernels_per_step", None)})

@@ -19,6 +19,7 @@ NORM_DTYPES = ("auto", "float32", "compute")
 FROZEN_CONVS = ("auto", "autograd", "input_grad_only")
 FROZEN_ACTIVATIONS = ("auto", "autograd", "recompute")
 NORM_KERNELS = ("auto", "torch", "triton")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
 TEMPORAL_KERNELS = (
@@ -93,6 +94,11 @@ class MotionDistillationConfig:
             each pass into Triton kernels split over channels and chunks of frames and pixels
             (`motion_adapters.fused_norm`; float32 arithmetic, one rounding at the output); "auto" is "triton"
             on CUDA where Triton is installed, else "torch".
+        memory_format: the layout of the UNet's activations while training. "contiguous" is PyTorch's NCHW, which
+            cuDNN converts to NHWC and back around every convolution; "channels_last" keeps them NHWC through the
+            UNet (`motion_adapters.layout.channels_last_training`: frozen convolution weights stored channels-last
+            for the run, the group norms on the channels-last Triton kernels, so it needs
+            `norm_kernels="triton"` to pay); "auto" is "contiguous".
         compile: "no", or a `torch.compile` mode for the UNet ("default" or "max-autotune-no-cudagraphs"), or
             "regional": each ResNet and temporal-convolution layer compiled on its own, attention left eager (the
             layers are restored after training).
@@ -156,6 +162,7 @@ class MotionDistillationConfig:
     frozen_convs: str = "auto"
     frozen_activations: str = "auto"
     norm_kernels: str = "auto"
+    memory_format: str = "auto"
     compile: str = "no"
     cuda_graph: str = "auto"
     temporal_kernels: str = "auto"
@@ -189,6 +196,7 @@ class MotionDistillationConfig:
         _choice("frozen_convs", self.frozen_convs, FROZEN_CONVS)
         _choice("frozen_activations", self.frozen_activations, FROZEN_ACTIVATIONS)
         _choice("norm_kernels", self.norm_kernels, NORM_KERNELS)
+        _choice("memory_format", self.memory_format, MEMORY_FORMATS)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
         _choice("temporal_kernels", self.temporal_kernels, TEMPORAL_KERNELS)

@@ -16,8 +16,9 @@ conversions instead of removing them (PyTorch's CUDA group norm takes and return
 
 The first convolution (`conv_in`) turns the input into channels-last and everything after it keeps the layout:
 the spatial attention reads and writes the (B, H * W, C) sequences without the transposing copies of NCHW. Same
-function, same parameters; outputs differ by bf16 rounding. Gradients are not supported: with gradients on, the
-changed modules run as written.
+function, same parameters; outputs differ by bf16 rounding. `channels_last_sampling` is for sampling (with
+gradients on, the changed modules run as written); `channels_last_training` keeps the layout through the
+training step's forward and backward passes.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ import torch
 from torch import nn
 
 from motion_adapters.fused_norm import channels_last_rows, fused_norm_available, group_norm_act_forward
-from motion_adapters.lean_backward import _forwards_replaced, _unless_grad
+from motion_adapters.lean_backward import (
+    _forwards_replaced,
+    _norm_in_compute_dtype,
+    _unless_grad,
+    group_norm_act_keeping_input,
+)
 from motion_adapters.training_step import FrameConv
 
-#: The choices of `Show1StagePipeline.set_memory_format`.
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
-
-def _channels_last(weight: torch.Tensor) -> torch.memory_format:
+def _format_of(weight: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if weight.ndim == 4 else torch.channels_last_3d
 
 
@@ -48,6 +51,20 @@ def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     weight = None if norm.weight is None else norm.weight.to(x.dtype)
     bias = None if norm.bias is None else norm.bias.to(x.dtype)
     return group_norm_act_forward(x, weight, bias, None, None, norm.num_groups, norm.eps, "none")[0]
+
+
+def _group_norm_training(norm: nn.GroupNorm, half_norms: bool, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` in training: a frozen norm of a channels-last `x` on the channels-last kernels.
+
+    It keeps only `x` (as `frozen_activations="recompute"` keeps the pairs' inputs) and runs in the dtype that
+    `norm_dtype` asks for.
+    """
+    if not torch.is_grad_enabled():
+        return _group_norm(norm, x)
+    frozen = not any(p.requires_grad for p in norm.parameters())
+    if frozen and channels_last_rows(x) is not None and fused_norm_available(x):
+        return group_norm_act_keeping_input(norm, x, "none", not half_norms, fused=True)
+    return _norm_in_compute_dtype(norm, x) if half_norms else type(norm).forward(norm, x)
 
 
 def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None, timestep=None,
@@ -66,42 +83,38 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
     for block in model.transformer_blocks:
         hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
                               cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)  # fmt: skip
-    hidden_states = model.proj_out(hidden_states)
-    hidden_states = hidden_states.reshape(batch, height, width, num_frames, channels).permute(0, 3, 4, 1, 2)
-    output = torch.empty_like(residual, memory_format=torch.channels_last)
-    torch.add(residual.view(hidden_states.shape), hidden_states, out=output.view(hidden_states.shape))
+    hidden_states = model.proj_out(hidden_states).reshape(batch, height, width, num_frames, channels)
+    if torch.is_grad_enabled():  # autograd takes no `out=`: copy to (B * F, H, W, C) memory, then add
+        hidden_states = hidden_states.permute(0, 3, 1, 2, 4).reshape(batch_frames, height, width, channels)
+        output = hidden_states.permute(0, 3, 1, 2) + residual
+    else:  # the copy and the addition in one pass
+        hidden_states = hidden_states.permute(0, 3, 4, 1, 2)
+        output = torch.empty_like(residual, memory_format=torch.channels_last)
+        torch.add(residual.view(hidden_states.shape), hidden_states, out=output.view(hidden_states.shape))
     if not return_dict:
         return (output,)
     return TransformerTemporalModelOutput(sample=output)
 
 
 @contextmanager
-def channels_last_sampling(unet: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Keep `unet`'s activations channels-last while it samples (see the module), then restore it.
-
-    The convolution weights go back to contiguous storage on exit (safetensors saves contiguous tensors). Yields
-    the number of modules changed (weights stored channels-last count too).
-
-    Example:
-        >>> with torch.no_grad(), fused_norm_activations(unet), channels_last_sampling(unet):  # doctest: +SKIP
-        ...     sample = unet(x, t, text).sample
-    """
-    if not enabled:
-        yield 0
-        return
+def _channels_last(unet: nn.Module, norm_forward, frozen_convs_only: bool) -> Iterator[int]:
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
-    convs = [m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, FrameConv)) and m.weight.ndim in (4, 5)]
+    convs = [
+        m for m in unet.modules()
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, FrameConv)) and m.weight.ndim in (4, 5)
+        and not (frozen_convs_only and m.weight.requires_grad)
+    ]  # fmt: skip
     chosen = {}
     for m in unet.modules():
         if hasattr(m, "_hf_hook"):
             continue
         if type(m) is nn.GroupNorm:
-            chosen[m] = functools.partial(_unless_grad, m, functools.partial(_group_norm, m))
+            chosen[m] = functools.partial(norm_forward, m)
         elif type(m) is TransformerTemporalModel and type(m).forward is TransformerTemporalModel.forward:
-            chosen[m] = functools.partial(_unless_grad, m, functools.partial(_temporal_transformer, m))
+            chosen[m] = functools.partial(_temporal_transformer, m)
     for conv in convs:
-        conv.weight.data = conv.weight.data.contiguous(memory_format=_channels_last(conv.weight))
+        conv.weight.data = conv.weight.data.contiguous(memory_format=_format_of(conv.weight))
     try:
         with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
             yield count + len(convs)
@@ -110,4 +123,45 @@ def channels_last_sampling(unet: nn.Module, enabled: bool = True) -> Iterator[in
             conv.weight.data = conv.weight.data.contiguous()
 
 
-__all__ = ["MEMORY_FORMATS", "channels_last_sampling"]
+@contextmanager
+def channels_last_sampling(unet: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Keep `unet`'s activations channels-last while it samples (see the module), then restore it.
+
+    With gradients on, the changed modules run as written. The convolution weights go back to contiguous
+    storage on exit (safetensors saves contiguous tensors). Yields the number of modules changed (weights stored
+    channels-last count too).
+
+    Example:
+        >>> with torch.no_grad(), fused_norm_activations(unet), channels_last_sampling(unet):  # doctest: +SKIP
+        ...     sample = unet(x, t, text).sample
+    """
+    if not enabled:
+        yield 0
+        return
+    with _channels_last(unet, lambda m, *a, **k: _unless_grad(m, functools.partial(_group_norm, m), *a, **k),
+                        frozen_convs_only=False) as count:  # fmt: skip
+        yield count
+
+
+@contextmanager
+def channels_last_training(unet: nn.Module, enabled: bool = True, half_norms: bool = False) -> Iterator[int]:
+    """Keep `unet`'s activations channels-last while `train_motion` trains it (`memory_format="channels_last"`).
+
+    As `channels_last_sampling`, with gradients: frozen convolution weights are stored channels-last (a weight
+    that trains keeps its layout), the norms its modules call directly run on the channels-last kernels keeping
+    only their input (in autocast's dtype when `half_norms`, as `norm_dtype="compute"` runs them), and the
+    temporal transformers write their output channels-last. Enter it outside `norms_in_compute_dtype` (which
+    leaves the norms changed here alone). Yields the number of modules changed.
+
+    Example:
+        >>> with channels_last_training(unet, True, half_norms=True):  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    if not enabled:
+        yield 0
+        return
+    with _channels_last(unet, lambda m, x: _group_norm_training(m, half_norms, x), frozen_convs_only=True) as count:
+        yield count
+
+
+__all__ = ["channels_last_sampling", "channels_last_training"]

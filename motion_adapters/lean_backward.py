@@ -22,7 +22,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from motion_adapters.fused_norm import fused_norm_available, group_norm_act_backward, group_norm_act_forward
+from motion_adapters.fused_norm import (
+    channels_last_rows,
+    fused_norm_available,
+    group_norm_act_backward,
+    group_norm_act_forward,
+)
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
 
@@ -280,18 +285,26 @@ _SPREAD = 0x8040201008040201 - (1 << 64)
 _LOW_BITS = 0x0101010101010101
 
 
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The permutation that lays `t` out contiguously: channels last for a channels-last `t`, else none."""
+    return (0, *range(2, t.dim()), 1) if channels_last_rows(t) is not None else tuple(range(t.dim()))
+
+
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as bits, eight to a byte, the first in the highest bit (see `_unpack_bits`)."""
-    flat = mask.reshape(-1)
+    """A bool tensor as bits, eight to a byte, the first in the highest bit, in memory order (see `_unpack_bits`)."""
+    flat = mask.permute(_memory_order(mask)).reshape(-1)
     if flat.numel() % 8:
         flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
     return ((flat.view(torch.uint8).view(torch.int64) * _SPREAD) >> 56).to(torch.uint8)
 
 
-def _unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The bool tensor of `shape` that `_pack_bits` packed."""
+def _unpack_bits(packed: torch.Tensor, shape: torch.Size, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The bool tensor of `shape` that `_pack_bits` packed, laid out as it was (`order`: its `_memory_order`)."""
     spread = ((packed.to(torch.int64) * _SPREAD) >> 7) & _LOW_BITS
-    return spread.view(torch.uint8).view(torch.bool)[: shape.numel()].view(shape)
+    flat = spread.view(torch.uint8).view(torch.bool)[: shape.numel()]
+    order = tuple(range(len(shape))) if order is None else order
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return flat.view([shape[d] for d in order]).permute(inverse)
 
 
 class _BitMaskDropout(torch.autograd.Function):
@@ -310,14 +323,14 @@ class _BitMaskDropout(torch.autograd.Function):
             mask = noise.bool()
             out = x * noise.div_(1 - p)
         ctx.save_for_backward(_pack_bits(mask))
-        ctx.dropout = (x.shape, p)
+        ctx.dropout = (x.shape, p, _memory_order(mask))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        shape, p = ctx.dropout
-        return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(packed, shape), 1.0 / (1 - p)), None
+        shape, p, order = ctx.dropout
+        return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(packed, shape, order), 1.0 / (1 - p)), None
 
 
 def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x: torch.Tensor) -> torch.Tensor:
@@ -361,7 +374,9 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     hidden_states = block.dropout(hidden_states)
     hidden_states = block.conv2(hidden_states)
     if block.conv_shortcut is not None:
-        input_tensor = block.conv_shortcut(input_tensor.contiguous() if block.training else input_tensor)
+        if block.training and channels_last_rows(input_tensor) is None:  # diffusers' contiguous(), layout kept
+            input_tensor = input_tensor.contiguous()
+        input_tensor = block.conv_shortcut(input_tensor)
     return (input_tensor + hidden_states) / block.output_scale_factor
 
 

@@ -30,6 +30,7 @@ from motion_adapters.injection import (
     inject_temporal_adapter,
     load_adapter_state_dict,
 )
+from motion_adapters.layout import channels_last_training
 from motion_adapters.lean_backward import (
     frozen_activations_recomputed,
     frozen_convs_keep_no_input,
@@ -190,6 +191,7 @@ def train_motion(
         config.frozen_activations == "auto" and device.type == "cuda" and config.compile == "no"
     )
     fused_norms = _fused_norms(config.norm_kernels, device, recompute)
+    channels_last = config.memory_format == "channels_last"  # "auto": contiguous
     kernels = _temporal_kernels(config.temporal_kernels, device)
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
@@ -223,6 +225,7 @@ def train_motion(
         # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
+                channels_last_training(unet, channels_last, half_norms), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
                 frozen_activations_recomputed(unet, recompute, not half_norms, fused_norms), \
                 regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
@@ -283,6 +286,7 @@ def train_motion(
         "frozen_convs": "input_grad_only" if input_grad_convs else "autograd",
         "frozen_activations": "recompute" if recompute else "autograd",
         "norm_kernels": "triton" if fused_norms else "torch",
+        "memory_format": "channels_last" if channels_last else "contiguous",
     }
     return TrainingResult(losses, info, seconds, len(losses), out_dir, stopped_early, extra)
 

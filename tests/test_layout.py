@@ -86,3 +86,33 @@ def test_weights_are_restored_when_the_call_fails():
         assert not unet.conv_in.weight.is_contiguous()
         raise RuntimeError("boom")
     assert unet.conv_in.weight.is_contiguous() and all("forward" not in vars(m) for m in unet.modules())
+
+
+def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_gradients():
+    from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
+
+    unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)  # eval: no dropout, so both runs draw alike
+    trainable = [p for name, p in unet.named_parameters() if ".temp_attentions." in f".{name}" and ".to_q." in name]
+    for p in trainable:
+        p.requires_grad_(True)
+    inputs = unet_inputs(unet)
+
+    def step(channels_last):
+        with temporal_kernels(unet, "conv2d"), layout.channels_last_training(unet, channels_last) as count, \
+                frozen_convs_keep_no_input(unet, True), \
+                frozen_activations_recomputed(unet, True, True, fused_norms=channels_last):  # the reference: torch
+            seen, remove = conv_input_layouts(unet)
+            out = unet(**inputs).sample
+            remove()
+            grads = torch.autograd.grad(out.square().mean(), trainable)
+        return out.detach(), grads, count, seen
+
+    out, grads, count, _ = step(False)
+    cl_out, cl_grads, cl_count, seen = step(True)
+    assert count == 0 and cl_count > 0
+    assert [call for call in seen if not call[-1]] == [("conv_in", (4, unet.config.in_channels, 8, 8), False)]
+    torch.testing.assert_close(cl_out, out, rtol=1e-4, atol=1e-5)
+    for cl_grad, grad in zip(cl_grads, grads):
+        torch.testing.assert_close(cl_grad, grad, rtol=1e-3, atol=1e-6)
+    assert all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all("forward" not in vars(m) for m in unet.modules())

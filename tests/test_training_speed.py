@@ -388,6 +388,11 @@ def test_bit_mask_dropout_keeps_the_mask_of_nn_dropout_in_an_eighth_of_the_bytes
         packed = _pack_bits(mask)
         assert packed.dtype == torch.uint8 and packed.numel() == nbytes
         assert torch.equal(_unpack_bits(packed, mask.shape), mask)
+    mask = (torch.rand(2, 3, 4, 5) < 0.5).contiguous(memory_format=torch.channels_last)  # packed in memory order
+    packed = _pack_bits(mask)
+    assert torch.equal(packed, _pack_bits(mask.permute(0, 2, 3, 1).contiguous()))
+    unpacked = _unpack_bits(packed, mask.shape, (0, 2, 3, 1))
+    assert torch.equal(unpacked, mask) and unpacked.stride() == mask.stride()
     first_in_highest_bit = torch.tensor([0b10010000], dtype=torch.uint8)
     assert torch.equal(_pack_bits(torch.tensor([True, False, False, True] + [False] * 4)), first_in_highest_bit)
     x = torch.randn(4, 6, 5, requires_grad=True)

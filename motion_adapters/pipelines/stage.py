@@ -17,9 +17,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download
 from transformers import T5EncoderModel, T5Tokenizer
 
-from motion_adapters.config import NORM_KERNELS, TEMPORAL_KERNELS, TRITON_TEMPORAL_FALLBACK
+from motion_adapters.config import MEMORY_FORMATS, NORM_KERNELS, TEMPORAL_KERNELS, TRITON_TEMPORAL_FALLBACK
 from motion_adapters.fused_norm import fused_norm_available
-from motion_adapters.layout import MEMORY_FORMATS, channels_last_sampling
+from motion_adapters.layout import channels_last_sampling
 from motion_adapters.lean_backward import fused_norm_activations
 from motion_adapters.models import Show1UNet3DConditionModel
 from motion_adapters.pipelines._utils import (
