@@ -237,6 +237,29 @@ def fused_norm_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def fused_norm_layout_table(data: dict) -> str:
+    """The fused kernels on channels-last inputs against the channel-row ones (``bench_fused_norm.py``)."""
+    env = data.get("env", {})
+    lines = [f"_{env.get('gpu')}, triton {env.get('triton')}, commit `{env.get('commit')}`, {env.get('date')}; "
+             f"{data.get('dtype')}, SiLU; GPU ms of calls replayed from a CUDA graph (medians)_", "",
+             "| shape (groups 32) | forward ms: contiguous / channels-last (tile as chosen; half; double) / floor | "
+             "backward ms: contiguous / channels-last (as chosen; half; double) / floor | error vs float64: "
+             "contiguous / channels-last |", "|---|---|---|---|"]  # fmt: skip
+    for row in data.get("rows", []):
+        ms, floor, err = row["ms"], row["floor_ms"], row["relative_error_vs_float64"]
+        if "fused_channels_last_forward" not in ms:
+            continue
+        cells = []
+        for pass_ in ("forward", "backward"):
+            key = f"fused_channels_last_{pass_}"
+            others = [v for k, v in ms.items() if k.startswith(f"{key}_tile_")]
+            cells.append(f"{ms[f'fused_{pass_}']:.4f} / {ms[key]:.4f} ({'; '.join(f'{v:.4f}' for v in others)}) / "
+                         f"{floor[pass_]:.4f}")
+        lines.append(f"| {row['name']} {tuple(row['shape'])} | {cells[0]} | {cells[1]} | "
+                     f"{err['fused_forward']:.1e} / {err['fused_channels_last_forward']:.1e} |")
+    return "\n".join(lines)
+
+
 def temporal_conv_table(data: dict) -> str:
     """The (3, 1, 1) temporal convolutions on cuDNN against the Triton kernel (``bench_temporal_conv.py``)."""
     env = data.get("env", {})
@@ -281,6 +304,8 @@ def render() -> dict[str, str]:
                 blocks[f"stage_profile:{path.stem}"] = stage_profile_tables(data)
         elif kind == "fused_norm":
             blocks[f"fused_norm:{path.stem}"] = fused_norm_table(data)
+            if any("fused_channels_last_forward" in row["ms"] for row in data.get("rows", [])):
+                blocks[f"fused_norm_layout:{path.stem}"] = fused_norm_layout_table(data)
         elif kind == "temporal_conv":
             blocks[f"temporal_conv:{path.stem}"] = temporal_conv_table(data)
     return blocks

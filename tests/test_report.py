@@ -101,3 +101,19 @@ def test_temporal_conv_table_names_a_default_tile_that_failed(report):
            "cudnn_ms": {}, "tiles": [{"tile": [128, 128, 32, 8, 3], "error": "OutOfResources: shared memory"}]}
     table = report.temporal_conv_table({"env": {}, "rows": [row]})
     assert "| base 320 (1, 320, 8, 40, 64) | the default tile (128, 128, 32) failed |" in table
+
+
+def test_fused_norm_layout_table_compares_the_channels_last_kernels(report):
+    ms = {"fused_forward": 0.02, "fused_backward": 0.03, "fused_channels_last_forward": 0.01,
+          "fused_channels_last_forward_tile_2048": 0.012, "fused_channels_last_forward_tile_8192": 0.011,
+          "fused_channels_last_backward": 0.025, "fused_channels_last_backward_tile_2048": 0.026,
+          "fused_channels_last_backward_tile_8192": 0.027}  # fmt: skip
+    row = {"name": "sr1 resnet", "shape": [16, 128, 160, 256], "ms": ms, "floor_ms": {"forward": 0.008,
+           "backward": 0.02}, "relative_error_vs_float64": {"fused_forward": 1.7e-3,
+                                                             "fused_channels_last_forward": 1.8e-3}}  # fmt: skip
+    data = {"env": {"gpu": "GPU", "triton": "3", "commit": "abc", "date": "now"}, "dtype": "bfloat16",
+            "rows": [row, {**row, "name": "older", "ms": {"fused_forward": 0.02}}]}  # fmt: skip
+    lines = [line for line in report.fused_norm_layout_table(data).splitlines() if line.startswith("| sr1")]
+    assert lines == ["| sr1 resnet (16, 128, 160, 256) | 0.0200 / 0.0100 (0.0120; 0.0110) / 0.0080 | "
+                     "0.0300 / 0.0250 (0.0260; 0.0270) / 0.0200 | 1.7e-03 / 1.8e-03 |"]  # fmt: skip
+    assert "older" not in report.fused_norm_layout_table(data)  # rows measured before the kernels: left out
