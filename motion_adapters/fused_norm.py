@@ -122,7 +122,8 @@ if triton is not None:
         return xhat, tl.where(mask, dy * _act_grad(xhat * weight + offset, ACTIVATION) * weight, 0.0)
 
     @triton.jit
-    def _chunk_moments(x_ptr, mean_part, m2_part, S, P, BLOCK: tl.constexpr):
+    def _chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
         """Mean and sum of squared deviations of chunk `p` of channel row `nc` (grid: rows, chunks)."""
         nc = tl.program_id(0)
         p = tl.program_id(1)
@@ -134,6 +135,8 @@ if triton is not None:
         count = tl.minimum(S - p * BLOCK, BLOCK).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
         d = tl.where(mask, x - mean, 0.0)
+        if HAS_XB:  # an input bias moves the row's mean, not its spread
+            mean += tl.load(xb_ptr + (nc // C) * xb_sn + (nc % C) * xb_sc).to(tl.float32)
         tl.store(mean_part + nc * P + p, pivot + mean)
         tl.store(m2_part + nc * P + p, tl.sum(d * d, axis=0))
 
@@ -166,13 +169,16 @@ if triton is not None:
 
     @triton.jit
     def _normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
-                       C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
-                       ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                       xb_ptr, xb_sn, xb_sc, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
         nc = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
         mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                                                    mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if HAS_XB:
+            mean -= tl.load(xb_ptr + (nc // C) * xb_sn + (nc % C) * xb_sc).to(tl.float32)
         at = nc.to(tl.int64) * S + offs
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         y = _act((x - mean) * rstd * weight + offset, ACTIVATION)
@@ -271,7 +277,8 @@ if triton is not None:
         return xhat, tl.where(mask, grad, 0.0)
 
     @triton.jit
-    def _cl_chunk_moments(x_ptr, mean_part, m2_part, C, S, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _cl_chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         """Per-channel mean and sum of squared deviations of chunk `p` of sample `n` (grid: N * P, channel tiles)."""
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
         first = n.to(tl.int64) * S * C + (p * BLOCK_S).to(tl.int64) * C + c
@@ -280,17 +287,22 @@ if triton is not None:
         count = tl.minimum(S - p * BLOCK_S, BLOCK_S).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
         d = tl.where(mask, x - mean[None, :], 0.0)
+        if HAS_XB:
+            mean += tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         out = (n * C + c) * P + p
         tl.store(mean_part + out, pivot + mean, mask=cmask)
         tl.store(m2_part + out, tl.sum(d * d, axis=0), mask=cmask)
 
     @triton.jit
     def _cl_normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
-                          C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
-                          ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                          xb_ptr, xb_sn, xb_sc, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if HAS_XB:
+            mean -= tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         y = _act((x - mean[None, :]) * rstd[None, :] * weight[None, :] + offset[None, :], ACTIVATION)
         tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -364,19 +376,22 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
+def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str,
+                           input_bias=None):  # fmt: skip
     """`(y, mean, rstd)`: `y = act(group_norm(x) * factor + shift)` in x's dtype, float32 (N, groups) statistics.
 
     `x` is (N, C, ...); `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None; `activation` is
-    "silu", "gelu" (exact) or "none". Raises `ValueError` for another activation or channels that `groups` does
-    not divide.
+    "silu", "gelu" (exact) or "none". `input_bias`, broadcastable to (N, C, 1, ...), is added to `x` first, inside
+    the kernels (the bias of the convolution before the norm, or a time embedding added to it, without a pass of
+    its own); the statistics are then those of `x + input_bias`, and `group_norm_act_backward` does not take it
+    (sampling only). Raises `ValueError` for another activation or channels that `groups` does not divide.
 
     Example:
         >>> x = torch.randn(8, 320, 40, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
         >>> y, mean, rstd = group_norm_act_forward(x, None, None, None, None, 32, 1e-5, "silu")  # doctest: +SKIP
     """
     with _on_device(x):
-        return _forward(x, weight, bias, factor, shift, groups, eps, activation)
+        return _forward(x, weight, bias, factor, shift, groups, eps, activation, input_bias)
 
 
 def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
@@ -400,24 +415,35 @@ def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int, int,
     return n, c, s, block, p, _warps(block), (c // groups) * p
 
 
-def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str):
+def _input_bias_args(x: torch.Tensor, input_bias) -> tuple[tuple, dict]:
+    """The pointer and (N, C) stride arguments of an input bias broadcastable to (N, C, 1, ...), or none."""
+    if input_bias is None:
+        return (x, 0, 0), {"HAS_XB": False}
+    n, c = x.shape[:2]
+    xb = input_bias.reshape(-1, c) if input_bias.dim() <= 1 else input_bias.reshape(input_bias.shape[0], -1)
+    xb = xb.expand(n, c)
+    return (xb, xb.stride(0), xb.stride(1)), {"HAS_XB": True}
+
+
+def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation: str, input_bias=None):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}.")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into groups={groups}.")
+    xb_args, xb_flag = _input_bias_args(x, input_bias)
     rows = channels_last_rows(x)
     if rows is not None:
-        return _cl_forward(x, rows, weight, bias, factor, shift, groups, eps, activation)
+        return _cl_forward(x, rows, weight, bias, factor, shift, groups, eps, activation, xb_args, xb_flag)
     x = x.contiguous()
     n, c, s, block, p, warps, k = _layout(x, groups)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-    _chunk_moments[(n * c, p)](x, parts[0], parts[1], s, p, BLOCK=block, num_warps=warps)
+    _chunk_moments[(n * c, p)](x, parts[0], parts[1], *xb_args, c, s, p, **xb_flag, BLOCK=block, num_warps=warps)
     _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block,
                                   BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)
-    _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], c, groups, s, **flags,
+    _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, **flags, **xb_flag,
                                ACTIVATION=ACTIVATIONS.index(activation), BLOCK=block, num_warps=warps)  # fmt: skip
     return y, stats[0], stats[1]
 
@@ -461,17 +487,18 @@ def _cl_layout(rows: torch.Tensor, groups: int):
     return n, c, s, block_s, block_c, p, warps, (c // groups) * p
 
 
-def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, activation: str):
+def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, activation: str, xb_args, xb_flag):
     n, c, s, block_s, block_c, p, warps, k = _cl_layout(rows, groups)
     grid = (n * p, triton.cdiv(c, block_c))
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-    _cl_chunk_moments[grid](rows, parts[0], parts[1], c, s, p, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    _cl_chunk_moments[grid](rows, parts[0], parts[1], *xb_args, c, s, p, **xb_flag, BLOCK_S=block_s,
+                            BLOCK_C=block_c, num_warps=warps)  # fmt: skip
     _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block_s,
                                   BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)  # x's strides: the same channels-last memory
-    _cl_normalize_act[grid](rows, y, *affine, stats[0], stats[1], c, groups, s, p, **flags,
+    _cl_normalize_act[grid](rows, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, p, **flags, **xb_flag,
                             ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_c,
                             num_warps=warps)  # fmt: skip
     return y, stats[0], stats[1]

@@ -207,13 +207,14 @@ class _GroupNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation, fused=False):
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation, fused=False, input_bias=None):
         n, c = x.shape[:2]
         hw = x.numel() // (n * c)
         ctx.fused = fused
         ctx.norm = (n, c, hw, groups, eps, activation)
+        ctx.input_bias = input_bias is not None
         if fused:
-            y, mean, rstd = group_norm_act_forward(x, weight, bias, scale, shift, groups, eps, activation)
+            y, mean, rstd = group_norm_act_forward(x, weight, bias, scale, shift, groups, eps, activation, input_bias)
             ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
             out_dtype = x.dtype if scale is None else torch.promote_types(torch.promote_types(x.dtype, scale.dtype),
                                                                           shift.dtype)  # fmt: skip
@@ -229,9 +230,11 @@ class _GroupNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         n, c, hw, groups, eps, activation = ctx.norm
+        if ctx.input_bias:
+            raise RuntimeError("an input bias is for sampling only: the backward pass does not take it.")
         if ctx.fused:
             grad_x = group_norm_act_backward(grad, x, weight, bias, scale, shift, mean, rstd, groups, activation)
-            return grad_x.view(x.shape), None, None, None, None, None, None, None, None
+            return grad_x.view(x.shape), None, None, None, None, None, None, None, None, None
         shape, x = x.shape, x.contiguous()
         y = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)[0].view(shape)
         pre = y if scale is None else y * scale + shift
@@ -244,7 +247,7 @@ class _GroupNormAct(torch.autograd.Function):
         grad_x = torch.ops.aten.native_group_norm_backward(
             grad_y.contiguous(), x, mean, rstd, weight, n, c, hw, groups, [True, False, False]
         )[0]  # fmt: skip
-        return grad_x.view(shape), None, None, None, None, None, None, None, None
+        return grad_x.view(shape), None, None, None, None, None, None, None, None, None
 
 
 def group_norm_act_keeping_input(
@@ -255,13 +258,16 @@ def group_norm_act_keeping_input(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     fused: bool = False,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`act(norm(x) * (1 + scale) + shift)` for a frozen `norm`, keeping only `x` for the backward pass.
 
     `activation` is "silu" or "gelu"; `scale` and `shift` are optional and must not require gradients. Runs in the
     dtype the norm would run in: float32 under autocast when `float32_norms` (autocast's rule), else autocast's
     dtype (as `norm_dtype="compute"`); outside autocast in `x`'s dtype. `fused` runs it as one Triton kernel a
-    pass where `fused_norm_available(x)` (`norm_kernels="triton"`), else as PyTorch's kernels.
+    pass where `fused_norm_available(x)` (`norm_kernels="triton"`), else as PyTorch's kernels. `input_bias`
+    (broadcastable to (N, C, 1, ...)) is added to `x` first: inside the fused kernels, or as its own addition
+    elsewhere; with it there is no backward pass (sampling).
 
     Example:
         >>> norm = torch.nn.GroupNorm(2, 4)
@@ -275,8 +281,15 @@ def group_norm_act_keeping_input(
     with torch.autocast(x.device.type, enabled=False):
         factor = None if scale is None else 1 + scale  # in scale's dtype, as diffusers computes it
         fused = fused and fused_norm_available(x)
+        if input_bias is not None and not fused:
+            x, input_bias = x + _channel_view(input_bias, x), None
         return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation,
-                                   fused)  # fmt: skip
+                                   fused, input_bias)  # fmt: skip
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) or (N, C, 1, ...) per-channel tensor shaped to broadcast against (N, C, ...) `x`."""
+    return t.reshape(-1, x.shape[1], *[1] * (x.dim() - 2)) if t.dim() == 1 else t
 
 
 #: Multiplying eight 0/1 bytes read as one int64 by this gathers them into its top byte; multiplying a byte by it
@@ -343,11 +356,45 @@ def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x
     return x
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """An `nn.Conv2d` / `nn.Conv3d` run as its class writes it, with a bias: one whose bias can be taken apart."""
+    return (
+        type(conv) in (nn.Conv2d, nn.Conv3d)
+        and conv.bias is not None
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and "forward" not in vars(conv)
+        and not hasattr(conv, "_hf_hook")
+    )
+
+
+def _conv_deferring_bias(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(conv(x) without its bias, the bias)` for the fused norm that follows to add; `(conv(x), None)` where not.
+
+    cuDNN adds a convolution's bias in a pass of its own over the output; the norm reads that output anyway.
+    """
+    if type(conv) is FrameConv and conv.bias is not None and "forward" not in vars(conv) and not conv.runs_triton(x):
+        b, _, f, h, w = x.shape  # the Triton kernel adds its bias in the kernel already
+        y = torch.nn.functional.conv2d(x.reshape(b, x.shape[1], f, h * w), conv.weight.squeeze(-1), None,
+                                       padding=(conv.frame_padding, 0))  # fmt: skip
+        return y.reshape(b, y.shape[1], f, h, w), conv.bias
+    if _plain_conv(conv):
+        convolve = torch.nn.functional.conv2d if type(conv) is nn.Conv2d else torch.nn.functional.conv3d
+        return convolve(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias
+    return conv(x), None
+
+
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):
-    """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`."""
+    """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`.
+
+    Sampling on the fused kernels, the convolutions' biases go into the passes that follow instead of passes of
+    their own: `conv1`'s (with a "default" time embedding) into the second norm, `conv2`'s into the shortcut
+    convolution's bias where there is one.
+    """
     activation = _activation_of(block.nonlinearity)
     if (args or kwargs) or (temb is not None and temb.requires_grad) or (not torch.is_grad_enabled() and not fused):
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
+    fold = fused and not torch.is_grad_enabled() and fused_norm_available(input_tensor)
     hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
         if hidden_states.shape[0] >= 64:
@@ -355,7 +402,8 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
         input_tensor, hidden_states = block.upsample(input_tensor), block.upsample(hidden_states)
     elif block.downsample is not None:
         input_tensor, hidden_states = block.downsample(input_tensor), block.downsample(hidden_states)
-    hidden_states = block.conv1(hidden_states)
+    hidden_states, pending = _conv_deferring_bias(block.conv1, hidden_states) if fold else (
+        block.conv1(hidden_states), None)  # fmt: skip
     if block.time_emb_proj is not None:
         if not block.skip_time_act:
             temb = block.nonlinearity(temb)
@@ -365,19 +413,61 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
             raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {block.time_embedding_norm}")
         scale, shift = torch.chunk(temb, 2, dim=1)
         hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms,
-                                                     scale, shift, fused)  # fmt: skip
+                                                     scale, shift, fused, input_bias=pending)  # fmt: skip
     else:
         if block.time_embedding_norm == "default" and temb is not None:
-            hidden_states = hidden_states + temb
+            if fold:
+                pending = temb if pending is None else temb + pending[:, None, None]
+            else:
+                hidden_states = hidden_states + temb
         hidden_states = group_norm_act_keeping_input(block.norm2, hidden_states, activation, float32_norms,
-                                                     fused=fused)  # fmt: skip
+                                                     fused=fused, input_bias=pending)  # fmt: skip
     hidden_states = block.dropout(hidden_states)
+    shortcut = block.conv_shortcut
+    if fold and shortcut is not None and _plain_conv(block.conv2) and _plain_conv(shortcut):
+        hidden_states, bias = _conv_deferring_bias(block.conv2, hidden_states)
+        input_tensor = torch.nn.functional.conv2d(input_tensor, shortcut.weight, shortcut.bias + bias,
+                                                  shortcut.stride, shortcut.padding, shortcut.dilation,
+                                                  shortcut.groups)  # fmt: skip
+        return (input_tensor + hidden_states) / block.output_scale_factor
     hidden_states = block.conv2(hidden_states)
-    if block.conv_shortcut is not None:
+    if shortcut is not None:
         if block.training and channels_last_rows(input_tensor) is None:  # diffusers' contiguous(), layout kept
             input_tensor = input_tensor.contiguous()
-        input_tensor = block.conv_shortcut(input_tensor)
+        input_tensor = shortcut(input_tensor)
     return (input_tensor + hidden_states) / block.output_scale_factor
+
+
+def _temporal_conv_layer_sampling(layer: nn.Module, hidden_states: torch.Tensor, num_frames: int = 1):
+    """Diffusers' `TemporalConvLayer` forward for sampling on the fused kernels.
+
+    Each of the first three convolutions' biases is added by the next norm instead of a pass of its own.
+    """
+    seqs = (layer.conv1, layer.conv2, layer.conv3, layer.conv4)
+    if any(m.training and m.p > 0 for seq in seqs for m in list(seq)[2:-1]):  # dropout on: as written
+        return type(layer).forward(layer, hidden_states, num_frames)
+    x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
+    identity, pending = x, None
+    for i, seq in enumerate(seqs):
+        x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), False, fused=True, input_bias=pending)
+        x, pending = _conv_deferring_bias(seq[-1], x) if i < 3 else (seq[-1](x), None)
+    x = identity + x
+    return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
+
+
+def _temporal_conv_layer_qualifies(layer: nn.Module) -> bool:
+    """A diffusers `TemporalConvLayer` of four norm -> activation -> [dropout] -> convolution sequences."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    if type(layer) is not TemporalConvLayer or type(layer).forward is not TemporalConvLayer.forward:
+        return False
+    seqs = [getattr(layer, f"conv{i}", None) for i in range(1, 5)]
+    return all(
+        isinstance(seq, nn.Sequential) and len(seq) >= 3 and type(seq[0]) is nn.GroupNorm
+        and _activation_of(seq[1]) is not None and all(type(m) is nn.Dropout for m in list(seq)[2:-1])
+        and not any(hasattr(m, "_hf_hook") or "forward" in vars(m) for m in seq)
+        for seq in seqs
+    )  # fmt: skip
 
 
 def _resnet_qualifies(block: nn.Module, frozen: bool = True) -> bool:
@@ -421,8 +511,9 @@ def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[in
     diffusers `ResnetBlock2D`, the second with the time embedding's scale and shift) run as one normalise-and-
     activate kernel after two small statistics kernels (`motion_adapters.fused_norm`) while gradients are off and
     Triton can run on the input's device; with gradients on, or elsewhere, the modules run as written. The
-    outputs differ from PyTorch's by bf16 rounding (one rounding instead of one per operation). Yields the number
-    of modules changed.
+    outputs differ from PyTorch's by bf16 rounding (one rounding instead of one per operation). The biases of the
+    convolutions before a fused norm are added inside the norm's kernels instead of in passes of their own (each
+    temporal convolution layer's forward is replaced too, to arrange that). Yields the number of modules changed.
 
     Example:
         >>> with torch.no_grad(), fused_norm_activations(unet) as count:  # doctest: +SKIP
@@ -434,6 +525,9 @@ def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[in
             fused = functools.partial(_norm_act_sequential if kind == "sequential" else _resnet_keeping_inputs, m,
                                       False, True)  # fmt: skip
             chosen[m] = functools.partial(_unless_grad, m, fused)
+        for m in unet.modules():
+            if _temporal_conv_layer_qualifies(m):
+                chosen[m] = functools.partial(_unless_grad, m, functools.partial(_temporal_conv_layer_sampling, m))
     with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
         yield count
 

@@ -116,6 +116,25 @@ def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fuse
     torch.testing.assert_close(y, contiguous[0], rtol=1e-5, atol=1e-6)  # the channel-row kernels agree
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "nhwc"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypatch, layout, per_sample):
+    monkeypatch.setattr(fused, "CL_TILE", 256)
+    x, weight, bias, factor, shift = inputs((2, 96, 9, 15), affine=True, scale_shift=True)
+    if layout == "nhwc":
+        x = channels_last(x, layout)
+    g = torch.Generator().manual_seed(3)
+    # a convolution's bias (C,), or a time embedding added to it (N, C, 1, 1): a large one, that moves the groups
+    input_bias = (torch.randn(2, 96, 1, 1, generator=g) if per_sample else torch.randn(96, generator=g)) * 5
+    input_bias = input_bias.to(DEVICE)
+    y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, factor, shift, 4, 1e-5, "silu", input_bias)
+    shifted = x + (input_bias if per_sample else input_bias[:, None, None])
+    expected = reference(shifted, weight, bias, factor, shift, 4, "silu")
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), shifted.double().reshape(8, -1).mean(1), rtol=1e-6, atol=1e-5)
+    assert y.stride() == x.stride()
+
+
 def test_channels_last_tiles_cover_show1_shapes():
     # (values, channels, warps): 64 channels a tile, CL_TILE values in all, fewer where a sample has fewer values
     assert fused_module.cl_tile(320, 2560) == (64, 64, 8)
@@ -183,7 +202,7 @@ def test_recomputed_resnet_block_with_fused_norms_matches_diffusers(fused, norm,
     forward = fused.group_norm_act_forward
 
     def counting_forward(*args):
-        seen.append(args[-1])
+        seen.append(args[7])
         return forward(*args)
 
     def run(fused_norms):
@@ -279,12 +298,14 @@ def test_fused_norm_activations_sample_like_the_modules_and_stand_aside_with_gra
     x, temb = torch.randn(4, 8, 6, 6, device=DEVICE), torch.randn(4, 12, device=DEVICE)
     calls = []
     forward = fused.group_norm_act_forward
-    monkeypatch.setattr(lean_backward, "group_norm_act_forward", lambda *a: calls.append(a[-1]) or forward(*a))
+    monkeypatch.setattr(lean_backward, "group_norm_act_forward",
+                        lambda *a: calls.append((a[7], a[8] is not None)) or forward(*a))  # fmt: skip
     with torch.no_grad():
         expected = model(x, temb)
         with lean_backward.fused_norm_activations(model) as count:
             sampled = model(x, temb)
-    assert count == 2 and calls == ["silu"] * 3  # the ResNet's two pairs and the temporal pair ran fused
+    # the ResNet's two pairs and the temporal pair ran fused; the second norm added conv1's bias
+    assert count == 2 and calls == [("silu", False), ("silu", True), ("silu", False)]
     torch.testing.assert_close(sampled, expected, rtol=1e-5, atol=1e-4)
     calls.clear()
     with lean_backward.fused_norm_activations(model):
@@ -292,3 +313,36 @@ def test_fused_norm_activations_sample_like_the_modules_and_stand_aside_with_gra
     assert calls == [] and with_grad.requires_grad  # gradients on: the modules ran as written
     torch.testing.assert_close(with_grad.detach(), expected, rtol=0, atol=0)
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("time_norm", ["scale_shift", "default"])
+def test_sampling_folds_convolution_biases_into_the_fused_norms_that_follow(fused, monkeypatch, time_norm):
+    from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
+
+    torch.manual_seed(0)
+    resnet = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4,
+                           time_embedding_norm=time_norm).to(DEVICE).eval()  # a 1x1 shortcut: 8 -> 16 channels
+    layer = TemporalConvLayer(16, 16, dropout=0.1, norm_num_groups=4).to(DEVICE).eval()
+    with torch.no_grad():  # diffusers zero-initialises conv4; give every bias something to carry
+        for module in (*resnet.modules(), *layer.modules()):
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                module.weight.normal_(0, 0.2)
+                module.bias.normal_(0, 1.0)
+    x, temb = torch.randn(4, 8, 6, 6, device=DEVICE), torch.randn(4, 12, device=DEVICE)
+    calls = []
+    forward = fused.group_norm_act_forward
+    monkeypatch.setattr(lean_backward, "group_norm_act_forward",
+                        lambda *a: calls.append(a[8] is not None) or forward(*a))  # fmt: skip
+
+    def run(x):
+        return layer(resnet(x, temb), num_frames=2)
+
+    with torch.no_grad():
+        expected = run(x)
+        with lean_backward.fused_norm_activations(resnet), lean_backward.fused_norm_activations(layer) as count:
+            sampled = run(x)
+    # ResNet: norm1, then norm2 with conv1's bias (and the time embedding, "default"); the temporal layer's four
+    # norms, the last three with the bias of the convolution before them
+    assert calls == [False, True, False, True, True, True] and count == 5  # the layer and its four sequences
+    torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
+    assert all("forward" not in vars(m) for m in (*resnet.modules(), *layer.modules()))

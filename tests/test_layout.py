@@ -40,27 +40,43 @@ def conv_input_layouts(unet):
     return seen, lambda: [h.remove() for h in handles]
 
 
+def functional_conv_layouts(monkeypatch):
+    """Record (input shape, channels-last) of every `F.conv2d` / `F.conv3d` call: the convolution modules' own, and
+    those of the sampling layers that call them without the bias."""
+    seen = []
+    for name in ("conv2d", "conv3d"):
+
+        def recording(x, *args, _original=getattr(torch.nn.functional, name), **kwargs):
+            seen.append((tuple(x.shape), channels_last_rows(x) is not None))
+            return _original(x, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, name, recording)
+    return seen
+
+
 @pytest.mark.parametrize(
     ("stage", "fused", "kernels"), [("sr1", True, "conv2d"), ("keyframes", False, "conv2d"), ("sr1", True, "library")]
 )
-def test_channels_last_sampling_keeps_every_convolution_input_channels_last_and_the_output(stage, fused, kernels):
+def test_channels_last_sampling_keeps_every_convolution_input_channels_last_and_the_output(
+    monkeypatch, stage, fused, kernels
+):
     unet = tiny_unet(stage).to(DEVICE)
     inputs = unet_inputs(unet)
     with torch.no_grad():
         expected = unet(**inputs).sample
         with temporal_kernels(unet, kernels), fused_norm_activations(unet, fused):
-            seen, remove = conv_input_layouts(unet)
             with layout.channels_last_sampling(unet) as count:
                 convs = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, FrameConv))]
+                seen = functional_conv_layouts(monkeypatch)
                 sampled = unet(**inputs).sample
-            remove()
+                monkeypatch.undo()
     temporal = [m for m in unet.modules() if type(m) is TransformerTemporalModel]
     norms = [m for m in unet.modules() if type(m) is torch.nn.GroupNorm]
     assert count == len(convs) + len(temporal) + len(norms) and temporal
     # conv_in turns the input channels-last; every later convolution gets channels-last input (no conversion)
     assert len(seen) == len(convs)
     if kernels != "library" or DEVICE == "cuda":  # the CPU's Conv3d returns a contiguous output; cuDNN's does not
-        assert [call for call in seen if not call[-1]] == [("conv_in", (4, unet.config.in_channels, 8, 8), False)]
+        assert [call for call in seen if not call[-1]] == [((4, unet.config.in_channels, 8, 8), False)]  # conv_in
     torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
     # restored: weights contiguous again (safetensors saves contiguous tensors), forwards the class's
     assert all(m.weight.is_contiguous() for m in convs)
