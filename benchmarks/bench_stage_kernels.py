@@ -28,6 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from bench_training import GIB, environment, top_cuda_events, write  # noqa: E402
 
+from motion_adapters import lean_backward  # noqa: E402
 from motion_adapters.layout import channels_last_sampling  # noqa: E402
 from motion_adapters.lean_backward import fused_norm_activations  # noqa: E402
 from motion_adapters.models import (  # noqa: E402
@@ -47,21 +48,27 @@ STAGES = {
 KERNELS = ("library", "math_attention", "fast", "triton_attention", "triton_conv", "triton")
 #: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile, or
 #: with the group norm -> activation pairs on the fused Triton kernels (alone, or with math-kernel or Triton temporal
-#: attention); "_cl": and with channels-last activations through the UNet (`layout.channels_last_sampling`)
+#: attention); "_cl": and with channels-last activations through the UNet (`layout.channels_last_sampling`);
+#: "_nofold": the fused norms without the convolution biases folded into them (`lean_backward.FOLD_CONV_BIASES`)
 OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norms", "triton_attention_fused_norms",
           "triton_conv_fused_norms", "triton_fused_norms", "fused_norms_cl", "math_attention_fused_norms_cl",
-          "triton_attention_fused_norms_cl")
+          "triton_attention_fused_norms_cl", "math_attention_fused_norms_nofold",
+          "triton_attention_fused_norms_nofold")
 
 
 @contextmanager
 def variant_kernels(unet: torch.nn.Module, variant: str) -> Iterator[None]:
-    """Run `unet` the way `variant` names: temporal kernels, then "_fused_norms", then "_cl" (see OTHERS)."""
-    base = variant.removesuffix("_cl")
+    """Run `unet` the way `variant` names: temporal kernels, "_fused_norms", then "_cl" or "_nofold" (see OTHERS)."""
+    base = variant.removesuffix("_cl").removesuffix("_nofold")
     kernels = base.removesuffix("_fused_norms")
-    with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
-            fused_norm_activations(unet, base.endswith("fused_norms")), \
-            channels_last_sampling(unet, variant.endswith("_cl")):
-        yield
+    lean_backward.FOLD_CONV_BIASES = not variant.endswith("_nofold")
+    try:
+        with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
+                fused_norm_activations(unet, base.endswith("fused_norms")), \
+                channels_last_sampling(unet, variant.endswith("_cl")):
+            yield
+    finally:
+        lean_backward.FOLD_CONV_BIASES = True
 
 
 def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:

@@ -356,6 +356,11 @@ def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x
     return x
 
 
+#: Whether sampling on the fused norms adds the convolution biases inside the norms (`fused_norm_activations`);
+#: benchmarks/bench_stage_kernels.py switches it off to measure what it saves.
+FOLD_CONV_BIASES = True
+
+
 def _plain_conv(conv: nn.Module) -> bool:
     """An `nn.Conv2d` / `nn.Conv3d` run as its class writes it, with a bias: one whose bias can be taken apart."""
     return (
@@ -394,7 +399,7 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     activation = _activation_of(block.nonlinearity)
     if (args or kwargs) or (temb is not None and temb.requires_grad) or (not torch.is_grad_enabled() and not fused):
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
-    fold = fused and not torch.is_grad_enabled() and fused_norm_available(input_tensor)
+    fold = FOLD_CONV_BIASES and fused and not torch.is_grad_enabled() and fused_norm_available(input_tensor)
     hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
         if hidden_states.shape[0] >= 64:
@@ -525,7 +530,7 @@ def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[in
             fused = functools.partial(_norm_act_sequential if kind == "sequential" else _resnet_keeping_inputs, m,
                                       False, True)  # fmt: skip
             chosen[m] = functools.partial(_unless_grad, m, fused)
-        for m in unet.modules():
+        for m in unet.modules() if FOLD_CONV_BIASES else ():
             if _temporal_conv_layer_qualifies(m):
                 chosen[m] = functools.partial(_unless_grad, m, functools.partial(_temporal_conv_layer_sampling, m))
     with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
