@@ -347,6 +347,7 @@ def run(args, device, dtype, data):
     in_use = {name: pipe._kernels_in_use() for name, pipe in stages}  # what each stage's choices run on this device
     data["temporal_kernels"] = {name: kernels[0] for name, kernels in in_use.items()}
     data["norm_kernels"] = {name: kernels[1] for name, kernels in in_use.items()}
+    data["memory_format"] = {name: pipe._memory_format_in_use() for name, pipe in stages}
     if args.compile_sr1:
         sr1.compile(dynamic=False)
     # the embeddings are computed; unregister the released T5 so the keyframe stage's execution device is the UNet's

@@ -137,8 +137,8 @@ def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypat
 
 def test_channels_last_tiles_cover_show1_shapes():
     # (values, channels, warps): 64 channels a tile, CL_TILE values in all, fewer where a sample has fewer values
-    assert fused_module.cl_tile(320, 2560) == (64, 64, 8)
-    assert fused_module.cl_tile(6, 20480) == (512, 8, 8)
+    assert fused_module.cl_tile(320, 2560) == (128, 64, 8)
+    assert fused_module.cl_tile(6, 20480) == (1024, 8, 8)
     assert fused_module.cl_tile(1280, 40) == (64, 64, 8)
     assert fused_module.cl_tile(32, 4) == (4, 32, 1)
     assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5)) is None  # contiguous: the channel-row kernels

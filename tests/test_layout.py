@@ -14,6 +14,13 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """float32 convolutions in float32 on a GPU too: cuDNN's TF32 would differ by more than the layouts do."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def unet_inputs(unet, frames=2, size=8):
     g = torch.Generator().manual_seed(0)
     config = unet.config

@@ -534,9 +534,9 @@ def test_stage_norm_kernels_are_validated_and_triton_off_a_gpu_is_refused(cascad
 @pytest.mark.parametrize(
     ("stage", "on_gpu"),
     [
-        (Show1KeyframesPipeline, ("triton_attention", "torch")),
-        (Show1InterpolationPipeline, ("triton_attention", "triton")),
-        (Show1SuperResPipeline, ("math_attention", "triton")),
+        (Show1KeyframesPipeline, ("triton_attention", "torch", "contiguous")),
+        (Show1InterpolationPipeline, ("triton_attention", "triton", "channels_last")),
+        (Show1SuperResPipeline, ("triton_attention", "triton", "channels_last")),
     ],
 )
 def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton(
@@ -551,17 +551,19 @@ def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton
 
     def in_use(device, temporal="auto", norms="auto"):
         pipe = types.SimpleNamespace(unet=types.SimpleNamespace(device=torch.device(device)),
-                                     temporal_kernels=temporal, norm_kernels=norms,
+                                     temporal_kernels=temporal, norm_kernels=norms, memory_format="auto",
                                      _gpu_temporal_kernels=stage._gpu_temporal_kernels,
-                                     _gpu_norm_kernels=stage._gpu_norm_kernels)  # fmt: skip
-        return Show1StagePipeline._kernels_in_use(pipe)
+                                     _gpu_norm_kernels=stage._gpu_norm_kernels,
+                                     _gpu_memory_format=stage._gpu_memory_format)  # fmt: skip
+        return (*Show1StagePipeline._kernels_in_use(pipe), Show1StagePipeline._memory_format_in_use(pipe))
 
-    expected = on_gpu if triton_usable else (fallback.get(on_gpu[0], on_gpu[0]), "torch")
+    # without Triton: the SDPA twin, PyTorch's norms, and contiguous activations (the layout needs the fused norms)
+    expected = on_gpu if triton_usable else (fallback.get(on_gpu[0], on_gpu[0]), "torch", "contiguous")
     assert in_use("cuda") == expected
-    assert in_use("cpu") == ("library", "torch")
+    assert in_use("cpu") == ("library", "torch", "contiguous")
     if not triton_usable:
         with pytest.raises(ValueError, match=r"set_temporal_kernels\('auto'\)"):
-            in_use("cuda", temporal="triton_attention")
+            in_use("cuda", temporal="triton_attention")[0]
 
 
 def test_stage_memory_format_is_validated_and_runs_the_layout_for_the_call_only(cascade):

@@ -73,9 +73,8 @@ class Show1StagePipeline(DiffusionPipeline):
         "library" runs them as built; "math_attention", "conv2d", "fast", "triton_attention", "triton_fast",
         "triton_conv" and "triton" are the kernels of `motion_adapters.training_step.temporal_kernels`, swapped in
         for each call and restored after it (the Triton ones need a CUDA device with Triton installed); "auto" (the
-        default) picks the measured fastest for the stage on a GPU (Triton frame attention for the keyframes and
-        interpolation, math-kernel SDPA for SR1, the twin without Triton of a Triton choice where Triton is
-        missing) and "library" elsewhere.
+        default) picks the measured fastest for the stage on a GPU (Triton frame attention for every stage, its
+        twin without Triton, math-kernel SDPA, where Triton is missing) and "library" elsewhere.
 
         Example:
             >>> pipe.set_temporal_kernels("math_attention")  # doctest: +SKIP
@@ -107,7 +106,8 @@ class Show1StagePipeline(DiffusionPipeline):
         from `conv_in` on (`motion_adapters.layout.channels_last_sampling`: convolution weights stored
         channels-last for the call, group norms on the channels-last kernels of `motion_adapters.fused_norm`
         where Triton runs, so that cuDNN converts no layout); "auto" (the default) is what measured faster for the
-        stage on a GPU, else "contiguous". Samples differ by bf16 rounding.
+        stage on a GPU where Triton runs (channels-last for interpolation and SR1, contiguous for the keyframes),
+        else "contiguous". Samples differ by bf16 rounding.
 
         Example:
             >>> pipe.set_memory_format("channels_last")  # doctest: +SKIP
@@ -120,7 +120,8 @@ class Show1StagePipeline(DiffusionPipeline):
         """The memory format a call runs now: "auto" resolved for the UNet's device."""
         if self.memory_format != "auto":
             return self.memory_format
-        return self._gpu_memory_format if self.unet.device.type == "cuda" else "contiguous"
+        usable = self.unet.device.type == "cuda" and fused_norm_available()  # the layout needs the Triton norms
+        return self._gpu_memory_format if usable else "contiguous"
 
     def _kernels_in_use(self) -> tuple[str, str]:
         """(temporal kernels, norm kernels) that a call runs now: "auto" resolved for the UNet's device.
