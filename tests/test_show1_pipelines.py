@@ -580,3 +580,56 @@ def test_stage_memory_format_is_validated_and_runs_the_layout_for_the_call_only(
     pipe.set_memory_format("auto")
     assert layouts == {"contiguous": False, "channels_last": True}
     assert unet.conv_out.weight.is_contiguous() and all("forward" not in vars(m) for m in unet.modules())
+
+
+def test_stage_cuda_graph_is_validated_and_off_cuda_calls_the_unet_eagerly(cascade):
+    pipe = cascade.keyframes
+    assert pipe.cuda_graph == "auto"
+    with pytest.raises(ValueError, match="cuda_graph must be one of"):
+        pipe.set_cuda_graph("always")
+    calls, handle = record_unet_inputs(pipe.unet)
+    try:
+        pipe(prompt_embeds=torch.randn(1, 77, 64), num_inference_steps=3, output_type="pt")
+    finally:
+        handle.remove()
+    assert len(calls) == 3 and pipe._graphed is None  # on the CPU every step calls the UNet itself
+
+
+def test_graphed_call_runs_eagerly_then_captures_and_falls_back_when_capture_fails(monkeypatch):
+    from motion_adapters.pipelines._graph import GraphedCall
+
+    seen = []
+    call = GraphedCall(lambda x: seen.append(x.shape) or x * 2)
+    monkeypatch.setattr(call, "_capture", lambda tensors: (_ for _ in ()).throw(RuntimeError("not capturable")))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    x = torch.ones(2)
+    assert torch.equal(call(x), x * 2) and not call.eager  # the first call: eager, no capture yet
+    assert torch.equal(call(x), x * 2) and call.eager  # the capture failed: eager from now on, with a warning
+    strict = GraphedCall(lambda x: x, strict=True)
+    monkeypatch.setattr(strict, "_capture", lambda tensors: (_ for _ in ()).throw(RuntimeError("not capturable")))
+    strict(x)
+    with pytest.raises(RuntimeError, match="not capturable"):
+        strict(x)
+
+
+@pytest.mark.gpu
+def test_stage_calls_replay_from_a_cuda_graph_like_eager_calls(tmp_path):
+    cascade = tiny_cascade(tmp_path).to("cuda")
+    pipe = cascade.keyframes
+    outputs, replays = {}, {}
+    for choice in ("no", "yes"):
+        pipe.set_cuda_graph(choice)
+        seen = []
+
+        def record(pipe_, step, t, tensors):
+            seen.append(pipe_._graphed.replays if pipe_._graphed is not None else 0)
+            return tensors
+
+        outputs[choice] = pipe(prompt_embeds=torch.randn(1, 77, 64, generator=seeded(1)).to("cuda"),
+                               num_inference_steps=4, generator=torch.Generator("cuda").manual_seed(2),
+                               output_type="pt", callback_on_step_end=record).frames  # fmt: skip
+        replays[choice] = seen
+    pipe.set_cuda_graph("auto")
+    assert replays == {"no": [0, 0, 0, 0], "yes": [0, 1, 2, 3]}  # eager first, captured second, replayed after
+    assert pipe._graphed is None
+    torch.testing.assert_close(outputs["yes"], outputs["no"], rtol=0, atol=1e-5)

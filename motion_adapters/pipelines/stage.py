@@ -17,11 +17,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download
 from transformers import T5EncoderModel, T5Tokenizer
 
-from motion_adapters.config import MEMORY_FORMATS, NORM_KERNELS, TEMPORAL_KERNELS, TRITON_TEMPORAL_FALLBACK
+from motion_adapters.config import (
+    CUDA_GRAPHS,
+    MEMORY_FORMATS,
+    NORM_KERNELS,
+    TEMPORAL_KERNELS,
+    TRITON_TEMPORAL_FALLBACK,
+)
 from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.layout import channels_last_sampling
 from motion_adapters.lean_backward import fused_norm_activations
 from motion_adapters.models import Show1UNet3DConditionModel
+from motion_adapters.pipelines._graph import GraphedCall
 from motion_adapters.pipelines._utils import (
     HUB_KWARGS,
     OUTPUT_TYPES,
@@ -66,6 +73,8 @@ class Show1StagePipeline(DiffusionPipeline):
     temporal_kernels = "auto"
     norm_kernels = "auto"
     memory_format = "auto"
+    cuda_graph = "auto"
+    _graphed = None
 
     def set_temporal_kernels(self, choice: str) -> None:
         """Choose how the UNet's temporal layers run while this pipeline denoises (same weights, same function).
@@ -116,6 +125,22 @@ class Show1StagePipeline(DiffusionPipeline):
             raise ValueError(f"memory format must be one of {MEMORY_FORMATS}, got {choice!r}.")
         self.memory_format = choice
 
+    def set_cuda_graph(self, choice: str) -> None:
+        """Choose whether the UNet's calls replay from a CUDA graph while this pipeline denoises.
+
+        "auto" (the default) and "yes" run the first UNet call of a pipeline call eagerly, capture the second in a
+        CUDA graph and replay it for every later step (the inputs copied into the graph's buffers, the graph
+        dropped when the call returns); "auto" falls back to eager calls with a warning where capture fails,
+        "yes" raises. "no" never captures. Only on CUDA; forward hooks on the UNet run during the eager call and
+        the capture only.
+
+        Example:
+            >>> pipe.set_cuda_graph("no")  # doctest: +SKIP
+        """
+        if choice not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graph must be one of {CUDA_GRAPHS}, got {choice!r}.")
+        self.cuda_graph = choice
+
     def _memory_format_in_use(self) -> str:
         """The memory format a call runs now: "auto" resolved for the UNet's device."""
         if self.memory_format != "auto":
@@ -151,11 +176,33 @@ class Show1StagePipeline(DiffusionPipeline):
 
     @contextmanager
     def _temporal_kernels(self) -> Iterator[None]:
-        """The context that runs this pipeline's UNet with the chosen temporal and norm kernels and memory format."""
+        """The context that runs this pipeline's UNet with the chosen kernels, memory format and CUDA graph."""
         temporal, norms = self._kernels_in_use()
+        graphed = self.cuda_graph != "no" and self.unet.device.type == "cuda"
         with temporal_kernels(self.unet, temporal), fused_norm_activations(self.unet, norms == "triton"), \
                 channels_last_sampling(self.unet, self._memory_format_in_use() == "channels_last"):
-            yield
+            if graphed:
+                self._graphed = GraphedCall(self._unet_output, strict=self.cuda_graph == "yes")
+            try:
+                yield
+            finally:
+                if self._graphed is not None:
+                    self._graphed.close()
+                self._graphed = None
+
+    def _unet_output(self, sample, timestep, encoder_hidden_states, class_labels) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                         return_dict=False)[0]  # fmt: skip
+
+    def _call_unet(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs):
+        """One UNet call of the sampling loop: replayed from the CUDA graph where one is in use."""
+        if self._graphed is None or cross_attention_kwargs or sample.device.type != "cuda":
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             class_labels=class_labels, cross_attention_kwargs=cross_attention_kwargs,
+                             return_dict=False)[0]  # fmt: skip
+        timestep = torch.as_tensor(timestep, device=sample.device)  # inputs the graph copies must live on the GPU
+        class_labels = None if class_labels is None else torch.as_tensor(class_labels, device=sample.device)
+        return self._graphed(sample, timestep, encoder_hidden_states, class_labels)
 
     @torch.no_grad()
     def encode_prompt(
@@ -352,14 +399,7 @@ class Show1StagePipeline(DiffusionPipeline):
         model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
         model_input = torch.cat([model_input] * 2) if do_classifier_free_guidance else model_input
         model_input = scheduler.scale_model_input(model_input, t)
-        model_output = self.unet(
-            model_input,
-            t,
-            encoder_hidden_states=encoder_hidden_states,
-            class_labels=class_labels,
-            cross_attention_kwargs=cross_attention_kwargs,
-            return_dict=False,
-        )[0]
+        model_output = self._call_unet(model_input, t, encoder_hidden_states, class_labels, cross_attention_kwargs)
         noise_pred = combine_guidance(
             model_output,
             guidance_scale=guidance_scale,
