@@ -99,9 +99,13 @@ VARIANTS = {
                            "norm_kernels": "triton"}),
     "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
              "keeping no input, frozen activations recomputed on fused Triton norm kernels, fp32 masters, fused "
-             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto')",
+             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto') and memory "
+             "format (memory_format='auto')",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_contiguous": ("as full, memory_format='contiguous' (the default before the channels-last layout)",
+                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best",
+                         "memory_format": "contiguous"}),
     "full_fast": ("as full, temporal_kernels='fast' (math-kernel SDPA temporal attention, the default before "
                   "the Triton frame-attention kernels)",
                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast"}),
@@ -113,7 +117,8 @@ VARIANTS = {
     "lora_triton": ("as lora, temporal_kernels='triton'", {"mode": "lora", "cuda_graph": "yes",
                                                           "temporal_kernels": "triton"}),
     "full_cl": ("as full, memory_format='channels_last' (activations NHWC through the UNet: frozen convolution "
-                "weights channels-last, the group norms on the channels-last Triton kernels)",
+                "weights channels-last, the group norms on the channels-last Triton kernels; the default since "
+                "training_cl_h200.json)",
                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),
     "lora_cl": ("as lora, memory_format='channels_last'",
                 {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),

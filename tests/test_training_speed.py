@@ -121,6 +121,7 @@ def test_checkpointing_an_unknown_block_names_it():
 def test_step_seconds_are_reported_per_step():
     result = train_motion(tiny_unet3d(), clip(channels=4, size=8), embeds(16), scheduler(), cfg(), progress=False)
     assert len(result.extra["step_seconds"]) == 3 and result.extra["cuda_graph"] is False
+    assert result.extra["memory_format"] == "contiguous"  # "auto" off CUDA: no Triton norms to keep the layout
 
 
 def test_cuda_graph_yes_off_cuda_is_refused_with_the_reason():
