@@ -175,8 +175,9 @@ def training_summary(data: dict) -> str:
     base = runs.get("baseline", {}).get("s_per_step")
     lines = [environment_line(data), "", "| VMC training, 400 steps of show-1-base | time | s/step | vs. reference | "
              "peak GiB |", "|---|---|---|---|---|"]
-    for name, label in (("baseline", "reference loop (fp32 + fp16 autocast)"), ("full", "`train_motion`, full"),
-                        ("lora", "`train_motion`, LoRA r=16")):
+    full = "`train_motion`, full, contiguous" if "full_cl" in runs else "`train_motion`, full"
+    for name, label in (("baseline", "reference loop (fp32 + fp16 autocast)"), ("full", full),
+                        ("full_cl", "`train_motion`, full, channels-last"), ("lora", "`train_motion`, LoRA r=16")):
         r = runs.get(name)
         if not r or "error" in r:
             continue
