@@ -5,7 +5,8 @@
 - `frozen_activations_recomputed` makes frozen norm -> activation pairs and GEGLU feed-forwards keep only their
   input and recompute the rest in the backward pass, and keeps dropout masks as bits; with `fused_norms` the pairs
   run on the Triton kernels of `motion_adapters.fused_norm`.
-- `fused_norm_activations` runs the same pairs on those kernels while sampling (gradients off).
+- `fused_norm_activations` runs the same pairs on those kernels while sampling (gradients off), with the bias of
+  the convolution before each norm added inside the norm's kernels instead of in a pass of its own.
 
 Each replaces `forward` on module instances (never a module's class, which diffusers checks with `isinstance`),
 computes the same outputs and input gradients, and leaves modules that already carry an instance `forward` (an
