@@ -7,7 +7,8 @@ as `block_for` picks them, and with 1024 throughout), in bf16. Medians of `trito
 (GPU time, replayed from a CUDA graph as the training step runs) and of `do_bench` (eager, launched from
 Python); several input sets rotated so that no run reads a cached tensor; the outputs checked against a float64
 reference first.
-The channels-last kernels run on the same values stored channels-last, at three tile sizes.
+The channels-last kernels run on the same values stored channels-last, at three tile sizes and with twice the
+channels a tile.
 Bytes: one read of x and one write of y forward; two reads of x and dy and one write of dx backward: the floor at
 the measured copy bandwidth.
 
@@ -166,16 +167,20 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
         "fused_channels_last_backward": cl_rotating(lambda s, nat, fus: group_norm_act_backward(
             s[1], s[0], s[2], s[3], s[4], s[5], fus[1], fus[2], groups, "silu")),
     }  # fmt: skip
-    default_tile = fused_module.CL_TILE
+    default_tile, default_channels = fused_module.CL_TILE, fused_module.CL_BLOCK_C
     for key, fn in cl_calls.items():
-        for label, tile in ((key, default_tile), (f"{key}_tile_{default_tile // 2}", default_tile // 2),
-                            (f"{key}_tile_{default_tile * 2}", default_tile * 2)):  # fmt: skip
-            fused_module.CL_TILE = tile
+        for label, tile, channels in (
+            (key, default_tile, default_channels),
+            (f"{key}_tile_{default_tile // 2}", default_tile // 2, default_channels),
+            (f"{key}_tile_{default_tile * 2}", default_tile * 2, default_channels),
+            (f"{key}_channels_{default_channels * 2}", default_tile, default_channels * 2),
+        ):
+            fused_module.CL_TILE, fused_module.CL_BLOCK_C = tile, channels
             fn()
             torch.cuda.synchronize()
             ms[label] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
             eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        fused_module.CL_TILE = default_tile
+        fused_module.CL_TILE, fused_module.CL_BLOCK_C = default_tile, default_channels
     nbytes = x.numel() * x.element_size()
     floor = {"forward": 2 * nbytes / bandwidth * 1e3, "backward": 5 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": list(shape), "groups": groups, "scale_shift": scale_shift,

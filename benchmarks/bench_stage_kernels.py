@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -37,6 +38,7 @@ from motion_adapters.models import (  # noqa: E402
     show1_interpolation_config,
     show1_sr1_config,
 )
+from motion_adapters.pipelines._graph import GraphedCall  # noqa: E402
 from motion_adapters.training_step import temporal_kernels  # noqa: E402
 
 #: stage -> (config factory, (frames, height, width), batch with guidance, calls a video makes: steps x windows)
@@ -56,19 +58,56 @@ OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norm
           "triton_attention_fused_norms_nofold")
 
 
+#: Suffixes a variant may end with, after its kernels: "_fused_norms" (the fused norms), then any of "_cl"
+#: (channels-last activations), "_nofold" (no folded biases), "_graph" (the call replayed from a CUDA graph, as the
+#: stage pipelines run it: `pipelines._graph.GraphedCall`)
+FLAGS = ("_cl", "_nofold", "_graph")
+
+
+def parse_variant(variant: str) -> tuple[str, str, set[str]]:
+    """(temporal kernels, "fused_norms" or "", flags) of a variant name; raises ValueError for an unknown one.
+
+    Example:
+        >>> kernels, norms, flags = parse_variant("triton_attention_fused_norms_cl_graph")
+        >>> kernels, norms, sorted(flags)
+        ('triton_attention', 'fused_norms', ['_cl', '_graph'])
+    """
+    base, flags = variant, set()
+    while any(base.endswith(flag) for flag in FLAGS):
+        flag = next(flag for flag in FLAGS if base.endswith(flag))
+        base, flags = base.removesuffix(flag), flags | {flag}
+    norms = "fused_norms" if base == "fused_norms" or base.endswith("_fused_norms") else ""
+    kernels = base.removesuffix("_fused_norms") if base != "fused_norms" else "library"
+    if variant not in OTHERS and kernels not in KERNELS + ("channels_last", "compiled"):
+        raise ValueError(f"unknown variant {variant!r}")
+    if (flags or norms) and kernels in ("channels_last", "compiled"):
+        raise ValueError(f"variant {variant!r}: {kernels} takes no suffix")
+    return kernels, norms, flags
+
+
 @contextmanager
 def variant_kernels(unet: torch.nn.Module, variant: str) -> Iterator[None]:
-    """Run `unet` the way `variant` names: temporal kernels, "_fused_norms", then "_cl" or "_nofold" (see OTHERS)."""
-    base = variant.removesuffix("_cl").removesuffix("_nofold")
-    kernels = base.removesuffix("_fused_norms")
-    lean_backward.FOLD_CONV_BIASES = not variant.endswith("_nofold")
+    """Run `unet` the way `variant` names: temporal kernels, fused norms, channels-last, folding (see FLAGS)."""
+    kernels, norms, flags = parse_variant(variant)
+    lean_backward.FOLD_CONV_BIASES = "_nofold" not in flags
     try:
         with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
-                fused_norm_activations(unet, base.endswith("fused_norms")), \
-                channels_last_sampling(unet, variant.endswith("_cl")):
+                fused_norm_activations(unet, norms == "fused_norms"), \
+                channels_last_sampling(unet, "_cl" in flags):
             yield
     finally:
         lean_backward.FOLD_CONV_BIASES = True
+
+
+class GraphedUNet:
+    """`unet(**inputs)` with its calls replayed from a CUDA graph, as the stage pipelines replay theirs."""
+
+    def __init__(self, unet):
+        self.call = GraphedCall(lambda sample, timestep, text, labels: unet(
+            sample, timestep, encoder_hidden_states=text, class_labels=labels, return_dict=False)[0], strict=True)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        return SimpleNamespace(sample=self.call(sample, timestep, encoder_hidden_states, class_labels))
 
 
 def time_calls(unet, inputs, repeats: int, device, first: list | None = None) -> float:
@@ -107,18 +146,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {tuple(STAGES)}")
     parser.add_argument("--profile", default=None, metavar="VARIANT",
                         help="also record the top CUDA operators of two calls of each stage with VARIANT")
+    parser.add_argument("--rounds", type=int, default=1, help="time every variant this many times, in turn, and "
+                        "report the median of the rounds' medians (the host drifts within a process: variants "
+                        "timed later ran faster on the H200)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     data = {"benchmark": "stage_kernels", "env": environment(device, args.commit), "dtype": str(dtype), "stages": {}}
     variants = ["library"] + [v for v in args.variants.split(",") if v != "library"]
-    unknown = sorted(set(variants) - set(KERNELS + OTHERS)) + sorted(set(args.stages.split(",")) - set(STAGES))
-    if args.profile in ("compiled", "channels_last"):
+    unknown = sorted(set(args.stages.split(",")) - set(STAGES))
+    for variant in variants + ([args.profile] if args.profile else []):
+        try:
+            parse_variant(variant)
+        except ValueError:
+            unknown.append(variant)
+    if args.profile in ("compiled", "channels_last") or (args.profile and "_graph" in parse_variant(args.profile)[2]):
         parser.error(f"--profile {args.profile} is not supported: profile a kernels or fused-norms variant.")
-    if args.profile and args.profile not in KERNELS + OTHERS:
-        unknown.append(args.profile)
     if unknown:
         parser.error(f"unknown variants or stages {unknown}")
+    if device.type != "cuda" and any("_graph" in parse_variant(v)[2] for v in variants):
+        parser.error("'_graph' variants need a CUDA device.")
     for name in args.stages.split(","):
         make_config, (frames, height, width), batch, calls = STAGES[name]
         config = make_config()
@@ -140,29 +187,40 @@ def main(argv: list[str] | None = None) -> dict:
         if config.get("class_embed_type") == "timestep":
             inputs["class_labels"] = torch.full((batch,), 250, device=device)
         record = {"input": [batch, config["in_channels"], frames, height, width], "calls_per_video": calls}
-        outputs = {}
+        outputs, rounds = {}, {variant: [] for variant in variants}
+        compiled = torch.compile(unet, dynamic=False) if "compiled" in variants else None
+        for round_ in range(args.rounds):
+            for variant in variants:
+                first: list[float] = []
+                if variant == "channels_last":
+                    conv2d_format(unet, torch.channels_last)
+                with variant_kernels(unet, variant):
+                    model = compiled if variant == "compiled" else unet
+                    if "_graph" in parse_variant(variant)[2]:
+                        model = GraphedUNet(unet)
+                    if device.type == "cuda" and round_ == 0:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    rounds[variant].append(time_calls(model, inputs, args.repeats, device, first))
+                    if round_ == 0:
+                        with torch.no_grad():
+                            outputs[variant] = model(**inputs).sample.float()
+                        record[variant] = {"first_call_seconds": first[0]}
+                        if device.type == "cuda":
+                            record[variant]["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+                    model = None
+                if variant == "channels_last":
+                    conv2d_format(unet, torch.contiguous_format)
         for variant in variants:
-            first: list[float] = []
-            model = torch.compile(unet, dynamic=False) if variant == "compiled" else unet
-            if variant == "channels_last":
-                conv2d_format(unet, torch.channels_last)
-            with variant_kernels(unet, variant):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                seconds = time_calls(model, inputs, args.repeats, device, first)
-                with torch.no_grad():
-                    outputs[variant] = model(**inputs).sample.float()
-            if variant == "channels_last":
-                conv2d_format(unet, torch.contiguous_format)
-            record[variant] = {"seconds_per_call": seconds, "seconds_per_video": seconds * calls,
-                               "first_call_seconds": first[0]}  # fmt: skip
-            if device.type == "cuda":
-                record[variant]["peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+            seconds = sorted(rounds[variant])[len(rounds[variant]) // 2]
+            record[variant].update(seconds_per_call=seconds, seconds_per_video=seconds * calls,
+                                   seconds_per_call_rounds=rounds[variant])  # fmt: skip
             diff = (outputs[variant] - outputs["library"]).abs()
             record[variant]["max_abs_diff_vs_library"] = diff.max().item()
             record[variant]["mean_abs_diff_vs_library"] = diff.mean().item()
             record[variant]["mean_abs_output"] = outputs["library"].abs().mean().item()
-            record[variant]["speedup_vs_library"] = record["library"]["seconds_per_call"] / seconds
+        for variant in variants:
+            record[variant]["speedup_vs_library"] = record["library"]["seconds_per_call"] / \
+                record[variant]["seconds_per_call"]
             print(name, variant, json.dumps(record[variant]), flush=True)
         data["stages"][name] = record
         if args.profile and device.type == "cuda":

@@ -243,8 +243,9 @@ def fused_norm_layout_table(data: dict) -> str:
     env = data.get("env", {})
     lines = [f"_{env.get('gpu')}, triton {env.get('triton')}, commit `{env.get('commit')}`, {env.get('date')}; "
              f"{data.get('dtype')}, SiLU; GPU ms of calls replayed from a CUDA graph (medians)_", "",
-             "| shape (groups 32) | forward ms: contiguous / channels-last (tile as chosen; half; double) / floor | "
-             "backward ms: contiguous / channels-last (as chosen; half; double) / floor | error vs float64: "
+             "| shape (groups 32) | forward ms: contiguous / channels-last (tile as chosen; half; double[; twice the "
+             "channels]) / floor | backward ms: contiguous / channels-last (as chosen; half; double[; twice the "
+             "channels]) / floor | error vs float64: "
              "contiguous / channels-last |", "|---|---|---|---|"]  # fmt: skip
     for row in data.get("rows", []):
         ms, floor, err = row["ms"], row["floor_ms"], row["relative_error_vs_float64"]
@@ -253,7 +254,7 @@ def fused_norm_layout_table(data: dict) -> str:
         cells = []
         for pass_ in ("forward", "backward"):
             key = f"fused_channels_last_{pass_}"
-            others = [v for k, v in ms.items() if k.startswith(f"{key}_tile_")]
+            others = [v for k, v in ms.items() if k.startswith((f"{key}_tile_", f"{key}_channels_"))]
             cells.append(f"{ms[f'fused_{pass_}']:.4f} / {ms[key]:.4f} ({'; '.join(f'{v:.4f}' for v in others)}) / "
                          f"{floor[pass_]:.4f}")
         lines.append(f"| {row['name']} {tuple(row['shape'])} | {cells[0]} | {cells[1]} | "

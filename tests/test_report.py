@@ -34,17 +34,30 @@ def test_profile_table_lists_the_top_operators_in_order(report):
 def test_bench_stage_kernels_tiny_times_each_variant_and_the_outputs_agree(tmp_path):
     bench = load_script("benchmarks/bench_stage_kernels.py")
     out = tmp_path / "stage_kernels.json"
-    data = bench.main(["--tiny", "--repeats", "1", "--stages", "sr1", "--variants", "fast,channels_last",
-                       "--out", str(out)])  # fmt: skip
+    data = bench.main(["--tiny", "--repeats", "1", "--rounds", "2", "--stages", "sr1", "--variants",
+                       "fast,channels_last", "--out", str(out)])  # fmt: skip
     record = json.loads(out.read_text())["stages"]["sr1"]
     assert record == json.loads(json.dumps(data["stages"]["sr1"]))
     assert set(record) >= {"library", "fast", "channels_last"} and record["calls_per_video"] == 500
     for variant in ("fast", "channels_last"):  # the same function, run differently
         assert record[variant]["max_abs_diff_vs_library"] < 1e-4 * max(1.0, record[variant]["mean_abs_output"])
-        assert record[variant]["seconds_per_call"] > 0
+        assert record[variant]["seconds_per_call"] in record[variant]["seconds_per_call_rounds"]
+        assert len(record[variant]["seconds_per_call_rounds"]) == 2  # timed in turn, twice
     assert "| sr1 | (2, 6, 3, 16, 16) | channels_last |" in load_script("benchmarks/report.py").stage_kernels_table(data)
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--variants", "turbo", "--out", str(out)])
+    with pytest.raises(SystemExit):  # no CUDA graphs on the CPU
+        bench.main(["--tiny", "--variants", "fast_graph", "--out", str(out)])
+
+
+def test_bench_stage_kernels_variant_names_parse_into_kernels_norms_and_flags():
+    parse = load_script("benchmarks/bench_stage_kernels.py").parse_variant
+    assert parse("triton_attention_fused_norms_cl_graph") == ("triton_attention", "fused_norms", {"_cl", "_graph"})
+    assert parse("fused_norms_nofold") == ("library", "fused_norms", {"_nofold"})
+    assert parse("math_attention") == ("math_attention", "", set())
+    for bad in ("turbo", "compiled_cl", "triton_attention_fused"):
+        with pytest.raises(ValueError, match="variant"):
+            parse(bad)
 
 
 def test_training_summary_gives_each_run_its_ratio_to_the_reference_loop(report):
