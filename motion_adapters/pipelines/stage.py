@@ -131,8 +131,8 @@ class Show1StagePipeline(DiffusionPipeline):
         "auto" (the default) and "yes" run the first UNet call of a pipeline call eagerly, capture the second in a
         CUDA graph and replay it for every later step (the inputs copied into the graph's buffers, the graph
         dropped when the call returns); "auto" falls back to eager calls with a warning where capture fails,
-        "yes" raises. "no" never captures. Only on CUDA; forward hooks on the UNet run during the eager call and
-        the capture only.
+        "yes" raises. "no" never captures. Only on CUDA, and not for a UNet with an offload hook
+        (`enable_model_cpu_offload`); forward hooks on the UNet run during the eager call and the capture only.
 
         Example:
             >>> pipe.set_cuda_graph("no")  # doctest: +SKIP
@@ -178,7 +178,8 @@ class Show1StagePipeline(DiffusionPipeline):
     def _temporal_kernels(self) -> Iterator[None]:
         """The context that runs this pipeline's UNet with the chosen kernels, memory format and CUDA graph."""
         temporal, norms = self._kernels_in_use()
-        graphed = self.cuda_graph != "no" and self.unet.device.type == "cuda"
+        # an offload hook moves weights in its forward, which a graph cannot replay: those UNets run eagerly
+        graphed = self.cuda_graph != "no" and self.unet.device.type == "cuda" and not hasattr(self.unet, "_hf_hook")
         with temporal_kernels(self.unet, temporal), fused_norm_activations(self.unet, norms == "triton"), \
                 channels_last_sampling(self.unet, self._memory_format_in_use() == "channels_last"):
             if graphed:
