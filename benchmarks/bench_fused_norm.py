@@ -111,10 +111,10 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
               group_norm_act_forward(s[0], s[2], s[3], s[4], s[5], groups, 1e-5, "silu")) for s in sets]  # fmt: skip
     counter = {"i": 0}
 
-    def rotating(fn):
+    def rotating(fn, inputs=saved):
         def call():
-            counter["i"] = (counter["i"] + 1) % len(saved)
-            return fn(*saved[counter["i"]])
+            counter["i"] = (counter["i"] + 1) % len(inputs)
+            return fn(*inputs[counter["i"]])
 
         return call
 
@@ -154,18 +154,11 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
     errors["fused_channels_last_backward"] = rel(
         group_norm_act_backward(gc, xc, weight, bias, factor, shift, cl_fus[1], cl_fus[2], groups, "silu"), ref_dx)
 
-    def cl_rotating(fn):
-        def call():
-            counter["i"] = (counter["i"] + 1) % len(cl_saved)
-            return fn(*cl_saved[counter["i"]])
-
-        return call
-
     cl_calls = {
-        "fused_channels_last_forward": cl_rotating(lambda s, nat, fus: group_norm_act_forward(
-            s[0], s[2], s[3], s[4], s[5], groups, 1e-5, "silu")),
-        "fused_channels_last_backward": cl_rotating(lambda s, nat, fus: group_norm_act_backward(
-            s[1], s[0], s[2], s[3], s[4], s[5], fus[1], fus[2], groups, "silu")),
+        "fused_channels_last_forward": rotating(lambda s, nat, fus: group_norm_act_forward(
+            s[0], s[2], s[3], s[4], s[5], groups, 1e-5, "silu"), cl_saved),
+        "fused_channels_last_backward": rotating(lambda s, nat, fus: group_norm_act_backward(
+            s[1], s[0], s[2], s[3], s[4], s[5], fus[1], fus[2], groups, "silu"), cl_saved),
     }  # fmt: skip
     default_tile, default_channels = fused_module.CL_TILE, fused_module.CL_BLOCK_C
     for key, fn in cl_calls.items():
