@@ -17,7 +17,7 @@ conversions instead of removing them (PyTorch's CUDA group norm takes and return
 The first convolution (`conv_in`) turns the input into channels-last and everything after it keeps the layout:
 the spatial attention reads and writes the (B, H * W, C) sequences without the transposing copies of NCHW. Same
 function, same parameters; outputs differ by bf16 rounding. `channels_last_sampling` is for sampling (with
-gradients on, the changed modules run as written); `channels_last_training` keeps the layout through the
+gradients on, its group norms run as their modules do); `channels_last_training` keeps the layout through the
 training step's forward and backward passes.
 """
 
@@ -127,8 +127,9 @@ def _channels_last(unet: nn.Module, norm_forward, frozen_convs_only: bool) -> It
 def channels_last_sampling(unet: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Keep `unet`'s activations channels-last while it samples (see the module), then restore it.
 
-    With gradients on, the changed modules run as written. The convolution weights go back to contiguous
-    storage on exit (safetensors saves contiguous tensors). Yields the number of modules changed (weights stored
+    With gradients on, the group norms run as their modules do (PyTorch's, which convert the layout back; train
+    with `channels_last_training`). The convolution weights go back to contiguous storage on exit (safetensors
+    saves contiguous tensors). Yields the number of modules changed (weights stored
     channels-last count too).
 
     Example:
