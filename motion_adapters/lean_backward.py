@@ -380,10 +380,7 @@ def _conv_deferring_bias(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     cuDNN adds a convolution's bias in a pass of its own over the output; the norm reads that output anyway.
     """
     if type(conv) is FrameConv and conv.bias is not None and "forward" not in vars(conv) and not conv.runs_triton(x):
-        b, _, f, h, w = x.shape  # the Triton kernel adds its bias in the kernel already
-        y = torch.nn.functional.conv2d(x.reshape(b, x.shape[1], f, h * w), conv.weight.squeeze(-1), None,
-                                       padding=(conv.frame_padding, 0))  # fmt: skip
-        return y.reshape(b, y.shape[1], f, h, w), conv.bias
+        return conv.cudnn(x, None), conv.bias  # the Triton kernel adds its bias in the kernel already
     if _plain_conv(conv):
         convolve = torch.nn.functional.conv2d if type(conv) is nn.Conv2d else torch.nn.functional.conv3d
         return convolve(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias

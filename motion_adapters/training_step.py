@@ -185,9 +185,13 @@ class FrameConv(nn.Module):
         """Convolve (B, C, F, H, W) along frames."""
         if self.runs_triton(x):
             return temporal_conv(x, self.weight, self.bias)
+        return self.cudnn(x, self.bias)
+
+    def cudnn(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Convolve (B, C, F, H, W) along frames as cuDNN's (k, 1) `conv2d`, adding `bias` (None: no bias)."""
         b, _, f, h, w = x.shape
         y = torch.nn.functional.conv2d(
-            x.reshape(b, x.shape[1], f, h * w), self.weight.squeeze(-1), self.bias, padding=(self.frame_padding, 0)
+            x.reshape(b, x.shape[1], f, h * w), self.weight.squeeze(-1), bias, padding=(self.frame_padding, 0)
         )
         return y.reshape(b, y.shape[1], f, h, w)
 

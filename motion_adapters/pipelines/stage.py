@@ -191,16 +191,14 @@ class Show1StagePipeline(DiffusionPipeline):
                     self._graphed.close()
                 self._graphed = None
 
-    def _unet_output(self, sample, timestep, encoder_hidden_states, class_labels) -> torch.Tensor:
+    def _unet_output(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs=None):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
-                         return_dict=False)[0]  # fmt: skip
+                         cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]  # fmt: skip
 
     def _call_unet(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs):
         """One UNet call of the sampling loop: replayed from the CUDA graph where one is in use."""
         if self._graphed is None or cross_attention_kwargs or sample.device.type != "cuda":
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                             class_labels=class_labels, cross_attention_kwargs=cross_attention_kwargs,
-                             return_dict=False)[0]  # fmt: skip
+            return self._unet_output(sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs)
         timestep = torch.as_tensor(timestep, device=sample.device)  # inputs the graph copies must live on the GPU
         class_labels = None if class_labels is None else torch.as_tensor(class_labels, device=sample.device)
         return self._graphed(sample, timestep, encoder_hidden_states, class_labels)
