@@ -1,5 +1,6 @@
 """Show-1 stage pipelines and cascade on tiny random components built from config."""
 
+import copy
 import json
 
 import numpy as np
@@ -633,3 +634,62 @@ def test_stage_calls_replay_from_a_cuda_graph_like_eager_calls(tmp_path):
     assert replays == {"no": [0, 0, 0, 0], "yes": [0, 1, 2, 3]}  # eager first, captured second, replayed after
     assert pipe._graphed is None
     torch.testing.assert_close(outputs["yes"], outputs["no"], rtol=0, atol=1e-5)
+
+
+def test_encode_prompt_encodes_prompt_and_negative_in_one_t5_pass_with_the_same_embeddings(cascade):
+    pipe = cascade.keyframes
+    calls = []
+    forward = pipe.text_encoder.forward
+
+    def counting(input_ids, **kwargs):
+        calls.append(input_ids.shape[0])
+        return forward(input_ids, **kwargs)
+
+    embeds, negative = pipe.encode_prompt(["a cat runs", "a dog jumps"], "blurry")
+    pipe.text_encoder.forward = counting
+    try:
+        again, again_negative = pipe.encode_prompt(["a cat runs", "a dog jumps"], "blurry")
+        alone = pipe.encode_prompt("a dog jumps", do_classifier_free_guidance=False)[0]
+    finally:
+        del pipe.text_encoder.forward
+    assert calls == [4, 1]  # prompts and negatives together, then one prompt without guidance
+    torch.testing.assert_close(again, embeds)
+    torch.testing.assert_close(again_negative, negative)
+    torch.testing.assert_close(alone[0], embeds[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(negative[0], negative[1])
+
+
+def test_text_encoder_offload_streams_t5_blocks_and_keeps_its_weights_on_the_cpu(cascade):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from motion_adapters.pipelines._utils import _path_to_blocks, stream_blocks
+
+    encoder = cascade.keyframes.text_encoder
+    assert _path_to_blocks(encoder) == ["encoder"]  # T5EncoderModel.encoder.block
+    before = cascade.encode_prompt("a cat runs")
+    with pytest.raises(ValueError, match="use_stream=True needs a CUDA device"):
+        cascade.enable_text_encoder_offload("cpu", use_stream=True)
+    cascade.enable_text_encoder_offload("cpu")
+    cascade.enable_text_encoder_offload("cpu")  # a second call does nothing
+    assert _is_group_offload_enabled(encoder)
+    assert all(p.device.type == "cpu" for p in encoder.parameters())
+    after = cascade.encode_prompt("a cat runs")
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="no ModuleList of blocks"):
+        stream_blocks(torch.nn.Linear(2, 2), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_text_encoder_offload_on_cuda_matches_a_resident_encoder_and_leaves_it_on_the_cpu(cascade):
+    resident = copy.deepcopy(cascade.keyframes.text_encoder).cuda()
+    cascade.enable_text_encoder_offload("cuda")
+    tokens = torch.randint(0, 30, (2, 77), generator=seeded(1)).cuda()
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        streamed = cascade.keyframes.text_encoder(tokens, attention_mask=mask).last_hidden_state
+        expected = resident(tokens, attention_mask=mask).last_hidden_state
+    assert streamed.device.type == "cuda"
+    assert all(p.device.type == "cpu" for p in cascade.keyframes.text_encoder.parameters())
+    torch.testing.assert_close(streamed, expected)

@@ -228,3 +228,55 @@ def embedding_width(unet: Show1UNet3DConditionModel) -> int:
         >>> # embedding_width(unet) == 4096
     """
     return unet.config.encoder_hid_dim or unet.config.cross_attention_dim
+
+
+def _path_to_blocks(module: torch.nn.Module) -> list[str] | None:
+    """Names of the children leading from `module` to the shallowest list of blocks under it, breadth first."""
+    level = [([], module)]
+    while level:
+        for path, parent in level:
+            for _, child in parent.named_children():
+                if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
+                    return path
+        level = [([*path, name], child) for path, parent in level for name, child in parent.named_children()]
+    return None
+
+
+def stream_blocks(module: torch.nn.Module, device: torch.device | str, use_stream: bool | None = None) -> None:
+    """Keep `module` on the CPU and run it on `device` one block at a time (diffusers' block-level group offloading).
+
+    The blocks are those of the shallowest `ModuleList` (or `Sequential`) under `module` (T5's
+    `encoder.block`, CLIP's `text_model.encoder.layers`); what lies outside them moves to `device` for the whole
+    forward. With `use_stream` (True on CUDA when None) the next block is copied from pinned memory on a side stream
+    while the current one runs. Does nothing if `module` is group-offloaded already. Raises `ValueError` for a
+    module without such a list of blocks, or `use_stream` off CUDA.
+
+    Example:
+        >>> stream_blocks(pipe.text_encoder, "cuda")  # doctest: +SKIP
+    """
+    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    device = torch.device(device)
+    if _is_group_offload_enabled(module):
+        return
+    path = _path_to_blocks(module)
+    if path is None:
+        raise ValueError(
+            f"{type(module).__name__} has no ModuleList of blocks to stream one at a time; move it with "
+            "enable_model_cpu_offload() instead."
+        )
+    if use_stream is None:
+        use_stream = device.type == "cuda"
+    if use_stream and device.type != "cuda":
+        raise ValueError(f"use_stream=True needs a CUDA device, not device={str(device)!r}; pass use_stream=False.")
+    module.to("cpu")
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=use_stream,
+        block_modules=path,
+    )

@@ -12,7 +12,13 @@ from diffusers import IFSuperResolutionPipeline, VideoToVideoSDPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from motion_adapters.pipelines._utils import HUB_KWARGS, Show1CascadeOutput, downsampling_factor, postprocess_video
+from motion_adapters.pipelines._utils import (
+    HUB_KWARGS,
+    Show1CascadeOutput,
+    downsampling_factor,
+    postprocess_video,
+    stream_blocks,
+)
 from motion_adapters.pipelines.show1_base import Show1KeyframesPipeline
 from motion_adapters.pipelines.show1_interpolation import Show1InterpolationPipeline, interpolated_num_frames
 from motion_adapters.pipelines.show1_superres import (
@@ -137,6 +143,28 @@ class Show1CascadePipeline:
         """Keep every model on the CPU until it runs, one at a time on `device` (see `DiffusionPipeline`)."""
         for pipeline in self._pipelines().values():
             pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_text_encoder_offload(self, device: torch.device | str = "cuda", use_stream: bool | None = None) -> None:
+        """Keep the T5 encoder on the CPU and stream it to `device` one block at a time while it encodes.
+
+        Show-1's T5 v1.1 XXL is 4.8 B parameters, 9.1 GiB in bf16: more than the three Show-1 UNets together. With
+        this, it never resides on `device`: diffusers' block-level group offloading (`apply_group_offloading`)
+        moves one T5 block at a time, and on CUDA (`use_stream`, the default there) copies the next block from
+        pinned CPU memory on a side stream while the current one runs. A prompt then costs one pass of T5's weights
+        over the bus instead of moving the whole encoder off the GPU after encoding. The other models stay where they
+        are: put them on `device` with `.to(device)`, before or after this call. T5 moves to the CPU first if it is
+        elsewhere; calling this again does nothing.
+
+        Args:
+            device: Where T5's blocks run.
+            use_stream: Prefetch the next block on a CUDA stream (pinned CPU copies); True on CUDA when None.
+
+        Example:
+            >>> cascade = Show1CascadePipeline.from_pretrained(torch_dtype=torch.bfloat16)  # doctest: +SKIP
+            >>> cascade.enable_text_encoder_offload("cuda")  # doctest: +SKIP
+            >>> cascade.to("cuda")  # the UNets; T5 stays on the CPU  # doctest: +SKIP
+        """
+        stream_blocks(self.keyframes.text_encoder, device, use_stream)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save each stage pipeline to its own subfolder and write `cascade_index.json`.

@@ -236,15 +236,19 @@ class Show1StagePipeline(DiffusionPipeline):
         """
         device = device or self._execution_device
         dtype = self.unet.dtype
-        if prompt_embeds is None:
-            prompt_embeds = self._t5(prompt, device)
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            batch_size = prompt_embeds.shape[0]
+            batch_size = prompt_embeds.shape[0] if prompt_embeds is not None else len(_as_list(prompt))
             if negative_prompt is None:
                 negative_prompt = [""] * batch_size
             elif isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * batch_size
-            negative_prompt_embeds = self._t5(negative_prompt, device)
+            if prompt_embeds is None:  # one T5 pass for both (one stream of its weights when it is offloaded)
+                both = self._t5(_as_list(prompt) + _as_list(negative_prompt), device)
+                prompt_embeds, negative_prompt_embeds = both[:batch_size], both[batch_size:]
+            else:
+                negative_prompt_embeds = self._t5(negative_prompt, device)
+        if prompt_embeds is None:
+            prompt_embeds = self._t5(prompt, device)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if not do_classifier_free_guidance:
             return prompt_embeds, None
@@ -256,8 +260,7 @@ class Show1StagePipeline(DiffusionPipeline):
                 f"{type(self).__name__} has no tokenizer or text_encoder, so it cannot encode prompt={prompt!r}; "
                 "pass prompt_embeds and negative_prompt_embeds (a cascade passes the keyframe stage's)."
             )
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompt = [text.lower().strip() for text in prompt]
+        prompt = [text.lower().strip() for text in _as_list(prompt)]
         tokens = self.tokenizer(
             prompt,
             padding="max_length",
@@ -486,6 +489,10 @@ class Show1StagePipeline(DiffusionPipeline):
         if name in cls._optional_components:
             return None
         raise ValueError(f"{path}/model_index.json has no {name!r} entry, which {cls.__name__} needs.")
+
+
+def _as_list(prompt: str | list[str]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
 def _load_component(
