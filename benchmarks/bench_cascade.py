@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only add the FLOP floor (meta device, no GPU) to an existing result file")
     parser.add_argument("--text-encoder", default="stream", choices=("stream", "cpu", "meta"),
                         help="'stream': T5 kept on the CPU and streamed block by block while it encodes "
-                             "(Show1CascadePipeline.enable_text_encoder_offload); 'cpu': T5 resident on the GPU, moved "
+                             "(Show1CascadePipeline.enable_text_encoder_offload);"
+                             " 'cpu': T5 resident on the GPU, moved "
                              "to the CPU after encoding; 'meta': resident, dropped after encoding")
     args = parser.parse_args(argv)
     if args.add_floor is not None:

@@ -72,6 +72,23 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() / (ms / 1e3)
 
 
+def kernel_times(fn, calls: int = 20) -> dict:
+    """GPU milliseconds a call of each kernel `fn` launches (torch.profiler, the mean over `calls` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            times[event.key[:60]] = round(event.device_time_total / 1e3 / calls, 4)
+    return times
+
+
 def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict:
     """Check, then time, PyTorch's chain and the fused kernels at one shape."""
     import triton.testing
@@ -160,25 +177,34 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
         "fused_channels_last_backward": rotating(lambda s, nat, fus: group_norm_act_backward(
             s[1], s[0], s[2], s[3], s[4], s[5], fus[1], fus[2], groups, "silu"), cl_saved),
     }  # fmt: skip
-    default_tile, default_channels = fused_module.CL_TILE, fused_module.CL_BLOCK_C
+    default = (fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP)
+    tile, channels, loop = default
+    kernel_ms = {}
     for key, fn in cl_calls.items():
-        for label, tile, channels in (
-            (key, default_tile, default_channels),
-            (f"{key}_tile_{default_tile // 2}", default_tile // 2, default_channels),
-            (f"{key}_tile_{default_tile * 2}", default_tile * 2, default_channels),
-            (f"{key}_channels_{default_channels * 2}", default_tile, default_channels * 2),
+        for label, setting in (
+            (key, default),
+            (f"{key}_tile_{tile // 2}", (tile // 2, channels, loop)),
+            (f"{key}_tile_{tile * 2}", (tile * 2, channels, loop)),
+            (f"{key}_channels_{channels * 2}", (tile, channels * 2, loop)),
+            (f"{key}_loop_4", (tile, channels, 4)),
+            (f"{key}_loop_16", (tile, channels, 16)),
+            (f"{key}_channels_{channels * 2}_loop_4", (tile, channels * 2, 4)),
         ):
-            fused_module.CL_TILE, fused_module.CL_BLOCK_C = tile, channels
+            fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP = setting
             fn()
             torch.cuda.synchronize()
             ms[label] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
             eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        fused_module.CL_TILE, fused_module.CL_BLOCK_C = default_tile, default_channels
+            if label == key:
+                kernel_ms[key] = kernel_times(fn)
+        fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP = default
+    kernel_ms["fused_forward"] = kernel_times(timings["fused_forward"])
+    kernel_ms["fused_backward"] = kernel_times(timings["fused_backward"])
     nbytes = x.numel() * x.element_size()
     floor = {"forward": 2 * nbytes / bandwidth * 1e3, "backward": 5 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": list(shape), "groups": groups, "scale_shift": scale_shift,
            "ms": {k: round(v, 4) for k, v in ms.items()}, "eager_ms": {k: round(v, 4) for k, v in eager_ms.items()},
-           "floor_ms": {k: round(v, 4) for k, v in floor.items()},
+           "floor_ms": {k: round(v, 4) for k, v in floor.items()}, "kernel_ms": kernel_ms,
            "speedup": {"forward": round(ms["torch_forward"] / ms["fused_forward"], 2),
                        "backward": round(ms["torch_backward"] / ms["fused_backward"], 2)},
            "relative_error_vs_float64": {k: float(f"{v:.3g}") for k, v in errors.items()}}  # fmt: skip

@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="temporal_kernels of the profiled step (default: what train_motion's default runs)")
     parser.add_argument("--profile-memory-format", default="auto", choices=MEMORY_FORMATS,
                         help="memory_format of the profiled step")
+    parser.add_argument("--profile-stacks", action="store_true",
+                        help="with --profile: also rank the copies (copy_, clone, contiguous, _to_copy) by the "
+                             "Python lines that make them")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -529,6 +532,23 @@ def top_cuda_events(key_averages, per: int, unit: str, rows: int) -> dict:
                      for e in events[:rows]]}  # fmt: skip
 
 
+def copies_by_line(prof, per: int, rows: int = 30) -> list:
+    """The copy operators of a profile grouped by the innermost lines of motion_adapters, diffusers or torch.nn that
+    called them, ranked by CUDA time per step (`per` steps were profiled)."""
+    copies = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
+    events = [e for e in prof.key_averages(group_by_stack_n=12) if e.key in copies and e.device_time_total > 0]
+    grouped = {}
+    for e in events:
+        lines = [f.split("site-packages/")[-1].split("/work/")[-1] for f in e.stack
+                 if any(part in f for part in ("motion_adapters", "diffusers", "torch/nn/", "torch/autograd"))]
+        key = (e.key, tuple(lines[:4]))
+        ms, calls = grouped.get(key, (0.0, 0))
+        grouped[key] = (ms + e.device_time_total / 1e3 / per, calls + e.count / per)
+    ranked = sorted(grouped.items(), key=lambda item: -item[1][0])[:rows]
+    return [{"op": op, "lines": list(lines), "cuda_ms_per_step": round(ms, 3), "calls_per_step": calls}
+            for (op, lines), (ms, calls) in ranked]
+
+
 def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
     """The top CUDA kernels of two eager train_motion steps with the chosen temporal kernels (where time goes)."""
     if device.type != "cuda":
@@ -540,7 +560,8 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
 
     def prof(state):
         if state.step == 3:
-            prof.ctx = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+            prof.ctx = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
+                               with_stack=args.profile_stacks)  # fmt: skip
             prof.ctx.__enter__()
         if state.step == 5:
             torch.cuda.synchronize()
@@ -548,6 +569,8 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
             top = top_cuda_events(prof.ctx.key_averages(), per=2, unit="step", rows=40)
             rows.extend(top["rows"])
             prof.kernels_per_step = top["kernels_per_step"]
+            if args.profile_stacks:
+                rows.append({"copies_by_line": copies_by_line(prof.ctx, per=2)})
 
     config = MotionDistillationConfig(max_train_steps=5, seed=args.seed, checkpointing_steps=0,
                                       mixed_precision="bf16", cuda_graph="no", num_frames=args.frames,

@@ -50,6 +50,9 @@ MAX_BLOCK_K = 4096
 #: (`benchmarks/results/fused_norm_cl_h200.json`) tiles of 8192 values were faster than 4096 or 2048 at every shape
 #: of more than 40 values a channel, up to 1.6 times (forward, SR1's ResNet norm).
 CL_BLOCK_C, CL_TILE = 64, 8192
+#: Channels-last statistics: the tiles one program of the moments and gradient-sum kernels takes in turn (fewer
+#: programs, fewer partial results to store and combine).
+CL_LOOP = 1
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -279,21 +282,48 @@ if triton is not None:
         return xhat, tl.where(mask, grad, 0.0)
 
     @triton.jit
-    def _cl_chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        """Per-channel mean and sum of squared deviations of chunk `p` of sample `n` (grid: N * P, channel tiles)."""
-        n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
-        first = n.to(tl.int64) * S * C + (p * BLOCK_S).to(tl.int64) * C + c
-        pivot = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
+    def _cl_tile_moments(x_ptr, n, start, c, cmask, C, S, pivot, BLOCK_S: tl.constexpr):
+        """Per-channel mean and sum of squared deviations of rows start..start + BLOCK_S, and their count."""
+        s = start + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
         x = tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
-        count = tl.minimum(S - p * BLOCK_S, BLOCK_S).to(tl.float32)
-        mean = tl.sum(x, axis=0) / count
+        count = tl.maximum(tl.minimum(S - start, BLOCK_S), 0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
         d = tl.where(mask, x - mean[None, :], 0.0)
+        return mean, tl.sum(d * d, axis=0), count
+
+    @triton.jit
+    def _cl_chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
+        """Per-channel mean and sum of squared deviations of chunk `p` (LOOP tiles of BLOCK_S values) of sample `n`.
+
+        Grid: (N * P, channel tiles). Each tile's moments come from two passes in registers, shifted by the
+        chunk's first value, and are merged into the chunk's with Chan's formula.
+        """
+        pid = tl.program_id(0)
+        n = pid // P
+        p = pid % P
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        start = p * BLOCK_S * LOOP
+        pivot = tl.load(x_ptr + n.to(tl.int64) * S * C + start.to(tl.int64) * C + c, mask=cmask,
+                        other=0.0).to(tl.float32)  # fmt: skip
+        mean, m2, count = _cl_tile_moments(x_ptr, n, start, c, cmask, C, S, pivot, BLOCK_S)
+        for i in tl.static_range(1, LOOP):
+            tile_mean, tile_m2, tile_count = _cl_tile_moments(x_ptr, n, start + i * BLOCK_S, c, cmask, C, S, pivot,
+                                                              BLOCK_S)  # fmt: skip
+            total = count + tile_count
+            share = tile_count / tl.maximum(total, 1.0)
+            delta = tile_mean - mean
+            mean += delta * share
+            m2 += tile_m2 + delta * delta * count * share
+            count = total
         if HAS_XB:
             mean += tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         out = (n * C + c) * P + p
         tl.store(mean_part + out, pivot + mean, mask=cmask)
-        tl.store(m2_part + out, tl.sum(d * d, axis=0), mask=cmask)
+        tl.store(m2_part + out, m2, mask=cmask)
 
     @triton.jit
     def _cl_normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
@@ -313,14 +343,27 @@ if triton is not None:
     def _cl_chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                             mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                             HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                            BLOCK_C: tl.constexpr):  # fmt: skip
-        n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
+                            BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
+        """Per-channel sums of d_xhat and d_xhat * xhat over chunk `p` (LOOP tiles) of sample `n`."""
+        pid = tl.program_id(0)
+        n = pid // P
+        p = pid % P
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
-        xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
+        s1 = tl.zeros([BLOCK_C], tl.float32)
+        s2 = tl.zeros([BLOCK_C], tl.float32)
+        for i in tl.static_range(LOOP):
+            s = (p * LOOP + i) * BLOCK_S + tl.arange(0, BLOCK_S)
+            mask = (s < S)[:, None] & cmask[None, :]
+            at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
+            xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
+            s1 += tl.sum(dxhat, axis=0)
+            s2 += tl.sum(dxhat * xhat, axis=0)
         out = (n * C + c) * P + p
-        tl.store(s1_part + out, tl.sum(dxhat, axis=0), mask=cmask)
-        tl.store(s2_part + out, tl.sum(dxhat * xhat, axis=0), mask=cmask)
+        tl.store(s1_part + out, s1, mask=cmask)
+        tl.store(s2_part + out, s2, mask=cmask)
 
     @triton.jit
     def _cl_input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
@@ -482,27 +525,32 @@ def cl_tile(c: int, s: int) -> tuple[int, int, int]:
 
 
 def _cl_layout(rows: torch.Tensor, groups: int):
+    """(N, C, S, tile values, tile channels, tiles a sample, warps, tiles a statistics chunk, chunks a sample, chunk
+    results a group) of channels-last `rows`."""
     n, c = rows.shape[0], rows.shape[-1]
     s = rows.numel() // (n * c)
     block_s, block_c, warps = cl_tile(c, s)
     p = triton.cdiv(s, block_s)
-    return n, c, s, block_s, block_c, p, warps, (c // groups) * p
+    loop = max(1, min(CL_LOOP, p))
+    p_stats = triton.cdiv(s, block_s * loop)
+    return n, c, s, block_s, block_c, p, warps, loop, p_stats, (c // groups) * p_stats
 
 
 def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, activation: str, xb_args, xb_flag):
-    n, c, s, block_s, block_c, p, warps, k = _cl_layout(rows, groups)
-    grid = (n * p, triton.cdiv(c, block_c))
-    parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
+    n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups)
+    tiles = triton.cdiv(c, block_c)
+    parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-    _cl_chunk_moments[grid](rows, parts[0], parts[1], *xb_args, c, s, p, **xb_flag, BLOCK_S=block_s,
-                            BLOCK_C=block_c, num_warps=warps)  # fmt: skip
-    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block_s,
+    _cl_chunk_moments[(n * p_stats, tiles)](rows, parts[0], parts[1], *xb_args, c, s, p_stats, **xb_flag,
+                                            BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
+                                            num_warps=warps)  # fmt: skip
+    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p_stats, k, eps, BLOCK=block_s * loop,
                                   BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)  # x's strides: the same channels-last memory
-    _cl_normalize_act[grid](rows, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, p, **flags, **xb_flag,
-                            ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_c,
-                            num_warps=warps)  # fmt: skip
+    _cl_normalize_act[(n * p, tiles)](rows, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, p, **flags,
+                                      **xb_flag, ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s,
+                                      BLOCK_C=block_c, num_warps=warps)  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -530,19 +578,20 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     grad = grad.to(x.dtype)
     if grad.stride() != x.stride():
         grad = torch.empty_like(x).copy_(grad)
-    n, c, s, block_s, block_c, p, warps, k = _cl_layout(rows, groups)
-    grid = (n * p, triton.cdiv(c, block_c))
+    n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups)
+    tiles = triton.cdiv(c, block_c)
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
-    parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
-    _cl_chunk_grad_sums[grid](rows, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s, p, **flags,
-                              ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
+    _cl_chunk_grad_sums[(n * p_stats, tiles)](rows, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s,
+                                              p_stats, **flags, ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c,
+                                              LOOP=loop, num_warps=warps)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
                                      BLOCK_K=_block_k(k))  # fmt: skip
     dx = torch.empty_like(x)
-    _cl_input_grad[grid](rows, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, p, **flags,
-                         ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, p, **flags,
+                                   ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
     return dx
 
 

@@ -94,10 +94,12 @@ def channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
         ((2, 8, 300), "nsc", 2, "none", True, False),  # the spatial attention's (N, C, H * W) view
     ],
 )
+@pytest.mark.parametrize("loop", [1, 2])
 def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fused, monkeypatch, shape, layout,
                                                                            groups, activation, affine,
-                                                                           scale_shift):  # fmt: skip
+                                                                           scale_shift, loop):  # fmt: skip
     monkeypatch.setattr(fused, "CL_TILE", 256)  # small tiles: several chunks and channel tiles at test sizes
+    monkeypatch.setattr(fused, "CL_LOOP", loop)  # 2: statistics chunks of two tiles, the last one partial
     x, weight, bias, factor, shift = inputs(shape, affine, scale_shift)
     x = channels_last(x, layout)
     assert fused.channels_last_rows(x) is not None and not x.is_contiguous()
@@ -120,6 +122,7 @@ def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fuse
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypatch, layout, per_sample):
     monkeypatch.setattr(fused, "CL_TILE", 256)
+    monkeypatch.setattr(fused, "CL_LOOP", 3)
     x, weight, bias, factor, shift = inputs((2, 96, 9, 15), affine=True, scale_shift=True)
     if layout == "nhwc":
         x = channels_last(x, layout)
@@ -145,13 +148,18 @@ def test_channels_last_tiles_cover_show1_shapes():
     assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5).transpose(2, 3)) is None  # neither layout
 
 
-def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch):
+@pytest.mark.parametrize("layout", ["contiguous", "nsc"])
+def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, layout):
     """A mean 10,000 times the spread: the one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely, the
     kernels' shifted chunk moments combined by Chan's formula keep it. A small combine block makes the per-group
-    reduction loop over its chunks."""
+    reduction loop over its chunks; channels-last, a program merges several tiles' moments."""
     monkeypatch.setattr(fused, "MAX_BLOCK_K", 2)
+    monkeypatch.setattr(fused, "CL_TILE", 256)
+    monkeypatch.setattr(fused, "CL_LOOP", 4)
     x, *_ = inputs((1, 2, 5000), affine=False, scale_shift=False, mean=0.0)
     x = 100 + 0.005 * x  # spread 0.01
+    if layout == "nsc":
+        x = channels_last(x, layout)
     y, mean, rstd = fused.group_norm_act_forward(x, None, None, None, None, 1, 1e-8, "none")
     exact = (x.double().flatten().var(unbiased=False) + 1e-8).rsqrt().reshape(1)
     naive = (x.square().mean() - x.mean().square()).clamp_min(0).add(1e-8).rsqrt().double().cpu()
