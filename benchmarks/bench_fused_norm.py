@@ -160,7 +160,7 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
         fused_module.block_for = policies["default"]
     ms["fused_forward"], ms["fused_backward"] = ms["fused_forward_default"], ms["fused_backward_default"]
     # The channels-last kernels on the same values stored channels-last (the layout `layout.channels_last_sampling`
-    # keeps through a UNet), with tiles of CL_TILE values as chosen and at half and twice that
+    # keeps through a UNet)
     memory_format = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
     cl_saved = []
     for s, nat, _ in saved:
@@ -177,27 +177,32 @@ def measure(name, shape, groups, scale_shift, n_sets, bandwidth, device) -> dict
         "fused_channels_last_backward": rotating(lambda s, nat, fus: group_norm_act_backward(
             s[1], s[0], s[2], s[3], s[4], s[5], fus[1], fus[2], groups, "silu"), cl_saved),
     }  # fmt: skip
-    default = (fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP)
-    tile, channels, loop = default
+    # each direction's tile and statistics loop as chosen (CL_TILE, CL_LOOP), then varied one at a time
+    default = (dict(fused_module.CL_TILE), fused_module.CL_BLOCK_C, dict(fused_module.CL_LOOP))
     kernel_ms = {}
     for key, fn in cl_calls.items():
-        for label, setting in (
-            (key, default),
+        direction = "forward" if key.endswith("forward") else "backward"
+        tile, channels, loop = default[0][direction], default[1], default[2][direction]
+        for label, (t, ch, lo) in (
+            (key, (tile, channels, loop)),
             (f"{key}_tile_{tile // 2}", (tile // 2, channels, loop)),
             (f"{key}_tile_{tile * 2}", (tile * 2, channels, loop)),
             (f"{key}_channels_{channels * 2}", (tile, channels * 2, loop)),
+            (f"{key}_loop_2", (tile, channels, 2)),
             (f"{key}_loop_4", (tile, channels, 4)),
-            (f"{key}_loop_16", (tile, channels, 16)),
-            (f"{key}_channels_{channels * 2}_loop_4", (tile, channels * 2, 4)),
+            (f"{key}_tile_{tile // 2}_loop_4", (tile // 2, channels, 4)),
         ):
-            fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP = setting
+            fused_module.CL_TILE = {**default[0], direction: t}
+            fused_module.CL_BLOCK_C = ch
+            fused_module.CL_LOOP = {**default[2], direction: lo}
             fn()
             torch.cuda.synchronize()
             ms[label] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
             eager_ms[label] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             if label == key:
                 kernel_ms[key] = kernel_times(fn)
-        fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP = default
+        fused_module.CL_TILE, fused_module.CL_BLOCK_C, fused_module.CL_LOOP = dict(default[0]), default[1], dict(
+            default[2])
     kernel_ms["fused_forward"] = kernel_times(timings["fused_forward"])
     kernel_ms["fused_backward"] = kernel_times(timings["fused_backward"])
     nbytes = x.numel() * x.element_size()

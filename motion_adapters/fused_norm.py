@@ -16,7 +16,9 @@ Here every pass is split over (sample, channel, chunk of the frames and pixels) 
 
 Channels-last inputs (`torch.channels_last`, `torch.channels_last_3d`, and their (N, C, H * W) views) run on
 kernels of their own that take (values, channels) tiles and keep the layout: the output and the input gradient
-have the input's strides, so a convolution that follows needs no layout conversion.
+have the input's strides, so a convolution that follows needs no layout conversion. Their statistics kernels sum
+element-wise in registers and reduce over a tile's rows once (sums and squared sums of the values shifted by the
+chunk's first value of each channel), as a reduction across rows costs a round through shared memory.
 
 The arithmetic is float32 throughout with one rounding at the output, where PyTorch's chain rounds after the
 norm, the scale, the shift and the activation. Only the input gets a gradient: the norm's weight and bias, the
@@ -46,13 +48,14 @@ except Exception as error:  # pragma: no cover - not installed, or built for ano
 BLOCK, SHORT_BLOCK, SHORT_ROW = 1024, 128, 512
 #: The most per-chunk partial results a program combines at once (it loops over more).
 MAX_BLOCK_K = 4096
-#: Channels-last tiles: up to CL_BLOCK_C channels by CL_TILE / channels values (see `cl_tile`). On an H200
-#: (`benchmarks/results/fused_norm_cl_h200.json`) tiles of 8192 values were faster than 4096 or 2048 at every shape
-#: of more than 40 values a channel, up to 1.6 times (forward, SR1's ResNet norm).
-CL_BLOCK_C, CL_TILE = 64, 8192
-#: Channels-last statistics: the tiles one program of the moments and gradient-sum kernels takes in turn (fewer
-#: programs, fewer partial results to store and combine).
-CL_LOOP = 1
+#: Channels-last tiles: up to CL_BLOCK_C channels by CL_TILE[direction] / channels values (see `cl_tile`), and the
+#: tiles one program of the statistics kernels (moments, gradient sums) takes in turn, CL_LOOP[direction]. On an H200
+#: (`benchmarks/results/fused_norm_cl_h200.json`, `fused_norm_loop_h200.json`) tiles of 8192 values were faster than
+#: 4096 or 2048 at every shape of more than 40 values a channel, up to 1.6 times; forward, 16384 were faster still
+#: (1.16 times at SR1's ResNet norm), backward slower (0.79 times).
+CL_BLOCK_C = 64
+CL_TILE = {"forward": 16384, "backward": 8192}
+CL_LOOP = {"forward": 1, "backward": 1}
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -282,24 +285,13 @@ if triton is not None:
         return xhat, tl.where(mask, grad, 0.0)
 
     @triton.jit
-    def _cl_tile_moments(x_ptr, n, start, c, cmask, C, S, pivot, BLOCK_S: tl.constexpr):
-        """Per-channel mean and sum of squared deviations of rows start..start + BLOCK_S, and their count."""
-        s = start + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None] & cmask[None, :]
-        at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
-        x = tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
-        count = tl.maximum(tl.minimum(S - start, BLOCK_S), 0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
-        d = tl.where(mask, x - mean[None, :], 0.0)
-        return mean, tl.sum(d * d, axis=0), count
-
-    @triton.jit
     def _cl_chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
         """Per-channel mean and sum of squared deviations of chunk `p` (LOOP tiles of BLOCK_S values) of sample `n`.
 
-        Grid: (N * P, channel tiles). Each tile's moments come from two passes in registers, shifted by the
-        chunk's first value, and are merged into the chunk's with Chan's formula.
+        Grid: (N * P, channel tiles). The values, shifted by the chunk's first value of each channel, are summed
+        and squared-summed element-wise in registers over the LOOP tiles, then reduced over the tile's rows once:
+        a reduction across the rows of a tile costs a round through shared memory, an element-wise sum does not.
         """
         pid = tl.program_id(0)
         n = pid // P
@@ -307,18 +299,21 @@ if triton is not None:
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         start = p * BLOCK_S * LOOP
-        pivot = tl.load(x_ptr + n.to(tl.int64) * S * C + start.to(tl.int64) * C + c, mask=cmask,
-                        other=0.0).to(tl.float32)  # fmt: skip
-        mean, m2, count = _cl_tile_moments(x_ptr, n, start, c, cmask, C, S, pivot, BLOCK_S)
-        for i in tl.static_range(1, LOOP):
-            tile_mean, tile_m2, tile_count = _cl_tile_moments(x_ptr, n, start + i * BLOCK_S, c, cmask, C, S, pivot,
-                                                              BLOCK_S)  # fmt: skip
-            total = count + tile_count
-            share = tile_count / tl.maximum(total, 1.0)
-            delta = tile_mean - mean
-            mean += delta * share
-            m2 += tile_m2 + delta * delta * count * share
-            count = total
+        sample = n.to(tl.int64) * S * C
+        pivot = tl.load(x_ptr + sample + start.to(tl.int64) * C + c, mask=cmask, other=0.0).to(tl.float32)
+        total = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        squares = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        for i in range(LOOP):
+            s = start + i * BLOCK_S + tl.arange(0, BLOCK_S)
+            mask = (s < S)[:, None] & cmask[None, :]
+            at = sample + s[:, None].to(tl.int64) * C + c[None, :]
+            d = tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
+            total += d
+            squares += d * d
+        count = tl.maximum(tl.minimum(S - start, BLOCK_S * LOOP), 1).to(tl.float32)
+        shifted = tl.sum(total, axis=0)
+        mean = shifted / count
+        m2 = tl.maximum(tl.sum(squares, axis=0) - shifted * mean, 0.0)
         if HAS_XB:
             mean += tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         out = (n * C + c) * P + p
@@ -352,18 +347,18 @@ if triton is not None:
         cmask = c < C
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
-        s1 = tl.zeros([BLOCK_C], tl.float32)
-        s2 = tl.zeros([BLOCK_C], tl.float32)
-        for i in tl.static_range(LOOP):
+        s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)  # element-wise over the LOOP tiles, reduced once
+        s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        for i in range(LOOP):
             s = (p * LOOP + i) * BLOCK_S + tl.arange(0, BLOCK_S)
             mask = (s < S)[:, None] & cmask[None, :]
             at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
             xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
-            s1 += tl.sum(dxhat, axis=0)
-            s2 += tl.sum(dxhat * xhat, axis=0)
+            s1 += dxhat
+            s2 += dxhat * xhat
         out = (n * C + c) * P + p
-        tl.store(s1_part + out, s1, mask=cmask)
-        tl.store(s2_part + out, s2, mask=cmask)
+        tl.store(s1_part + out, tl.sum(s1, axis=0), mask=cmask)
+        tl.store(s2_part + out, tl.sum(s2, axis=0), mask=cmask)
 
     @triton.jit
     def _cl_input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
@@ -512,32 +507,35 @@ def channels_last_rows(x: torch.Tensor) -> torch.Tensor | None:
     return rows if rows.is_contiguous() else None
 
 
-def cl_tile(c: int, s: int) -> tuple[int, int, int]:
-    """(values, channels, warps) of the tile a channels-last program takes, for C channels of S values a sample.
+def cl_tile(c: int, s: int, tile: int) -> tuple[int, int, int]:
+    """(values, channels, warps) of a channels-last program's tile of `tile` values, for C channels of S a sample.
 
     Example:
-        >>> cl_tile(320, 8 * 40 * 64), cl_tile(1280, 40)
+        >>> cl_tile(320, 8 * 40 * 64, 8192), cl_tile(1280, 40, 8192)
         ((128, 64, 8), (64, 64, 8))
     """
     block_c = min(CL_BLOCK_C, triton.next_power_of_2(c))
-    block_s = min(CL_TILE // block_c, triton.next_power_of_2(s))
+    block_s = min(tile // block_c, triton.next_power_of_2(s))
     return block_s, block_c, max(1, min(8, block_s * block_c // 512))
 
 
-def _cl_layout(rows: torch.Tensor, groups: int):
-    """(N, C, S, tile values, tile channels, tiles a sample, warps, tiles a statistics chunk, chunks a sample, chunk
-    results a group) of channels-last `rows`."""
+def _cl_layout(rows: torch.Tensor, groups: int, direction: str):
+    """The launch geometry of channels-last `rows` for the "forward" or "backward" kernels.
+
+    (N, C, S, tile values, tile channels, tiles a sample, warps, tiles a statistics chunk, chunks a sample, chunk
+    results a group).
+    """
     n, c = rows.shape[0], rows.shape[-1]
     s = rows.numel() // (n * c)
-    block_s, block_c, warps = cl_tile(c, s)
+    block_s, block_c, warps = cl_tile(c, s, CL_TILE[direction])
     p = triton.cdiv(s, block_s)
-    loop = max(1, min(CL_LOOP, p))
+    loop = max(1, min(CL_LOOP[direction], p))
     p_stats = triton.cdiv(s, block_s * loop)
     return n, c, s, block_s, block_c, p, warps, loop, p_stats, (c // groups) * p_stats
 
 
 def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, activation: str, xb_args, xb_flag):
-    n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups)
+    n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups, "forward")
     tiles = triton.cdiv(c, block_c)
     parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
@@ -578,7 +576,7 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     grad = grad.to(x.dtype)
     if grad.stride() != x.stride():
         grad = torch.empty_like(x).copy_(grad)
-    n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups)
+    n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups, "backward")
     tiles = triton.cdiv(c, block_c)
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)

@@ -98,8 +98,10 @@ def channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
 def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fused, monkeypatch, shape, layout,
                                                                            groups, activation, affine,
                                                                            scale_shift, loop):  # fmt: skip
-    monkeypatch.setattr(fused, "CL_TILE", 256)  # small tiles: several chunks and channel tiles at test sizes
-    monkeypatch.setattr(fused, "CL_LOOP", loop)  # 2: statistics chunks of two tiles, the last one partial
+    # small tiles: several chunks and channel tiles at test sizes; loop 2: statistics chunks of two tiles, the
+    # last one partial
+    monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
+    monkeypatch.setattr(fused, "CL_LOOP", {"forward": loop, "backward": loop})
     x, weight, bias, factor, shift = inputs(shape, affine, scale_shift)
     x = channels_last(x, layout)
     assert fused.channels_last_rows(x) is not None and not x.is_contiguous()
@@ -121,8 +123,8 @@ def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fuse
 @pytest.mark.parametrize("layout", ["contiguous", "nhwc"])
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypatch, layout, per_sample):
-    monkeypatch.setattr(fused, "CL_TILE", 256)
-    monkeypatch.setattr(fused, "CL_LOOP", 3)
+    monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
+    monkeypatch.setattr(fused, "CL_LOOP", {"forward": 3, "backward": 3})
     x, weight, bias, factor, shift = inputs((2, 96, 9, 15), affine=True, scale_shift=True)
     if layout == "nhwc":
         x = channels_last(x, layout)
@@ -139,11 +141,12 @@ def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypat
 
 
 def test_channels_last_tiles_cover_show1_shapes():
-    # (values, channels, warps): 64 channels a tile, CL_TILE values in all, fewer where a sample has fewer values
-    assert fused_module.cl_tile(320, 2560) == (128, 64, 8)
-    assert fused_module.cl_tile(6, 20480) == (1024, 8, 8)
-    assert fused_module.cl_tile(1280, 40) == (64, 64, 8)
-    assert fused_module.cl_tile(32, 4) == (4, 32, 1)
+    # (values, channels, warps): 64 channels a tile, `tile` values in all, fewer where a sample has fewer values
+    assert fused_module.cl_tile(320, 2560, 8192) == (128, 64, 8)
+    assert fused_module.cl_tile(320, 2560, 16384) == (256, 64, 8)
+    assert fused_module.cl_tile(6, 20480, 8192) == (1024, 8, 8)
+    assert fused_module.cl_tile(1280, 40, 8192) == (64, 64, 8)
+    assert fused_module.cl_tile(32, 4, 8192) == (4, 32, 1)
     assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5)) is None  # contiguous: the channel-row kernels
     assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5).transpose(2, 3)) is None  # neither layout
 
@@ -154,8 +157,8 @@ def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, la
     kernels' shifted chunk moments combined by Chan's formula keep it. A small combine block makes the per-group
     reduction loop over its chunks; channels-last, a program merges several tiles' moments."""
     monkeypatch.setattr(fused, "MAX_BLOCK_K", 2)
-    monkeypatch.setattr(fused, "CL_TILE", 256)
-    monkeypatch.setattr(fused, "CL_LOOP", 4)
+    monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
+    monkeypatch.setattr(fused, "CL_LOOP", {"forward": 4, "backward": 4})
     x, *_ = inputs((1, 2, 5000), affine=False, scale_shift=False, mean=0.0)
     x = 100 + 0.005 * x  # spread 0.01
     if layout == "nsc":
