@@ -685,8 +685,8 @@ def test_text_encoder_offload_streams_t5_blocks_and_keeps_its_weights_on_the_cpu
 def test_text_encoder_offload_on_cuda_matches_a_resident_encoder_and_leaves_it_on_the_cpu(cascade):
     resident = copy.deepcopy(cascade.keyframes.text_encoder).cuda()
     cascade.enable_text_encoder_offload("cuda")
-    tokens = torch.randint(0, 30, (2, 77), generator=seeded(1)).cuda()
-    mask = torch.ones_like(tokens)
+    encoded = cascade.keyframes.tokenizer(["a cat runs", ""], padding="max_length", max_length=77, return_tensors="pt")
+    tokens, mask = encoded.input_ids.cuda(), encoded.attention_mask.cuda()
     with torch.no_grad():
         streamed = cascade.keyframes.text_encoder(tokens, attention_mask=mask).last_hidden_state
         expected = resident(tokens, attention_mask=mask).last_hidden_state
