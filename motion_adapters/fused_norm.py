@@ -50,12 +50,12 @@ BLOCK, SHORT_BLOCK, SHORT_ROW = 1024, 128, 512
 MAX_BLOCK_K = 4096
 #: Channels-last tiles: up to CL_BLOCK_C channels by CL_TILE[direction] / channels values (see `cl_tile`), and the
 #: tiles one program of the statistics kernels (moments, gradient sums) takes in turn, CL_LOOP[direction]. On an H200
-#: (`benchmarks/results/fused_norm_cl_h200.json`, `fused_norm_loop_h200.json`) tiles of 8192 values were faster than
-#: 4096 or 2048 at every shape of more than 40 values a channel, up to 1.6 times; forward, 16384 were faster still
-#: (1.16 times at SR1's ResNet norm), backward slower (0.79 times).
+#: (`benchmarks/results/fused_norm_rows_h200.json`) tiles of 8192 values four at a time forward and of 4096 four at
+#: a time backward were the fastest of the seven settings timed at five of the seven Show-1 shapes (SR1's ResNet
+#: norm: 0.194 against 0.205 ms forward at 16384 one at a time, 0.404 against 0.502 ms backward at 8192).
 CL_BLOCK_C = 64
-CL_TILE = {"forward": 16384, "backward": 8192}
-CL_LOOP = {"forward": 1, "backward": 1}
+CL_TILE = {"forward": 8192, "backward": 4096}
+CL_LOOP = {"forward": 4, "backward": 4}
 ACTIVATIONS = ("silu", "gelu", "none")
 
 

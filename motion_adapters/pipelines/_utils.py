@@ -245,11 +245,13 @@ def _path_to_blocks(module: torch.nn.Module) -> list[str] | None:
 def stream_blocks(module: torch.nn.Module, device: torch.device | str, use_stream: bool | None = None) -> None:
     """Keep `module` on the CPU and run it on `device` one block at a time (diffusers' block-level group offloading).
 
-    The blocks are those of the shallowest `ModuleList` (or `Sequential`) under `module` (T5's
-    `encoder.block`, CLIP's `text_model.encoder.layers`); what lies outside them moves to `device` for the whole
-    forward. With `use_stream` (True on CUDA when None) the next block is copied from pinned memory on a side stream
-    while the current one runs. Does nothing if `module` is group-offloaded already. Raises `ValueError` for a
-    module without such a list of blocks, or `use_stream` off CUDA.
+    The blocks are those of the shallowest `ModuleList` (or `Sequential`) under `module` (T5's `encoder.block`,
+    CLIP's `text_model.encoder.layers`); the offloading applies to the module holding that list (T5's `encoder`),
+    whose other layers move to `device` for its whole forward. Parameters outside that module, if any (T5's tied
+    `shared` embedding is inside), move to `device`. With `use_stream` (True on CUDA when None) the next block is
+    copied from pinned memory on a side stream while the current one runs. Does nothing if `module` is
+    group-offloaded already. Raises `ValueError` for a module without such a list of blocks, or `use_stream` off
+    CUDA.
 
     Example:
         >>> stream_blocks(pipe.text_encoder, "cuda")  # doctest: +SKIP
@@ -270,13 +272,19 @@ def stream_blocks(module: torch.nn.Module, device: torch.device | str, use_strea
         use_stream = device.type == "cuda"
     if use_stream and device.type != "cuda":
         raise ValueError(f"use_stream=True needs a CUDA device, not device={str(device)!r}; pass use_stream=False.")
+    # offloading the holder of the blocks, not `module` with the path as `block_modules`: nested offloaded modules
+    # with streams register their lazy hooks twice on the same layers, which diffusers 0.42 refuses
+    holder = module.get_submodule(".".join(path)) if path else module
     module.to("cpu")
+    inside = {id(t) for t in (*holder.parameters(), *holder.buffers())}
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in inside:
+            tensor.data = tensor.data.to(device)
     apply_group_offloading(
-        module,
+        holder,
         onload_device=device,
         offload_device=torch.device("cpu"),
         offload_type="block_level",
         num_blocks_per_group=1,
         use_stream=use_stream,
-        block_modules=path,
     )
