@@ -535,7 +535,7 @@ def test_stage_norm_kernels_are_validated_and_triton_off_a_gpu_is_refused(cascad
 @pytest.mark.parametrize(
     ("stage", "on_gpu"),
     [
-        (Show1KeyframesPipeline, ("triton_attention", "torch", "contiguous")),
+        (Show1KeyframesPipeline, ("triton_attention", "triton", "channels_last")),
         (Show1InterpolationPipeline, ("triton_attention", "triton", "channels_last")),
         (Show1SuperResPipeline, ("triton_attention", "triton", "channels_last")),
     ],
@@ -550,17 +550,23 @@ def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton
     monkeypatch.setattr(stage_module, "fused_norm_available", lambda x=None: triton_usable)
     fallback = {"triton_attention": "math_attention"}
 
-    def in_use(device, temporal="auto", norms="auto"):
+    def in_use(device, temporal="auto", norms="auto", graph="auto"):
         pipe = types.SimpleNamespace(unet=types.SimpleNamespace(device=torch.device(device)),
                                      temporal_kernels=temporal, norm_kernels=norms, memory_format="auto",
-                                     _gpu_temporal_kernels=stage._gpu_temporal_kernels,
+                                     cuda_graph=graph, _gpu_temporal_kernels=stage._gpu_temporal_kernels,
                                      _gpu_norm_kernels=stage._gpu_norm_kernels,
-                                     _gpu_memory_format=stage._gpu_memory_format)  # fmt: skip
+                                     _gpu_memory_format=stage._gpu_memory_format,
+                                     _gpu_eager_choices=stage._gpu_eager_choices)  # fmt: skip
+        pipe._graphs_run = lambda: Show1StagePipeline._graphs_run(pipe)
         return (*Show1StagePipeline._kernels_in_use(pipe), Show1StagePipeline._memory_format_in_use(pipe))
 
     # without Triton: the SDPA twin, PyTorch's norms, and contiguous activations (the layout needs the fused norms)
     expected = on_gpu if triton_usable else (fallback.get(on_gpu[0], on_gpu[0]), "torch", "contiguous")
     assert in_use("cuda") == expected
+    # eager UNet calls: the keyframes keep PyTorch's norms, contiguous (faster launched from Python); the others
+    # keep their choices
+    eager = (expected[0], "torch", "contiguous") if stage is Show1KeyframesPipeline else expected
+    assert in_use("cuda", graph="no") == eager
     assert in_use("cpu") == ("library", "torch", "contiguous")
     if not triton_usable:
         with pytest.raises(ValueError, match=r"set_temporal_kernels\('auto'\)"):

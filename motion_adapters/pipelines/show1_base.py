@@ -44,10 +44,15 @@ class Show1KeyframesPipeline(Show1StagePipeline):
         >>> video = pipe("a panda surfing", output_type="pt").frames  # (1, 3, 8, 40, 64)  # doctest: +SKIP
     """
 
-    # bench_stage_kernels.py, H200, real size (stage_kernels_triton_attention_h200.json): the Triton frame-attention
-    # kernels with PyTorch's norms measured fastest for this stage's small activations (channels-last activations
-    # on the fused norms were slower: 0.205 against 0.087 s a call, stage_kernels_cl_h200.json)
+    # bench_stage_kernels.py, H200, real size: the Triton frame-attention kernels (stage_kernels_triton_attention_
+    # h200.json). With the UNet calls replayed from CUDA graphs, channels-last activations on the fused norms are
+    # fastest (0.044 against 0.071 s a call with PyTorch's norms, contiguous; 3 interleaved rounds,
+    # stage_kernels_graph_h200.json); launched from Python they were slower for this stage's small activations
+    # (0.205 against 0.087 s, stage_kernels_cl_h200.json), so eager calls keep PyTorch's norms, contiguous.
     _gpu_temporal_kernels = "triton_attention"
+    _gpu_norm_kernels = "triton"
+    _gpu_memory_format = "channels_last"
+    _gpu_eager_choices = ("torch", "contiguous")
 
     def __init__(
         self,

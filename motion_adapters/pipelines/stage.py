@@ -70,6 +70,9 @@ class Show1StagePipeline(DiffusionPipeline):
     _gpu_norm_kernels = "torch"
     # What memory_format="auto" runs on a GPU, chosen the same way; each stage class sets its own.
     _gpu_memory_format = "contiguous"
+    # (norm kernels, memory format) that "auto" runs instead where the UNet calls run eagerly (no CUDA graph): a
+    # stage whose choice pays only once Python's launches are gone sets them; None keeps the choices above.
+    _gpu_eager_choices: tuple[str, str] | None = None
     temporal_kernels = "auto"
     norm_kernels = "auto"
     memory_format = "auto"
@@ -98,8 +101,8 @@ class Show1StagePipeline(DiffusionPipeline):
         "torch" runs them as built; "triton" runs each pair as the fused kernels of `motion_adapters.fused_norm`
         (`lean_backward.fused_norm_activations`: float32 statistics, one rounding at the output, so samples differ
         from "torch" by bf16 rounding); "auto" (the default) is, on a GPU where Triton is installed, what measured
-        faster for the stage (the fused kernels for interpolation and SR1, PyTorch's for the keyframes), else
-        "torch". The measurements are in docs/performance.md.
+        faster for the stage (the fused kernels; for the keyframes only where its UNet calls replay from CUDA graphs,
+        PyTorch's where they run eagerly), else "torch". The measurements are in docs/performance.md.
 
         Example:
             >>> pipe.set_norm_kernels("torch")  # doctest: +SKIP
@@ -115,8 +118,8 @@ class Show1StagePipeline(DiffusionPipeline):
         from `conv_in` on (`motion_adapters.layout.channels_last_sampling`: convolution weights stored
         channels-last for the call, group norms on the channels-last kernels of `motion_adapters.fused_norm`
         where Triton runs, so that cuDNN converts no layout); "auto" (the default) is what measured faster for the
-        stage on a GPU where Triton runs (channels-last for interpolation and SR1, contiguous for the keyframes),
-        else "contiguous". Samples differ by bf16 rounding.
+        stage on a GPU where Triton runs (channels-last; for the keyframes only where its UNet calls replay from CUDA
+        graphs, contiguous where they run eagerly), else "contiguous". Samples differ by bf16 rounding.
 
         Example:
             >>> pipe.set_memory_format("channels_last")  # doctest: +SKIP
@@ -146,7 +149,17 @@ class Show1StagePipeline(DiffusionPipeline):
         if self.memory_format != "auto":
             return self.memory_format
         usable = self.unet.device.type == "cuda" and fused_norm_available()  # the layout needs the Triton norms
-        return self._gpu_memory_format if usable else "contiguous"
+        wanted = self._gpu_eager_choices[1] if self._gpu_eager_choices and not self._graphs_run() else (
+            self._gpu_memory_format)
+        return wanted if usable else "contiguous"
+
+    def _graphs_run(self) -> bool:
+        """Whether a call captures and replays its UNet calls.
+
+        That is: `cuda_graph` allows it, on CUDA, without an offload hook (which moves weights in its forward, which
+        a graph cannot replay).
+        """
+        return self.cuda_graph != "no" and self.unet.device.type == "cuda" and not hasattr(self.unet, "_hf_hook")
 
     def _kernels_in_use(self) -> tuple[str, str]:
         """(temporal kernels, norm kernels) that a call runs now: "auto" resolved for the UNet's device.
@@ -171,15 +184,17 @@ class Show1StagePipeline(DiffusionPipeline):
                 f"norm_kernels='triton' needs the UNet on a CUDA device with Triton installed (it is on "
                 f"{self.unet.device}): call pipe.set_norm_kernels('auto') or pipe.set_norm_kernels('torch')."
             )
-        wanted = self._gpu_norm_kernels if self.norm_kernels == "auto" else self.norm_kernels
+        wanted = self.norm_kernels
+        if wanted == "auto":
+            eager = self._gpu_eager_choices and not self._graphs_run()
+            wanted = self._gpu_eager_choices[0] if eager else self._gpu_norm_kernels
         return temporal, "triton" if usable and wanted == "triton" else "torch"
 
     @contextmanager
     def _temporal_kernels(self) -> Iterator[None]:
         """The context that runs this pipeline's UNet with the chosen kernels, memory format and CUDA graph."""
         temporal, norms = self._kernels_in_use()
-        # an offload hook moves weights in its forward, which a graph cannot replay: those UNets run eagerly
-        graphed = self.cuda_graph != "no" and self.unet.device.type == "cuda" and not hasattr(self.unet, "_hf_hook")
+        graphed = self._graphs_run()
         with temporal_kernels(self.unet, temporal), fused_norm_activations(self.unet, norms == "triton"), \
                 channels_last_sampling(self.unet, self._memory_format_in_use() == "channels_last"):
             if graphed:
