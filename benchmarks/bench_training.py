@@ -415,6 +415,7 @@ def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops
         losses, seconds = result.losses, result.extra["step_seconds"]
         warmup = 5 if config.cuda_graph == "yes" else (3 if config.compile != "no" else 2)
         record["trainable_parameters"] = result.info.num_parameters
+        record["memory_format_run"] = result.extra.get("memory_format")  # "auto" resolved
         record["train_motion_seconds"] = result.seconds
     record["wall_s"] = time.perf_counter() - began
     if device.type == "cuda":

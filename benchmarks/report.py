@@ -183,7 +183,12 @@ def training_summary(data: dict) -> str:
     base = runs.get("baseline", {}).get("s_per_step")
     lines = [environment_line(data), "", "| VMC training, 400 steps of show-1-base | time | s/step | vs. reference | "
              "peak GiB |", "|---|---|---|---|---|"]
-    full = "`train_motion`, full, contiguous" if "full_cl" in runs else "`train_motion`, full"
+    # the default layout of `full`: recorded since the runs record it; before, "full_cl" ran beside a contiguous one
+    # in training_cl_h200, and beside the defaults (channels-last there) in later runs
+    full_format = runs.get("full", {}).get("memory_format_run")
+    full = f"`train_motion`, full, {full_format.replace('_', '-')}" if full_format else (
+        "`train_motion`, full, contiguous" if data.get("env", {}).get("commit") == "05819fa" and "full_cl" in runs
+        else "`train_motion`, full (defaults)" if "full_cl" in runs else "`train_motion`, full")
     for name, label in (("baseline", "reference loop (fp32 + fp16 autocast)"), ("full", full),
                         ("full_cl", "`train_motion`, full, channels-last"), ("lora", "`train_motion`, LoRA r=16")):
         r = runs.get(name)
@@ -251,10 +256,9 @@ def fused_norm_layout_table(data: dict) -> str:
     env = data.get("env", {})
     lines = [f"_{env.get('gpu')}, triton {env.get('triton')}, commit `{env.get('commit')}`, {env.get('date')}; "
              f"{data.get('dtype')}, SiLU; GPU ms of calls replayed from a CUDA graph (medians)_", "",
-             "| shape (groups 32) | forward ms: contiguous / channels-last (tile as chosen; half; double[; twice the "
-             "channels]) / floor | backward ms: contiguous / channels-last (as chosen; half; double[; twice the "
-             "channels]) / floor | error vs float64: "
-             "contiguous / channels-last |", "|---|---|---|---|"]  # fmt: skip
+             "| shape (groups 32) | forward ms: contiguous / channels-last as chosen (other settings: values a "
+             "tile, channels a tile, tiles a statistics program) / floor | backward ms: the same | error vs "
+             "float64: contiguous / channels-last |", "|---|---|---|---|"]  # fmt: skip
     for row in data.get("rows", []):
         ms, floor, err = row["ms"], row["floor_ms"], row["relative_error_vs_float64"]
         if "fused_channels_last_forward" not in ms:
@@ -262,9 +266,9 @@ def fused_norm_layout_table(data: dict) -> str:
         cells = []
         for pass_ in ("forward", "backward"):
             key = f"fused_channels_last_{pass_}"
-            others = [v for k, v in ms.items() if k.startswith((f"{key}_tile_", f"{key}_channels_"))]
-            cells.append(f"{ms[f'fused_{pass_}']:.4f} / {ms[key]:.4f} ({'; '.join(f'{v:.4f}' for v in others)}) / "
-                         f"{floor[pass_]:.4f}")
+            others = [f"{k.removeprefix(key + '_').replace('_', ' ')}: {v:.4f}" for k, v in ms.items()
+                      if k.startswith(key + "_")]
+            cells.append(f"{ms[f'fused_{pass_}']:.4f} / {ms[key]:.4f} ({'; '.join(others)}) / {floor[pass_]:.4f}")
         lines.append(f"| {row['name']} {tuple(row['shape'])} | {cells[0]} | {cells[1]} | "
                      f"{err['fused_forward']:.1e} / {err['fused_channels_last_forward']:.1e} |")
     return "\n".join(lines)

@@ -51,8 +51,9 @@ MAX_BLOCK_K = 4096
 #: Channels-last tiles: up to CL_BLOCK_C channels by CL_TILE[direction] / channels values (see `cl_tile`), and the
 #: tiles one program of the statistics kernels (moments, gradient sums) takes in turn, CL_LOOP[direction]. On an H200
 #: (`benchmarks/results/fused_norm_rows_h200.json`) tiles of 8192 values four at a time forward and of 4096 four at
-#: a time backward were the fastest of the seven settings timed at five of the seven Show-1 shapes (SR1's ResNet
-#: norm: 0.194 against 0.205 ms forward at 16384 one at a time, 0.404 against 0.502 ms backward at 8192).
+#: a time backward were the fastest of the seven settings timed, or within 3 %, at six of the seven Show-1 shapes
+#: forward and all seven backward (SR1's ResNet norm: 0.194 against 0.205 ms forward at 16384 one at a time, 0.404
+#: against 0.502 ms backward at 8192).
 CL_BLOCK_C = 64
 CL_TILE = {"forward": 8192, "backward": 4096}
 CL_LOOP = {"forward": 4, "backward": 4}
