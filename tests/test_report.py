@@ -74,6 +74,19 @@ def test_training_summary_gives_each_run_its_ratio_to_the_reference_loop(report)
         "| reference loop (fp32 + fp16 autocast) | 120.0 s (projected) | 0.300 | 1.00x | 18.0 |",
         "| `train_motion`, full | 41.0 s (measured) | 0.100 | 3.00x | 10.0 |",
     ]
+    # the full run's layout: as recorded; beside a channels-last run without a record, "defaults"
+    data["runs"]["full_cl"] = {"s_per_step": 0.1, "projected_400_s": 40.0, "peak_gib": 10.0}
+    assert "| `train_motion`, full (defaults) |" in report.training_summary(data)
+    data["runs"]["full"]["memory_format_run"] = "channels_last"
+    assert "| `train_motion`, full, channels-last |" in report.training_summary(data)
+
+
+def test_cascade_table_shows_a_streamed_t5_without_an_offload_and_its_setup_apart(report):
+    text = {"parameters_b": 4.76, "mode": "stream", "encode_seconds": 0.41, "offload_seconds": 0.0,
+            "peak_gib": 1.02, "to_cpu_seconds": 8.1, "stream_setup_seconds": 8.2}
+    table = report.cascade_tables({"env": {}, "text_encoder": text, "stages": {}})
+    assert "| T5 XXL encode (4.76 B), streamed from the CPU block by block | – | 0.41 | 0.41 | – | 1.02 |" in table
+    assert "moved to the CPU in 8.1 s" in table and "pinned in 8.2 s" in table
 
 
 def test_activation_memory_counts_what_frozen_convolutions_no_longer_keep(report, tmp_path):
@@ -120,13 +133,15 @@ def test_fused_norm_layout_table_compares_the_channels_last_kernels(report):
     ms = {"fused_forward": 0.02, "fused_backward": 0.03, "fused_channels_last_forward": 0.01,
           "fused_channels_last_forward_tile_2048": 0.012, "fused_channels_last_forward_tile_8192": 0.011,
           "fused_channels_last_backward": 0.025, "fused_channels_last_backward_tile_2048": 0.026,
-          "fused_channels_last_backward_tile_8192": 0.027}  # fmt: skip
+          "fused_channels_last_backward_tile_8192": 0.027, "fused_channels_last_backward_tile_2048_loop_4": 0.022}
+    # fmt: skip
     row = {"name": "sr1 resnet", "shape": [16, 128, 160, 256], "ms": ms, "floor_ms": {"forward": 0.008,
            "backward": 0.02}, "relative_error_vs_float64": {"fused_forward": 1.7e-3,
                                                              "fused_channels_last_forward": 1.8e-3}}  # fmt: skip
     data = {"env": {"gpu": "GPU", "triton": "3", "commit": "abc", "date": "now"}, "dtype": "bfloat16",
             "rows": [row, {**row, "name": "older", "ms": {"fused_forward": 0.02}}]}  # fmt: skip
     lines = [line for line in report.fused_norm_layout_table(data).splitlines() if line.startswith("| sr1")]
-    assert lines == ["| sr1 resnet (16, 128, 160, 256) | 0.0200 / 0.0100 (0.0120; 0.0110) / 0.0080 | "
-                     "0.0300 / 0.0250 (0.0260; 0.0270) / 0.0200 | 1.7e-03 / 1.8e-03 |"]  # fmt: skip
+    assert lines == ["| sr1 resnet (16, 128, 160, 256) | 0.0200 / 0.0100 (tile 2048: 0.0120; tile 8192: 0.0110) / "
+                     "0.0080 | 0.0300 / 0.0250 (tile 2048: 0.0260; tile 8192: 0.0270; tile 2048 loop 4: 0.0220) / "
+                     "0.0200 | 1.7e-03 / 1.8e-03 |"]  # fmt: skip
     assert "older" not in report.fused_norm_layout_table(data)  # rows measured before the kernels: left out
