@@ -246,14 +246,22 @@ if triton is not None:
     # same group kernels combine them.
 
     @triton.jit
-    def _cl_tile(pid, cb, C, S, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = pid // P
-        p = pid % P
-        s = p * BLOCK_S + tl.arange(0, BLOCK_S)
+    def _cl_program(pid, cb, C, P, BLOCK_C: tl.constexpr):
+        """Sample `n`, chunk `p`, channels `c` and their mask of the program at (pid, cb) of an (N * P, tiles) grid."""
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
+        return pid // P, pid % P, c, c < C
+
+    @triton.jit
+    def _cl_rows(n, first, c, cmask, C, S, BLOCK_S: tl.constexpr):
+        """The mask and offsets of rows first .. first + BLOCK_S of sample `n`, channels `c`."""
+        s = first + tl.arange(0, BLOCK_S)
         mask = (s < S)[:, None] & cmask[None, :]
-        at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
+        return mask, n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
+
+    @triton.jit
+    def _cl_tile(pid, cb, C, S, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        n, p, c, cmask = _cl_program(pid, cb, C, P, BLOCK_C)
+        mask, at = _cl_rows(n, p * BLOCK_S, c, cmask, C, S, BLOCK_S)
         return n, p, c, cmask, mask, at
 
     @triton.jit
@@ -294,20 +302,14 @@ if triton is not None:
         and squared-summed element-wise in registers over the LOOP tiles, then reduced over the tile's rows once:
         a reduction across the rows of a tile costs a round through shared memory, an element-wise sum does not.
         """
-        pid = tl.program_id(0)
-        n = pid // P
-        p = pid % P
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
+        n, p, c, cmask = _cl_program(tl.program_id(0), tl.program_id(1), C, P, BLOCK_C)
         start = p * BLOCK_S * LOOP
-        sample = n.to(tl.int64) * S * C
-        pivot = tl.load(x_ptr + sample + start.to(tl.int64) * C + c, mask=cmask, other=0.0).to(tl.float32)
+        pivot = tl.load(x_ptr + n.to(tl.int64) * S * C + start.to(tl.int64) * C + c, mask=cmask,
+                        other=0.0).to(tl.float32)  # fmt: skip
         total = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         squares = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for i in range(LOOP):
-            s = start + i * BLOCK_S + tl.arange(0, BLOCK_S)
-            mask = (s < S)[:, None] & cmask[None, :]
-            at = sample + s[:, None].to(tl.int64) * C + c[None, :]
+            mask, at = _cl_rows(n, start + i * BLOCK_S, c, cmask, C, S, BLOCK_S)
             d = tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - pivot[None, :], 0.0)
             total += d
             squares += d * d
@@ -341,19 +343,13 @@ if triton is not None:
                             HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
                             BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
         """Per-channel sums of d_xhat and d_xhat * xhat over chunk `p` (LOOP tiles) of sample `n`."""
-        pid = tl.program_id(0)
-        n = pid // P
-        p = pid % P
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
+        n, p, c, cmask = _cl_program(tl.program_id(0), tl.program_id(1), C, P, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
         s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)  # element-wise over the LOOP tiles, reduced once
         s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for i in range(LOOP):
-            s = (p * LOOP + i) * BLOCK_S + tl.arange(0, BLOCK_S)
-            mask = (s < S)[:, None] & cmask[None, :]
-            at = n.to(tl.int64) * S * C + s[:, None].to(tl.int64) * C + c[None, :]
+            mask, at = _cl_rows(n, (p * LOOP + i) * BLOCK_S, c, cmask, C, S, BLOCK_S)
             xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
             s1 += dxhat
             s2 += dxhat * xhat
