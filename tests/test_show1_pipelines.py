@@ -558,6 +558,7 @@ def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton
                                      _gpu_memory_format=stage._gpu_memory_format,
                                      _gpu_eager_choices=stage._gpu_eager_choices)  # fmt: skip
         pipe._graphs_run = lambda: Show1StagePipeline._graphs_run(pipe)
+        pipe._gpu_auto_choices = lambda: Show1StagePipeline._gpu_auto_choices(pipe)
         return (*Show1StagePipeline._kernels_in_use(pipe), Show1StagePipeline._memory_format_in_use(pipe))
 
     # without Triton: the SDPA twin, PyTorch's norms, and contiguous activations (the layout needs the fused norms)

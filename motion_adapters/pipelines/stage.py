@@ -149,9 +149,13 @@ class Show1StagePipeline(DiffusionPipeline):
         if self.memory_format != "auto":
             return self.memory_format
         usable = self.unet.device.type == "cuda" and fused_norm_available()  # the layout needs the Triton norms
-        wanted = self._gpu_eager_choices[1] if self._gpu_eager_choices and not self._graphs_run() else (
-            self._gpu_memory_format)
-        return wanted if usable else "contiguous"
+        return self._gpu_auto_choices()[1] if usable else "contiguous"
+
+    def _gpu_auto_choices(self) -> tuple[str, str]:
+        """(norm kernels, memory format) that "auto" asks for on a GPU: the eager ones where no graph runs."""
+        if self._gpu_eager_choices and not self._graphs_run():
+            return self._gpu_eager_choices
+        return self._gpu_norm_kernels, self._gpu_memory_format
 
     def _graphs_run(self) -> bool:
         """Whether a call captures and replays its UNet calls.
@@ -184,10 +188,7 @@ class Show1StagePipeline(DiffusionPipeline):
                 f"norm_kernels='triton' needs the UNet on a CUDA device with Triton installed (it is on "
                 f"{self.unet.device}): call pipe.set_norm_kernels('auto') or pipe.set_norm_kernels('torch')."
             )
-        wanted = self.norm_kernels
-        if wanted == "auto":
-            eager = self._gpu_eager_choices and not self._graphs_run()
-            wanted = self._gpu_eager_choices[0] if eager else self._gpu_norm_kernels
+        wanted = self._gpu_auto_choices()[0] if self.norm_kernels == "auto" else self.norm_kernels
         return temporal, "triton" if usable and wanted == "triton" else "torch"
 
     @contextmanager
