@@ -59,6 +59,7 @@ from motion_adapters.pipelines import (  # noqa: E402
 )
 from motion_adapters.pipelines._utils import stream_blocks  # noqa: E402
 from motion_adapters.pipelines.cascade import DEFAULT_STAGE_KWARGS  # noqa: E402
+from motion_adapters.pipelines.show1_superres import SR2Kernels  # noqa: E402
 
 # DeepFloyd's T5 v1.1 XXL encoder (SHOW1.md: hidden size 4096), the text encoder of stages 1-3
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -364,9 +365,12 @@ def run(args, device, dtype, data):
         pipe.set_norm_kernels(args.norm_kernels)
     stages = (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation), ("sr1", cascade.sr1))
     in_use = {name: pipe._kernels_in_use() for name, pipe in stages}  # what each stage's choices run on this device
+    stages += (("sr2", SR2Kernels(sr2.unet, "auto", "auto", "auto", "auto")),)  # as `_run_sr2` runs it by default
+    in_use["sr2"] = stages[-1][1]._kernels_in_use()
     data["temporal_kernels"] = {name: kernels[0] for name, kernels in in_use.items()}
     data["norm_kernels"] = {name: kernels[1] for name, kernels in in_use.items()}
     data["memory_format"] = {name: pipe._memory_format_in_use() for name, pipe in stages}
+    data["cuda_graph"] = {name: pipe._graphs_run() for name, pipe in stages}
     if args.compile_sr1:
         sr1.compile(dynamic=False)
     # the embeddings are computed; unregister the released T5 so the keyframe stage's execution device is the UNet's

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from diffusers import UNet3DConditionModel
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
@@ -41,11 +42,18 @@ from motion_adapters.models import (  # noqa: E402
 from motion_adapters.pipelines._graph import GraphedCall  # noqa: E402
 from motion_adapters.training_step import temporal_kernels  # noqa: E402
 
-#: stage -> (config factory, (frames, height, width), batch with guidance, calls a video makes: steps x windows)
+def sr2_config() -> dict:
+    """show-1-sr2's UNet (ZeroScope-like): diffusers' `UNet3DConditionModel` with its defaults (OpenCLIP-H text)."""
+    return {"in_channels": 4, "cross_attention_dim": 1024}
+
+
+#: stage -> (config factory, (frames, height, width), batch with guidance, calls a video makes: steps x windows);
+#: SR2 denoises 29 latent frames of 40 x 72 for 40 steps (50 at strength 0.8)
 STAGES = {
     "keyframes": (show1_base_config, (8, 40, 64), 2, 75),
     "interpolation": (show1_interpolation_config, (5, 40, 64), 14, 75),
     "sr1": (show1_sr1_config, (8, 160, 256), 2, 125 * 4),
+    "sr2": (sr2_config, (29, 40, 72), 2, 40),
 }
 KERNELS = ("library", "math_attention", "fast", "triton_attention", "triton_conv", "triton")
 #: other ways to run the same call: the library's layers with channels-last weights, or through torch.compile, or
@@ -169,19 +177,24 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.stages.split(","):
         make_config, (frames, height, width), batch, calls = STAGES[name]
         config = make_config()
-        if args.tiny:
+        model_class = UNet3DConditionModel if name == "sr2" else Show1UNet3DConditionModel
+        if args.tiny and name == "sr2":
+            config.update(block_out_channels=[32] * 4, attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32)
+            frames, height, width, batch = 3, 16, 16, 2
+        elif args.tiny:
             config.update(block_out_channels=[32] * len(config["block_out_channels"]), attention_head_dim=16,
                           norm_num_groups=8, encoder_hid_dim=32, cross_attention_dim=32,
                           addition_embed_type_num_heads=2)  # fmt: skip
             frames, height, width, batch = 3, 16, 16, 2
         torch.manual_seed(0)
-        unet = Show1UNet3DConditionModel(**config).to(device, dtype).eval()
+        unet = model_class(**config).to(device, dtype).eval()
         generator = torch.Generator(device).manual_seed(0)
         inputs = {
             "sample": torch.randn(batch, config["in_channels"], frames, height, width, generator=generator,
                                   device=device, dtype=dtype),
             "timestep": torch.full((batch,), 500, device=device),
-            "encoder_hidden_states": torch.randn(batch, 77, config["encoder_hid_dim"], generator=generator,
+            "encoder_hidden_states": torch.randn(batch, 77, config.get("encoder_hid_dim") or
+                                                 config["cross_attention_dim"], generator=generator,
                                                  device=device, dtype=dtype),
         }  # fmt: skip
         if config.get("class_embed_type") == "timestep":

@@ -84,13 +84,11 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
         hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
                               cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)  # fmt: skip
     hidden_states = model.proj_out(hidden_states).reshape(batch, height, width, num_frames, channels)
-    if torch.is_grad_enabled():  # autograd takes no `out=`: copy to (B * F, H, W, C) memory, then add
-        hidden_states = hidden_states.permute(0, 3, 1, 2, 4).reshape(batch_frames, height, width, channels)
-        output = hidden_states.permute(0, 3, 1, 2) + residual
-    else:  # the copy and the addition in one pass
-        hidden_states = hidden_states.permute(0, 3, 4, 1, 2)
-        output = torch.empty_like(residual, memory_format=torch.channels_last)
-        torch.add(residual.view(hidden_states.shape), hidden_states, out=output.view(hidden_states.shape))
+    # the residual first: the addition's output takes its (channels-last) layout, so the copy back from the
+    # frames-last sequences and the addition are one pass, with or without autograd (at batch 1 a reshape of the
+    # sequences would be a view, and the sum would keep their frames-interleaved layout)
+    hidden_states = hidden_states.permute(0, 3, 4, 1, 2)  # (B, F, C, H, W) view
+    output = (residual.view(hidden_states.shape) + hidden_states).view(batch_frames, channels, height, width)
     if not return_dict:
         return (output,)
     return TransformerTemporalModelOutput(sample=output)

@@ -21,16 +21,16 @@ def _no_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
-def unet_inputs(unet, frames=2, size=8):
+def unet_inputs(unet, frames=2, size=8, batch=2):
     g = torch.Generator().manual_seed(0)
     config = unet.config
     inputs = {
-        "sample": torch.randn(2, config.in_channels, frames, size, size, generator=g).to(DEVICE),
-        "timestep": torch.tensor([500, 500], device=DEVICE),
-        "encoder_hidden_states": torch.randn(2, 5, config.encoder_hid_dim, generator=g).to(DEVICE),
+        "sample": torch.randn(batch, config.in_channels, frames, size, size, generator=g).to(DEVICE),
+        "timestep": torch.tensor([500] * batch, device=DEVICE),
+        "encoder_hidden_states": torch.randn(batch, 5, config.encoder_hid_dim, generator=g).to(DEVICE),
     }
     if config.class_embed_type == "timestep":
-        inputs["class_labels"] = torch.tensor([250, 250], device=DEVICE)
+        inputs["class_labels"] = torch.tensor([250] * batch, device=DEVICE)
     return inputs
 
 
@@ -111,14 +111,15 @@ def test_weights_are_restored_when_the_call_fails():
     assert unet.conv_in.weight.is_contiguous() and all("forward" not in vars(m) for m in unet.modules())
 
 
-def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_gradients():
+@pytest.mark.parametrize("batch", [1, 2])  # train_motion trains at batch 1
+def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_gradients(batch):
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
     unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)  # eval: no dropout, so both runs draw alike
     trainable = [p for name, p in unet.named_parameters() if ".temp_attentions." in f".{name}" and ".to_q." in name]
     for p in trainable:
         p.requires_grad_(True)
-    inputs = unet_inputs(unet)
+    inputs = unet_inputs(unet, batch=batch)
 
     def step(channels_last):
         with temporal_kernels(unet, "conv2d"), layout.channels_last_training(unet, channels_last) as count, \
@@ -133,7 +134,7 @@ def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_grad
     out, grads, count, _ = step(False)
     cl_out, cl_grads, cl_count, seen = step(True)
     assert count == 0 and cl_count > 0
-    assert [call for call in seen if not call[-1]] == [("conv_in", (4, unet.config.in_channels, 8, 8), False)]
+    assert [call for call in seen if not call[-1]] == [("conv_in", (2 * batch, unet.config.in_channels, 8, 8), False)]
     torch.testing.assert_close(cl_out, out, rtol=1e-4, atol=1e-5)
     for cl_grad, grad in zip(cl_grads, grads):
         torch.testing.assert_close(cl_grad, grad, rtol=1e-3, atol=1e-6)

@@ -365,6 +365,48 @@ def test_sr2_adapter_resizes_and_returns_pixels(cascade):
     assert (sr2.scheduler.num_inference_steps, sr2.scheduler.timesteps.tolist()) == before
 
 
+def test_sr2_kernel_choices_are_validated_and_run_for_the_call_only():
+    from motion_adapters.pipelines.show1_superres import SR2Kernels
+
+    sr2 = tiny_sr2()
+    video = torch.rand(1, 3, 4, 8, 8, generator=seeded(1)) * 2 - 1
+    kwargs = {"height": 16, "width": 16, "num_inference_steps": 2}
+    with pytest.raises(ValueError, match="memory format must be one of"):
+        super_resolve_video_latent(sr2, video, "a cat runs", memory_format="nhwc", **kwargs)
+    with pytest.raises(ValueError, match=r"pass temporal_kernels='auto' or 'library' \(stage_kwargs="):
+        SR2Kernels(sr2.unet, "triton_attention", "auto", "auto", "auto")._kernels_in_use()  # Triton off CUDA
+    assert SR2Kernels(sr2.unet, "auto", "auto", "auto", "auto")._kernels_in_use() == ("library", "torch")  # CPU
+    outputs = {}
+    for layout in ("contiguous", "channels_last"):
+        outputs[layout] = super_resolve_video_latent(sr2, video, "a cat runs", memory_format=layout,
+                                                     generator=seeded(0), **kwargs)  # fmt: skip
+        assert all(m.weight.is_contiguous() for m in sr2.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    torch.testing.assert_close(outputs["channels_last"], outputs["contiguous"], atol=1e-4, rtol=0)
+
+
+def test_graphed_unet_calls_route_plain_calls_and_restore_the_forward():
+    from motion_adapters.pipelines._kernels import graphed_unet_calls
+    from motion_adapters.pipelines.show1_superres import SR2Kernels
+
+    unet = tiny_sr2().unet.eval()
+    kernels = SR2Kernels(unet, "auto", "auto", "auto", "auto")
+    x, t, text = torch.randn(1, 4, 3, 8, 8, generator=seeded(1)), torch.tensor(10), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=text).sample
+        with graphed_unet_calls(unet, kernels):  # no graph in use: nothing changes
+            assert "forward" not in vars(unet)
+        routed = []
+        kernels._graphed = object()  # as inside `_temporal_kernels()` with a graph; off CUDA the call runs eagerly
+        kernels._unet_output = lambda *args, **kw: routed.append(1) or SR2Kernels._unet_output(kernels, *args, **kw)
+        with graphed_unet_calls(unet, kernels):
+            tuple_out = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+            dict_out = unet(x, t, encoder_hidden_states=text).sample
+            unet(x, t, encoder_hidden_states=text, cross_attention_kwargs={"scale": 1.0})  # not routed
+        assert "forward" not in vars(unet) and len(routed) == 2
+    torch.testing.assert_close(tuple_out, expected)
+    torch.testing.assert_close(dict_out, expected)
+
+
 def test_cascade_with_sr2_runs_and_round_trips(cascade, tmp_path):
     full = Show1CascadePipeline(cascade.keyframes, sr2=tiny_sr2())
     kwargs = {
@@ -545,9 +587,9 @@ def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton
 ):
     import types
 
-    import motion_adapters.pipelines.stage as stage_module
+    import motion_adapters.pipelines._kernels as kernels_module
 
-    monkeypatch.setattr(stage_module, "fused_norm_available", lambda x=None: triton_usable)
+    monkeypatch.setattr(kernels_module, "fused_norm_available", lambda x=None: triton_usable)
     fallback = {"triton_attention": "math_attention"}
 
     def in_use(device, temporal="auto", norms="auto", graph="auto"):
@@ -559,6 +601,7 @@ def test_auto_stage_kernels_follow_the_measurements_and_fall_back_without_triton
                                      _gpu_eager_choices=stage._gpu_eager_choices)  # fmt: skip
         pipe._graphs_run = lambda: Show1StagePipeline._graphs_run(pipe)
         pipe._gpu_auto_choices = lambda: Show1StagePipeline._gpu_auto_choices(pipe)
+        pipe._fix = lambda *args: Show1StagePipeline._fix(pipe, *args)
         return (*Show1StagePipeline._kernels_in_use(pipe), Show1StagePipeline._memory_format_in_use(pipe))
 
     # without Triton: the SDPA twin, PyTorch's norms, and contiguous activations (the layout needs the fused norms)
@@ -641,6 +684,30 @@ def test_stage_calls_replay_from_a_cuda_graph_like_eager_calls(tmp_path):
     assert replays == {"no": [0, 0, 0, 0], "yes": [0, 1, 2, 3]}  # eager first, captured second, replayed after
     assert pipe._graphed is None
     torch.testing.assert_close(outputs["yes"], outputs["no"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_sr2_calls_replay_from_a_cuda_graph_like_eager_calls(monkeypatch):
+    import motion_adapters.pipelines._kernels as kernels_module
+
+    replays = []
+
+    class Counting(kernels_module.GraphedCall):
+        def close(self):
+            replays.append(self.replays)
+            super().close()
+
+    monkeypatch.setattr(kernels_module, "GraphedCall", Counting)
+    sr2 = tiny_sr2().to("cuda")
+    video = (torch.rand(1, 3, 4, 8, 8, generator=seeded(1)) * 2 - 1).cuda()
+    outputs = {
+        choice: super_resolve_video_latent(sr2, video, "a cat runs", height=16, width=16, num_inference_steps=5,
+                                           cuda_graph=choice, generator=torch.Generator("cuda").manual_seed(0))
+        for choice in ("no", "yes")
+    }  # fmt: skip
+    assert replays == [3]  # 4 steps (strength 0.8 of 5): eager first, captured second, replayed after
+    assert "forward" not in vars(sr2.unet)
+    torch.testing.assert_close(outputs["yes"], outputs["no"], rtol=0, atol=1e-4)
 
 
 def test_encode_prompt_encodes_prompt_and_negative_in_one_t5_pass_with_the_same_embeddings(cascade):

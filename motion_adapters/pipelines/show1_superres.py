@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import T5EncoderModel, T5Tokenizer
 
 from motion_adapters.models import Show1UNet3DConditionModel
+from motion_adapters.pipelines._kernels import SamplingKernels, graphed_unet_calls
 from motion_adapters.pipelines._utils import (
     Show1PipelineOutput,
     eval_mode,
@@ -134,12 +135,19 @@ def super_resolve_video_latent(
     guidance_scale: float = 15.0,
     negative_prompt: str | None = "low resolution, blur",
     generator: torch.Generator | list[torch.Generator] | None = None,
+    temporal_kernels: str = "auto",
+    norm_kernels: str = "auto",
+    memory_format: str = "auto",
+    cuda_graph: str = "auto",
 ) -> torch.Tensor:
     """Run Show-1's SR2 (`showlab/show-1-sr2`, a diffusers `VideoToVideoSDPipeline`) on pixel video.
 
     As Show-1 does, frames are quantised to 8 bits, resized with PIL's bicubic filter to (width, height), and
     refined with strength 0.8. Each video of the batch is its own call (its own CLIP prompt). The pipeline's
     scheduler is swapped for a fresh copy during the call and its UNet put in eval mode; both are restored.
+    The UNet samples with the kernels, memory format and CUDA graph chosen as a Show-1 stage pipeline's
+    `set_temporal_kernels`, `set_norm_kernels`, `set_memory_format` and `set_cuda_graph` choose them ("auto":
+    what measured fastest for SR2 on a GPU, see `SR2Kernels`; the UNet as built elsewhere), for the call only.
 
     Args:
         pipeline: The SR2 `VideoToVideoSDPipeline`.
@@ -152,6 +160,10 @@ def super_resolve_video_latent(
         guidance_scale: Guidance weight (15.0, the pipeline default Show-1 keeps).
         negative_prompt: SR2 negative prompt ("low resolution, blur" in Show-1).
         generator: Random generator(s).
+        temporal_kernels: One of `motion_adapters.config.TEMPORAL_KERNELS`.
+        norm_kernels: "auto", "torch" or "triton".
+        memory_format: "auto", "contiguous" or "channels_last".
+        cuda_graph: "auto", "yes" or "no".
 
     Returns:
         (B, 3, F, height, width) pixels in [-1, 1].
@@ -164,6 +176,8 @@ def super_resolve_video_latent(
     if len(prompts) != video.shape[0]:
         raise ValueError(f"prompt has {len(prompts)} entries but video has batch {video.shape[0]}; match them.")
     pixels = ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+    kernels = SR2Kernels(pipeline.unet, temporal_kernels, norm_kernels, memory_format, cuda_graph)
+    kernels._kernels_in_use()  # a choice that cannot run here fails before any work
     registered = pipeline.scheduler
     outputs = []
     try:
@@ -174,20 +188,54 @@ def super_resolve_video_latent(
                     PIL.Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), PIL.Image.BICUBIC)
                     for frame in frames
                 ]
-                out = pipeline(
-                    prompt=text,
-                    negative_prompt=negative_prompt,
-                    video=resized,
-                    strength=strength,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=generator,
-                    output_type="pt",
-                ).frames  # (1, F, 3, H, W) in [0, 1]
+                with kernels._temporal_kernels(), graphed_unet_calls(pipeline.unet, kernels):
+                    out = pipeline(
+                        prompt=text,
+                        negative_prompt=negative_prompt,
+                        video=resized,
+                        strength=strength,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        generator=generator,
+                        output_type="pt",
+                    ).frames  # (1, F, 3, H, W) in [0, 1]
                 outputs.append(out.permute(0, 2, 1, 3, 4) * 2 - 1)
     finally:
         pipeline.scheduler = registered
     return torch.cat(outputs).to(video.device).clamp(-1, 1)
+
+
+class SR2Kernels(SamplingKernels):
+    """How SR2's UNet (diffusers' `UNet3DConditionModel`) samples in `super_resolve_video_latent`.
+
+    The same choices as a Show-1 stage pipeline's, passed as arguments. "auto" on a GPU: PENDING MEASUREMENT.
+
+    Example:
+        >>> kernels = SR2Kernels(sr2.unet, "auto", "auto", "auto", "auto")  # doctest: +SKIP
+        >>> kernels._kernels_in_use()  # on a GPU with Triton  # doctest: +SKIP
+        ('triton_attention', 'triton')
+    """
+
+    _gpu_temporal_kernels = "triton_attention"
+    _gpu_norm_kernels = "triton"
+    _gpu_memory_format = "channels_last"
+
+    def __init__(self, unet: torch.nn.Module, temporal_kernels: str, norm_kernels: str, memory_format: str,
+                 cuda_graph: str):  # fmt: skip
+        self.unet = unet
+        self.set_temporal_kernels(temporal_kernels)
+        self.set_norm_kernels(norm_kernels)
+        self.set_memory_format(memory_format)
+        self.set_cuda_graph(cuda_graph)
+
+    def _unet_output(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs=None):
+        # the class's forward: while `graphed_unet_calls` is open, `unet.forward` routes here
+        return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                       return_dict=False)[0]  # fmt: skip
+
+    def _fix(self, name: str, *choices: str) -> str:
+        return (f"pass {name}={choices[0]!r} or {choices[1]!r} (stage_kwargs={{'sr2': {{{name!r}: ...}}}} in a "
+                "cascade call)")
 
 
 class Show1SuperResPipeline(Show1StagePipeline):
