@@ -151,6 +151,27 @@ def test_channels_last_tiles_cover_show1_shapes():
     assert fused_module.channels_last_rows(torch.zeros(2, 3, 4, 5).transpose(2, 3)) is None  # neither layout
 
 
+def test_channels_last_backward_reads_a_gradient_whose_strides_differ_only_at_size_one_dims(monkeypatch):
+    """At batch 1 autograd hands gradients whose batch stride differs from the input's: same memory, no copy."""
+    x = torch.randn(1, 8, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    _, mean, rstd = fused_module.group_norm_act_forward(x, None, None, None, None, 2, 1e-5, "silu")
+    grad = torch.randn(x.shape, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    odd = grad.as_strided(grad.shape, (7,) + grad.stride()[1:])  # another stride for the size-1 batch dim
+    assert odd.stride() != x.stride() and torch.equal(odd, grad)
+    copies = []
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: copies.append(t.shape) or empty_like(t, *a, **k))
+    dx_odd = fused_module.group_norm_act_backward(odd, x, None, None, None, None, mean, rstd, 2, "silu")
+    assert copies == [x.shape]  # the input gradient only: the gradient was read in place
+    copies.clear()
+    dx_far = fused_module.group_norm_act_backward(grad.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4),
+                                                  x, None, None, None, None, mean, rstd, 2, "silu")  # fmt: skip
+    assert len(copies) == 2  # a gradient in another layout is copied into the input's first
+    dx = fused_module.group_norm_act_backward(grad, x, None, None, None, None, mean, rstd, 2, "silu")
+    torch.testing.assert_close(dx_odd, dx, rtol=0, atol=0)
+    torch.testing.assert_close(dx_far, dx, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "nsc"])
 def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, layout):
     """A mean 10,000 times the spread: the one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely, the
