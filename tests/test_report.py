@@ -79,6 +79,10 @@ def test_training_summary_gives_each_run_its_ratio_to_the_reference_loop(report)
     assert "| `train_motion`, full (defaults) |" in report.training_summary(data)
     data["runs"]["full"]["memory_format_run"] = "channels_last"
     assert "| `train_motion`, full, channels-last |" in report.training_summary(data)
+    # a measured run that records its one-off costs: the steps' time, and the one-off beside it
+    data["runs"]["full"].update(measured_400_s_without_overhead=39.5, one_off_overhead_s=1.5)
+    assert ("| `train_motion`, full, channels-last | 39.5 s (measured, + 1.5 s once: first-call compilation, "
+            "warm-up, capture) | 0.100 | 3.00x | 10.0 |") in report.training_summary(data)
 
 
 def test_cascade_table_shows_a_streamed_t5_without_an_offload_and_its_setup_apart(report):

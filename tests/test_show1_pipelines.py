@@ -422,6 +422,17 @@ def test_cascade_with_sr2_runs_and_round_trips(cascade, tmp_path):
     assert loaded.stages == ("keyframes", "sr2") and loaded.sr2.vae.use_slicing
     loaded.sr2.set_progress_bar_config(disable=True)
     torch.testing.assert_close(loaded(**kwargs, generator=seeded(2)).frames, frames)
+    # SR2's kernel choices go through stage_kwargs like its other arguments
+    kwargs["stage_kwargs"]["sr2"].update(memory_format="channels_last", cuda_graph="no")
+    torch.testing.assert_close(loaded(**kwargs, generator=seeded(2)).frames, frames, atol=1e-4, rtol=0)
+    kwargs["stage_kwargs"]["sr2"]["memory_format"] = "nhwc"
+    keyframe_calls, handle = record_unet_inputs(loaded.keyframes.unet)
+    try:
+        with pytest.raises(ValueError, match="memory format must be one of"):
+            loaded(**kwargs, generator=seeded(2))
+    finally:
+        handle.remove()
+    assert keyframe_calls == []  # refused before any stage ran
 
 
 # --- components are left as they were -------------------------------------------------------------------------------

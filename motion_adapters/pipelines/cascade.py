@@ -22,7 +22,9 @@ from motion_adapters.pipelines._utils import (
 from motion_adapters.pipelines.show1_base import Show1KeyframesPipeline
 from motion_adapters.pipelines.show1_interpolation import Show1InterpolationPipeline, interpolated_num_frames
 from motion_adapters.pipelines.show1_superres import (
+    SR2_KERNEL_ARGUMENTS,
     Show1SuperResPipeline,
+    SR2Kernels,
     super_resolve_video_latent,
     window_starts,
 )
@@ -359,6 +361,9 @@ class Show1CascadePipeline:
             raise ValueError(
                 "The sr2 stage encodes the text prompt with its own CLIP encoder: pass prompt, not only embeddings."
             )
+        if "sr2" in stages:  # SR2's kernel choices: an unknown one, or Triton where it cannot run, fails now
+            choices = {name: settings["sr2"].get(name, "auto") for name in SR2_KERNEL_ARGUMENTS}
+            SR2Kernels(self.sr2.unet, **choices)._kernels_in_use()
 
     def encode_prompt(
         self,

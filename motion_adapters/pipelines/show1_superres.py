@@ -205,6 +205,10 @@ def super_resolve_video_latent(
     return torch.cat(outputs).to(video.device).clamp(-1, 1)
 
 
+#: The arguments of `super_resolve_video_latent` that choose how SR2's UNet samples (`SR2Kernels`).
+SR2_KERNEL_ARGUMENTS = ("temporal_kernels", "norm_kernels", "memory_format", "cuda_graph")
+
+
 class SR2Kernels(SamplingKernels):
     """How SR2's UNet (diffusers' `UNet3DConditionModel`) samples in `super_resolve_video_latent`.
 
