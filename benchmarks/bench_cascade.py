@@ -363,10 +363,10 @@ def run(args, device, dtype, data):
         pipe.set_progress_bar_config(disable=True)
     for pipe in (cascade.keyframes, cascade.interpolation, cascade.sr1):
         pipe.set_norm_kernels(args.norm_kernels)
-    stages = (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation), ("sr1", cascade.sr1))
+    # SR2's choices as `_run_sr2` makes them by default
+    stages = (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation), ("sr1", cascade.sr1),
+              ("sr2", SR2Kernels(sr2.unet, "auto", "auto", "auto", "auto")))  # fmt: skip
     in_use = {name: pipe._kernels_in_use() for name, pipe in stages}  # what each stage's choices run on this device
-    stages += (("sr2", SR2Kernels(sr2.unet, "auto", "auto", "auto", "auto")),)  # as `_run_sr2` runs it by default
-    in_use["sr2"] = stages[-1][1]._kernels_in_use()
     data["temporal_kernels"] = {name: kernels[0] for name, kernels in in_use.items()}
     data["norm_kernels"] = {name: kernels[1] for name, kernels in in_use.items()}
     data["memory_format"] = {name: pipe._memory_format_in_use() for name, pipe in stages}

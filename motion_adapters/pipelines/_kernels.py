@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from torch import nn
 
 from motion_adapters.config import (
@@ -221,11 +222,7 @@ def graphed_unet_calls(unet: nn.Module, kernels: SamplingKernels) -> Iterator[No
         if args or any(value is not None for value in kwargs.values()) or encoder_hidden_states is None:
             return forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         output = kernels._call_unet(sample, timestep, encoder_hidden_states, None, None)
-        if not return_dict:
-            return (output,)
-        from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
-
-        return UNet3DConditionOutput(sample=output)
+        return UNet3DConditionOutput(sample=output) if return_dict else (output,)
 
     unet.forward = routed
     try:
