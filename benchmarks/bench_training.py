@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
+from motion_adapters import frame_attention  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -122,6 +123,9 @@ VARIANTS = {
                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),
     "lora_cl": ("as lora, memory_format='channels_last'",
                 {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),
+    "full_tile_attention": ("as full, temporal attention on the frame-attention 'tile' kernels (the kernels before "
+                            "the 'pairs' kernels, frame_attention_h200.json)",
+                            {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -381,7 +385,22 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
     return out
 
 
+#: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration
+MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]}
+
+
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in MODULE_SETTINGS.get(name, [])]
+    for module, attr, value in MODULE_SETTINGS.get(name, []):
+        setattr(module, attr, value)
+    try:
+        return _run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak)
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def _run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
     description, overrides = VARIANTS[name]
     baseline = overrides is None
     dtype = torch.float32 if baseline or device.type != "cuda" else torch.bfloat16

@@ -5,11 +5,14 @@ PyTorch runs that as flash attention, whose 128-query tiles are mostly padding t
 head split copy, two batched matmuls of 8 x 8 x d, a softmax, a head merge copy, and in the backward pass their
 gradients plus the kept probabilities (docs/performance.md: about a fifth of a training step's GPU time).
 
-Here one program takes a block of (sequence, head) pairs and holds each pair's queries, keys and values in
-registers: scores, softmax and output in float32, one rounding at the output. It reads q, k and v where the
-projections wrote them, (N, F, heads * d) with any row strides, so there is no head split or merge. The backward
-pass recomputes the probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk and dv in one
-kernel. `TRITON_INTERPRET=1` runs the kernels on CPU tensors (the tests do).
+Here each (sequence, head) pair's scores, softmax and output stay in registers, in float32, with one rounding at
+the output. Up to 8 frames ("pairs" kernels, the default), one thread takes one pair: its (frames x frames) scores
+accumulate over a loop on the head's channels, so every reduction stays within the thread and no head channel is
+padded. Longer sequences ("tile" kernels) take a block of pairs a program as (pairs, frames, frames, channels)
+products, their channels padded to a power of two. Both read q, k and v where the projections wrote them,
+(N, F, heads * d) with any row strides, so there is no head split or merge. The backward pass recomputes the
+probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk and dv in one kernel.
+`TRITON_INTERPRET=1` runs the kernels on CPU tensors (the tests do).
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from motion_adapters.fused_norm import _on_device, fused_norm_available, triton
 if triton is not None:
     import triton.language as tl
 
-#: The most values of the (pairs, frames, frames, padded head channels) products a program forms at once; the
-#: pairs a program takes follow from it. Longer sequences or wider heads than this allows fall back to PyTorch.
+#: The most values of the (pairs, frames, frames, padded head channels) products a "tile" program forms at once;
+#: the pairs a program takes follow from it. Longer sequences or wider heads than this allows fall back to PyTorch.
 TILE = 8192
+#: The most frames (padded to a power of two) that the "pairs" kernels take: a thread holds a pair's
+#: frames x frames scores, and 8 x 8 float32 values already take a quarter of its registers.
+PAIRS_FRAMES = 8
+#: Pairs a "pairs" program takes, and its warps: one pair a thread.
+PAIRS_BLOCK = 128
 
 
 def frame_attention_supported(q: torch.Tensor, heads: int, kv_length: int | None = None) -> str | None:
@@ -42,7 +50,7 @@ def frame_attention_supported(q: torch.Tensor, heads: int, kv_length: int | None
         return f"{q.shape[-1]} channels do not split into {heads} heads"
     if kv_length is not None and kv_length != q.shape[1]:
         return "keys of another length than the queries"
-    if _padded(q.shape[1]) ** 2 * _padded(q.shape[-1] // heads) > TILE:
+    if _padded(q.shape[1]) > PAIRS_FRAMES and _padded(q.shape[1]) ** 2 * _padded(q.shape[-1] // heads) > TILE:
         return f"{q.shape[1]} frames of {q.shape[-1] // heads} channels a head do not fit one program"
     return None
 
@@ -115,13 +123,83 @@ if triton is not None:
         _store(dv_ptr, dv, g_sn, g_sf, n, h, f, d, mask, D)
 
 
-def _launch(q: torch.Tensor, heads: int) -> tuple[tuple[int], dict]:
-    """The grid and the shape constants of a launch over `q`'s (N * heads) pairs."""
+    @triton.jit
+    def _pair_columns(P, F, HEADS: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr):
+        """This program's pairs (as sequence and head), frame indices and the (frames, pairs) mask."""
+        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        f = tl.arange(0, FP)
+        return pair // HEADS, pair % HEADS, f, (f < F)[:, None] & (pair < P)[None, :]
+
+    @triton.jit
+    def _column(ptr, sn, sf, n, h, f, c, mask, D: tl.constexpr):
+        """Head channel c of every frame of the pairs, (frames, pairs), in float32."""
+        at = f[:, None] * sf + (n * sn + h * D + c)[None, :]
+        return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _put_column(ptr, value, sn, sf, n, h, f, c, mask, D: tl.constexpr):
+        at = f[:, None] * sf + (n * sn + h * D + c)[None, :]
+        tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, f, mask, F, scale, D: tl.constexpr,
+                            FP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        """softmax(q k^T * scale) over the keys, (queries, keys, pairs); padded keys get no weight."""
+        s = tl.zeros((FP, FP, BLOCK_P), dtype=tl.float32)
+        for c in tl.range(0, D):
+            s += _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)[:, None, :] * \
+                _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)[None, :, :]
+        s = tl.where((f < F)[None, :, None], s * scale, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None, :])
+        return e / tl.sum(e, axis=1)[:, None, :]
+
+    @triton.jit
+    def _pairs_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
+                       HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        n, h, f, mask = _pair_columns(P, F, HEADS, FP, BLOCK_P)
+        p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, f, mask, F, scale, D, FP, BLOCK_P)
+        for c in tl.range(0, D):
+            v = _column(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)
+            _put_column(o_ptr, tl.sum(p * v[None, :, :], axis=1), o_sn, o_sf, n, h, f, c, mask, D)
+
+    @triton.jit
+    def _pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
+                        do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
+                        FP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
+        n, h, f, mask = _pair_columns(P, F, HEADS, FP, BLOCK_P)
+        p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, f, mask, F, scale, D, FP, BLOCK_P)
+        dp = tl.zeros((FP, FP, BLOCK_P), dtype=tl.float32)
+        for c in tl.range(0, D):
+            dp += _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)[:, None, :] * \
+                _column(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)[None, :, :]
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
+        for c in tl.range(0, D):
+            q = _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
+            k = _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
+            do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
+            _put_column(dq_ptr, tl.sum(ds * k[None, :, :], axis=1), g_sn, g_sf, n, h, f, c, mask, D)
+            _put_column(dk_ptr, tl.sum(ds * q[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
+            _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
+
+
+def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int | None = None,
+            num_warps: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
+    """The (forward, backward) kernels, grid and shape constants of a launch over `q`'s (N * heads) pairs.
+
+    `kernel` ("pairs" or "tile"), `block` (pairs a program) and `num_warps` override the choice for benchmarks.
+    """
     n, frames, channels = q.shape
-    fp, dp = _padded(frames), _padded(channels // heads)
-    block = max(1, TILE // (fp * fp * dp))
-    return (triton.cdiv(n * heads, block),), {"HEADS": heads, "D": channels // heads, "FP": fp, "DP": dp,
-                                              "BLOCK_P": block, "num_warps": 4}  # fmt: skip
+    fp, d = _padded(frames), channels // heads
+    kernel = kernel or ("pairs" if fp <= PAIRS_FRAMES else "tile")
+    if kernel == "pairs":
+        block = block or PAIRS_BLOCK
+        meta = {"HEADS": heads, "D": d, "FP": fp, "BLOCK_P": block, "num_warps": num_warps or max(1, block // 32)}
+        return (_pairs_forward, _pairs_backward), (triton.cdiv(n * heads, block),), meta
+    dp = _padded(d)
+    block = block or max(1, TILE // (fp * fp * dp))
+    meta = {"HEADS": heads, "D": d, "FP": fp, "DP": dp, "BLOCK_P": block, "num_warps": num_warps or 4}
+    return (_frame_attention_forward, _frame_attention_backward), (triton.cdiv(n * heads, block),), meta
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -139,16 +217,15 @@ def _check(q, k, v, heads: int) -> None:
 
 class _FrameAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, heads: int, scale: float):
+    def forward(ctx, q, k, v, heads: int, scale: float, launch: tuple = ()):
         q, k, v = _rows(q), _rows(k), _rows(v)
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        grid, meta = _launch(q, heads)
+        (forward, _), grid, meta = _launch(q, heads, *launch)
         with _on_device(q):
-            _frame_attention_forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                           v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-                                           q.shape[0] * heads, q.shape[1], scale, **meta)  # fmt: skip
+            forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          out.stride(0), out.stride(1), q.shape[0] * heads, q.shape[1], scale, **meta)  # fmt: skip
         ctx.save_for_backward(q, k, v)
-        ctx.heads, ctx.scale = heads, scale
+        ctx.heads, ctx.scale, ctx.launch = heads, scale, launch
         return out
 
     @staticmethod
@@ -156,13 +233,12 @@ class _FrameAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         grad = _rows(grad.to(q.dtype))
         dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-        grid, meta = _launch(q, ctx.heads)
+        (_, backward), grid, meta = _launch(q, ctx.heads, *ctx.launch)
         with _on_device(q):
-            _frame_attention_backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0),
-                                            k.stride(1), v.stride(0), v.stride(1), grad.stride(0), grad.stride(1),
-                                            dq.stride(0), dq.stride(1), q.shape[0] * ctx.heads, q.shape[1],
-                                            ctx.scale, **meta)  # fmt: skip
-        return dq, dk, dv, None, None
+            backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                           v.stride(1), grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1),
+                           q.shape[0] * ctx.heads, q.shape[1], ctx.scale, **meta)  # fmt: skip
+        return dq, dk, dv, None, None, None
 
 
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

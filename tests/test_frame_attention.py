@@ -30,9 +30,19 @@ def reference(q, k, v, heads):
         (5, 5, 128, 64),  # an interpolation window: 5 frames (padded to 8), heads of 2 (SR1's top level)
         (3, 8, 80, 4),  # heads of 20, fewer pairs a program
         (17, 3, 24, 2),  # pairs that do not fill the last program
+        (3, 12, 32, 8),  # 12 frames: past the "pairs" kernels' 8 by default
     ],
 )
-def test_output_and_gradients_match_float64_attention(n, frames, channels, heads):
+@pytest.mark.parametrize("kernel", ["pairs", "tile"])
+def test_output_and_gradients_match_float64_attention(n, frames, channels, heads, kernel, monkeypatch):
+    launch, ran = fa._launch, []
+
+    def forced(*args):
+        kernels, grid, meta = launch(*args, kernel)
+        ran.append(kernels[0].__name__)
+        return kernels, grid, meta
+
+    monkeypatch.setattr(fa, "_launch", forced)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, frames, channels, generator=g).to(DEVICE).requires_grad_(True) for _ in range(3))
     out = fa.frame_attention(q, k, v, heads)
@@ -45,6 +55,7 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip((dq, dk, dv), expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
 
 
 def test_strided_projections_are_read_in_place_and_the_scale_is_honoured():
@@ -70,6 +81,11 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value():
     # float32 arithmetic, one rounding at the output: within one unit in the last place (2**-7 relative; Triton's
     # interpreter truncates where the GPU rounds to nearest)
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+
+
+def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels():
+    assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9, 29)] == [
+        "_pairs_forward", "_pairs_forward", "_frame_attention_forward", "_frame_attention_forward"]
 
 
 def test_bad_arguments_are_named():
@@ -146,24 +162,26 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
-for frames, width in ((8, 5), (8, 20), (5, 10), (8, 2)):  # Show-1's head widths at 8 frames; interpolation's 5
-    _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64)
-    meta.pop("num_warps")
-    for kernel in (fa._frame_attention_forward, fa._frame_attention_backward):
+# Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels)
+for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"), (29, 5, None)):
+    kernels, _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64, kernel)
+    warps = meta.pop("num_warps")
+    for kernel in kernels:
         names = kernel.arg_names
         signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
                      else "i32" for n in names}
         triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}),
-                       target=GPUTarget("cuda", 90, 32))
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         print("compiled", kernel.__name__)
 """
 
 
 def test_kernels_compile_for_a_hopper_gpu_without_one():
-    """The interpreter runs code the compiler refuses: compile both kernels for sm_90 with the interpreter off."""
+    """The interpreter runs code the compiler refuses: compile the kernels for sm_90 with the interpreter off."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 8
+    out = compiled_for_hopper(COMPILE_FOR_HOPPER)
+    assert out.count("compiled _pairs_") == 8 and out.count("compiled _frame_attention_") == 4, out
 
 
 @pytest.mark.gpu

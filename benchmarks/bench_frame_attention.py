@@ -1,0 +1,141 @@
+"""Time the Triton frame-attention kernels against PyTorch's attention at Show-1's temporal-attention shapes, on a GPU.
+
+For each shape, (N sequences, F frames, heads * d channels) with Show-1's 64 heads: the "pairs" kernels (one
+(sequence, head) pair a thread, a loop over its channels; the default up to 8 frames) at several block sizes, the
+"tile" kernels (a block of pairs a program as (pairs, frames, frames, padded channels) products; the first kernels,
+and the only ones past 8 frames) and PyTorch (heads split, `scaled_dot_product_attention`, heads merged), forward and
+backward, in bf16. Medians of `triton.testing.do_bench_cudagraph` (GPU time, replayed from a CUDA graph as the
+training step and the stage calls run them); several input sets rotated so that no run reads a cached tensor; every
+output checked against float64 first. Bytes: q, k, v read and the output written forward; q, k, v and the output's
+gradient read and three gradients written backward: the floor at the measured copy bandwidth.
+
+    python benchmarks/bench_frame_attention.py --out benchmarks/results/frame_attention_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fused_norm import copy_bandwidth  # noqa: E402
+from bench_training import GIB, environment, write  # noqa: E402
+
+from motion_adapters import frame_attention as fa  # noqa: E402
+
+HEADS = 64
+#: name -> (N, frames, channels). show-1-base trains at 1 x 8 x 40 x 64 (its four levels: 320, 640, 1280 and 1280
+#: channels at 40x64 to 5x8); interpolation samples 14 windows of 5 frames at 40 x 64; SR1 2 x 8 frames at 160 x 256
+#: (128 to 768 channels).
+SHAPES = {
+    "base 320 @ 40x64, 8 frames": (2560, 8, 320),
+    "base 640 @ 20x32, 8 frames": (640, 8, 640),
+    "base 1280 @ 10x16, 8 frames": (160, 8, 1280),
+    "interpolation 320 @ 14x40x64, 5 frames": (35840, 5, 320),
+    "interpolation 1280 @ 14x10x16, 5 frames": (2240, 5, 1280),
+    "sr1 128 @ 2x160x256, 8 frames": (81920, 8, 128),
+    "sr1 256 @ 2x80x128, 8 frames": (20480, 8, 256),
+    "sr1 768 @ 2x20x32, 8 frames": (1280, 8, 768),
+}
+#: label -> `fa._launch` overrides (kernel, pairs a program, warps); None: PyTorch
+VARIANTS = {
+    "pairs": ("pairs", None, None),
+    "pairs_64": ("pairs", 64, 2),
+    "pairs_256": ("pairs", 256, 8),
+    "pairs_128_2warps": ("pairs", 128, 2),
+    "tile": ("tile", None, None),
+    "torch": None,
+}
+
+
+def torch_attention(q, k, v, heads):
+    split = [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)
+
+
+def measure(name, n, frames, channels, n_sets, bandwidth, device) -> dict:
+    import triton.testing
+
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = [[torch.randn(n, frames, channels, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4)]
+            for _ in range(n_sets)]  # fmt: skip
+    q, k, v, grad = sets[0]
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    want = torch_attention(*exact, HEADS)
+    want_grads = torch.autograd.grad(want, exact, grad.double())
+
+    def rel(got, ref):
+        return float((got.detach().double() - ref.detach()).norm() / ref.detach().norm())
+
+    ms, errors, counter = {}, {}, {"i": 0}
+    for label, launch in VARIANTS.items():
+        if launch is not None and launch[0] == "pairs" and fa._padded(frames) > fa.PAIRS_FRAMES:
+            continue
+
+        def forward(q, k, v, launch=launch):
+            if launch is None:
+                return torch_attention(q, k, v, HEADS)
+            return fa._FrameAttention.apply(q, k, v, HEADS, 1.0 / (channels // HEADS) ** 0.5, launch)
+
+        leaves = [[t.detach().requires_grad_(True) for t in s[:3]] + [s[3]] for s in sets]
+        outs = [forward(*s[:3]) for s in leaves]
+        got_grads = torch.autograd.grad(outs[0], leaves[0][:3], grad, retain_graph=True)
+        errors[label] = {"forward": rel(outs[0], want),
+                         "backward": max(rel(a, b) for a, b in zip(got_grads, want_grads))}  # fmt: skip
+
+        def fwd_call(forward=forward):
+            counter["i"] = (counter["i"] + 1) % n_sets
+            with torch.no_grad():
+                return forward(*sets[counter["i"]][:3])
+
+        def bwd_call(outs=outs, leaves=leaves):
+            counter["i"] = (counter["i"] + 1) % n_sets
+            i = counter["i"]
+            return torch.autograd.grad(outs[i], leaves[i][:3], leaves[i][3], retain_graph=True)
+
+        for direction, fn in (("forward", fwd_call), ("backward", bwd_call)):
+            fn()
+            torch.cuda.synchronize()
+            try:
+                ms[f"{label}_{direction}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except RuntimeError as error:  # a call that cannot be captured: launched from Python instead
+                print(f"{name} {label} {direction}: not captured ({error}); eager timing", flush=True)
+                ms[f"{label}_{direction}"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    nbytes = n * frames * channels * 2
+    floor = {"forward": 4 * nbytes / bandwidth * 1e3, "backward": 7 * nbytes / bandwidth * 1e3}
+    row = {"name": name, "shape": [n, frames, channels], "heads": HEADS,
+           "ms": {key: round(value, 4) for key, value in ms.items()},
+           "floor_ms": {key: round(value, 4) for key, value in floor.items()},
+           "relative_error_vs_float64": {label: {d: float(f"{e:.3g}") for d, e in err.items()}
+                                         for label, err in errors.items()}}  # fmt: skip
+    parts = [f"{label} {ms[f'{label}_forward'] * 1e3:.0f}/{ms[f'{label}_backward'] * 1e3:.0f}" for label in errors]
+    print(f"{name:42s} us fwd/bwd: {', '.join(parts)}; floor {floor['forward'] * 1e3:.0f}/"
+          f"{floor['backward'] * 1e3:.0f}; errors {row['relative_error_vs_float64']}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/frame_attention_h200.json"))
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--sets", type=int, default=4, help="input sets rotated between timed calls")
+    args = parser.parse_args()
+    import triton
+
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    rows = [measure(name, *shape, args.sets, bandwidth, device) for name, shape in SHAPES.items()]
+    env = {**environment(device, args.commit), "triton": triton.__version__}
+    result = {"benchmark": "frame_attention", "env": env,
+              "dtype": "bfloat16", "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+              "defaults": {"pairs_frames": fa.PAIRS_FRAMES, "pairs_block": fa.PAIRS_BLOCK, "tile": fa.TILE},
+              "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2), "rows": rows}  # fmt: skip
+    write(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
