@@ -6,7 +6,8 @@ For each shape, (N sequences, F frames, heads * d channels) with Show-1's 64 hea
 and the only ones past 8 frames) and PyTorch (heads split, `scaled_dot_product_attention`, heads merged), forward and
 backward, in bf16. Medians of `triton.testing.do_bench_cudagraph` (GPU time, replayed from a CUDA graph as the
 training step and the stage calls run them); several input sets rotated so that no run reads a cached tensor; every
-output checked against float64 first. Bytes: q, k, v read and the output written forward; q, k, v and the output's
+output checked against float64 first. The backward pass is timed as forward and backward captured together, less the
+forward. Bytes: q, k, v read and the output written forward; q, k, v and the output's
 gradient read and three gradients written backward: the floor at the measured copy bandwidth.
 
     python benchmarks/bench_frame_attention.py --out benchmarks/results/frame_attention_h200.json
@@ -81,29 +82,28 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device) -> dict:
             return fa._FrameAttention.apply(q, k, v, HEADS, 1.0 / (channels // HEADS) ** 0.5, launch)
 
         leaves = [[t.detach().requires_grad_(True) for t in s[:3]] + [s[3]] for s in sets]
-        outs = [forward(*s[:3]) for s in leaves]
-        got_grads = torch.autograd.grad(outs[0], leaves[0][:3], grad, retain_graph=True)
-        errors[label] = {"forward": rel(outs[0], want),
+        out = forward(*leaves[0][:3])
+        got_grads = torch.autograd.grad(out, leaves[0][:3], grad)
+        errors[label] = {"forward": rel(out, want),
                          "backward": max(rel(a, b) for a, b in zip(got_grads, want_grads))}  # fmt: skip
+        del out, got_grads
 
-        def fwd_call(forward=forward):
+        def forward_only(forward=forward):
             counter["i"] = (counter["i"] + 1) % n_sets
             with torch.no_grad():
                 return forward(*sets[counter["i"]][:3])
 
-        def bwd_call(outs=outs, leaves=leaves):
+        def forward_backward(forward=forward, leaves=leaves):
+            # captured whole, as the training step is; the backward's time is this less the forward's
             counter["i"] = (counter["i"] + 1) % n_sets
-            i = counter["i"]
-            return torch.autograd.grad(outs[i], leaves[i][:3], leaves[i][3], retain_graph=True)
+            q, k, v, grad = leaves[counter["i"]]
+            return torch.autograd.grad(forward(q, k, v), (q, k, v), grad)
 
-        for direction, fn in (("forward", fwd_call), ("backward", bwd_call)):
+        for key, fn in (("forward", forward_only), ("forward_backward", forward_backward)):
             fn()
             torch.cuda.synchronize()
-            try:
-                ms[f"{label}_{direction}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-            except RuntimeError as error:  # a call that cannot be captured: launched from Python instead
-                print(f"{name} {label} {direction}: not captured ({error}); eager timing", flush=True)
-                ms[f"{label}_{direction}"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            ms[f"{label}_{key}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        ms[f"{label}_backward"] = ms[f"{label}_forward_backward"] - ms[f"{label}_forward"]
     nbytes = n * frames * channels * 2
     floor = {"forward": 4 * nbytes / bandwidth * 1e3, "backward": 7 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": [n, frames, channels], "heads": HEADS,
