@@ -301,6 +301,33 @@ def temporal_conv_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def frame_attention_table(data: dict) -> str:
+    """The frame-attention kernels against PyTorch at Show-1's temporal-attention shapes (bench_frame_attention)."""
+    env = data.get("env", {})
+    rows = data.get("rows", [])
+    labels = [k.removesuffix("_forward") for k in (rows[0]["ms"] if rows else {}) if k.endswith("_forward")
+              and not k.endswith("_forward_backward")]  # fmt: skip
+    defaults = data.get("defaults", {})
+    lines = [f"_{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit `{env.get('commit')}`, "
+             f"{env.get('date')}; {data.get('dtype')}, 64 heads; microseconds of GPU time, calls replayed from a CUDA "
+             f"graph (medians); copy bandwidth {data.get('copy_bandwidth_gb_s')} GB/s (read + write, measured in the "
+             f"run); `pairs` = {defaults.get('pairs_block')} pairs a program, the default_", "",
+             "| shape (N, frames, channels) | " + " | ".join(f"`{label}` fwd / bwd" for label in labels)
+             + " | floor fwd / bwd | `pairs` against `tile` | largest error vs float64 |",
+             "|---" * (len(labels) + 4) + "|"]  # fmt: skip
+    for row in rows:
+        ms, floor = row["ms"], row["floor_ms"]
+        cells = [f"{ms[f'{label}_forward'] * 1e3:.0f} / {ms[f'{label}_backward'] * 1e3:.0f}"
+                 if f"{label}_forward" in ms else "–" for label in labels]  # fmt: skip
+        both = {label: ms[f"{label}_forward"] + ms[f"{label}_backward"] for label in ("pairs", "tile")
+                if f"{label}_forward" in ms}  # fmt: skip
+        ratio = f"{both['tile'] / both['pairs']:.1f}x" if len(both) == 2 else "–"
+        worst = max(e for errs in row["relative_error_vs_float64"].values() for e in errs.values())
+        lines.append(f"| {row['name']} {tuple(row['shape'])} | " + " | ".join(cells)
+                     + f" | {floor['forward'] * 1e3:.0f} / {floor['backward'] * 1e3:.0f} | {ratio} | {worst:.1e} |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -325,6 +352,8 @@ def render() -> dict[str, str]:
                 blocks[f"fused_norm_layout:{path.stem}"] = fused_norm_layout_table(data)
         elif kind == "temporal_conv":
             blocks[f"temporal_conv:{path.stem}"] = temporal_conv_table(data)
+        elif kind == "frame_attention":
+            blocks[f"frame_attention:{path.stem}"] = frame_attention_table(data)
     return blocks
 
 

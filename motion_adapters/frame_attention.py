@@ -32,9 +32,9 @@ TILE = 8192
 #: The most frames (padded to a power of two) that the "pairs" kernels take: a thread holds a pair's
 #: frames x frames scores, and 8 x 8 float32 values already take a quarter of its registers.
 PAIRS_FRAMES = 8
-#: Pairs a "pairs" program takes, one a thread (H200, frame_attention_h200.json: 64 pairs in 2 warps ran the forward
-#: and backward passes of show-1-base's temporal attention in about 0.9 times the time of 128 in 4, 0.2 times the
-#: "tile" kernels')
+#: Pairs a "pairs" program takes, one a thread. H200 (frame_attention_h200.json), forward and backward passes at
+#: Show-1's training, interpolation and SR1 shapes together: 64 pairs in 2 warps took 1 / 1.13 of the time of 128
+#: in 4, and 1 / 6.2 of the "tile" kernels'.
 PAIRS_BLOCK = 64
 
 
