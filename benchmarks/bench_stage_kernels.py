@@ -30,7 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from bench_training import GIB, environment, top_cuda_events, write  # noqa: E402
 
-from motion_adapters import lean_backward  # noqa: E402
+from motion_adapters import fused_norm, lean_backward  # noqa: E402
 from motion_adapters.layout import channels_last_sampling  # noqa: E402
 from motion_adapters.lean_backward import fused_norm_activations  # noqa: E402
 from motion_adapters.models import (  # noqa: E402
@@ -67,9 +67,10 @@ OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norm
 
 
 #: Suffixes a variant may end with, after its kernels: "_fused_norms" (the fused norms), then any of "_cl"
-#: (channels-last activations), "_nofold" (no folded biases), "_graph" (the call replayed from a CUDA graph, as the
+#: (channels-last activations), "_nofold" (no folded biases), "_nosum" (the residual additions on PyTorch's
+#: operators, not `fused_norm.residual_sum`'s kernel), "_graph" (the call replayed from a CUDA graph, as the
 #: stage pipelines run it: `pipelines._graph.GraphedCall`)
-FLAGS = ("_cl", "_nofold", "_graph")
+FLAGS = ("_cl", "_nofold", "_nosum", "_graph")
 
 
 def parse_variant(variant: str) -> tuple[str, str, set[str]]:
@@ -98,13 +99,14 @@ def variant_kernels(unet: torch.nn.Module, variant: str) -> Iterator[None]:
     """Run `unet` the way `variant` names: temporal kernels, fused norms, channels-last, folding (see FLAGS)."""
     kernels, norms, flags = parse_variant(variant)
     lean_backward.FOLD_CONV_BIASES = "_nofold" not in flags
+    fused_norm.RESIDUAL_SUM_KERNEL = "_nosum" not in flags
     try:
         with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
                 fused_norm_activations(unet, norms == "fused_norms"), \
                 channels_last_sampling(unet, "_cl" in flags):
             yield
     finally:
-        lean_backward.FOLD_CONV_BIASES = True
+        lean_backward.FOLD_CONV_BIASES = fused_norm.RESIDUAL_SUM_KERNEL = True
 
 
 class GraphedUNet:

@@ -373,6 +373,19 @@ if triton is not None:
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _residual_sum(r_ptr, x_ptr, bias_ptr, out_ptr, n, channel_stride, C, scale, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+        """(residual + x + bias[channel]) * scale over dense memory: float32 inside, one rounding."""
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = at < n
+        y = tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32) + tl.load(x_ptr + at, mask=mask,
+                                                                               other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + (at // channel_stride) % C, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at, (y * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def block_for(s: int) -> int:
     """The chunk size for rows of `s` values (see `BLOCK`).
 
@@ -590,6 +603,46 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     return dx
 
 
+#: Values a program of `residual_sum` takes.
+SUM_BLOCK = 2048
+#: Whether `residual_sum` runs its kernel; benchmarks/bench_stage_kernels.py switches it off ("_nosum") to measure
+#: what it saves against PyTorch's operators.
+RESIDUAL_SUM_KERNEL = True
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether `x`'s elements fill its memory with no gap or overlap (any order of dimensions)."""
+    return x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def residual_sum(residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """`(residual + x + bias[:, None, ...]) * scale` in one pass; for sampling (no autograd).
+
+    A convolution's bias (added by PyTorch in a pass of its own after cuDNN's kernel, a broadcast addition that
+    runs on its unvectorized kernel), a residual addition and a UNet's output scale factor, as one kernel over
+    the memory of (N, C, ...) tensors: where both are dense with the same strides (contiguous or channels-last)
+    and on a device the kernels run on; the sum is then written into `x` (a convolution's fresh output). Elsewhere
+    PyTorch's operators compute the same into a new tensor.
+
+    Example:
+        >>> out = residual_sum(input_tensor, conv2_without_bias(h), conv2.bias, 1 / 1.414)  # doctest: +SKIP
+    """
+    if torch.is_grad_enabled() and (residual.requires_grad or x.requires_grad):
+        raise ValueError("residual_sum is for sampling: run it under torch.no_grad(), or add the tensors with torch.")
+    if not (RESIDUAL_SUM_KERNEL and fused_norm_available(x) and residual.shape == x.shape and residual.stride() == x.stride()
+            and residual.dtype == x.dtype and _dense(x) and x.ndim >= 2):  # fmt: skip
+        out = residual + x if bias is None else residual + (x + bias.view(-1, *[1] * (x.ndim - 2)).to(x.dtype))
+        return out if scale == 1.0 else out * scale
+    bias_arg = bias.to(x.dtype).contiguous() if bias is not None else x
+    with _on_device(x):
+        _residual_sum[(triton.cdiv(x.numel(), SUM_BLOCK),)](
+            residual, x, bias_arg, x, x.numel(), x.stride(1), x.shape[1], float(scale), HAS_BIAS=bias is not None,
+            BLOCK=SUM_BLOCK, num_warps=4)  # fmt: skip
+    return x
+
+
 __all__ = [
     "block_for",
     "channels_last_rows",
@@ -597,4 +650,5 @@ __all__ = [
     "fused_norm_available",
     "group_norm_act_backward",
     "group_norm_act_forward",
+    "residual_sum",
 ]

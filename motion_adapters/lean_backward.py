@@ -28,6 +28,7 @@ from motion_adapters.fused_norm import (
     fused_norm_available,
     group_norm_act_backward,
     group_norm_act_forward,
+    residual_sum,
 )
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
@@ -391,8 +392,9 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`.
 
     Sampling on the fused kernels, the convolutions' biases go into the passes that follow instead of passes of
-    their own: `conv1`'s (with a "default" time embedding) into the second norm, `conv2`'s into the shortcut
-    convolution's bias where there is one.
+    their own: `conv1`'s (with a "default" time embedding) into the second norm; `conv2`'s and the shortcut
+    convolution's into the residual addition, which applies the output scale factor in the same pass
+    (`fused_norm.residual_sum`).
     """
     activation = _activation_of(block.nonlinearity)
     if (args or kwargs) or (temb is not None and temb.requires_grad) or (not torch.is_grad_enabled() and not fused):
@@ -427,12 +429,13 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
                                                      fused=fused, input_bias=pending)  # fmt: skip
     hidden_states = block.dropout(hidden_states)
     shortcut = block.conv_shortcut
-    if fold and shortcut is not None and _plain_conv(block.conv2) and _plain_conv(shortcut):
+    if fold and _plain_conv(block.conv2) and (shortcut is None or _plain_conv(shortcut)):
         hidden_states, bias = _conv_deferring_bias(block.conv2, hidden_states)
-        input_tensor = torch.nn.functional.conv2d(input_tensor, shortcut.weight, shortcut.bias + bias,
-                                                  shortcut.stride, shortcut.padding, shortcut.dilation,
-                                                  shortcut.groups)  # fmt: skip
-        return (input_tensor + hidden_states) / block.output_scale_factor
+        if shortcut is not None:
+            input_tensor = torch.nn.functional.conv2d(input_tensor, shortcut.weight, None, shortcut.stride,
+                                                      shortcut.padding, shortcut.dilation, shortcut.groups)
+            bias = shortcut.bias + bias
+        return residual_sum(input_tensor, hidden_states, bias, 1.0 / block.output_scale_factor)
     hidden_states = block.conv2(hidden_states)
     if shortcut is not None:
         if block.training and channels_last_rows(input_tensor) is None:  # diffusers' contiguous(), layout kept
@@ -444,7 +447,8 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
 def _temporal_conv_layer_sampling(layer: nn.Module, hidden_states: torch.Tensor, num_frames: int = 1):
     """Diffusers' `TemporalConvLayer` forward for sampling on the fused kernels.
 
-    Each of the first three convolutions' biases is added by the next norm instead of a pass of its own.
+    Each of the first three convolutions' biases is added by the next norm instead of a pass of its own, the
+    last one's by the residual addition (`fused_norm.residual_sum`).
     """
     seqs = (layer.conv1, layer.conv2, layer.conv3, layer.conv4)
     if any(m.training and m.p > 0 for seq in seqs for m in list(seq)[2:-1]):  # dropout on: as written
@@ -453,8 +457,8 @@ def _temporal_conv_layer_sampling(layer: nn.Module, hidden_states: torch.Tensor,
     identity, pending = x, None
     for i, seq in enumerate(seqs):
         x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), False, fused=True, input_bias=pending)
-        x, pending = _conv_deferring_bias(seq[-1], x) if i < 3 else (seq[-1](x), None)
-    x = identity + x
+        x, pending = _conv_deferring_bias(seq[-1], x)
+    x = residual_sum(identity, x, pending)
     return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
 
 

@@ -286,13 +286,13 @@ import motion_adapters.fused_norm as f
 
 FLOAT32 = ("mean_part", "m2_part", "mean_ptr", "rstd_ptr", "s1_part", "s2_part", "c1_ptr", "c2_ptr")
 for kernel in (f._chunk_moments, f._group_moments, f._normalize_act, f._chunk_grad_sums, f._group_grad_means,
-               f._input_grad):
+               f._input_grad, f._residual_sum):
     names = kernel.arg_names
     flags = [n for n in names if n.startswith(("HAS_", "ACTIVATION"))]
     for values in itertools.product(*[(0, 1, 2) if n == "ACTIVATION" else (True, False) for n in flags]):
         constexprs = {"BLOCK": 1024, "BLOCK_K": 64, **dict(zip(flags, values))}
         signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*bf16"
-                     if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
+                     if n.endswith("_ptr") else "fp32" if n in ("eps", "scale") else "i32" for n in names}
         triton.compile(ASTSource(kernel, signature, {k: v for k, v in constexprs.items() if k in names}),
                        target=GPUTarget("cuda", 90, 32))
     print("compiled", kernel.__name__)
@@ -304,7 +304,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     every flag combination for sm_90, in a process with the interpreter off."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 6
+    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 7
 
 
 class _Block(torch.nn.Module):
@@ -347,24 +347,27 @@ def test_fused_norm_activations_sample_like_the_modules_and_stand_aside_with_gra
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("time_norm", ["scale_shift", "default"])
-def test_sampling_folds_convolution_biases_into_the_fused_norms_that_follow(fused, monkeypatch, time_norm):
+@pytest.mark.parametrize(("time_norm", "in_channels"), [("scale_shift", 8), ("default", 8), ("scale_shift", 16)])
+def test_sampling_folds_convolution_biases_into_the_fused_norms_that_follow(fused, monkeypatch, time_norm,
+                                                                           in_channels):  # fmt: skip
     from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
 
     torch.manual_seed(0)
-    resnet = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4,
-                           time_embedding_norm=time_norm).to(DEVICE).eval()  # a 1x1 shortcut: 8 -> 16 channels
+    # 8 -> 16 channels: a 1x1 shortcut convolution; 16 -> 16: none; an output scale factor as SR1's
+    resnet = ResnetBlock2D(in_channels=in_channels, out_channels=16, temb_channels=12, groups=4,
+                           time_embedding_norm=time_norm, output_scale_factor=1.4142).to(DEVICE).eval()
     layer = TemporalConvLayer(16, 16, dropout=0.1, norm_num_groups=4).to(DEVICE).eval()
     with torch.no_grad():  # diffusers zero-initialises conv4; give every bias something to carry
         for module in (*resnet.modules(), *layer.modules()):
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 module.weight.normal_(0, 0.2)
                 module.bias.normal_(0, 1.0)
-    x, temb = torch.randn(4, 8, 6, 6, device=DEVICE), torch.randn(4, 12, device=DEVICE)
-    calls = []
-    forward = fused.group_norm_act_forward
+    x, temb = torch.randn(4, in_channels, 6, 6, device=DEVICE), torch.randn(4, 12, device=DEVICE)
+    calls, sums = [], []
+    forward, residual_sum = fused.group_norm_act_forward, fused.residual_sum
     monkeypatch.setattr(lean_backward, "group_norm_act_forward",
                         lambda *a: calls.append(a[8] is not None) or forward(*a))  # fmt: skip
+    monkeypatch.setattr(lean_backward, "residual_sum", lambda *a: sums.append(a[2] is not None) or residual_sum(*a))
 
     def run(x):
         return layer(resnet(x, temb), num_frames=2)
@@ -376,5 +379,41 @@ def test_sampling_folds_convolution_biases_into_the_fused_norms_that_follow(fuse
     # ResNet: norm1, then norm2 with conv1's bias (and the time embedding, "default"); the temporal layer's four
     # norms, the last three with the bias of the convolution before them
     assert calls == [False, True, False, True, True, True] and count == 5  # the layer and its four sequences
+    # conv2's bias (and the shortcut's) in the ResNet's residual addition, conv4's in the temporal layer's
+    assert sums == [True, True]
     torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
     assert all("forward" not in vars(m) for m in (*resnet.modules(), *layer.modules()))
+
+
+@pytest.mark.parametrize(
+    ("shape", "memory_format", "with_bias", "scale"),
+    [
+        ((2, 8, 5, 7), torch.channels_last, True, 1 / 1.4142),  # a ResNet's output, SR1's scale factor
+        ((1, 6, 3, 4, 5), torch.channels_last_3d, True, 1.0),  # a temporal convolution layer's
+        ((2, 8, 5, 7), torch.contiguous_format, True, 0.5),
+        ((3, 4, 700), torch.contiguous_format, False, 1.0),  # several programs, the last partial
+    ],
+)
+def test_residual_sum_adds_bias_residual_and_scale_in_one_pass_into_x(fused, shape, memory_format, with_bias, scale):
+    g = torch.Generator().manual_seed(0)
+    residual, x = (torch.randn(shape, generator=g).to(DEVICE).contiguous(memory_format=memory_format)
+                   for _ in range(2))  # fmt: skip
+    bias = torch.randn(shape[1], generator=g).to(DEVICE) if with_bias else None
+    channel = bias.double().view(-1, *[1] * (len(shape) - 2)) if with_bias else 0.0
+    expected = (residual.double() + x.double() + channel) * scale
+    with torch.no_grad():
+        out = fused.residual_sum(residual, x, bias, scale)
+    assert out is x  # written into the convolution's output, its layout kept
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_residual_sum_of_differing_layouts_falls_back_to_torch_and_refuses_gradients(fused):
+    residual = torch.randn(2, 8, 5, 7, device=DEVICE)
+    x = torch.randn(2, 8, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(8, device=DEVICE)
+    with torch.no_grad():
+        out = fused.residual_sum(residual, x, bias, 0.5)
+    assert out is not x
+    torch.testing.assert_close(out, (residual + x + bias[:, None, None]) * 0.5)
+    with pytest.raises(ValueError, match="residual_sum is for sampling: run it under torch.no_grad()"):
+        fused.residual_sum(residual, x.requires_grad_(True), bias)
