@@ -631,8 +631,8 @@ def residual_sum(residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
     """
     if torch.is_grad_enabled() and (residual.requires_grad or x.requires_grad):
         raise ValueError("residual_sum is for sampling: run it under torch.no_grad(), or add the tensors with torch.")
-    if not (RESIDUAL_SUM_KERNEL and fused_norm_available(x) and residual.shape == x.shape and residual.stride() == x.stride()
-            and residual.dtype == x.dtype and _dense(x) and x.ndim >= 2):  # fmt: skip
+    same = residual.shape == x.shape and residual.stride() == x.stride() and residual.dtype == x.dtype
+    if not (RESIDUAL_SUM_KERNEL and same and fused_norm_available(x) and _dense(x) and x.ndim >= 2):
         out = residual + x if bias is None else residual + (x + bias.view(-1, *[1] * (x.ndim - 2)).to(x.dtype))
         return out if scale == 1.0 else out * scale
     bias_arg = bias.to(x.dtype).contiguous() if bias is not None else x

@@ -455,7 +455,7 @@ def _temporal_conv_layer_sampling(layer: nn.Module, hidden_states: torch.Tensor,
         return type(layer).forward(layer, hidden_states, num_frames)
     x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
     identity, pending = x, None
-    for i, seq in enumerate(seqs):
+    for seq in seqs:
         x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), False, fused=True, input_bias=pending)
         x, pending = _conv_deferring_bias(seq[-1], x)
     x = residual_sum(identity, x, pending)
@@ -519,8 +519,10 @@ def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[in
     activate kernel after two small statistics kernels (`motion_adapters.fused_norm`) while gradients are off and
     Triton can run on the input's device; with gradients on, or elsewhere, the modules run as written. The
     outputs differ from PyTorch's by bf16 rounding (one rounding instead of one per operation). The biases of the
-    convolutions before a fused norm are added inside the norm's kernels instead of in passes of their own (each
-    temporal convolution layer's forward is replaced too, to arrange that). Yields the number of modules changed.
+    convolutions before a fused norm are added inside the norm's kernels instead of in passes of their own, and
+    those before a residual addition inside it (`fused_norm.residual_sum`, with the ResNets' output scale factor;
+    each temporal convolution layer's forward is replaced too, to arrange that). Yields the number of modules
+    changed.
 
     Example:
         >>> with torch.no_grad(), fused_norm_activations(unet) as count:  # doctest: +SKIP
