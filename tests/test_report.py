@@ -54,6 +54,8 @@ def test_bench_stage_kernels_variant_names_parse_into_kernels_norms_and_flags():
     parse = load_script("benchmarks/bench_stage_kernels.py").parse_variant
     assert parse("triton_attention_fused_norms_cl_graph") == ("triton_attention", "fused_norms", {"_cl", "_graph"})
     assert parse("fused_norms_nofold") == ("library", "fused_norms", {"_nofold"})
+    assert parse("triton_attention_fused_norms_cl_nosum_graph") == ("triton_attention", "fused_norms",
+                                                                    {"_cl", "_nosum", "_graph"})
     assert parse("math_attention") == ("math_attention", "", set())
     for bad in ("turbo", "compiled_cl", "triton_attention_fused"):
         with pytest.raises(ValueError, match="variant"):
@@ -149,3 +151,23 @@ def test_fused_norm_layout_table_compares_the_channels_last_kernels(report):
                      "0.0080 | 0.0300 / 0.0250 (tile 2048: 0.0260; tile 8192: 0.0270; tile 2048 loop 4: 0.0220) / "
                      "0.0200 | 1.7e-03 / 1.8e-03 |"]  # fmt: skip
     assert "older" not in report.fused_norm_layout_table(data)  # rows measured before the kernels: left out
+
+
+def test_frame_attention_table_compares_the_pairs_kernels_with_the_tile_kernels(report):
+    ms = {"pairs_forward": 0.05, "pairs_backward": 0.15, "tile_forward": 0.4, "tile_backward": 0.8,
+          "pairs_forward_backward": 0.2, "tile_forward_backward": 1.2}  # fmt: skip
+    data = {
+        "env": {"gpu": "GPU", "torch": "t", "triton": "3", "commit": "abc", "date": "now"},
+        "dtype": "bfloat16", "copy_bandwidth_gb_s": 4000.0, "defaults": {"pairs_block": 64},
+        "rows": [
+            {"name": "base", "shape": [2560, 8, 320], "ms": ms, "floor_ms": {"forward": 0.013, "backward": 0.022},
+             "relative_error_vs_float64": {"pairs": {"forward": 1e-3, "backward": 2e-3}, "tile": {"forward": 3e-3}}},
+            {"name": "sr2", "shape": [5760, 29, 320], "ms": {"tile_forward": 0.3, "tile_backward": 0.6},
+             "floor_ms": {"forward": 0.01, "backward": 0.02}, "relative_error_vs_float64": {"tile": {"forward": 1e-3}}},
+        ],
+    }  # fmt: skip
+    lines = report.frame_attention_table(data).splitlines()
+    assert lines[2] == "| shape (N, frames, channels) | `pairs` fwd / bwd | `tile` fwd / bwd | floor fwd / bwd | " \
+                       "`pairs` against `tile` | largest error vs float64 |"
+    assert lines[4] == "| base (2560, 8, 320) | 50 / 150 | 400 / 800 | 13 / 22 | 6.0x | 3.0e-03 |"
+    assert lines[5] == "| sr2 (5760, 29, 320) | – | 300 / 600 | 10 / 20 | – | 1.0e-03 |"  # past 8 frames: tile only
