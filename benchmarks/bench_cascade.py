@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_training import GIB, environment, matmul_tflops, write  # noqa: E402
+from bench_training import GIB, cudnn_benchmark_option, environment, matmul_tflops, write  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDPMScheduler,
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "(Show1CascadePipeline.enable_text_encoder_offload);"
                              " 'cpu': T5 resident on the GPU, moved "
                              "to the CPU after encoding; 'meta': resident, dropped after encoding")
+    cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.add_floor is not None:
         data = json.loads(args.add_floor.read_text())
         data["compute_floor"] = compute_floor(DEFAULT_STAGE_KWARGS, data["matmul_bf16_tflops"])

@@ -28,9 +28,9 @@ from diffusers import UNet3DConditionModel
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from bench_training import GIB, environment, top_cuda_events, write  # noqa: E402
+from bench_training import GIB, cudnn_benchmark_option, environment, top_cuda_events, write  # noqa: E402
 
-from motion_adapters import fused_norm, lean_backward  # noqa: E402
+from motion_adapters import fused_norm, lean_backward, resample  # noqa: E402
 from motion_adapters.layout import channels_last_sampling  # noqa: E402
 from motion_adapters.lean_backward import fused_norm_activations  # noqa: E402
 from motion_adapters.models import (  # noqa: E402
@@ -41,6 +41,7 @@ from motion_adapters.models import (  # noqa: E402
 )
 from motion_adapters.pipelines._graph import GraphedCall  # noqa: E402
 from motion_adapters.training_step import temporal_kernels  # noqa: E402
+
 
 def sr2_config() -> dict:
     """show-1-sr2's UNet (ZeroScope-like): diffusers' `UNet3DConditionModel` with its defaults (OpenCLIP-H text)."""
@@ -68,9 +69,10 @@ OTHERS = ("channels_last", "compiled", "fused_norms", "math_attention_fused_norm
 
 #: Suffixes a variant may end with, after its kernels: "_fused_norms" (the fused norms), then any of "_cl"
 #: (channels-last activations), "_nofold" (no folded biases), "_nosum" (the residual additions on PyTorch's
-#: operators, not `fused_norm.residual_sum`'s kernel), "_graph" (the call replayed from a CUDA graph, as the
+#: operators, not `fused_norm.residual_sum`'s kernel), "_noresample" (the ResNets' 2x resampling on PyTorch's
+#: operators, not `motion_adapters.resample`'s kernels), "_graph" (the call replayed from a CUDA graph, as the
 #: stage pipelines run it: `pipelines._graph.GraphedCall`)
-FLAGS = ("_cl", "_nofold", "_nosum", "_graph")
+FLAGS = ("_cl", "_nofold", "_nosum", "_noresample", "_graph")
 
 
 def parse_variant(variant: str) -> tuple[str, str, set[str]]:
@@ -100,13 +102,14 @@ def variant_kernels(unet: torch.nn.Module, variant: str) -> Iterator[None]:
     kernels, norms, flags = parse_variant(variant)
     lean_backward.FOLD_CONV_BIASES = "_nofold" not in flags
     fused_norm.RESIDUAL_SUM_KERNEL = "_nosum" not in flags
+    resample.RESAMPLE_KERNEL = "_noresample" not in flags
     try:
         with temporal_kernels(unet, kernels if kernels in KERNELS else "library"), \
                 fused_norm_activations(unet, norms == "fused_norms"), \
                 channels_last_sampling(unet, "_cl" in flags):
             yield
     finally:
-        lean_backward.FOLD_CONV_BIASES = fused_norm.RESIDUAL_SUM_KERNEL = True
+        lean_backward.FOLD_CONV_BIASES = fused_norm.RESIDUAL_SUM_KERNEL = resample.RESAMPLE_KERNEL = True
 
 
 class GraphedUNet:
@@ -159,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="time every variant this many times, in turn, and "
                         "report the median of the rounds' medians (the host drifts within a process: variants "
                         "timed later ran faster on the H200)")
+    cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     data = {"benchmark": "stage_kernels", "env": environment(device, args.commit), "dtype": str(dtype), "stages": {}}

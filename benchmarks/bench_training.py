@@ -149,6 +149,13 @@ def git_commit(repo: Path) -> str | None:
         return ref
 
 
+def cudnn_benchmark_option(parser: argparse.ArgumentParser) -> None:
+    """`--cudnn-benchmark`: cuDNN times its algorithms for each convolution shape (recorded in the JSON's env)."""
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="set torch.backends.cudnn.benchmark: cuDNN picks each convolution's algorithm by "
+                             "timing the candidates at its first call, instead of by its heuristics")
+
+
 def environment(device: torch.device, commit: str | None) -> dict:
     import diffusers
     import peft
@@ -162,6 +169,7 @@ def environment(device: torch.device, commit: str | None) -> dict:
         "peft": peft.__version__,
         "cpu_count": os.cpu_count(),
         "device": str(device),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -482,7 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-stacks", action="store_true",
                         help="with --profile: also rank the copies (copy_, clone, contiguous, _to_copy) by the "
                              "Python lines that make them")
+    cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_config = {**show1_base_config(), **(TINY if args.tiny else {})}

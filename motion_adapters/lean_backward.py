@@ -30,6 +30,7 @@ from motion_adapters.fused_norm import (
     group_norm_act_forward,
     residual_sum,
 )
+from motion_adapters.resample import resample
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
 
@@ -388,6 +389,17 @@ def _conv_deferring_bias(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return conv(x), None
 
 
+def _resampled(module: nn.Module, fused: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A ResNet's upsampler or downsampler on each tensor (on `motion_adapters.resample`'s kernels, sampling).
+
+    Sampling on the fused kernels, the channels-last Triton kernels run where they apply, at any batch: diffusers'
+    contiguous copy for batches of 64 and more is a workaround for PyTorch's channels-last kernel.
+    """
+    if fused and not torch.is_grad_enabled():
+        return tuple(resample(module, x) for x in tensors)
+    return tuple(module(x) for x in tensors)
+
+
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):
     """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`.
 
@@ -402,11 +414,11 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     fold = FOLD_CONV_BIASES and fused and not torch.is_grad_enabled() and fused_norm_available(input_tensor)
     hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
-        if hidden_states.shape[0] >= 64:
+        if hidden_states.shape[0] >= 64 and not (fused and not torch.is_grad_enabled()):
             input_tensor, hidden_states = input_tensor.contiguous(), hidden_states.contiguous()
-        input_tensor, hidden_states = block.upsample(input_tensor), block.upsample(hidden_states)
+        input_tensor, hidden_states = _resampled(block.upsample, fused, input_tensor, hidden_states)
     elif block.downsample is not None:
-        input_tensor, hidden_states = block.downsample(input_tensor), block.downsample(hidden_states)
+        input_tensor, hidden_states = _resampled(block.downsample, fused, input_tensor, hidden_states)
     hidden_states, pending = _conv_deferring_bias(block.conv1, hidden_states) if fold else (
         block.conv1(hidden_states), None)  # fmt: skip
     if block.time_emb_proj is not None:
