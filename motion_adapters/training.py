@@ -50,11 +50,13 @@ from motion_adapters.training_step import (
     autocast_dtype,
     checkpointing,
     compiled,
+    cudnn_benchmark,
     keep_implementation_flags,
     optimizer_for,
     regional_compile,
     temporal_kernels,
     use_cuda_graph,
+    use_cudnn_benchmark,
 )
 
 CHECKPOINT_DIR = "checkpoint"
@@ -195,6 +197,7 @@ def train_motion(
     # 0.0908 s a step, training_cl_h200.json), else contiguous (PyTorch's CUDA group norm would convert it back)
     channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto" and fused_norms)
     kernels = _temporal_kernels(config.temporal_kernels, device)
+    timed_convs = use_cudnn_benchmark(config.cudnn_benchmark, device)
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
     )
@@ -230,7 +233,8 @@ def train_motion(
                 channels_last_training(unet, channels_last, half_norms), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
                 frozen_activations_recomputed(unet, recompute, not half_norms, fused_norms), \
-                regional_compile(unet, config.compile == "regional"), torch.random.fork_rng(devices=cuda_devices):
+                regional_compile(unet, config.compile == "regional"), cudnn_benchmark(timed_convs), \
+                torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed * 1_000_003 + start)
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
@@ -282,6 +286,7 @@ def train_motion(
         "compute_dtype": str(compute_dtype).replace("torch.", "") if compute_dtype else None,
         "frozen_weights_cast": num_cast,
         "cuda_graph": graph,
+        "cudnn_benchmark": timed_convs,
         "compile": config.compile,
         "temporal_kernels": kernels,
         "norm_dtype": "compute" if half_norms else "float32",

@@ -255,6 +255,30 @@ def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
             step()
 
 
+def use_cudnn_benchmark(choice: str, device: torch.device) -> bool:
+    """Whether `cudnn_benchmark=choice` times cuDNN's convolution algorithms on `device` (see the config field).
+
+    Example:
+        >>> use_cudnn_benchmark("auto", torch.device("cpu"))
+        False
+    """
+    if choice != "auto":
+        return choice == "yes"
+    deterministic = torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled()
+    return device.type == "cuda" and not deterministic
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """Set `torch.backends.cudnn.benchmark` to `enabled` for the block, then put the caller's setting back."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 #: Layers that `compile="regional"` compiles one by one: group norms, SiLU, casts, dropout and convolutions.
 REGIONAL_COMPILE_TYPES = ("ResnetBlock2D", "TemporalConvLayer")
 
