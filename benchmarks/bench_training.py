@@ -100,8 +100,8 @@ VARIANTS = {
                            "norm_kernels": "triton"}),
     "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
              "keeping no input, frozen activations recomputed on fused Triton norm kernels, fp32 masters, fused "
-             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto') and memory "
-             "format (memory_format='auto')",
+             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto'), memory "
+             "format (memory_format='auto') and cuDNN algorithm choice (cudnn_benchmark='auto')",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_contiguous": ("as full, memory_format='contiguous' (the default before the channels-last layout)",
