@@ -100,9 +100,13 @@ VARIANTS = {
                            "norm_kernels": "triton"}),
     "full": ("train_motion full, 400 steps, the defaults: bf16 frozen weights and norms, frozen convolutions "
              "keeping no input, frozen activations recomputed on fused Triton norm kernels, fp32 masters, fused "
-             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto'), memory "
-             "format (memory_format='auto') and cuDNN algorithm choice (cudnn_benchmark='auto')",
+             "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto') and memory "
+             "format (memory_format='auto')",
              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_cudnn_benchmark": ("as full, cudnn_benchmark=True (cuDNN times its convolution algorithms; in a process "
+                             "of its own, as PyTorch's cache of the choices does not tell the two settings apart)",
+                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best",
+                              "cudnn_benchmark": True}),
     "lora": ("train_motion LoRA r=16: as full", {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_contiguous": ("as full, memory_format='contiguous' (the default before the channels-last layout)",
                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best",

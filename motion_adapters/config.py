@@ -22,7 +22,6 @@ NORM_KERNELS = ("auto", "torch", "triton")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 COMPILE_MODES = ("no", "default", "max-autotune-no-cudagraphs", "regional")
 CUDA_GRAPHS = ("auto", "yes", "no")
-CUDNN_BENCHMARK = ("auto", "yes", "no")
 TEMPORAL_KERNELS = (
     "auto", "library", "fast", "conv2d", "math_attention", "triton_attention", "triton_fast", "triton_conv", "triton"
 )  # fmt: skip
@@ -111,11 +110,13 @@ class MotionDistillationConfig:
             after three warm-up steps and replay it: removes the per-kernel launch cost. "auto" captures on CUDA
             when no fp16 gradient scaler is needed; "yes" insists (and raises where it cannot); "no" never.
             The learning rate and other optimizer settings are frozen into the graph.
-        cudnn_benchmark: whether cuDNN picks each convolution's algorithm by timing the candidates at its first
-            call (`torch.backends.cudnn.benchmark`, set for the run and restored after it) instead of by its
-            heuristics: on an H200, 1.04 times faster steps (training_cudnn_*_h200.json). "auto" is "yes" on CUDA
-            unless PyTorch is asked for deterministic algorithms (the timed choice may differ between runs, and
-            with it the rounding), "no" elsewhere.
+        cudnn_benchmark: on CUDA, let cuDNN pick each convolution's algorithm by timing the candidates at its
+            first call (`torch.backends.cudnn.benchmark`, set for the run and restored after it; False leaves
+            PyTorch's setting as the caller has it) instead of by its heuristics. On an H200 steps ran 1.04 times
+            faster, but timing every shape, forward and backward, cost about 12 s once a process
+            (docs/performance.md): it pays past about 4,000 steps in one process (long runs, or many motions
+            trained in one process), not for one 400-step run. With it, the chosen algorithms (and so the
+            rounding) may differ between runs unless `torch.backends.cudnn.deterministic` is set.
         temporal_kernels: how the temporal layers run while training (same function, same weights): "conv2d"
             runs the temporal convolutions' (3, 1, 1) Conv3d as Conv2d, "math_attention" runs temporal attention
             (sequences of a few frames) with the math SDPA kernel instead of flash kernels built for long
@@ -173,7 +174,7 @@ class MotionDistillationConfig:
     memory_format: str = "auto"
     compile: str = "no"
     cuda_graph: str = "auto"
-    cudnn_benchmark: str = "auto"
+    cudnn_benchmark: bool = False
     temporal_kernels: str = "auto"
     activation_memory_budget: float | None = None
     seed: int = 0
@@ -208,7 +209,8 @@ class MotionDistillationConfig:
         _choice("memory_format", self.memory_format, MEMORY_FORMATS)
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPHS)
-        _choice("cudnn_benchmark", self.cudnn_benchmark, CUDNN_BENCHMARK)
+        if not isinstance(self.cudnn_benchmark, bool):
+            raise ValueError(f"cudnn_benchmark={self.cudnn_benchmark!r} must be True or False.")
         _choice("temporal_kernels", self.temporal_kernels, TEMPORAL_KERNELS)
         if self.activation_memory_budget is not None:
             budget = self.activation_memory_budget

@@ -533,8 +533,8 @@ def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[in
     outputs differ from PyTorch's by bf16 rounding (one rounding instead of one per operation). The biases of the
     convolutions before a fused norm are added inside the norm's kernels instead of in passes of their own, and
     those before a residual addition inside it (`fused_norm.residual_sum`, with the ResNets' output scale factor;
-    each temporal convolution layer's forward is replaced too, to arrange that). Yields the number of modules
-    changed.
+    each temporal convolution layer's forward is replaced too, to arrange that). The ResNets' 2x upsampling and
+    pooling run on the channels-last kernels of `motion_adapters.resample`. Yields the number of modules changed.
 
     Example:
         >>> with torch.no_grad(), fused_norm_activations(unet) as count:  # doctest: +SKIP

@@ -56,7 +56,6 @@ from motion_adapters.training_step import (
     regional_compile,
     temporal_kernels,
     use_cuda_graph,
-    use_cudnn_benchmark,
 )
 
 CHECKPOINT_DIR = "checkpoint"
@@ -197,7 +196,7 @@ def train_motion(
     # 0.0908 s a step, training_cl_h200.json), else contiguous (PyTorch's CUDA group norm would convert it back)
     channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto" and fused_norms)
     kernels = _temporal_kernels(config.temporal_kernels, device)
-    timed_convs = use_cudnn_benchmark(config.cudnn_benchmark, device)
+    timed_convs = config.cudnn_benchmark and device.type == "cuda"
     half_norms = compute_dtype is not None and (
         config.norm_dtype == "compute" or (config.norm_dtype == "auto" and device.type == "cuda")
     )

@@ -255,24 +255,14 @@ def temporal_kernels(unet: nn.Module, choice: str) -> Iterator[None]:
             step()
 
 
-def use_cudnn_benchmark(choice: str, device: torch.device) -> bool:
-    """Whether `cudnn_benchmark=choice` times cuDNN's convolution algorithms on `device` (see the config field).
-
-    Example:
-        >>> use_cudnn_benchmark("auto", torch.device("cpu"))
-        False
-    """
-    if choice != "auto":
-        return choice == "yes"
-    deterministic = torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled()
-    return device.type == "cuda" and not deterministic
-
-
 @contextmanager
 def cudnn_benchmark(enabled: bool) -> Iterator[None]:
-    """Set `torch.backends.cudnn.benchmark` to `enabled` for the block, then put the caller's setting back."""
+    """Set `torch.backends.cudnn.benchmark` for the block where `enabled`, then put the caller's setting back.
+
+    Where not enabled the caller's setting stays as it is.
+    """
     saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
+    torch.backends.cudnn.benchmark = saved or enabled
     try:
         yield
     finally:
