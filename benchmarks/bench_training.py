@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention  # noqa: E402
+from motion_adapters import frame_attention, lean_backward  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -130,6 +130,9 @@ VARIANTS = {
     "full_tile_attention": ("as full, temporal attention on the frame-attention 'tile' kernels (the kernels before "
                             "the 'pairs' kernels, frame_attention_h200.json)",
                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_unpacked_dropout": ("as full, dropout's backward pass unpacking its bit mask and running PyTorch's "
+                              "native_dropout_backward (before fused_norm.bit_masked_scale)",
+                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -398,7 +401,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
 
 
 #: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration
-MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]}
+MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)],
+                   "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

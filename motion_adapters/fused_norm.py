@@ -386,6 +386,17 @@ if triton is not None:
         tl.store(out_ptr + at, (y * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _bit_masked_scale(grad_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+        """Gradient times bit times scale over dense memory; bits eight a byte in memory order, first highest."""
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = at < n
+        grad = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        bits = tl.load(bits_ptr + at // 8, mask=mask, other=0).to(tl.int32)
+        keep = ((bits >> (7 - (at % 8)).to(tl.int32)) & 1).to(tl.float32)
+        tl.store(out_ptr + at, (keep * grad * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def block_for(s: int) -> int:
     """The chunk size for rows of `s` values (see `BLOCK`).
 
@@ -643,7 +654,38 @@ def residual_sum(residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
     return x
 
 
+#: Values a program of `bit_masked_scale` takes.
+MASK_BLOCK = 2048
+
+
+def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dropout's backward, `grad * mask * scale`, with the mask as bits: one pass, no unpacked mask.
+
+    `bits` holds the mask eight values a byte in `grad`'s memory order, the first in the highest bit (as
+    `lean_backward._pack_bits` packs it); `grad` must be dense (in any order of its dimensions) and on a device the
+    kernels run on. The product is float32 inside, as PyTorch's `native_dropout_backward` computes it.
+
+    Example:
+        >>> dx = bit_masked_scale(grad, packed, 1 / (1 - p))  # doctest: +SKIP
+    """
+    if not (_dense_any_order(grad) and fused_norm_available(grad)) or bits.numel() * 8 < grad.numel():
+        raise ValueError("bit_masked_scale takes a dense gradient on a device its kernel runs on and at least one bit "
+                         "a value; unpack the bits and call torch.ops.aten.native_dropout_backward elsewhere.")
+    out = torch.empty_like(grad)
+    with _on_device(grad):
+        _bit_masked_scale[(triton.cdiv(grad.numel(), MASK_BLOCK),)](grad, bits, out, grad.numel(), float(scale),
+                                                                    BLOCK=MASK_BLOCK, num_warps=4)  # fmt: skip
+    return out
+
+
+def _dense_any_order(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill its memory with no gap or overlap, in whatever order of its dimensions."""
+    order = sorted(range(t.ndim), key=lambda d: -t.stride(d))
+    return t.permute(order).is_contiguous()
+
+
 __all__ = [
+    "bit_masked_scale",
     "block_for",
     "channels_last_rows",
     "cl_tile",

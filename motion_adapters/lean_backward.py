@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from motion_adapters.fused_norm import (
+    bit_masked_scale,
     channels_last_rows,
     fused_norm_available,
     group_norm_act_backward,
@@ -346,7 +347,15 @@ class _BitMaskDropout(torch.autograd.Function):
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
         shape, p, order = ctx.dropout
+        if DROPOUT_BACKWARD_KERNEL and grad.shape == shape and grad.permute(order).is_contiguous() and \
+                fused_norm_available(grad):  # fmt: skip
+            return bit_masked_scale(grad, packed, 1.0 / (1 - p)), None  # the bits read in place, one pass
         return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(packed, shape, order), 1.0 / (1 - p)), None
+
+
+#: Whether `_BitMaskDropout`'s backward pass reads its bits in the Triton kernel (`fused_norm.bit_masked_scale`)
+#: where the gradient has the mask's memory order; benchmarks/bench_training.py switches it off to measure it.
+DROPOUT_BACKWARD_KERNEL = True
 
 
 def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x: torch.Tensor) -> torch.Tensor:

@@ -286,12 +286,13 @@ import motion_adapters.fused_norm as f
 
 FLOAT32 = ("mean_part", "m2_part", "mean_ptr", "rstd_ptr", "s1_part", "s2_part", "c1_ptr", "c2_ptr")
 for kernel in (f._chunk_moments, f._group_moments, f._normalize_act, f._chunk_grad_sums, f._group_grad_means,
-               f._input_grad, f._residual_sum):
+               f._input_grad, f._residual_sum, f._bit_masked_scale):
     names = kernel.arg_names
     flags = [n for n in names if n.startswith(("HAS_", "ACTIVATION"))]
     for values in itertools.product(*[(0, 1, 2) if n == "ACTIVATION" else (True, False) for n in flags]):
         constexprs = {"BLOCK": 1024, "BLOCK_K": 64, **dict(zip(flags, values))}
-        signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*bf16"
+        signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*u8" if n == "bits_ptr"
+                     else "*bf16"
                      if n.endswith("_ptr") else "fp32" if n in ("eps", "scale") else "i32" for n in names}
         triton.compile(ASTSource(kernel, signature, {k: v for k, v in constexprs.items() if k in names}),
                        target=GPUTarget("cuda", 90, 32))
@@ -304,7 +305,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     every flag combination for sm_90, in a process with the interpreter off."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 7
+    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 8
 
 
 class _Block(torch.nn.Module):
@@ -417,3 +418,48 @@ def test_residual_sum_of_differing_layouts_falls_back_to_torch_and_refuses_gradi
     torch.testing.assert_close(out, (residual + x + bias[:, None, None]) * 0.5)
     with pytest.raises(ValueError, match="residual_sum is for sampling: run it under torch.no_grad()"):
         fused.residual_sum(residual, x.requires_grad_(True), bias)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last_3d, torch.contiguous_format])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_backward_reads_the_bits_in_one_pass(fused, monkeypatch, memory_format, dtype):
+    """`_BitMaskDropout`'s backward on `bit_masked_scale`: PyTorch's values, with and without the kernel."""
+    from motion_adapters.lean_backward import _BitMaskDropout
+
+    calls = []
+    kernel = fused.bit_masked_scale
+    monkeypatch.setattr(lean_backward, "bit_masked_scale", lambda *a: calls.append(1) or kernel(*a))
+    g = torch.Generator().manual_seed(0)
+    # 1 x 12 x 3 x 5 x 7 = 1260 values: not a multiple of 8 bits a byte, a partial last program
+    x = torch.randn(1, 12, 3, 5, 7, generator=g).to(DEVICE, dtype).contiguous(memory_format=memory_format)
+    grad = torch.randn(x.shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
+    torch.manual_seed(1)
+    out = _BitMaskDropout.apply(x, 0.1)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    assert calls == [1] and dx.stride() == grad.stride()
+    expected = (grad.float() * (out != 0).float() * (1 / 0.9)).to(dtype)  # PyTorch's float32 product, rounded
+    torch.testing.assert_close(dx, expected, rtol=0 if dtype == torch.float32 else 8e-3, atol=0)
+    tolerance = {"rtol": 0 if dtype == torch.float32 else 8e-3, "atol": 0}  # the interpreter truncates to bf16
+
+    def again(gradient):
+        torch.manual_seed(1)  # the same mask
+        return torch.autograd.grad(_BitMaskDropout.apply(x, 0.1), x, gradient)[0]
+
+    monkeypatch.setattr(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)  # PyTorch's unpack and masked scale
+    torch.testing.assert_close(again(grad), dx, **tolerance)
+    monkeypatch.setattr(lean_backward, "DROPOUT_BACKWARD_KERNEL", True)
+    if memory_format == torch.contiguous_format:
+        other = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        other = grad.contiguous()
+    torch.testing.assert_close(again(other), expected, **tolerance)  # the mask's order differs: PyTorch's
+    assert calls == [1]
+
+
+def test_bit_masked_scale_refuses_what_it_cannot_read(fused):
+    grad = torch.randn(4, 6, device=DEVICE)[:, ::2]  # every other column: not dense
+    with pytest.raises(ValueError, match="dense gradient .*native_dropout_backward"):
+        fused.bit_masked_scale(grad, torch.zeros(2, dtype=torch.uint8, device=DEVICE), 2.0)
+    with pytest.raises(ValueError, match="at least one bit a value"):
+        fused.bit_masked_scale(torch.randn(4, 6, device=DEVICE), torch.zeros(2, dtype=torch.uint8, device=DEVICE), 2.0)
