@@ -133,6 +133,9 @@ VARIANTS = {
     "full_unpacked_dropout": ("as full, dropout's backward pass unpacking its bit mask and running PyTorch's "
                               "native_dropout_backward (before fused_norm.bit_masked_scale)",
                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_float32_upsampling": ("as full, the ResNets' nearest upsampling in float32 under autocast (its output, "
+                                "the next skip concatenation and ResNet float32; before UPSAMPLE_IN_INPUT_DTYPE)",
+                                {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -402,7 +405,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
 
 #: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration
 MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)],
-                   "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)]}
+                   "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)],
+                   "full_float32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

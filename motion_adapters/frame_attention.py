@@ -304,7 +304,8 @@ class FrameAttnProcessor:
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
-        return out / attn.rescale_output_factor
+        # a pass over the output for a factor that is almost always 1 (exactly the same values without it)
+        return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
 
 
 __all__ = ["FrameAttnProcessor", "frame_attention", "frame_attention_supported"]

@@ -31,7 +31,7 @@ from motion_adapters.fused_norm import (
     group_norm_act_forward,
     residual_sum,
 )
-from motion_adapters.resample import resample
+from motion_adapters.resample import plain_upsampler, resample
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
 
@@ -402,11 +402,22 @@ def _resampled(module: nn.Module, fused: bool, *tensors: torch.Tensor) -> tuple[
     """A ResNet's upsampler or downsampler on each tensor (on `motion_adapters.resample`'s kernels, sampling).
 
     Sampling on the fused kernels, the channels-last Triton kernels run where they apply, at any batch: diffusers'
-    contiguous copy for batches of 64 and more is a workaround for PyTorch's channels-last kernel.
+    contiguous copy for batches of 64 and more is a workaround for PyTorch's channels-last kernel. Under autocast a
+    nearest upsampler runs in its input's dtype: autocast runs `upsample_nearest2d` in float32, which made the
+    block's output, the next skip concatenation and ResNet float32 (copies and twice the bytes, forward and back)
+    for the same values.
     """
     if fused and not torch.is_grad_enabled():
         return tuple(resample(module, x) for x in tensors)
+    if UPSAMPLE_IN_INPUT_DTYPE and plain_upsampler(module):  # nearest copies: float32 would only spread float32
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return tuple(module(x) for x in tensors)
     return tuple(module(x) for x in tensors)
+
+
+#: Whether the recomputed ResNets' nearest upsampling runs in its input's dtype under autocast (see `_resampled`);
+#: benchmarks/bench_training.py switches it off to measure it.
+UPSAMPLE_IN_INPUT_DTYPE = True
 
 
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):

@@ -58,7 +58,7 @@ if triton is not None:
         tl.store(out_ptr + p[:, None] * C + c[None, :], (total * 0.25).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _plain_upsampler(module: nn.Module) -> bool:
+def plain_upsampler(module: nn.Module) -> bool:
     """A diffusers `Upsample2D` that only interpolates, nearest, by 2 (no convolution, no norm)."""
     from diffusers.models.upsampling import Upsample2D
 
@@ -126,11 +126,11 @@ def resample(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ...     hidden_states = resample(resnet.upsample, hidden_states)
     """
     if _runs_kernel(x) and not torch.is_grad_enabled():
-        if _plain_upsampler(module):
+        if plain_upsampler(module):
             return upsample_nearest2x(x)
         if _plain_downsampler(module) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
             return average_pool2x(x)
     return module(x)
 
 
-__all__ = ["average_pool2x", "resample", "upsample_nearest2x"]
+__all__ = ["average_pool2x", "plain_upsampler", "resample", "upsample_nearest2x"]

@@ -394,6 +394,30 @@ def test_recomputed_resnet_blocks_match_diffusers(norm, act, resample):
         torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_recomputed_resnets_upsample_in_the_activations_dtype_under_autocast(monkeypatch):
+    """CUDA's autocast runs nearest upsampling in float32 (the block's output, and what follows, then float32)."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    from motion_adapters.lean_backward import frozen_activations_recomputed
+
+    autocast_in_upsampler = []
+    forward = Upsample2D.forward
+    monkeypatch.setattr(Upsample2D, "forward", lambda self, x, *a, **k: autocast_in_upsampler.append(
+        torch.is_autocast_enabled("cpu")) or forward(self, x, *a, **k))  # fmt: skip
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=12, groups=4, up=True).requires_grad_(False)
+    x = torch.randn(2, 8, 6, 6).bfloat16().requires_grad_(True)  # activations in the compute dtype, as in training
+    temb = torch.randn(2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # on the CPU autocast upsamples in bf16 (CUDA: float32)
+        expected = block(x, temb)
+        with frozen_activations_recomputed(block, True):
+            out = block(x, temb)
+    assert autocast_in_upsampler == [True, True, False, False]  # diffusers' block, then the recomputed one's
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)  # bf16 norms on both paths, rounded apart
+
+
 def test_bit_mask_dropout_keeps_the_mask_of_nn_dropout_in_an_eighth_of_the_bytes():
     from motion_adapters.lean_backward import _BitMaskDropout, _pack_bits, _unpack_bits
 
