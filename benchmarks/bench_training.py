@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention, lean_backward  # noqa: E402
+from motion_adapters import frame_attention, layout, lean_backward  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -136,6 +136,9 @@ VARIANTS = {
     "full_float32_upsampling": ("as full, the ResNets' nearest upsampling in float32 under autocast (its output, "
                                 "the next skip concatenation and ResNet float32; before UPSAMPLE_IN_INPUT_DTYPE)",
                                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_sequence_tokens": ("as full, the temporal transformers on frames-last sequences copied from and back to "
+                             "the channels-last layout (before layout.TOKEN_ROWS)",
+                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -406,7 +409,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
 #: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration
 MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)],
                    "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)],
-                   "full_float32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)]}
+                   "full_float32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)],
+                   "full_sequence_tokens": [(layout, "TOKEN_ROWS", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -221,7 +221,7 @@ class _FrameAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, heads: int, scale: float, launch: tuple = ()):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        out = torch.empty_like(q)  # q's strides where they are dense: a view of rows in frames-first order stays one
         (forward, _), grid, meta = _launch(q, heads, *launch)
         with _on_device(q):
             forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -234,7 +234,7 @@ class _FrameAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v = ctx.saved_tensors
         grad = _rows(grad.to(q.dtype))
-        dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
         (_, backward), grid, meta = _launch(q, ctx.heads, *ctx.launch)
         with _on_device(q):
             backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),

@@ -67,10 +67,70 @@ def _group_norm_training(norm: nn.GroupNorm, half_norms: bool, x: torch.Tensor) 
     return _norm_in_compute_dtype(norm, x) if half_norms else type(norm).forward(norm, x)
 
 
+def _plain_block(block: nn.Module) -> bool:
+    """Whether `block` is a `BasicTransformerBlock` that `_temporal_block_rows` runs: every step per token but one.
+
+    Layer norms, self-attention over frames on `FrameAttnProcessor` (the only step across tokens) and a
+    feed-forward, with nothing else configured.
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from motion_adapters.frame_attention import FrameAttnProcessor
+
+    attentions = [a for a in (block.attn1, block.attn2) if a is not None]
+    return (type(block) is BasicTransformerBlock and block.norm_type == "layer_norm" and block.pos_embed is None
+            and not block.only_cross_attention and block._chunk_size is None and "forward" not in vars(block)
+            and all(type(a.processor) is FrameAttnProcessor and not a.is_cross_attention and a.spatial_norm is None
+                    and a.group_norm is None and getattr(a, "norm_q", None) is None for a in attentions))  # fmt: skip
+
+
+def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """`attn` over the frames of (frames * pixels, C) token rows in frames-first order, output in the same order."""
+    from motion_adapters.frame_attention import frame_attention, frame_attention_supported
+
+    q, k, v = (project(x).unflatten(0, (frames, -1)).transpose(0, 1) for project in (attn.to_q, attn.to_k, attn.to_v))
+    if frame_attention_supported(q, attn.heads) is None:
+        out = frame_attention(q, k, v, attn.heads)  # written in q's (frames-first) order
+    else:  # what FrameAttnProcessor falls back to
+        split = [t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out.transpose(0, 1).flatten(0, 1)))
+    if attn.residual_connection:
+        out = out + x
+    return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
+
+
+def _temporal_block_rows(block: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Diffusers' `BasicTransformerBlock` forward (layer norms, self-attention, feed-forward) on token rows."""
+    x = _frame_self_attention_rows(block.attn1, block.norm1(x), frames) + x
+    if block.attn2 is not None:
+        x = _frame_self_attention_rows(block.attn2, block.norm2(x), frames) + x
+    return block.ff(block.norm3(x)) + x
+
+
+def _temporal_transformer_rows(model: nn.Module, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """The rest of a batch-1 `TransformerTemporalModel` on its tokens in memory order (frames, pixels).
+
+    The norms, projections and feed-forwards are per token and the frame attention reads any sequence strides, so
+    the (frames x pixels, C) rows of the channels-last memory go through as they are: no copy into frames-last
+    sequences and back, and gradients arrive in the layout of the activations they belong to. `normed` is the
+    group norm's (1, C, F, H, W) output, channels-last-3d.
+    """
+    frames, channels, height, width = residual.shape
+    rows = model.proj_in(normed.permute(0, 2, 3, 4, 1).reshape(-1, channels))  # a view: memory order
+    for block in model.transformer_blocks:
+        rows = _temporal_block_rows(block, rows, frames)
+    rows = model.proj_out(rows).view(frames, height, width, channels).permute(0, 3, 1, 2)  # channels-last
+    return residual + rows
+
+
 def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None, timestep=None,
                           class_labels=None, num_frames: int = 1, cross_attention_kwargs=None,
                           return_dict: bool = True):  # fmt: skip
-    """Diffusers' `TransformerTemporalModel` forward, writing its output channels-last with the residual added."""
+    """Diffusers' `TransformerTemporalModel` forward, writing its output channels-last with the residual added.
+
+    At batch 1 (training) with plain blocks the tokens stay in memory order (`_temporal_transformer_rows`).
+    """
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
     batch_frames, channels, height, width = hidden_states.shape
@@ -78,6 +138,12 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
     residual = hidden_states
     hidden_states = hidden_states.reshape(batch, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
     hidden_states = model.norm(hidden_states)
+    if TOKEN_ROWS and batch == 1 and encoder_hidden_states is None and not cross_attention_kwargs and \
+            residual.is_contiguous(memory_format=torch.channels_last) and \
+            hidden_states.is_contiguous(memory_format=torch.channels_last_3d) and \
+            all(_plain_block(block) for block in model.transformer_blocks):  # fmt: skip
+        output = _temporal_transformer_rows(model, residual, hidden_states)
+        return TransformerTemporalModelOutput(sample=output) if return_dict else (output,)
     hidden_states = hidden_states.permute(0, 3, 4, 2, 1).reshape(batch * height * width, num_frames, channels)
     hidden_states = model.proj_in(hidden_states)
     for block in model.transformer_blocks:
@@ -92,6 +158,11 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
     if not return_dict:
         return (output,)
     return TransformerTemporalModelOutput(sample=output)
+
+
+#: Whether a batch-1 temporal transformer runs on its tokens in memory order (`_temporal_transformer_rows`);
+#: benchmarks/bench_training.py switches it off to measure it.
+TOKEN_ROWS = True
 
 
 @contextmanager

@@ -140,3 +140,33 @@ def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_grad
         torch.testing.assert_close(cl_grad, grad, rtol=1e-3, atol=1e-6)
     assert all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert all("forward" not in vars(m) for m in unet.modules())
+
+
+def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradients(monkeypatch):
+    """At batch 1 with the Triton frame attention, the temporal transformers keep the channels-last token order."""
+    from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
+
+    unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
+    trainable = [p for name, p in unet.named_parameters() if ".temp_attentions." in f".{name}" and
+                 any(f".to_{x}." in name for x in "qkv")]  # fmt: skip
+    for p in trainable:
+        p.requires_grad_(True)
+    inputs = unet_inputs(unet, batch=1)
+    calls = []
+    rows = layout._temporal_transformer_rows
+    monkeypatch.setattr(layout, "_temporal_transformer_rows", lambda *a: calls.append(1) or rows(*a))
+
+    def step(kernels):
+        with temporal_kernels(unet, kernels), layout.channels_last_training(unet, True), \
+                frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, True, True, True):
+            out = unet(**inputs).sample
+            grads = torch.autograd.grad(out.square().mean(), trainable)
+        return out.detach(), grads
+
+    reference, reference_grads = step("conv2d")  # PyTorch's attention processor: the sequences as diffusers has them
+    assert calls == []
+    out, grads = step("triton_fast")
+    assert len(calls) == sum(isinstance(m, TransformerTemporalModel) for m in unet.modules())
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
