@@ -129,7 +129,8 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
                           return_dict: bool = True):  # fmt: skip
     """Diffusers' `TransformerTemporalModel` forward, writing its output channels-last with the residual added.
 
-    At batch 1 (training) with plain blocks the tokens stay in memory order (`_temporal_transformer_rows`).
+    At batch 1 (training) with plain blocks, and `TOKEN_ROWS` on, the tokens stay in memory order
+    (`_temporal_transformer_rows`).
     """
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
@@ -160,9 +161,9 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
     return TransformerTemporalModelOutput(sample=output)
 
 
-#: Whether a batch-1 temporal transformer runs on its tokens in memory order (`_temporal_transformer_rows`);
-#: benchmarks/bench_training.py switches it off to measure it.
-TOKEN_ROWS = True
+#: Whether a batch-1 temporal transformer runs on its tokens in memory order (`_temporal_transformer_rows`). Off
+#: until measured on a GPU (tested on the CPU; benchmarks/bench_training.py's `full_token_rows` switches it on).
+TOKEN_ROWS = False
 
 
 @contextmanager

@@ -402,10 +402,10 @@ def _resampled(module: nn.Module, fused: bool, *tensors: torch.Tensor) -> tuple[
     """A ResNet's upsampler or downsampler on each tensor (on `motion_adapters.resample`'s kernels, sampling).
 
     Sampling on the fused kernels, the channels-last Triton kernels run where they apply, at any batch: diffusers'
-    contiguous copy for batches of 64 and more is a workaround for PyTorch's channels-last kernel. Under autocast a
-    nearest upsampler runs in its input's dtype: autocast runs `upsample_nearest2d` in float32, which made the
-    block's output, the next skip concatenation and ResNet float32 (copies and twice the bytes, forward and back)
-    for the same values.
+    contiguous copy for batches of 64 and more is a workaround for PyTorch's channels-last kernel. With
+    `UPSAMPLE_IN_INPUT_DTYPE`, a nearest upsampler runs in its input's dtype under autocast: CUDA's autocast runs
+    `upsample_nearest2d` in float32, which makes the block's output, the next skip concatenation and ResNet float32
+    (copies and twice the bytes, forward and back) for the same upsampled values.
     """
     if fused and not torch.is_grad_enabled():
         return tuple(resample(module, x) for x in tensors)
@@ -415,9 +415,10 @@ def _resampled(module: nn.Module, fused: bool, *tensors: torch.Tensor) -> tuple[
     return tuple(module(x) for x in tensors)
 
 
-#: Whether the recomputed ResNets' nearest upsampling runs in its input's dtype under autocast (see `_resampled`);
-#: benchmarks/bench_training.py switches it off to measure it.
-UPSAMPLE_IN_INPUT_DTYPE = True
+#: Whether the recomputed ResNets' nearest upsampling runs in its input's dtype under autocast (see `_resampled`).
+#: Off until measured on a GPU (tested on the CPU; benchmarks/bench_training.py's `full_bf16_upsampling` switches
+#: it on).
+UPSAMPLE_IN_INPUT_DTYPE = False
 
 
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):

@@ -155,6 +155,7 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
     calls = []
     rows = layout._temporal_transformer_rows
     monkeypatch.setattr(layout, "_temporal_transformer_rows", lambda *a: calls.append(1) or rows(*a))
+    monkeypatch.setattr(layout, "TOKEN_ROWS", True)  # off by default until measured on a GPU
 
     def step(kernels):
         with temporal_kernels(unet, kernels), layout.channels_last_training(unet, True), \
