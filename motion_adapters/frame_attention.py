@@ -296,16 +296,28 @@ class FrameAttnProcessor:
         if args or kwargs or not self._plain(attn, hidden_states, encoder_hidden_states, attention_mask):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if frame_attention_supported(q, attn.heads) is None:
-            out = frame_attention(q, k, v, attn.heads)
-        else:  # what AttnProcessor2_0 computes from the same projections
-            split = [t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v)]
-            out = torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        # a pass over the output for a factor that is almost always 1 (exactly the same values without it)
-        return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
+        return attention_output(attn, attend(attn, q, k, v), hidden_states)
 
 
-__all__ = ["FrameAttnProcessor", "frame_attention", "frame_attention_supported"]
+def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`attn`'s heads over the frames of (N, F, heads * d) projections, heads merged.
+
+    `frame_attention` where it runs (its output in q's strides), else what `AttnProcessor2_0` computes from the same
+    projections.
+    """
+    if frame_attention_supported(q, attn.heads) is None:
+        return frame_attention(q, k, v, attn.heads)
+    split = [t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2).to(q.dtype)
+
+
+def attention_output(attn, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The rest of a diffusers attention layer after its heads: output projection, dropout, residual, rescale."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + hidden_states
+    # a pass over the output for a factor that is almost always 1 (exactly the same values without it)
+    return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
+
+
+__all__ = ["FrameAttnProcessor", "attend", "attention_output", "frame_attention", "frame_attention_supported"]

@@ -86,18 +86,10 @@ def _plain_block(block: nn.Module) -> bool:
 
 def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
     """`attn` over the frames of (frames * pixels, C) token rows in frames-first order, output in the same order."""
-    from motion_adapters.frame_attention import frame_attention, frame_attention_supported
+    from motion_adapters.frame_attention import attend, attention_output
 
     q, k, v = (project(x).unflatten(0, (frames, -1)).transpose(0, 1) for project in (attn.to_q, attn.to_k, attn.to_v))
-    if frame_attention_supported(q, attn.heads) is None:
-        out = frame_attention(q, k, v, attn.heads)  # written in q's (frames-first) order
-    else:  # what FrameAttnProcessor falls back to
-        split = [t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v)]
-        out = torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2).to(q.dtype)
-    out = attn.to_out[1](attn.to_out[0](out.transpose(0, 1).flatten(0, 1)))
-    if attn.residual_connection:
-        out = out + x
-    return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
+    return attention_output(attn, attend(attn, q, k, v).transpose(0, 1).flatten(0, 1), x)
 
 
 def _temporal_block_rows(block: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
