@@ -662,13 +662,14 @@ def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> to
     """Dropout's backward, `grad * mask * scale`, with the mask as bits: one pass, no unpacked mask.
 
     `bits` holds the mask eight values a byte in `grad`'s memory order, the first in the highest bit (as
-    `lean_backward._pack_bits` packs it); `grad` must be dense (in any order of its dimensions) and on a device the
-    kernels run on. The product is float32 inside, as PyTorch's `native_dropout_backward` computes it.
+    `lean_backward._pack_bits` packs it); `grad` must be dense (contiguous or channels-last, the orders a mask is
+    packed in) and on a device the kernels run on. The product is float32 inside, as PyTorch's
+    `native_dropout_backward` computes it.
 
     Example:
         >>> dx = bit_masked_scale(grad, packed, 1 / (1 - p))  # doctest: +SKIP
     """
-    if not (_dense_any_order(grad) and fused_norm_available(grad)) or bits.numel() * 8 < grad.numel():
+    if not (_dense(grad) and fused_norm_available(grad)) or bits.numel() * 8 < grad.numel():
         raise ValueError("bit_masked_scale takes a dense gradient on a device its kernel runs on and at least one bit "
                          "a value; unpack the bits and call torch.ops.aten.native_dropout_backward elsewhere.")
     out = torch.empty_like(grad)
@@ -676,12 +677,6 @@ def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> to
         _bit_masked_scale[(triton.cdiv(grad.numel(), MASK_BLOCK),)](grad, bits, out, grad.numel(), float(scale),
                                                                     BLOCK=MASK_BLOCK, num_warps=4)  # fmt: skip
     return out
-
-
-def _dense_any_order(t: torch.Tensor) -> bool:
-    """Whether `t`'s elements fill its memory with no gap or overlap, in whatever order of its dimensions."""
-    order = sorted(range(t.ndim), key=lambda d: -t.stride(d))
-    return t.permute(order).is_contiguous()
 
 
 __all__ = [
