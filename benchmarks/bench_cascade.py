@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "to the CPU after encoding; 'meta': resident, dropped after encoding")
     cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.add_floor is not None:
         data = json.loads(args.add_floor.read_text())
         data["compute_floor"] = compute_floor(DEFAULT_STAGE_KWARGS, data["matmul_bf16_tflops"])

@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> dict:
                         "timed later ran faster on the H200)")
     cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     data = {"benchmark": "stage_kernels", "env": environment(device, args.commit), "dtype": str(dtype), "stages": {}}

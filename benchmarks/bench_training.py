@@ -165,9 +165,18 @@ def git_commit(repo: Path) -> str | None:
         return ref
 
 
+class _CudnnBenchmark(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        torch.backends.cudnn.benchmark = True
+        setattr(namespace, self.dest, True)
+
+
 def cudnn_benchmark_option(parser: argparse.ArgumentParser) -> None:
-    """`--cudnn-benchmark`: cuDNN times its algorithms for each convolution shape (recorded in the JSON's env)."""
-    parser.add_argument("--cudnn-benchmark", action="store_true",
+    """`--cudnn-benchmark`: cuDNN times its algorithms for each convolution shape (recorded in the JSON's env).
+
+    Parsing the flag sets `torch.backends.cudnn.benchmark` for the process.
+    """
+    parser.add_argument("--cudnn-benchmark", action=_CudnnBenchmark, nargs=0, default=False,
                         help="set torch.backends.cudnn.benchmark: cuDNN picks each convolution's algorithm by "
                              "timing the candidates at its first call, instead of by its heuristics")
 
@@ -513,7 +522,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "Python lines that make them")
     cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_config = {**show1_base_config(), **(TINY if args.tiny else {})}

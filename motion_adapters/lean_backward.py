@@ -398,7 +398,7 @@ def _conv_deferring_bias(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return conv(x), None
 
 
-def _resampled(module: nn.Module, fused: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _resampled(module: nn.Module, sampling: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A ResNet's upsampler or downsampler on each tensor (on `motion_adapters.resample`'s kernels, sampling).
 
     Sampling on the fused kernels, the channels-last Triton kernels run where they apply, at any batch: diffusers'
@@ -407,7 +407,7 @@ def _resampled(module: nn.Module, fused: bool, *tensors: torch.Tensor) -> tuple[
     `upsample_nearest2d` in float32, which makes the block's output, the next skip concatenation and ResNet float32
     (copies and twice the bytes, forward and back) for the same upsampled values.
     """
-    if fused and not torch.is_grad_enabled():
+    if sampling:
         return tuple(resample(module, x) for x in tensors)
     if UPSAMPLE_IN_INPUT_DTYPE and plain_upsampler(module):  # nearest copies: float32 would only spread float32
         with torch.autocast(tensors[0].device.type, enabled=False):
@@ -432,14 +432,15 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     activation = _activation_of(block.nonlinearity)
     if (args or kwargs) or (temb is not None and temb.requires_grad) or (not torch.is_grad_enabled() and not fused):
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
-    fold = FOLD_CONV_BIASES and fused and not torch.is_grad_enabled() and fused_norm_available(input_tensor)
+    sampling = fused and not torch.is_grad_enabled()  # sampling on the fused kernels
+    fold = FOLD_CONV_BIASES and sampling and fused_norm_available(input_tensor)
     hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
-        if hidden_states.shape[0] >= 64 and not (fused and not torch.is_grad_enabled()):
+        if hidden_states.shape[0] >= 64 and not sampling:
             input_tensor, hidden_states = input_tensor.contiguous(), hidden_states.contiguous()
-        input_tensor, hidden_states = _resampled(block.upsample, fused, input_tensor, hidden_states)
+        input_tensor, hidden_states = _resampled(block.upsample, sampling, input_tensor, hidden_states)
     elif block.downsample is not None:
-        input_tensor, hidden_states = _resampled(block.downsample, fused, input_tensor, hidden_states)
+        input_tensor, hidden_states = _resampled(block.downsample, sampling, input_tensor, hidden_states)
     hidden_states, pending = _conv_deferring_bias(block.conv1, hidden_states) if fold else (
         block.conv1(hidden_states), None)  # fmt: skip
     if block.time_emb_proj is not None:
