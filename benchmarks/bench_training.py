@@ -133,15 +133,13 @@ VARIANTS = {
     "full_unpacked_dropout": ("as full, dropout's backward pass unpacking its bit mask and running PyTorch's "
                               "native_dropout_backward (before fused_norm.bit_masked_scale)",
                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_bf16_upsampling": ("as full, the ResNets' nearest upsampling in the activations' dtype under autocast "
-                             "(lean_backward.UPSAMPLE_IN_INPUT_DTYPE; autocast's float32 makes the block's output, "
-                             "the next skip concatenation and ResNet float32)",
+    "full_fp32_upsampling": ("as full, the ResNets' nearest upsampling in float32 under CUDA's autocast (the default "
+                             "before lean_backward.UPSAMPLE_IN_INPUT_DTYPE: the block's output, the next skip "
+                             "concatenation and ResNet then float32)",
                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_token_rows": ("as full, the temporal transformers on their channels-last token rows (layout.TOKEN_ROWS: "
-                        "no copies into frames-last sequences and back)",
-                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_token_rows_bf16_upsampling": ("as full, with both full_token_rows and full_bf16_upsampling",
-                                        {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_frames_last_tokens": ("as full, the temporal transformers on frames-last sequences as diffusers has them "
+                                "(the default before layout.TOKEN_ROWS: copies into the sequences and back)",
+                                {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -421,10 +419,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
 #: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration
 MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)],
                    "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)],
-                   "full_bf16_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", True)],
-                   "full_token_rows": [(layout, "TOKEN_ROWS", True)],
-                   "full_token_rows_bf16_upsampling": [(layout, "TOKEN_ROWS", True),
-                                                       (lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", True)]}
+                   "full_fp32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)],
+                   "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

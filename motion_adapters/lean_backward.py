@@ -415,10 +415,10 @@ def _resampled(module: nn.Module, sampling: bool, *tensors: torch.Tensor) -> tup
     return tuple(module(x) for x in tensors)
 
 
-#: Whether the recomputed ResNets' nearest upsampling runs in its input's dtype under autocast (see `_resampled`).
-#: Off until measured on a GPU (tested on the CPU; benchmarks/bench_training.py's `full_bf16_upsampling` switches
-#: it on).
-UPSAMPLE_IN_INPUT_DTYPE = False
+#: Whether the recomputed ResNets' nearest upsampling runs in its input's dtype under autocast (see `_resampled`):
+#: with TOKEN_ROWS, training steps 1.005 times faster on an H200 and 1.01 times without
+#: (benchmarks/results/training_token_rows_h200.json; `full_fp32_upsampling` switches it off there).
+UPSAMPLE_IN_INPUT_DTYPE = True
 
 
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):

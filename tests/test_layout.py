@@ -142,8 +142,10 @@ def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_grad
     assert all("forward" not in vars(m) for m in unet.modules())
 
 
-def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradients(monkeypatch):
-    """At batch 1 with the Triton frame attention, the temporal transformers keep the channels-last token order."""
+@pytest.mark.parametrize("token_rows", [True, False], ids=["token_rows", "frames_last"])
+def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradients(monkeypatch, token_rows):
+    """At batch 1 with the Triton frame attention, the temporal transformers keep the channels-last token order
+    (`TOKEN_ROWS`, the default), or go through frames-last sequences as diffusers has them: same values."""
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
     unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
@@ -155,7 +157,7 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
     calls = []
     rows = layout._temporal_transformer_rows
     monkeypatch.setattr(layout, "_temporal_transformer_rows", lambda *a: calls.append(1) or rows(*a))
-    monkeypatch.setattr(layout, "TOKEN_ROWS", True)  # off by default until measured on a GPU
+    monkeypatch.setattr(layout, "TOKEN_ROWS", token_rows)
 
     def step(kernels):
         with temporal_kernels(unet, kernels), layout.channels_last_training(unet, True), \
@@ -167,7 +169,7 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
     reference, reference_grads = step("conv2d")  # PyTorch's attention processor: the sequences as diffusers has them
     assert calls == []
     out, grads = step("triton_fast")
-    assert len(calls) == sum(isinstance(m, TransformerTemporalModel) for m in unet.modules())
+    assert len(calls) == token_rows * sum(isinstance(m, TransformerTemporalModel) for m in unet.modules())
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
     for grad, expected in zip(grads, reference_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
