@@ -140,6 +140,10 @@ VARIANTS = {
     "full_frames_last_tokens": ("as full, the temporal transformers on frames-last sequences as diffusers has them "
                                 "(the default before layout.TOKEN_ROWS: copies into the sequences and back)",
                                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_frame_conv_gemms": ("as full, the frozen temporal convolutions of the clip as one GEMM per tap over "
+                              "row-shifted views of the channels-last frames (lean_backward.FRAME_CONV_GEMMS) "
+                              "instead of cuDNN's (3, 1) convolution",
+                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -420,7 +424,8 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
 MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)],
                    "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)],
                    "full_fp32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)],
-                   "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)]}
+                   "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)],
+                   "full_frame_conv_gemms": [(lean_backward, "FRAME_CONV_GEMMS", True)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -141,6 +141,76 @@ def conv_keeping_no_input(
         return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
 
 
+class _FrameTapsConv(torch.autograd.Function):
+    """A frozen (k, 1, 1) convolution of one clip's channels-last frames as k matrix products, keeping the weight only.
+
+    With the activations stored (frames, pixels, channels), frame `i + s` of every pixel is the block of rows `s`
+    frames further on, so each tap of the kernel is one GEMM over a row-shifted view, added into the rows of the
+    output it reaches (frames past either end are the zero padding: their rows are left out). A channels-last weight
+    stores each tap as a (out, in) matrix of unit inner stride, which cuBLAS reads in place. The backward pass is the
+    same with the taps transposed and the shifts reversed. The taps accumulate in the output's dtype (cuDNN's
+    convolution accumulates all of them in float32 before rounding once).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        _, channels, frames, height, width = x.shape
+        pixels = height * width
+        rows = x.permute(0, 2, 3, 4, 1).reshape(frames * pixels, channels)  # a view: channels-last_3d, batch 1
+        taps = weight[..., 0, 0].unbind(2)  # k x (out, in), unit inner stride
+        y = _taps_accumulated(rows, [tap.t() for tap in taps], bias, pixels, reverse=False)
+        ctx.save_for_backward(weight)
+        ctx.shape = x.shape
+        return y.view(1, frames, height, width, -1).permute(0, 4, 1, 2, 3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        _, channels, frames, height, width = ctx.shape
+        pixels = height * width
+        rows = grad.to(weight.dtype).permute(0, 2, 3, 4, 1).reshape(frames * pixels, -1)
+        grad_x = _taps_accumulated(rows, list(weight[..., 0, 0].unbind(2)), None, pixels, reverse=True)
+        return grad_x.view(1, frames, height, width, channels).permute(0, 4, 1, 2, 3), None, None
+
+
+def _taps_accumulated(rows: torch.Tensor, taps: list[torch.Tensor], bias, pixels: int, reverse: bool) -> torch.Tensor:
+    """`sum_t shift(rows, t - c) @ taps[t]` over the frames (blocks of `pixels` rows), c the centre tap; `reverse`
+    shifts the other way (the backward pass). Out-of-range frames contribute nothing (zero padding)."""
+    centre = len(taps) // 2
+    out = torch.mm(rows, taps[centre]) if bias is None else torch.addmm(bias, rows, taps[centre])
+    n = rows.shape[0]
+    for t, tap in enumerate(taps):
+        shift = (t - centre) * pixels * (-1 if reverse else 1)  # output row r reads input row r + shift
+        if t == centre or abs(shift) >= n:
+            continue
+        if shift > 0:
+            out[: n - shift].addmm_(rows[shift:], tap)
+        else:
+            out[-shift:].addmm_(rows[: n + shift], tap)
+    return out
+
+
+def _frame_taps_apply(conv: FrameConv, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `_FrameTapsConv` runs `conv` on `x`: one clip, channels-last activations and weight, "same" padding."""
+    k = weight.shape[2]
+    return (
+        FRAME_CONV_GEMMS
+        and x.ndim == 5
+        and x.shape[0] == 1
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and weight.shape[3:] == (1, 1)
+        and k % 2 == 1
+        and conv.frame_padding == k // 2
+        and weight.stride(1) == 1  # each tap an (out, in) matrix of unit inner stride
+        and x.dtype == weight.dtype
+    )
+
+
+#: Whether frozen temporal convolutions of one channels-last clip run as one GEMM per tap (`_FrameTapsConv`) in
+#: training instead of cuDNN's (k, 1) convolution.
+FRAME_CONV_GEMMS = False
+
+
 def _frozen_conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return conv_keeping_no_input(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -148,6 +218,15 @@ def _frozen_conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.
 def _frozen_frame_conv_forward(conv: FrameConv, x: torch.Tensor) -> torch.Tensor:
     if conv.runs_triton(x):  # the Triton kernel keeps only the weight already
         return temporal_conv(x, conv.weight, conv.bias)
+    if FRAME_CONV_GEMMS:
+        device_type = x.device.type
+        cast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if cast else x.dtype
+        x_cast, weight = x.to(dtype), conv.weight.to(dtype)  # `to` keeps channels-last strides
+        if _frame_taps_apply(conv, x_cast, weight):
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return _FrameTapsConv.apply(x_cast, weight, bias)
     b, _, f, h, w = x.shape
     y = conv_keeping_no_input(x.reshape(b, x.shape[1], f, h * w), conv.weight.squeeze(-1), conv.bias, [1, 1],
                               [conv.frame_padding, 0], [1, 1], 1)  # fmt: skip

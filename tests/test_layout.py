@@ -173,3 +173,35 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
     for grad, expected in zip(grads, reference_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_batch_one_frozen_temporal_convolutions_run_as_frame_taps_with_the_same_gradients(monkeypatch):
+    """In a channels-last batch-1 training step the frozen temporal convolutions qualify for `_FrameTapsConv`."""
+    from motion_adapters import lean_backward
+    from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
+
+    unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
+    trainable = [p for name, p in unet.named_parameters() if ".temp_attentions." in f".{name}" and
+                 any(f".to_{x}." in name for x in "qkv")]  # fmt: skip
+    for p in trainable:
+        p.requires_grad_(True)
+    inputs = unet_inputs(unet, batch=1)
+    calls = []
+    apply = lean_backward._FrameTapsConv.apply
+    monkeypatch.setattr(lean_backward._FrameTapsConv, "apply", lambda *a: calls.append(1) or apply(*a))
+
+    def step(taps):
+        monkeypatch.setattr(lean_backward, "FRAME_CONV_GEMMS", taps)
+        with temporal_kernels(unet, "triton_fast"), layout.channels_last_training(unet, True), \
+                frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, True, True, True):
+            out = unet(**inputs).sample
+            grads = torch.autograd.grad(out.square().mean(), trainable)
+        return out.detach(), grads
+
+    reference, reference_grads = step(False)
+    assert calls == []
+    out, grads = step(True)
+    assert len(calls) == sum(isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1) for m in unet.modules())
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
