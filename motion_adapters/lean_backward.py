@@ -174,8 +174,10 @@ class _FrameTapsConv(torch.autograd.Function):
 
 
 def _taps_accumulated(rows: torch.Tensor, taps: list[torch.Tensor], bias, pixels: int, reverse: bool) -> torch.Tensor:
-    """`sum_t shift(rows, t - c) @ taps[t]` over the frames (blocks of `pixels` rows), c the centre tap; `reverse`
-    shifts the other way (the backward pass). Out-of-range frames contribute nothing (zero padding)."""
+    """`sum_t shift(rows, t - c) @ taps[t]` over the frames (blocks of `pixels` rows), c the centre tap.
+
+    `reverse` shifts the other way (the backward pass). Frames out of range contribute nothing (zero padding).
+    """
     centre = len(taps) // 2
     out = torch.mm(rows, taps[centre]) if bias is None else torch.addmm(bias, rows, taps[centre])
     n = rows.shape[0]
