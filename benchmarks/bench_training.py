@@ -140,10 +140,10 @@ VARIANTS = {
     "full_frames_last_tokens": ("as full, the temporal transformers on frames-last sequences as diffusers has them "
                                 "(the default before layout.TOKEN_ROWS: copies into the sequences and back)",
                                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_frame_conv_gemms": ("as full, the frozen temporal convolutions of the clip as one GEMM per tap over "
-                              "row-shifted views of the channels-last frames (lean_backward.FRAME_CONV_GEMMS) "
-                              "instead of cuDNN's (3, 1) convolution",
-                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_cudnn_frame_convs": ("as full, the frozen temporal convolutions on cuDNN's (3, 1) convolution (the default "
+                               "before lean_backward.FRAME_CONV_GEMMS: one GEMM per tap over row-shifted views of "
+                               "the channels-last frames)",
+                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -425,7 +425,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)],
                    "full_fp32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)],
                    "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)],
-                   "full_frame_conv_gemms": [(lean_backward, "FRAME_CONV_GEMMS", True)]}
+                   "full_cudnn_frame_convs": [(lean_backward, "FRAME_CONV_GEMMS", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
@@ -594,16 +594,25 @@ def top_cuda_events(key_averages, per: int, unit: str, rows: int) -> dict:
 
 def copies_by_line(prof, per: int, rows: int = 30) -> list:
     """The copy operators of a profile grouped by the innermost lines of motion_adapters, diffusers or torch.nn that
-    called them, ranked by CUDA time per step (`per` steps were profiled)."""
+    called them, ranked by CUDA time per step (`per` steps were profiled). Copies made in the backward pass have no
+    Python stack (autograd's thread): they are grouped by the autograd node that made them."""
     copies = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
-    events = [e for e in prof.key_averages(group_by_stack_n=12) if e.key in copies and e.device_time_total > 0]
     grouped = {}
-    for e in events:
+    for e in prof.events():
+        if e.name not in copies or e.device_time_total <= 0:
+            continue
+        if e.cpu_parent is not None and e.cpu_parent.name in copies:  # counted in its outer copy operator
+            continue
         lines = [f.split("site-packages/")[-1].split("/work/")[-1] for f in e.stack
-                 if any(part in f for part in ("motion_adapters", "diffusers", "torch/nn/", "torch/autograd"))]
-        key = (e.key, tuple(lines[:4]))
+                 if any(part in f for part in ("motion_adapters", "diffusers", "torch/nn/", "torch/autograd"))][:4]
+        parent = e.cpu_parent
+        while not lines and parent is not None:
+            if parent.name.startswith("autograd::engine::evaluate_function: "):
+                lines = [parent.name.split(": ", 1)[1]]
+            parent = parent.cpu_parent
+        key = (e.name, tuple(lines))
         ms, calls = grouped.get(key, (0.0, 0))
-        grouped[key] = (ms + e.device_time_total / 1e3 / per, calls + e.count / per)
+        grouped[key] = (ms + e.device_time_total / 1e3 / per, calls + 1 / per)
     ranked = sorted(grouped.items(), key=lambda item: -item[1][0])[:rows]
     return [{"op": op, "lines": list(lines), "cuda_ms_per_step": round(ms, 3), "calls_per_step": calls}
             for (op, lines), (ms, calls) in ranked]
@@ -620,8 +629,10 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
 
     def prof(state):
         if state.step == 3:
+            verbose = torch._C._profiler._ExperimentalConfig(verbose=True)  # Python frames in the events' stacks
             prof.ctx = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
-                               with_stack=args.profile_stacks)  # fmt: skip
+                               with_stack=args.profile_stacks,
+                               experimental_config=verbose if args.profile_stacks else None)  # fmt: skip
             prof.ctx.__enter__()
         if state.step == 5:
             torch.cuda.synchronize()

@@ -209,8 +209,10 @@ def _frame_taps_apply(conv: FrameConv, x: torch.Tensor, weight: torch.Tensor) ->
 
 
 #: Whether frozen temporal convolutions of one channels-last clip run as one GEMM per tap (`_FrameTapsConv`) in
-#: training instead of cuDNN's (k, 1) convolution.
-FRAME_CONV_GEMMS = False
+#: training instead of cuDNN's (k, 1) convolution: training steps 1.03 times faster on an H200, the loss within the
+#: reference loop's noise (benchmarks/results/training_frame_taps_h200.json; `full_cudnn_frame_convs` switches it
+#: off there).
+FRAME_CONV_GEMMS = True
 
 
 def _frozen_conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
