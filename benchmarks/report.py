@@ -161,6 +161,15 @@ def profile_table(data: dict, rows: int = 12) -> str:
         name = row["name"].replace("|", "/")
         lines.append(f"| `{name}` | {row['cuda_ms_per_step']:.1f} | {row['calls_per_step']:.0f} | "
                      f"{100 * row['share']:.1f} % |")
+    copies = next((row["copies_by_line"] for row in data.get("profile", []) if "copies_by_line" in row), [])
+    if copies:  # --profile-stacks
+        lines += ["", "The copies of that step (`copy_`, `clone`, `contiguous`, `_to_copy`, each counted once, in its "
+                  "outermost operator), by the innermost Python lines that made them (the autograd node for copies "
+                  "of the backward pass):", "",
+                  "| copy | made in | CUDA ms a step | calls a step |", "|---|---|---|---|"]
+        for row in copies[:rows]:
+            where = " < ".join(f"`{line}`" for line in row["lines"][:2]) or "(no Python frame)"
+            lines.append(f"| `{row['op']}` | {where} | {row['cuda_ms_per_step']:.2f} | {row['calls_per_step']:.0f} |")
     return "\n".join(lines)
 
 

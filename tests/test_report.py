@@ -31,6 +31,24 @@ def test_profile_table_lists_the_top_operators_in_order(report):
     assert rows == ["| `aten::conv2d` | 40.0 | 10 | 40.0 % |", "| `a/b` | 5.5 | 2 | 5.5 % |"]
 
 
+def test_profile_table_lists_the_copies_by_the_lines_that_made_them(report):
+    data = {
+        "env": {"gpu": "GPU", "torch": "t", "diffusers": "d", "peft": "p", "commit": "abc", "date": "now"},
+        "profile": [
+            {"name": "aten::copy_", "cuda_ms_per_step": 4.0, "calls_per_step": 10.0, "share": 0.1},
+            {"copies_by_line": [
+                {"op": "aten::_to_copy", "lines": ["torch/nn/modules/linear.py(130): forward", "a.py(1): f", "b"],
+                 "cuda_ms_per_step": 0.908, "calls_per_step": 263.0},
+                {"op": "aten::clone", "lines": [], "cuda_ms_per_step": 0.01, "calls_per_step": 1.0},
+            ]},
+        ],
+    }
+    table = report.profile_table(data)
+    assert "| `aten::_to_copy` | `torch/nn/modules/linear.py(130): forward` < `a.py(1): f` | 0.91 | 263 |" in table
+    assert "| `aten::clone` | (no Python frame) | 0.01 | 1 |" in table
+    assert table.index("aten::copy_") < table.index("aten::_to_copy")  # operators first, then the copies
+
+
 def test_bench_stage_kernels_tiny_times_each_variant_and_the_outputs_agree(tmp_path):
     bench = load_script("benchmarks/bench_stage_kernels.py")
     out = tmp_path / "stage_kernels.json"
