@@ -189,3 +189,19 @@ def test_frame_attention_table_compares_the_pairs_kernels_with_the_tile_kernels(
                        "`pairs` against `tile` | largest error vs float64 |"
     assert lines[4] == "| base (2560, 8, 320) | 50 / 150 | 400 / 800 | 13 / 22 | 6.0x | 3.0e-03 |"
     assert lines[5] == "| sr2 (5760, 29, 320) | – | 300 / 600 | 10 / 20 | – | 1.0e-03 |"  # past 8 frames: tile only
+
+
+def test_bench_conv_shapes_tiny_times_each_recorded_convolution(tmp_path):
+    bench = load_script("benchmarks/bench_conv_shapes.py")
+    out = tmp_path / "conv_shapes.json"
+    data = bench.main(["--tiny", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(data["results"]))
+    results = data["results"]
+    kinds = {r["kind"] for r in results}
+    assert kinds == {"fwd", "dgrad"} and all(r["count"] >= 1 and r["cudnn_ms"] > 0 for r in results)
+    temporal = [r for r in results if len(r["w"]) == 5]
+    assert temporal and all(r["frame_taps_ms"] > 0 and r["frame_taps_err"] < 3e-2 for r in temporal)
+    assert all(r["rel_err"] < 2e-2 for r in results if r["rel_err"] is not None)  # the im2col product is the conv
+    spatial = [r for r in results if len(r["w"]) == 4 and r["kind"] == "fwd"]
+    assert all(r["frame_taps_ms"] is None for r in spatial)
+    assert data["total_cudnn_ms"] == pytest.approx(sum(r["count"] * r["cudnn_ms"] for r in results))
