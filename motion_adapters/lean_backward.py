@@ -138,7 +138,56 @@ def conv_keeping_no_input(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
+        if POINTWISE_CONV_GEMMS and _pointwise(x, weight, stride, padding, dilation, groups):
+            return _PointwiseConv.apply(x, weight, bias)
         return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """A frozen 1 x 1 convolution of channels-last activations as one GEMM over their rows, keeping the weight only.
+
+    cuDNN decides an input gradient's memory format from the input and the weight; `_InputGradOnlyConv` gives it
+    a shape-only placeholder input, and a 1 x 1 weight is both contiguous and channels-last, so it copied a
+    channels-last gradient to NCHW and returned an NCHW input gradient, which then reached every layer before it
+    (benchmarks/trace_layouts.py). Here the rows stay channels-last both ways, the gradient rows a view wherever
+    the gradient comes channels-last.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = channels_last_rows(x)  # (N, H, W, in), or (N, F, H, W, in)
+        matrix = weight.flatten(1)  # (out, in)
+        flat = rows.reshape(-1, rows.shape[-1])
+        y = torch.mm(flat, matrix.t()) if bias is None else torch.addmm(bias, flat, matrix.t())
+        ctx.save_for_backward(weight)
+        ctx.shape = x.shape
+        return y.view(*rows.shape[:-1], -1).movedim(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        rows = grad.to(weight.dtype).movedim(1, -1).reshape(-1, grad.shape[1])  # a view when grad is channels-last
+        grad_input = torch.mm(rows, weight.flatten(1))
+        shape = ctx.shape
+        return grad_input.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1), None, None
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether `_PointwiseConv` runs a convolution: a 1 x 1 kernel, stride 1, no padding, channels-last input."""
+    return (
+        weight.ndim == x.ndim
+        and all(k == 1 for k in weight.shape[2:])
+        and all(s == 1 for s in stride)
+        and all(p == 0 for p in padding)
+        and groups == 1
+        and x.dtype == weight.dtype
+        and channels_last_rows(x) is not None
+    )
+
+
+#: Whether frozen 1 x 1 convolutions of channels-last activations run as GEMMs over their rows (`_PointwiseConv`)
+#: in training. Off until measured on a GPU (`bench_training.py`'s `full_pointwise_gemms` switches it on).
+POINTWISE_CONV_GEMMS = False
 
 
 class _FrameTapsConv(torch.autograd.Function):
