@@ -117,8 +117,9 @@ def measure(call: tuple, count: int, device: torch.device, time_ms) -> dict:
     dtype = torch.bfloat16
     gen = torch.Generator(device).manual_seed(0)
     if tuple(stride) != (1, 1) or groups != 1:  # not an ordinary stride-1 convolution: cuDNN's own call only
-        weight = torch.randn(w_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-        x = torch.randn(x_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+        cl = torch.channels_last
+        weight = torch.randn(w_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl)
+        x = torch.randn(x_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl)
         y = F.conv2d(x, weight, None, stride, padding, 1, groups)
         grad = torch.randn_like(y)
         if kind == "dgrad":

@@ -113,9 +113,10 @@ def trace_cpu(unet, embeds, frames: int, size: int, trace: LayoutTrace) -> None:
         weight.requires_grad_(True)
     x = torch.randn(1, unet.config.in_channels, frames, size, size)
     trace.on = True
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with temporal_kernels(unet, "triton_fast"), layouts.channels_last_training(unet, True, True), \
             frozen_convs_keep_no_input(unet, True), norms_in_compute_dtype(unet, True), \
-            frozen_activations_recomputed(unet, True, False, True), torch.autocast("cpu", dtype=torch.bfloat16):  # fmt: skip
+            frozen_activations_recomputed(unet, True, False, True), autocast:  # fmt: skip
         unet(x, torch.tensor([500]), embeds.bfloat16()).sample.float().square().mean().backward()
 
 
