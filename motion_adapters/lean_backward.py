@@ -138,7 +138,7 @@ def conv_keeping_no_input(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        if POINTWISE_CONV_GEMMS and _pointwise(x, weight, stride, padding, dilation, groups):
+        if POINTWISE_CONV_GEMMS and _pointwise(x, weight, stride, padding, groups):
             return _PointwiseConv.apply(x, weight, bias)
         return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
 
@@ -146,11 +146,11 @@ def conv_keeping_no_input(
 class _PointwiseConv(torch.autograd.Function):
     """A frozen 1 x 1 convolution of channels-last activations as one GEMM over their rows, keeping the weight only.
 
-    cuDNN decides an input gradient's memory format from the input and the weight; `_InputGradOnlyConv` gives it
-    a shape-only placeholder input, and a 1 x 1 weight is both contiguous and channels-last, so it copied a
-    channels-last gradient to NCHW and returned an NCHW input gradient, which then reached every layer before it
-    (benchmarks/trace_layouts.py). Here the rows stay channels-last both ways, the gradient rows a view wherever
-    the gradient comes channels-last.
+    PyTorch picks the convolution backend's memory format from the input and the weight; `_InputGradOnlyConv`
+    passes a shape-only placeholder input, and a 1 x 1 weight is both contiguous and channels-last, so the input
+    gradient came back NCHW (a channels-last gradient copied first), and NCHW gradients then reached every layer
+    before it (benchmarks/trace_layouts.py). Here the rows stay channels-last both ways, the gradient rows a view
+    wherever the gradient comes channels-last.
     """
 
     @staticmethod
@@ -172,7 +172,7 @@ class _PointwiseConv(torch.autograd.Function):
         return grad_input.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1), None, None
 
 
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
     """Whether `_PointwiseConv` runs a convolution: a 1 x 1 kernel, stride 1, no padding, channels-last input."""
     return (
         weight.ndim == x.ndim
