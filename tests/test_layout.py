@@ -142,10 +142,9 @@ def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_grad
     assert all("forward" not in vars(m) for m in unet.modules())
 
 
-@pytest.mark.parametrize("token_rows", [True, False], ids=["token_rows", "frames_last"])
-def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradients(monkeypatch, token_rows):
-    """At batch 1 with the Triton frame attention, the temporal transformers keep the channels-last token order
-    (`TOKEN_ROWS`, the default), or go through frames-last sequences as diffusers has them: same values."""
+def batch_one_training_step():
+    """A tiny keyframes UNet with trainable temporal q/k/v, and `step(kernels)`: one channels-last batch-1 forward
+    with the training step's layer swaps, returning the output and the q/k/v gradients."""
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
     unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
@@ -154,10 +153,6 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
     for p in trainable:
         p.requires_grad_(True)
     inputs = unet_inputs(unet, batch=1)
-    calls = []
-    rows = layout._temporal_transformer_rows
-    monkeypatch.setattr(layout, "_temporal_transformer_rows", lambda *a: calls.append(1) or rows(*a))
-    monkeypatch.setattr(layout, "TOKEN_ROWS", token_rows)
 
     def step(kernels):
         with temporal_kernels(unet, kernels), layout.channels_last_training(unet, True), \
@@ -166,42 +161,45 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
             grads = torch.autograd.grad(out.square().mean(), trainable)
         return out.detach(), grads
 
+    return unet, step
+
+
+def assert_same_step(out, grads, reference, reference_grads):
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("token_rows", [True, False], ids=["token_rows", "frames_last"])
+def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradients(monkeypatch, token_rows):
+    """At batch 1 with the Triton frame attention, the temporal transformers keep the channels-last token order
+    (`TOKEN_ROWS`, the default), or go through frames-last sequences as diffusers has them: same values."""
+    unet, step = batch_one_training_step()
+    calls = []
+    rows = layout._temporal_transformer_rows
+    monkeypatch.setattr(layout, "_temporal_transformer_rows", lambda *a: calls.append(1) or rows(*a))
+    monkeypatch.setattr(layout, "TOKEN_ROWS", token_rows)
+
     reference, reference_grads = step("conv2d")  # PyTorch's attention processor: the sequences as diffusers has them
     assert calls == []
     out, grads = step("triton_fast")
     assert len(calls) == token_rows * sum(isinstance(m, TransformerTemporalModel) for m in unet.modules())
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
-    for grad, expected in zip(grads, reference_grads):
-        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+    assert_same_step(out, grads, reference, reference_grads)
 
 
 def test_batch_one_frozen_temporal_convolutions_run_as_frame_taps_with_the_same_gradients(monkeypatch):
     """In a channels-last batch-1 training step the frozen temporal convolutions qualify for `_FrameTapsConv`."""
     from motion_adapters import lean_backward
-    from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
-    unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
-    trainable = [p for name, p in unet.named_parameters() if ".temp_attentions." in f".{name}" and
-                 any(f".to_{x}." in name for x in "qkv")]  # fmt: skip
-    for p in trainable:
-        p.requires_grad_(True)
-    inputs = unet_inputs(unet, batch=1)
+    unet, step = batch_one_training_step()
     calls = []
     apply = lean_backward._FrameTapsConv.apply
     monkeypatch.setattr(lean_backward._FrameTapsConv, "apply", lambda *a: calls.append(1) or apply(*a))
 
-    def step(taps):
-        monkeypatch.setattr(lean_backward, "FRAME_CONV_GEMMS", taps)
-        with temporal_kernels(unet, "triton_fast"), layout.channels_last_training(unet, True), \
-                frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, True, True, True):
-            out = unet(**inputs).sample
-            grads = torch.autograd.grad(out.square().mean(), trainable)
-        return out.detach(), grads
-
-    reference, reference_grads = step(False)
+    monkeypatch.setattr(lean_backward, "FRAME_CONV_GEMMS", False)
+    reference, reference_grads = step("triton_fast")
     assert calls == []
-    out, grads = step(True)
+    monkeypatch.setattr(lean_backward, "FRAME_CONV_GEMMS", True)
+    out, grads = step("triton_fast")
     assert len(calls) == sum(isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1) for m in unet.modules())
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
-    for grad, expected in zip(grads, reference_grads):
-        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
+    assert_same_step(out, grads, reference, reference_grads)
