@@ -144,10 +144,10 @@ VARIANTS = {
                                "before lean_backward.FRAME_CONV_GEMMS: one GEMM per tap over row-shifted views of "
                                "the channels-last frames)",
                                {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_pointwise_gemms": ("as full, the frozen 1 x 1 convolutions (the ResNets' shortcuts) as GEMMs over the "
-                             "channels-last rows (lean_backward.POINTWISE_CONV_GEMMS): their input gradients stay "
-                             "channels-last, where cuDNN's came NCHW and sent NCHW gradients up the UNet",
-                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_cudnn_pointwise_convs": ("as full, the frozen 1 x 1 convolutions (the ResNets' shortcuts) on cuDNN (the "
+                                   "default before lean_backward.POINTWISE_CONV_GEMMS: their input gradients came "
+                                   "NCHW and sent NCHW gradients up the UNet)",
+                                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -430,7 +430,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_fp32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)],
                    "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)],
                    "full_cudnn_frame_convs": [(lean_backward, "FRAME_CONV_GEMMS", False)],
-                   "full_pointwise_gemms": [(lean_backward, "POINTWISE_CONV_GEMMS", True)]}
+                   "full_cudnn_pointwise_convs": [(lean_backward, "POINTWISE_CONV_GEMMS", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

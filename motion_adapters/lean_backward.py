@@ -186,8 +186,9 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: i
 
 
 #: Whether frozen 1 x 1 convolutions of channels-last activations run as GEMMs over their rows (`_PointwiseConv`)
-#: in training. Off until measured on a GPU (`bench_training.py`'s `full_pointwise_gemms` switches it on).
-POINTWISE_CONV_GEMMS = False
+#: in training: 1.04 times faster steps on an H200 (training_pointwise_h200.json); `bench_training.py`'s
+#: `full_cudnn_pointwise_convs` switches it off.
+POINTWISE_CONV_GEMMS = True
 
 
 class _FrameTapsConv(torch.autograd.Function):

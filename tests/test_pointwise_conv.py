@@ -59,12 +59,12 @@ def test_other_convolutions_stay_on_the_convolution_kernels(pointwise_calls, cas
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, None, stride, padding))
 
 
-def test_with_pointwise_gemms_every_gradient_of_a_channels_last_step_is_channels_last(tmp_path):
+def test_every_gradient_of_a_channels_last_step_is_channels_last(tmp_path):
     """The ResNets' 1 x 1 shortcuts on cuDNN gave NCHW input gradients (see `_PointwiseConv`); as GEMMs, none."""
+    assert lean_backward.POINTWISE_CONV_GEMMS is True  # the default
     trace = load_script("benchmarks/trace_layouts.py")
-    data = trace.main(["--tiny", "--variant", "full_pointwise_gemms", "--out", str(tmp_path / "layouts.json")])
+    data = trace.main(["--tiny", "--out", str(tmp_path / "layouts.json")])
     traced = [r for r in data["modules"].values() if "input_grad" in r]
     assert len(traced) >= 20  # every block module after the first trainable layer, in the backward pass
     assert {r["input_grad"] for r in traced} == {"channels_last/bfloat16"}
     assert all(r["output"] == "channels_last/bfloat16" for r in data["modules"].values())
-    assert lean_backward.POINTWISE_CONV_GEMMS is False  # the variant's setting is restored
