@@ -148,6 +148,10 @@ VARIANTS = {
                                    "default before lean_backward.POINTWISE_CONV_GEMMS: their input gradients came "
                                    "NCHW and sent NCHW gradients up the UNet)",
                                    {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_expanded_placeholder": ("as full, the frozen convolutions' backward passing cuDNN an expanded one-element "
+                                  "stand-in for the input, which it copied twice into the weight's dtype and layout "
+                                  "(the default before lean_backward.TYPED_CONV_PLACEHOLDER)",
+                                  {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -430,7 +434,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_fp32_upsampling": [(lean_backward, "UPSAMPLE_IN_INPUT_DTYPE", False)],
                    "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)],
                    "full_cudnn_frame_convs": [(lean_backward, "FRAME_CONV_GEMMS", False)],
-                   "full_cudnn_pointwise_convs": [(lean_backward, "POINTWISE_CONV_GEMMS", False)]}
+                   "full_cudnn_pointwise_convs": [(lean_backward, "POINTWISE_CONV_GEMMS", False)],
+                   "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

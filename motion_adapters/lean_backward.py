@@ -91,6 +91,21 @@ def norms_in_compute_dtype(unet: nn.Module, enabled: bool) -> Iterator[int]:
         yield count
 
 
+#: Whether `_InputGradOnlyConv`'s backward passes `convolution_backward` an uninitialised stand-in for the input in
+#: the weight's dtype and the input's layout (True) or, as before, an expanded one-element tensor that the backend
+#: materialised (`bench_training.py`'s `full_expanded_placeholder`).
+TYPED_CONV_PLACEHOLDER = True
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """`torch.channels_last` (or `_3d`) when `x`'s channels are innermost in memory, else `torch.contiguous_format`."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=channels_last):
+            return channels_last
+    return torch.contiguous_format
+
+
 class _InputGradOnlyConv(torch.autograd.Function):
     """A convolution whose backward pass computes the input's gradient only, so it keeps the weight, not the input.
 
@@ -103,14 +118,21 @@ class _InputGradOnlyConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         dims = weight.ndim - 2
         ctx.save_for_backward(weight)
-        ctx.conv = (x.shape, x.dtype, stride, padding, dilation, groups, dims)
+        ctx.conv = (x.shape, x.dtype, _memory_format(x), stride, padding, dilation, groups, dims)
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        shape, dtype, stride, padding, dilation, groups, dims = ctx.conv
-        placeholder = grad.new_empty(1).expand(shape)  # read for its shape only: the weight gradient is not asked
+        shape, dtype, memory_format, stride, padding, dilation, groups, dims = ctx.conv
+        # Read for its shape only (the weight gradient is not asked), but `convolution_backward` converts its input
+        # to the weight's dtype and the backend's memory format first: an expanded one-element tensor was
+        # materialised twice, two copies of an activation a layer (profiled on an H200). An uninitialised tensor of
+        # the input's layout and the weight's dtype is taken as it is, and costs an allocation only.
+        if TYPED_CONV_PLACEHOLDER:
+            placeholder = torch.empty(shape, dtype=weight.dtype, device=grad.device, memory_format=memory_format)
+        else:
+            placeholder = grad.new_empty(1).expand(shape)
         grad_input = torch.ops.aten.convolution_backward(
             grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims, groups,
             (True, False, False),
