@@ -152,6 +152,10 @@ VARIANTS = {
                                   "stand-in for the input, which it copied twice into the weight's dtype and layout "
                                   "(the default before lean_backward.TYPED_CONV_PLACEHOLDER)",
                                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_unfused_geglu": ("as full, the temporal transformers' GELU-gated products and their gradients on PyTorch's "
+                           "operators (the default before lean_backward.GEGLU_KERNELS: five element-wise passes and "
+                           "a concatenation where the kernels make two passes)",
+                           {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -435,7 +439,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_frames_last_tokens": [(layout, "TOKEN_ROWS", False)],
                    "full_cudnn_frame_convs": [(lean_backward, "FRAME_CONV_GEMMS", False)],
                    "full_cudnn_pointwise_convs": [(lean_backward, "POINTWISE_CONV_GEMMS", False)],
-                   "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)]}
+                   "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)],
+                   "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

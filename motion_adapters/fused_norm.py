@@ -397,6 +397,29 @@ if triton is not None:
         tl.store(out_ptr + at, (keep * grad * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _geglu(p_ptr, out_ptr, n, H, BLOCK: tl.constexpr):
+        """`hidden * gelu(gate)` of projection rows `[hidden | gate]` (2H values a row) into (rows, H) `out`."""
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = at < n
+        source = (at // H) * 2 * H + at % H
+        hidden = tl.load(p_ptr + source, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(p_ptr + source + H, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at, (hidden * _act(gate, 1)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _geglu_grad(g_ptr, p_ptr, out_ptr, n, H, BLOCK: tl.constexpr):
+        """The gradient of `_geglu` at projection rows `p` for output gradient `g`, as rows `[d_hidden | d_gate]`."""
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = at < n
+        source = (at // H) * 2 * H + at % H
+        grad = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        hidden = tl.load(p_ptr + source, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(p_ptr + source + H, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + source, (grad * _act(gate, 1)).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + source + H, (grad * hidden * _act_grad(gate, 1)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def block_for(s: int) -> int:
     """The chunk size for rows of `s` values (see `BLOCK`).
 
@@ -654,6 +677,53 @@ def residual_sum(residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
     return x
 
 
+#: Values a program of the GEGLU kernels takes.
+GEGLU_BLOCK = 2048
+
+
+def _geglu_rows(projection: torch.Tensor) -> int:
+    if not (projection.is_contiguous() and projection.shape[-1] % 2 == 0 and fused_norm_available(projection)):
+        raise ValueError("the GEGLU kernels take a contiguous projection [hidden | gate] with an even last dimension "
+                         "on a device their kernels run on; use torch.nn.functional.gelu elsewhere.")
+    return projection.shape[-1] // 2
+
+
+def geglu(projection: torch.Tensor) -> torch.Tensor:
+    """`hidden * gelu(gate)` for `hidden, gate = projection.chunk(2, -1)` (diffusers' GEGLU, exact GELU), one pass.
+
+    float32 inside, one rounding to `projection`'s dtype (PyTorch's operators round the GELU and the product each).
+
+    Example:
+        >>> act = geglu(torch.nn.functional.linear(x, proj.weight, proj.bias))  # doctest: +SKIP
+    """
+    h = _geglu_rows(projection)
+    out = projection.new_empty(*projection.shape[:-1], h)
+    with _on_device(projection):
+        _geglu[(triton.cdiv(out.numel(), GEGLU_BLOCK),)](projection, out, out.numel(), h, BLOCK=GEGLU_BLOCK,
+                                                         num_warps=4)  # fmt: skip
+    return out
+
+
+def geglu_backward(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """The gradient of `geglu` with respect to `projection`, `[grad * gelu(gate) | grad * hidden * gelu'(gate)]`.
+
+    One pass that writes both halves in place of the concatenation, float32 inside.
+
+    Example:
+        >>> grad_projection = geglu_backward(grad_act, projection)  # doctest: +SKIP
+    """
+    h = _geglu_rows(projection)
+    grad = grad.to(projection.dtype).contiguous()
+    if grad.shape != (*projection.shape[:-1], h):
+        raise ValueError(f"geglu_backward: grad has shape {tuple(grad.shape)}, the product of a projection of shape "
+                         f"{tuple(projection.shape)} has {(*projection.shape[:-1], h)}.")
+    out = torch.empty_like(projection)
+    with _on_device(projection):
+        _geglu_grad[(triton.cdiv(grad.numel(), GEGLU_BLOCK),)](grad, projection, out, grad.numel(), h,
+                                                               BLOCK=GEGLU_BLOCK, num_warps=4)  # fmt: skip
+    return out
+
+
 #: Values a program of `bit_masked_scale` takes.
 MASK_BLOCK = 2048
 
@@ -685,6 +755,8 @@ __all__ = [
     "channels_last_rows",
     "cl_tile",
     "fused_norm_available",
+    "geglu",
+    "geglu_backward",
     "group_norm_act_backward",
     "group_norm_act_forward",
     "residual_sum",

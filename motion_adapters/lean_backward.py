@@ -27,6 +27,8 @@ from motion_adapters.fused_norm import (
     bit_masked_scale,
     channels_last_rows,
     fused_norm_available,
+    geglu,
+    geglu_backward,
     group_norm_act_backward,
     group_norm_act_forward,
     residual_sum,
@@ -740,19 +742,35 @@ class _GEGLUFeedForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        hidden, gate = torch.nn.functional.linear(x, w1, b1).chunk(2, dim=-1)
+        projection = torch.nn.functional.linear(x, w1, b1)
+        ctx.kernels = GEGLU_KERNELS and projection.is_contiguous() and fused_norm_available(projection)
+        if ctx.kernels:  # one pass over the projection (PyTorch's operators make two, and round twice)
+            act = geglu(projection)
+        else:
+            hidden, gate = projection.chunk(2, dim=-1)
+            act = hidden * torch.nn.functional.gelu(gate)
         ctx.save_for_backward(x, w1, b1, w2)
-        return torch.nn.functional.linear(hidden * torch.nn.functional.gelu(gate), w2, b2)
+        return torch.nn.functional.linear(act, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
         x, w1, b1, w2 = ctx.saved_tensors
-        hidden, gate = torch.nn.functional.linear(x, w1, b1).chunk(2, dim=-1)
+        projection = torch.nn.functional.linear(x, w1, b1)
         grad_act = grad.to(w2.dtype).matmul(w2)
-        grad_hidden = grad_act * torch.nn.functional.gelu(gate)
-        grad_gate = torch.ops.aten.gelu_backward(grad_act * hidden, gate)
-        grad_x = torch.cat([grad_hidden, grad_gate], dim=-1).matmul(w1)
-        return grad_x.to(x.dtype), None, None, None, None
+        if ctx.kernels:  # both halves of the projection's gradient in one pass, no concatenation
+            grad_projection = geglu_backward(grad_act, projection)
+        else:
+            hidden, gate = projection.chunk(2, dim=-1)
+            grad_hidden = grad_act * torch.nn.functional.gelu(gate)
+            grad_gate = torch.ops.aten.gelu_backward(grad_act * hidden, gate)
+            grad_projection = torch.cat([grad_hidden, grad_gate], dim=-1)
+        return grad_projection.matmul(w1).to(x.dtype), None, None, None, None
+
+
+#: Whether `_GEGLUFeedForward` runs the GELU-gated product and its gradient as Triton kernels
+#: (`fused_norm.geglu`, `fused_norm.geglu_backward`) where they run; `bench_training.py`'s `full_unfused_geglu`
+#: switches it off.
+GEGLU_KERNELS = True
 
 
 def _frozen_geglu_parts(ff: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
