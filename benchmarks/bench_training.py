@@ -156,6 +156,9 @@ VARIANTS = {
                            "operators (the default before lean_backward.GEGLU_KERNELS: five element-wise passes and "
                            "a concatenation where the kernels make two passes)",
                            {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_recomputed_geglu": ("as full, every GEGLU projection recomputed in the backward pass (the default before "
+                              "lean_backward.GEGLU_KEEP_PROJECTION_BYTES kept those of at most 64 MiB)",
+                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
@@ -440,7 +443,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_cudnn_frame_convs": [(lean_backward, "FRAME_CONV_GEMMS", False)],
                    "full_cudnn_pointwise_convs": [(lean_backward, "POINTWISE_CONV_GEMMS", False)],
                    "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)],
-                   "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)]}
+                   "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)],
+                   "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -733,11 +733,13 @@ def fused_norm_activations(unet: nn.Module, enabled: bool = True) -> Iterator[in
 
 
 class _GEGLUFeedForward(torch.autograd.Function):
-    """A frozen GEGLU feed-forward, `w2(h * gelu(g))` with `(h, g) = w1(x)`, that keeps only `x` for the backward.
+    """A frozen GEGLU feed-forward, `w2(h * gelu(g))` with `(h, g) = w1(x)`, keeping at most the projection.
 
-    Autograd keeps the projection's output (both halves) and the GELU's output, twelve values for each channel of
-    the input; this keeps the input and recomputes the projection in the backward pass (one more matrix product
-    of the two).
+    Autograd keeps the projection's output (both halves), the GELU's output and their product, sixteen values for
+    each channel of the input. This keeps the projection (eight) when it takes at most
+    `GEGLU_KEEP_PROJECTION_BYTES`, and otherwise the input alone, recomputing the projection in the backward pass
+    (one more matrix product of the two): every level of a UNet costs about the same FLOPs, but the largest level
+    most of the memory.
     """
 
     @staticmethod
@@ -749,13 +751,15 @@ class _GEGLUFeedForward(torch.autograd.Function):
         else:
             hidden, gate = projection.chunk(2, dim=-1)
             act = hidden * torch.nn.functional.gelu(gate)
-        ctx.save_for_backward(x, w1, b1, w2)
+        ctx.kept_projection = projection.numel() * projection.element_size() <= GEGLU_KEEP_PROJECTION_BYTES
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(projection if ctx.kept_projection else x, w1, b1, w2)
         return torch.nn.functional.linear(act, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, b1, w2 = ctx.saved_tensors
-        projection = torch.nn.functional.linear(x, w1, b1)
+        kept, w1, b1, w2 = ctx.saved_tensors
+        projection = kept if ctx.kept_projection else torch.nn.functional.linear(kept, w1, b1)
         grad_act = grad.to(w2.dtype).matmul(w2)
         if ctx.kernels:  # both halves of the projection's gradient in one pass, no concatenation
             grad_projection = geglu_backward(grad_act, projection)
@@ -764,13 +768,19 @@ class _GEGLUFeedForward(torch.autograd.Function):
             grad_hidden = grad_act * torch.nn.functional.gelu(gate)
             grad_gate = torch.ops.aten.gelu_backward(grad_act * hidden, gate)
             grad_projection = torch.cat([grad_hidden, grad_gate], dim=-1)
-        return grad_projection.matmul(w1).to(x.dtype), None, None, None, None
+        return grad_projection.matmul(w1).to(ctx.x_dtype), None, None, None, None
 
 
 #: Whether `_GEGLUFeedForward` runs the GELU-gated product and its gradient as Triton kernels
 #: (`fused_norm.geglu`, `fused_norm.geglu_backward`) where they run; `bench_training.py`'s `full_unfused_geglu`
 #: switches it off.
 GEGLU_KERNELS = True
+
+#: The largest GEGLU projection (bytes) that `_GEGLUFeedForward` keeps for the backward pass instead of recomputing
+#: it: 64 MiB keeps all 22 of show-1-base's in training at 40 x 64 (the largest 50 MiB, at 20 x 32; 0.52 GiB in
+#: all) and recomputes them at larger sizes; 0 recomputes every one (`bench_training.py`'s
+#: `full_recomputed_geglu`).
+GEGLU_KEEP_PROJECTION_BYTES = 64 * 2**20
 
 
 def _frozen_geglu_parts(ff: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
