@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention, layout, lean_backward  # noqa: E402
+from motion_adapters import frame_attention, fused_norm, layout, lean_backward  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -158,6 +158,13 @@ VARIANTS = {
                            {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_recomputed_geglu": ("as full, every GEGLU projection recomputed in the backward pass (the default before "
                               "lean_backward.GEGLU_KEEP_PROJECTION_BYTES kept those of at most 64 MiB)",
+                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_chunked_small_norms": ("as full, the small channels-last group norms on the chunked kernels, three launches "
+                                 "each way (the default before fused_norm.CL_SMALL_GROUP: one program a group, one "
+                                 "kernel each way)",
+                                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_small_norms_8192": ("as full, fused_norm.CL_SMALL_GROUP = 8192: the one-program kernels for groups of at "
+                              "most 8192 values (show-1-base's ResNet norms at 10 x 16 and below)",
                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
@@ -444,7 +451,9 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_cudnn_pointwise_convs": [(lean_backward, "POINTWISE_CONV_GEMMS", False)],
                    "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)],
                    "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)],
-                   "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)]}
+                   "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)],
+                   "full_chunked_small_norms": [(fused_norm, "CL_SMALL_GROUP", 0)],
+                   "full_small_norms_8192": [(fused_norm, "CL_SMALL_GROUP", 8192)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
