@@ -159,10 +159,10 @@ VARIANTS = {
     "full_recomputed_geglu": ("as full, every GEGLU projection recomputed in the backward pass (the default before "
                               "lean_backward.GEGLU_KEEP_PROJECTION_BYTES kept those of at most 64 MiB)",
                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
-    "full_chunked_small_norms": ("as full, the small channels-last group norms on the chunked kernels, three launches "
-                                 "each way (the default before fused_norm.CL_SMALL_GROUP: one program a group, one "
-                                 "kernel each way)",
-                                 {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+    "full_small_norms": ("as full, fused_norm.CL_SMALL_GROUP = 16384: channels-last groups of at most 16384 values "
+                         "on one program each, statistics and element-wise pass in one kernel each way where the "
+                         "chunked kernels take three launches",
+                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_small_norms_8192": ("as full, fused_norm.CL_SMALL_GROUP = 8192: the one-program kernels for groups of at "
                               "most 8192 values (show-1-base's ResNet norms at 10 x 16 and below)",
                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
@@ -452,7 +452,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)],
                    "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)],
                    "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)],
-                   "full_chunked_small_norms": [(fused_norm, "CL_SMALL_GROUP", 0)],
+                   "full_small_norms": [(fused_norm, "CL_SMALL_GROUP", 16384)],
                    "full_small_norms_8192": [(fused_norm, "CL_SMALL_GROUP", 8192)]}
 
 

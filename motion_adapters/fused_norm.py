@@ -59,10 +59,11 @@ CL_TILE = {"forward": 8192, "backward": 4096}
 CL_LOOP = {"forward": 4, "backward": 4}
 #: Channels-last groups of at most CL_SMALL_GROUP values (a sample's channels of the group times its positions) run
 #: one program a group, statistics and element-wise pass in one kernel (`_cl_small_norm_act`,
-#: `_cl_small_input_grad`), in tiles of at most CL_SMALL_TILE values; larger groups take the chunked kernels. 16384
-#: covers show-1-base's ResNet norms at 20 x 32 and below and its temporal ones at 5 x 8 in training at 40 x 64.
-#: 0 sends every group to the chunked kernels (`bench_training.py`'s `full_chunked_small_norms`).
-CL_SMALL_GROUP = 16384
+#: `_cl_small_input_grad`), in tiles of at most CL_SMALL_TILE values; larger groups take the chunked kernels. 0
+#: (the default) sends every group to the chunked kernels: not yet measured on a GPU. 16384 would cover
+#: show-1-base's ResNet norms at 20 x 32 and below and its temporal ones at 5 x 8 in training at 40 x 64
+#: (`bench_training.py`'s `full_small_norms`; `full_small_norms_8192`: the ResNet norms at 10 x 16 and below).
+CL_SMALL_GROUP = 0
 CL_SMALL_TILE = 4096
 ACTIVATIONS = ("silu", "gelu", "none")
 
