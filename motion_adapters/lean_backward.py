@@ -2,9 +2,9 @@
 
 - `norms_in_compute_dtype` runs group and layer norms in the mixed-precision dtype instead of autocast's float32.
 - `frozen_convs_keep_no_input` makes frozen convolutions keep only their weight for the backward pass.
-- `frozen_activations_recomputed` makes frozen norm -> activation pairs and GEGLU feed-forwards keep only their
-  input and recompute the rest in the backward pass, and keeps dropout masks as bits; with `fused_norms` the pairs
-  run on the Triton kernels of `motion_adapters.fused_norm`.
+- `frozen_activations_recomputed` makes frozen norm -> activation pairs keep only their input and recompute the
+  rest in the backward pass, GEGLU feed-forwards keep at most their projection, and keeps dropout masks as bits;
+  with `fused_norms` the pairs run on the Triton kernels of `motion_adapters.fused_norm`.
 - `fused_norm_activations` runs the same pairs on those kernels while sampling (gradients off), with the bias of
   the convolution before each norm added inside the norm's kernels instead of in a pass of its own.
 
@@ -814,7 +814,7 @@ def _geglu_feed_forward(ff: nn.Module, parts: tuple[nn.Linear, nn.Linear], x: to
 def frozen_activations_recomputed(
     unet: nn.Module, enabled: bool, float32_norms: bool = True, fused_norms: bool = False
 ) -> Iterator[int]:
-    """Make frozen norm -> activation pairs and GEGLU feed-forwards keep only their input, then restore them.
+    """Make frozen norm -> activation pairs and GEGLU feed-forwards keep less for the backward pass, then restore.
 
     Changed, by replacing `forward` on the instance:
 
@@ -824,10 +824,12 @@ def frozen_activations_recomputed(
     - every diffusers `ResnetBlock2D` with frozen group norms: the same for its two norm -> activation pairs (the
       second with the time embedding's scale and shift between them), the rest of its forward unchanged;
     - every diffusers `FeedForward` that is a frozen GEGLU -> Linear (the feed-forward of each temporal
-      transformer): its projection is recomputed instead of keeping three activations four to eight times the
-      input's size.
+      transformer): it keeps its projection (up to `GEGLU_KEEP_PROJECTION_BYTES`, else its input, recomputing the
+      projection) instead of three activations four to eight times the input's size, and runs the GELU-gated
+      product on Triton kernels where they run (`GEGLU_KERNELS`).
 
-    Same outputs, same dropout masks, same input gradients; a little more compute in the backward pass.
+    Same outputs, same dropout masks, same input gradients (up to rounding where the GEGLU kernels run: they round
+    once where PyTorch's operators round twice); a little more compute in the backward pass.
     `float32_norms` says whether the norms run in float32 under autocast (`norm_dtype="float32"`); `fused_norms`
     runs the norm -> activation pairs as Triton kernels (`motion_adapters.fused_norm`) where they can run. Yields
     the number of modules changed.
