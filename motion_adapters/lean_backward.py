@@ -101,10 +101,8 @@ TYPED_CONV_PLACEHOLDER = True
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """`torch.channels_last` (or `_3d`) when `x`'s channels are innermost in memory, else `torch.contiguous_format`."""
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=channels_last):
-            return channels_last
+    if x.dim() in (4, 5) and channels_last_rows(x) is not None:
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
