@@ -62,6 +62,10 @@ GIB = 2**30
 #: The layer options as they were before `norm_dtype`, `frozen_convs` and `frozen_activations` (the earlier variants
 #: keep measuring that).
 EARLIER_LAYERS = {"norm_dtype": "float32", "frozen_convs": "autograd", "frozen_activations": "autograd"}
+#: the overrides of `full` with the fastest temporal kernels: the variants that change module settings only
+#: (`MODULE_SETTINGS`) run with these
+AS_FULL = {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}
+
 #: name -> (description, train_motion overrides); "baseline*" runs are the reference loop.
 VARIANTS = {
     "baseline": ("reference loop: fp32 weights, fp16 autocast, GradScaler, torch AdamW", None),
@@ -102,7 +106,7 @@ VARIANTS = {
              "keeping no input, frozen activations recomputed on fused Triton norm kernels, fp32 masters, fused "
              "AdamW, whole-step CUDA graph, the default temporal kernels (temporal_kernels='auto') and memory "
              "format (memory_format='auto')",
-             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+             AS_FULL),
     "full_cudnn_benchmark": ("as full, cudnn_benchmark=True (cuDNN times its convolution algorithms; in a process "
                              "of its own, as PyTorch's cache of the choices does not tell the two settings apart)",
                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best",
@@ -129,43 +133,43 @@ VARIANTS = {
                 {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "best", "memory_format": "channels_last"}),
     "full_tile_attention": ("as full, temporal attention on the frame-attention 'tile' kernels (the kernels before "
                             "the 'pairs' kernels, frame_attention_h200.json)",
-                            {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                            AS_FULL),
     "full_unpacked_dropout": ("as full, dropout's backward pass unpacking its bit mask and running PyTorch's "
                               "native_dropout_backward (before fused_norm.bit_masked_scale)",
-                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                              AS_FULL),
     "full_fp32_upsampling": ("as full, the ResNets' nearest upsampling in float32 under CUDA's autocast (the default "
                              "before lean_backward.UPSAMPLE_IN_INPUT_DTYPE: the block's output, the next skip "
                              "concatenation and ResNet then float32)",
-                             {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                             AS_FULL),
     "full_frames_last_tokens": ("as full, the temporal transformers on frames-last sequences as diffusers has them "
                                 "(the default before layout.TOKEN_ROWS: copies into the sequences and back)",
-                                {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                                AS_FULL),
     "full_cudnn_frame_convs": ("as full, the frozen temporal convolutions on cuDNN's (3, 1) convolution (the default "
                                "before lean_backward.FRAME_CONV_GEMMS: one GEMM per tap over row-shifted views of "
                                "the channels-last frames)",
-                               {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                               AS_FULL),
     "full_cudnn_pointwise_convs": ("as full, the frozen 1 x 1 convolutions (the ResNets' shortcuts) on cuDNN (the "
                                    "default before lean_backward.POINTWISE_CONV_GEMMS: their input gradients came "
                                    "NCHW and sent NCHW gradients up the UNet)",
-                                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                                   AS_FULL),
     "full_expanded_placeholder": ("as full, the frozen convolutions' backward passing cuDNN an expanded one-element "
                                   "stand-in for the input, which it copied twice into the weight's dtype and layout "
                                   "(the default before lean_backward.TYPED_CONV_PLACEHOLDER)",
-                                  {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                                  AS_FULL),
     "full_unfused_geglu": ("as full, the temporal transformers' GELU-gated products and their gradients on PyTorch's "
                            "operators (the default before lean_backward.GEGLU_KERNELS: five element-wise passes and "
                            "a concatenation where the kernels make two passes)",
-                           {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                           AS_FULL),
     "full_recomputed_geglu": ("as full, every GEGLU projection recomputed in the backward pass (the default before "
                               "lean_backward.GEGLU_KEEP_PROJECTION_BYTES kept those of at most 64 MiB)",
-                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                              AS_FULL),
     "full_small_norms": ("as full, fused_norm.CL_SMALL_GROUP = 16384: channels-last groups of at most 16384 values "
                          "on one program each, statistics and element-wise pass in one kernel each way where the "
                          "chunked kernels take three launches",
-                         {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                         AS_FULL),
     "full_small_norms_8192": ("as full, fused_norm.CL_SMALL_GROUP = 8192: the one-program kernels for groups of at "
                               "most 8192 values (show-1-base's ResNet norms at 10 x 16 and below)",
-                              {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "best"}),
+                              AS_FULL),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
