@@ -170,6 +170,9 @@ VARIANTS = {
     "full_small_norms_8192": ("as full, fused_norm.CL_SMALL_GROUP = 8192: the one-program kernels for groups of at "
                               "most 8192 values (show-1-base's ResNet norms at 10 x 16 and below)",
                               AS_FULL),
+    "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
+                      "its fusions around the fused norms and the custom convolutions' autograd functions)",
+                      {**AS_FULL, "compile": "regional"}),
     "full_compile": ("train_motion full: + torch.compile (default mode)",
                      {"mode": "full", "compile": "default", "cuda_graph": "yes", "temporal_kernels": "best"}),
     "full_budget": ("train_motion full: compile + graph, activation_memory_budget 0.5",
