@@ -35,19 +35,23 @@ SHAPES = {
     "base 320 @ 40x64, 8 frames": (2560, 8, 320),
     "base 640 @ 20x32, 8 frames": (640, 8, 640),
     "base 1280 @ 10x16, 8 frames": (160, 8, 1280),
+    "base 1280 @ 5x8, 8 frames": (40, 8, 1280),
     "interpolation 320 @ 14x40x64, 5 frames": (35840, 5, 320),
     "interpolation 1280 @ 14x10x16, 5 frames": (2240, 5, 1280),
     "sr1 128 @ 2x160x256, 8 frames": (81920, 8, 128),
     "sr1 256 @ 2x80x128, 8 frames": (20480, 8, 256),
     "sr1 768 @ 2x20x32, 8 frames": (1280, 8, 768),
 }
-#: label -> `fa._launch` overrides (kernel, pairs a program, warps); None: PyTorch
+#: label -> `fa._launch` overrides (kernel, pairs a program, warps, lanes a pair); None: PyTorch
 VARIANTS = {
-    "pairs": ("pairs", None, None),
-    "pairs_128": ("pairs", 128, 4),
-    "pairs_256": ("pairs", 256, 8),
-    "pairs_128_2warps": ("pairs", 128, 2),
-    "tile": ("tile", None, None),
+    "pairs": ("pairs", None, None, None),
+    "pairs_split1": ("pairs", None, None, 1),
+    "pairs_split2": ("pairs", None, None, 2),
+    "pairs_split4_block64": ("pairs", 64, None, 4),
+    "pairs_128": ("pairs", 128, 4, None),
+    "pairs_256": ("pairs", 256, 8, None),
+    "pairs_128_2warps": ("pairs", 128, 2, None),
+    "tile": ("tile", None, None, None),
     "torch": None,
 }
 
@@ -66,7 +70,7 @@ def torch_attention(q, k, v, heads):
     return torch.cat(outs)
 
 
-def measure(name, n, frames, channels, n_sets, bandwidth, device) -> dict:
+def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -> dict:
     import triton.testing
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -82,8 +86,12 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device) -> dict:
 
     ms, errors, counter = {}, {}, {"i": 0}
     for label, launch in VARIANTS.items():
+        if labels is not None and label not in labels:
+            continue
         if launch is not None and launch[0] == "pairs" and fa._padded(frames) > fa.PAIRS_FRAMES:
             continue
+        if launch is not None and launch[3] is not None and (channels // HEADS) % launch[3]:
+            continue  # a split that does not divide the head
 
         def forward(q, k, v, launch=launch):
             if launch is None:
@@ -131,16 +139,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/frame_attention_h200.json"))
     parser.add_argument("--commit", default=None)
     parser.add_argument("--sets", type=int, default=4, help="input sets rotated between timed calls")
+    parser.add_argument("--variants", default=None, help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--shapes", default=None, help="comma-separated prefixes of the shape names (e.g. base)")
     args = parser.parse_args()
+    labels = None if args.variants is None else args.variants.split(",")
+    unknown = sorted(set(labels or []) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    shapes = {name: shape for name, shape in SHAPES.items()
+              if args.shapes is None or name.startswith(tuple(args.shapes.split(",")))}  # fmt: skip
     import triton
 
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
-    rows = [measure(name, *shape, args.sets, bandwidth, device) for name, shape in SHAPES.items()]
+    rows = [measure(name, *shape, args.sets, bandwidth, device, labels) for name, shape in shapes.items()]
     env = {**environment(device, args.commit), "triton": triton.__version__}
     result = {"benchmark": "frame_attention", "env": env,
               "dtype": "bfloat16", "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-              "defaults": {"pairs_frames": fa.PAIRS_FRAMES, "pairs_block": fa.PAIRS_BLOCK, "tile": fa.TILE},
+              "defaults": {"pairs_frames": fa.PAIRS_FRAMES, "pairs_block": fa.PAIRS_BLOCK, "tile": fa.TILE,
+                           "pairs_split": fa.PAIRS_SPLIT, "pairs_split_channels": fa.PAIRS_SPLIT_CHANNELS},
               "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2), "rows": rows}  # fmt: skip
     write(args.out, result)
     print(f"wrote {args.out}")

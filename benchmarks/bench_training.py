@@ -170,6 +170,14 @@ VARIANTS = {
     "full_small_norms_8192": ("as full, fused_norm.CL_SMALL_GROUP = 8192: the one-program kernels for groups of at "
                               "most 8192 values (show-1-base's ResNet norms at 10 x 16 and below)",
                               AS_FULL),
+    "full_separate_qkv": ("as full, the temporal self-attention's q, k and v projected by three linear layers (the "
+                          "default before layout.FUSED_QKV: three GEMMs each way, the input's three gradients "
+                          "added, each weight cast on its own)",
+                          AS_FULL),
+    "full_unsplit_attention": ("as full, every temporal-attention pair on one thread of the 'pairs' kernels (the "
+                               "default before frame_attention.PAIRS_SPLIT split heads of 10 and 20 channels over "
+                               "2 and 4 lanes)",
+                               AS_FULL),
     "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
                       "its fusions around the fused norms and the custom convolutions' autograd functions)",
                       {**AS_FULL, "compile": "regional"}),
@@ -459,6 +467,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_expanded_placeholder": [(lean_backward, "TYPED_CONV_PLACEHOLDER", False)],
                    "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)],
                    "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)],
+                   "full_separate_qkv": [(layout, "FUSED_QKV", False)],
+                   "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)],
                    "full_small_norms": [(fused_norm, "CL_SMALL_GROUP", 16384)],
                    "full_small_norms_8192": [(fused_norm, "CL_SMALL_GROUP", 8192)]}
 

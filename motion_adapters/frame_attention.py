@@ -36,6 +36,12 @@ PAIRS_FRAMES = 8
 #: Show-1's training, interpolation and SR1 shapes together: 64 pairs in 2 warps took 1 / 1.13 of the time of 128
 #: in 4, and 1 / 6.2 of the "tile" kernels'.
 PAIRS_BLOCK = 64
+#: Wider heads split over up to this many lanes (threads) a pair, each lane taking `PAIRS_SPLIT_CHANNELS` or more
+#: of the head's channels: at show-1-base's lower levels (heads of 10 and 20 channels, a few thousand pairs) one
+#: thread a pair leaves the GPU mostly idle, each thread a long loop of dependent loads. The lanes of a pair add
+#: their partial scores (and score gradients) together; `PAIRS_BLOCK // split` pairs a program.
+PAIRS_SPLIT = 4
+PAIRS_SPLIT_CHANNELS = 5
 
 
 def frame_attention_supported(q: torch.Tensor, heads: int, kv_length: int | None = None) -> str | None:
@@ -126,15 +132,29 @@ if triton is not None:
 
 
     @triton.jit
-    def _pair_columns(P, F, HEADS: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr):
-        """This program's pairs (as sequence and head), frame indices and the (frames, pairs) mask."""
-        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    def _pair_lanes(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
+                    SPLIT: tl.constexpr):  # fmt: skip
+        """This program's lanes: SPLIT lanes a (sequence, head) pair, each taking D // SPLIT of its channels.
+
+        Returns each lane's sequence, head and first channel, the frame indices and the (frames, lanes) mask.
+        """
+        lane = tl.arange(0, BLOCK_P * SPLIT)
+        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // SPLIT
         f = tl.arange(0, FP)
-        return pair // HEADS, pair % HEADS, f, (f < F)[:, None] & (pair < P)[None, :]
+        first = (lane % SPLIT) * (D // SPLIT)
+        return pair // HEADS, pair % HEADS, first, f, (f < F)[:, None] & (pair < P)[None, :]
+
+    @triton.jit
+    def _pair_total(x, FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
+        """(frames, frames, lanes) sums over each lane's channels -> the pair's sum, in each of its lanes."""
+        if SPLIT > 1:
+            total = tl.sum(tl.reshape(x, (FP, FP, BLOCK_P, SPLIT)), axis=3)
+            x = tl.reshape(tl.broadcast_to(total[:, :, :, None], (FP, FP, BLOCK_P, SPLIT)), (FP, FP, BLOCK_P * SPLIT))
+        return x
 
     @triton.jit
     def _column(ptr, sn, sf, n, h, f, c, mask, D: tl.constexpr):
-        """Head channel c of every frame of the pairs, (frames, pairs), in float32."""
+        """Head channel c (one a lane) of every frame of the lanes' pairs, (frames, lanes), in float32."""
         at = f[:, None] * sf + (n * sn + h * D + c)[None, :]
         return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32)
 
@@ -144,39 +164,44 @@ if triton is not None:
         tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, f, mask, F, scale, D: tl.constexpr,
-                            FP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
-        """softmax(q k^T * scale) over the keys, (queries, keys, pairs); padded keys get no weight."""
-        s = tl.zeros((FP, FP, BLOCK_P), dtype=tl.float32)
-        for c in tl.range(0, D):
-            s += _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)[:, None, :] * \
-                _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)[None, :, :]
-        s = tl.where((f < F)[None, :, None], s * scale, float("-inf"))
+    def _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D: tl.constexpr,
+                            FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+        """softmax(q k^T * scale) over the keys, (queries, keys, lanes); padded keys get no weight."""
+        s = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
+        for i in tl.range(0, D // SPLIT):
+            s += _column(q_ptr, q_sn, q_sf, n, h, f, first + i, mask, D)[:, None, :] * \
+                _column(k_ptr, k_sn, k_sf, n, h, f, first + i, mask, D)[None, :, :]
+        s = tl.where((f < F)[None, :, None], _pair_total(s, FP, BLOCK_P, SPLIT) * scale, float("-inf"))
         e = tl.exp(s - tl.max(s, axis=1)[:, None, :])
         return e / tl.sum(e, axis=1)[:, None, :]
 
     @triton.jit
     def _pairs_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
-                       HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
-        n, h, f, mask = _pair_columns(P, F, HEADS, FP, BLOCK_P)
-        p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, f, mask, F, scale, D, FP, BLOCK_P)
-        for c in tl.range(0, D):
-            v = _column(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)
-            _put_column(o_ptr, tl.sum(p * v[None, :, :], axis=1), o_sn, o_sf, n, h, f, c, mask, D)
+                       HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
+                       SPLIT: tl.constexpr):  # fmt: skip
+        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
+        p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
+                                BLOCK_P, SPLIT)  # fmt: skip
+        for i in tl.range(0, D // SPLIT):
+            v = _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)
+            _put_column(o_ptr, tl.sum(p * v[None, :, :], axis=1), o_sn, o_sf, n, h, f, first + i, mask, D)
 
     @triton.jit
     def _pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                         do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
-                        FP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+                        FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
-        n, h, f, mask = _pair_columns(P, F, HEADS, FP, BLOCK_P)
-        p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, f, mask, F, scale, D, FP, BLOCK_P)
-        dp = tl.zeros((FP, FP, BLOCK_P), dtype=tl.float32)
-        for c in tl.range(0, D):
-            dp += _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)[:, None, :] * \
-                _column(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)[None, :, :]
+        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
+        p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
+                                BLOCK_P, SPLIT)  # fmt: skip
+        dp = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
+        for i in tl.range(0, D // SPLIT):
+            dp += _column(do_ptr, do_sn, do_sf, n, h, f, first + i, mask, D)[:, None, :] * \
+                _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)[None, :, :]
+        dp = _pair_total(dp, FP, BLOCK_P, SPLIT)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
-        for c in tl.range(0, D):
+        for i in tl.range(0, D // SPLIT):
+            c = first + i
             q = _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
             k = _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
             do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
@@ -185,18 +210,32 @@ if triton is not None:
             _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
 
 
+def _split(d: int) -> int:
+    """Lanes a pair takes in the "pairs" kernels: the largest power of two up to `PAIRS_SPLIT` dividing `d`."""
+    split = 1
+    while split * 2 <= PAIRS_SPLIT and d % (split * 2) == 0 and d // (split * 2) >= PAIRS_SPLIT_CHANNELS:
+        split *= 2
+    return split
+
+
 def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int | None = None,
-            num_warps: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
+            num_warps: int | None = None, split: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
     """The (forward, backward) kernels, grid and shape constants of a launch over `q`'s (N * heads) pairs.
 
-    `kernel` ("pairs" or "tile"), `block` (pairs a program) and `num_warps` override the choice for benchmarks.
+    `kernel` ("pairs" or "tile"), `block` (pairs a program), `num_warps` and `split` (lanes a pair, "pairs" only)
+    override the choice for benchmarks.
     """
     n, frames, channels = q.shape
     fp, d = _padded(frames), channels // heads
     kernel = kernel or ("pairs" if fp <= PAIRS_FRAMES else "tile")
     if kernel == "pairs":
-        block = block or PAIRS_BLOCK
-        meta = {"HEADS": heads, "D": d, "FP": fp, "BLOCK_P": block, "num_warps": num_warps or max(1, block // 32)}
+        split = split or _split(d)
+        if d % split or split & (split - 1):
+            raise ValueError(f"split={split} must be a power of two dividing the {d} channels a head.")
+        block = block or max(1, PAIRS_BLOCK // split)
+        lanes = block * split
+        meta = {"HEADS": heads, "D": d, "FP": fp, "BLOCK_P": block, "SPLIT": split,
+                "num_warps": num_warps or max(1, lanes // 32)}  # fmt: skip
         return (_pairs_forward, _pairs_backward), (triton.cdiv(n * heads, block),), meta
     dp = _padded(d)
     block = block or max(1, TILE // (fp * fp * dp))
@@ -265,6 +304,89 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return _FrameAttention.apply(q, k, v, heads, float(scale))
 
 
+class _ProjectedFrameAttention(torch.autograd.Function):
+    """q, k and v projected from the same token rows in one GEMM, then `frame_attention`, as one function.
+
+    `x` is (frames * N, C) rows in frames-first order; the three weights are stacked into one (3 * out, C) matrix,
+    so the forward pass runs one GEMM where three ran, and the backward pass one GEMM for the input's gradient (the
+    three projections' gradients summed inside it, in float32, where autograd ran three GEMMs and added their bf16
+    results) and one for the stacked weight gradient (three before, each cast to the weights' dtype on its own).
+    The attention kernels read q, k and v as column blocks of the projection and write their gradients into the
+    column blocks of one matrix. Keeps x, the projection and the stacked weight in the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq, wk, wv, frames: int, heads: int, scale: float):
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            x = x.to(dtype)
+            weight = torch.cat((wq, wk, wv), out=wq.new_empty((3 * wq.shape[0], wq.shape[1]), dtype=dtype))
+            projected = x @ weight.t()  # (frames * N, 3 * out)
+            q, k, v = (block.unflatten(0, (frames, -1)).transpose(0, 1) for block in projected.chunk(3, dim=1))
+            out = torch.empty((frames, q.shape[0], q.shape[2]), dtype=dtype, device=x.device)
+            out_pairs = out.transpose(0, 1)  # (N, frames, out): the rows come back in frames-first order
+            (forward, _), grid, meta = _launch(q, heads)
+            with _on_device(q):
+                forward[grid](q, k, v, out_pairs, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                              v.stride(1), out_pairs.stride(0), out_pairs.stride(1), q.shape[0] * heads, frames,
+                              scale, **meta)  # fmt: skip
+        ctx.save_for_backward(x, projected, weight)
+        ctx.frames, ctx.heads, ctx.scale = frames, heads, scale
+        ctx.weight_dtype = wq.dtype
+        return out.view(-1, out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, projected, weight = ctx.saved_tensors
+        frames = ctx.frames
+        q, k, v = (block.unflatten(0, (frames, -1)).transpose(0, 1) for block in projected.chunk(3, dim=1))
+        grad_pairs = _rows(grad.to(x.dtype)).unflatten(0, (frames, -1)).transpose(0, 1)
+        grad_projected = torch.empty_like(projected)
+        dq, dk, dv = (block.unflatten(0, (frames, -1)).transpose(0, 1) for block in grad_projected.chunk(3, dim=1))
+        (_, backward), grid, meta = _launch(q, ctx.heads)
+        with _on_device(q):
+            backward[grid](q, k, v, grad_pairs, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           v.stride(0), v.stride(1), grad_pairs.stride(0), grad_pairs.stride(1), dq.stride(0),
+                           dq.stride(1), q.shape[0] * ctx.heads, frames, ctx.scale, **meta)  # fmt: skip
+        grad_x = grad_projected @ weight if ctx.needs_input_grad[0] else None
+        grad_weights = [None] * 3
+        if any(ctx.needs_input_grad[1:4]):
+            grad_weights = (grad_projected.t() @ x).to(ctx.weight_dtype).chunk(3)
+        return grad_x, *grad_weights, None, None, None
+
+
+def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, frames: int,
+                              heads: int, scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """`frame_attention` of the bias-free projections `x @ wq.T`, `x @ wk.T`, `x @ wv.T` of (frames * N, C) rows.
+
+    `x` holds each frame's N tokens together (frames-first order); the output is (frames * N, out) in the same
+    order. The same function as projecting with three linear layers and calling `frame_attention`, in one GEMM each
+    way (`_ProjectedFrameAttention`); under autocast, in its dtype. Differentiable in x and the three weights.
+
+    Raises:
+        ValueError: weights of different shapes or not matching x's channels, rows that `frames` does not divide,
+            or what `frame_attention` cannot run (`frame_attention_supported`).
+
+    Example:
+        >>> x = torch.randn(8 * 2560, 320, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> w = torch.randn(320, 320, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> projected_frame_attention(x, w, w, w, frames=8, heads=64).shape  # doctest: +SKIP
+        torch.Size([20480, 320])
+    """
+    if not (wq.shape == wk.shape == wv.shape) or wq.ndim != 2 or wq.shape[1] != x.shape[-1] or x.ndim != 2:
+        raise ValueError(f"x must be (rows, C) and the weights (out, C) alike; got x {tuple(x.shape)}, weights "
+                         f"{tuple(wq.shape)}, {tuple(wk.shape)}, {tuple(wv.shape)}.")  # fmt: skip
+    if x.shape[0] % frames:
+        raise ValueError(f"{x.shape[0]} rows do not split into frames={frames}.")
+    reason = frame_attention_supported(x.new_empty(()).expand(x.shape[0] // frames, frames, wq.shape[0]), heads)
+    if reason is not None:
+        raise ValueError(f"projected_frame_attention cannot run here: {reason}.")
+    if scale is None:
+        scale = 1.0 / math.sqrt(wq.shape[0] // heads)
+    return _ProjectedFrameAttention.apply(x, wq, wk, wv, frames, heads, float(scale))
+
+
 class FrameAttnProcessor:
     """A diffusers attention processor for temporal self-attention on `frame_attention`.
 
@@ -320,4 +442,11 @@ def attention_output(attn, out: torch.Tensor, hidden_states: torch.Tensor) -> to
     return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
 
 
-__all__ = ["FrameAttnProcessor", "attend", "attention_output", "frame_attention", "frame_attention_supported"]
+__all__ = [
+    "FrameAttnProcessor",
+    "attend",
+    "attention_output",
+    "frame_attention",
+    "frame_attention_supported",
+    "projected_frame_attention",
+]

@@ -86,9 +86,20 @@ def _plain_block(block: nn.Module) -> bool:
 
 def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
     """`attn` over the frames of (frames * pixels, C) token rows in frames-first order, output in the same order."""
-    from motion_adapters.frame_attention import attend, attention_output
+    from motion_adapters.frame_attention import (
+        attend,
+        attention_output,
+        frame_attention_supported,
+        projected_frame_attention,
+    )
 
-    q, k, v = (project(x).unflatten(0, (frames, -1)).transpose(0, 1) for project in (attn.to_q, attn.to_k, attn.to_v))
+    projections = (attn.to_q, attn.to_k, attn.to_v)
+    if FUSED_QKV and all(type(p) is nn.Linear and p.bias is None for p in projections) and \
+            frame_attention_supported(x.new_empty(()).expand(x.shape[0] // frames, frames, attn.to_q.out_features),
+                                      attn.heads) is None:  # fmt: skip
+        out = projected_frame_attention(x, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, frames, attn.heads)
+        return attention_output(attn, out, x)
+    q, k, v = (project(x).unflatten(0, (frames, -1)).transpose(0, 1) for project in projections)
     return attention_output(attn, attend(attn, q, k, v).transpose(0, 1).flatten(0, 1), x)
 
 
@@ -157,6 +168,10 @@ def _temporal_transformer(model: nn.Module, hidden_states: torch.Tensor, encoder
 #: steps 1.03 times faster on an H200 (benchmarks/results/training_token_rows_h200.json; `full_frames_last_tokens`
 #: switches it off there).
 TOKEN_ROWS = True
+#: Whether the temporal self-attention of token rows projects q, k and v in one GEMM each way with the attention
+#: kernels in one function (`frame_attention.projected_frame_attention`), where its projections are bias-free
+#: `nn.Linear` layers (full fine-tuning and sampling; LoRA-wrapped projections run as before).
+FUSED_QKV = True
 
 
 @contextmanager

@@ -58,6 +58,29 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
 
 
+@pytest.mark.parametrize(("channels", "heads", "split"), [(80, 4, 1), (80, 4, 2), (80, 4, 4), (64, 8, 8)])
+def test_pairs_split_over_lanes_match_float64_attention(channels, heads, split):
+    """A pair's channels over 1 to 8 lanes (partial scores added across lanes), 7 frames, 12 or 24 pairs."""
+    q, k, v, grad = (torch.randn(3, 7, channels, device=DEVICE) for _ in range(4))
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = fa._FrameAttention.apply(*leaves, heads, (channels // heads) ** -0.5, ("pairs", None, None, split))
+    grads = torch.autograd.grad(out, leaves, grad)
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = reference(*exact, heads)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
+    assert fa._launch(q, heads, "pairs", None, None, split)[2]["SPLIT"] == split
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_wider_heads_split_over_more_lanes_by_default():
+    splits = {d: fa._launch(torch.empty(4, 8, 64 * d), 64)[2]["SPLIT"] for d in (2, 5, 10, 20)}
+    assert splits == {2: 1, 5: 1, 10: 2, 20: 4}
+    with pytest.raises(ValueError, match="split=3 must be a power of two dividing the 20 channels"):
+        fa._launch(torch.empty(4, 8, 64 * 20), 64, "pairs", None, None, 3)
+
+
 def test_strided_projections_are_read_in_place_and_the_scale_is_honoured():
     """q, k and v as column slices of one (N, F, 3C) projection, as a fused q/k/v layer would give them."""
     qkv = torch.randn(4, 6, 3 * 48, device=DEVICE, requires_grad=True)
@@ -98,6 +121,83 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="64 frames of 64 channels a head do not fit one program"):
         fa.frame_attention(long, long, long, heads=4)
     assert fa.frame_attention_supported(torch.zeros(2, 8, 60, device="meta"), 4) == "Triton cannot run on this device"
+
+
+def test_projected_attention_matches_three_projections_and_the_attention_in_float64():
+    """One stacked GEMM each way against separate bias-free projections and exact attention, frames-first rows."""
+    frames, n, c, heads = 6, 5, 48, 4
+    x = torch.randn(frames * n, c, device=DEVICE, requires_grad=True)
+    weights = [(torch.randn(c, c, device=DEVICE) * c**-0.5).requires_grad_(True) for _ in range(3)]
+    out = fa.projected_frame_attention(x, *weights, frames=frames, heads=heads)
+    grads = torch.autograd.grad(out.square().sum(), (x, *weights))
+    exact = [t.detach().double().requires_grad_(True) for t in (x, *weights)]
+    q, k, v = ((exact[0] @ w.t()).unflatten(0, (frames, n)).transpose(0, 1) for w in exact[1:])
+    expected = reference(q, k, v, heads).transpose(0, 1).flatten(0, 1)  # back to frames-first rows
+    expected_grads = torch.autograd.grad(expected.square().sum(), exact)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_projected_attention_under_autocast_runs_bf16_and_returns_float32_weight_gradients():
+    frames, n, c = 8, 3, 320
+    x = torch.randn(frames * n, c, device=DEVICE).bfloat16().requires_grad_(True)
+    weights = [(torch.randn(c, c, device=DEVICE) * c**-0.5).requires_grad_(True) for _ in range(3)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = fa.projected_frame_attention(x, *weights, frames=frames, heads=64)
+    grads = torch.autograd.grad(out.float().square().sum(), (x, *weights))
+    assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 and g.shape == (c, c) for g in grads[1:])
+    exact = [t.detach().double().requires_grad_(True) for t in (x, *weights)]
+    q, k, v = ((exact[0] @ w.bfloat16().double().t()).unflatten(0, (frames, n)).transpose(0, 1) for w in exact[1:])
+    expected = reference(q, k, v, 64).transpose(0, 1).flatten(0, 1)
+    expected_grads = torch.autograd.grad(expected.square().sum(), exact)
+    for got, want in zip((out, *grads), (expected, *expected_grads)):  # bf16 roundings of q, k, v and the output
+        assert float((got.detach().double() - want).norm() / want.detach().norm()) < 2e-2
+
+
+def test_projected_attention_names_bad_arguments():
+    x, w = torch.randn(12, 16, device=DEVICE), torch.randn(16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weights \(out, C\) alike"):
+        fa.projected_frame_attention(x, w, w[:8], w, frames=4, heads=2)
+    with pytest.raises(ValueError, match="12 rows do not split into frames=5"):
+        fa.projected_frame_attention(x, w, w, w, frames=5, heads=2)
+    with pytest.raises(ValueError, match="16 channels do not split into 3 heads"):
+        fa.projected_frame_attention(x, w, w, w, frames=4, heads=3)
+
+
+@pytest.mark.parametrize(("fused", "biased"), [(True, False), (False, False), (True, True)])
+def test_temporal_transformer_rows_take_one_projection_gemm_where_the_projections_are_plain(fused, biased,
+                                                                                            monkeypatch):  # fmt: skip
+    """The rows path of a batch-1 temporal transformer with FUSED_QKV on and off: the same function and gradients;
+    projections that are not bias-free `nn.Linear` layers (here a bias on to_k) keep the three projections."""
+    from motion_adapters import layout
+
+    model = _temporal_attention()
+    if biased:
+        for module in model.modules():
+            if hasattr(module, "to_k"):
+                module.to_k.bias = torch.nn.Parameter(torch.randn(module.to_k.out_features, device=DEVICE))
+    for module in model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(fa.FrameAttnProcessor())
+    calls = []
+    stacked = fa._ProjectedFrameAttention.apply
+    monkeypatch.setattr(fa._ProjectedFrameAttention, "apply", lambda *a: calls.append(a[0].shape) or stacked(*a))
+    x = torch.randn(6, 64, 3, 5, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weights = [p for n, p in model.named_parameters() if n.endswith(("to_q.weight", "to_k.weight", "to_v.weight"))]
+
+    def run(on):
+        monkeypatch.setattr(layout, "FUSED_QKV", on)
+        out = layout._temporal_transformer(model, x, num_frames=6).sample
+        return (out, *torch.autograd.grad(out.square().sum(), (x, *weights)))
+
+    expected = run(False)
+    assert not calls
+    got = run(fused)
+    assert len(calls) == (2 if fused and not biased else 0)  # attn1 and attn2 of the one block
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def _temporal_attention():
