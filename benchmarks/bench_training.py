@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention, fused_norm, layout, lean_backward  # noqa: E402
+from motion_adapters import frame_attention, layout, lean_backward  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -162,13 +162,6 @@ VARIANTS = {
                            AS_FULL),
     "full_recomputed_geglu": ("as full, every GEGLU projection recomputed in the backward pass (the default before "
                               "lean_backward.GEGLU_KEEP_PROJECTION_BYTES kept those of at most 64 MiB)",
-                              AS_FULL),
-    "full_small_norms": ("as full, fused_norm.CL_SMALL_GROUP = 16384: channels-last groups of at most 16384 values "
-                         "on one program each, statistics and element-wise pass in one kernel each way where the "
-                         "chunked kernels take three launches",
-                         AS_FULL),
-    "full_small_norms_8192": ("as full, fused_norm.CL_SMALL_GROUP = 8192: the one-program kernels for groups of at "
-                              "most 8192 values (show-1-base's ResNet norms at 10 x 16 and below)",
                               AS_FULL),
     "full_separate_qkv": ("as full, the temporal self-attention's q, k and v projected by three linear layers (the "
                           "default before layout.FUSED_QKV: three GEMMs each way, the input's three gradients "
@@ -468,9 +461,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)],
                    "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)],
                    "full_separate_qkv": [(layout, "FUSED_QKV", False)],
-                   "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)],
-                   "full_small_norms": [(fused_norm, "CL_SMALL_GROUP", 16384)],
-                   "full_small_norms_8192": [(fused_norm, "CL_SMALL_GROUP", 8192)]}
+                   "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -57,14 +57,6 @@ MAX_BLOCK_K = 4096
 CL_BLOCK_C = 64
 CL_TILE = {"forward": 8192, "backward": 4096}
 CL_LOOP = {"forward": 4, "backward": 4}
-#: Channels-last groups of at most CL_SMALL_GROUP values (a sample's channels of the group times its positions) run
-#: one program a group, statistics and element-wise pass in one kernel (`_cl_small_norm_act`,
-#: `_cl_small_input_grad`), in tiles of at most CL_SMALL_TILE values; larger groups take the chunked kernels. 0
-#: (the default) sends every group to the chunked kernels: not yet measured on a GPU. 16384 would cover
-#: show-1-base's ResNet norms at 20 x 32 and below and its temporal ones at 5 x 8 in training at 40 x 64
-#: (`bench_training.py`'s `full_small_norms`; `full_small_norms_8192`: the ResNet norms at 10 x 16 and below).
-CL_SMALL_GROUP = 0
-CL_SMALL_TILE = 4096
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -279,14 +271,6 @@ if triton is not None:
         row = n * G + c // (C // G)
         mean = tl.load(mean_ptr + row, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + row, mask=cmask, other=0.0)
-        weight, offset = _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W, HAS_B,
-                                    HAS_F)  # fmt: skip
-        return mean, rstd, weight, offset
-
-    @triton.jit
-    def _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W: tl.constexpr,
-                   HAS_B: tl.constexpr, HAS_F: tl.constexpr):  # fmt: skip
-        """Per-channel vectors: the effective weight and offset of channels `c` of sample `n`."""
         if HAS_W:
             weight = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         else:
@@ -299,7 +283,7 @@ if triton is not None:
             factor = tl.load(f_ptr + n * f_sn + c * f_sc, mask=cmask, other=0.0).to(tl.float32)
             weight = weight * factor
             offset = offset * factor + tl.load(s_ptr + n * s_sn + c * s_sc, mask=cmask, other=0.0).to(tl.float32)
-        return weight, offset
+        return mean, rstd, weight, offset
 
     @triton.jit
     def _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION: tl.constexpr):
@@ -388,77 +372,6 @@ if triton is not None:
         dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-
-    # Small groups (the UNet's low-resolution levels): one program a group, which reads it from memory once per pass
-    # (the group stays in the caches between passes), so the statistics and the element-wise pass are one kernel
-    # where the chunked kernels above take three launches.
-
-    @triton.jit
-    def _cl_group(r, C, G, BLOCK_C: tl.constexpr):
-        """Sample `n`, channels `c` and their mask of group row `r` (= n * G + g)."""
-        n, g = r // G, r % G
-        j = tl.arange(0, BLOCK_C)
-        return n, g * (C // G) + j, j < C // G
-
-    @triton.jit
-    def _cl_small_norm_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
-                           xb_ptr, xb_sn, xb_sc, C, G, S, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                           HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        """Mean and 1/std of group row `r` of `x + xb` (two passes), then the normalised activation (a third)."""
-        r = tl.program_id(0)
-        n, c, cmask = _cl_group(r, C, G, BLOCK_C)
-        xb = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_XB:
-            xb += tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
-        count = (S * (C // G)).to(tl.float32)
-        total = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        for start in range(0, S, BLOCK_S):
-            mask, at = _cl_rows(n, start, c, cmask, C, S, BLOCK_S)
-            total += tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) + xb[None, :], 0.0)
-        mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
-        squares = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        for start in range(0, S, BLOCK_S):
-            mask, at = _cl_rows(n, start, c, cmask, C, S, BLOCK_S)
-            d = tl.where(mask, tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) + xb[None, :] - mean, 0.0)
-            squares += d * d
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / count + eps)
-        tl.store(mean_ptr + r, mean)
-        tl.store(rstd_ptr + r, rstd)
-        weight, offset = _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W, HAS_B,
-                                    HAS_F)  # fmt: skip
-        for start in range(0, S, BLOCK_S):
-            mask, at = _cl_rows(n, start, c, cmask, C, S, BLOCK_S)
-            x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) + xb[None, :]
-            y = _act((x - mean) * rstd * weight[None, :] + offset[None, :], ACTIVATION)
-            tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _cl_small_input_grad(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr,
-                             rstd_ptr, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
-                             ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        """The input gradient of group row `r`: its sums of d_xhat and d_xhat * xhat (one pass), then dx (another)."""
-        r = tl.program_id(0)
-        n, c, cmask = _cl_group(r, C, G, BLOCK_C)
-        mean = tl.load(mean_ptr + r + 0 * c)  # the group's statistics, one a channel
-        rstd = tl.load(rstd_ptr + r + 0 * c)
-        weight, offset = _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W, HAS_B,
-                                    HAS_F)  # fmt: skip
-        s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        for start in range(0, S, BLOCK_S):
-            mask, at = _cl_rows(n, start, c, cmask, C, S, BLOCK_S)
-            xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
-            s1 += dxhat
-            s2 += tl.where(mask, dxhat * xhat, 0.0)
-        count = (S * (C // G)).to(tl.float32)
-        c1 = tl.sum(tl.sum(s1, axis=1), axis=0) / count
-        c2 = tl.sum(tl.sum(s2, axis=1), axis=0) / count
-        for start in range(0, S, BLOCK_S):
-            mask, at = _cl_rows(n, start, c, cmask, C, S, BLOCK_S)
-            xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
-            dx = rstd[None, :] * (dxhat - c1 - xhat * c2)
-            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _residual_sum(r_ptr, x_ptr, bias_ptr, out_ptr, n, channel_stride, C, scale, HAS_BIAS: tl.constexpr,
@@ -665,26 +578,7 @@ def _cl_layout(rows: torch.Tensor, groups: int, direction: str):
     return n, c, s, block_s, block_c, p, warps, loop, p_stats, (c // groups) * p_stats
 
 
-def _small_groups(rows: torch.Tensor, groups: int) -> tuple[int, int, int, int, int] | None:
-    """(N, C, S, tile values, tile channels) for the one-program-a-group kernels, or None where a group is larger."""
-    n, c = rows.shape[0], rows.shape[-1]
-    s = rows.numel() // (n * c)
-    if not CL_SMALL_GROUP or s * (c // groups) > CL_SMALL_GROUP:
-        return None
-    block_c = triton.next_power_of_2(c // groups)
-    return n, c, s, max(1, min(triton.next_power_of_2(s), CL_SMALL_TILE // block_c)), block_c
-
-
 def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, activation: str, xb_args, xb_flag):
-    if (small := _small_groups(rows, groups)) is not None:
-        n, c, s, block_s, block_c = small
-        stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-        affine, flags = _affine_args(x, weight, bias, factor, shift)
-        y = torch.empty_like(x)
-        _cl_small_norm_act[(n * groups,)](rows, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, eps, **flags,
-                                          **xb_flag, ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s,
-                                          BLOCK_C=block_c, num_warps=4)  # fmt: skip
-        return y, stats[0], stats[1]
     n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups, "forward")
     tiles = triton.cdiv(c, block_c)
     parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
@@ -726,14 +620,6 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     grad = grad.to(x.dtype)
     if channels_last_rows(grad) is None:  # the kernels read grad as they read x: (N, values, C) rows
         grad = torch.empty_like(x).copy_(grad)
-    if (small := _small_groups(rows, groups)) is not None:
-        n, c, s, block_s, block_c = small
-        affine, flags = _affine_args(x, weight, bias, factor, shift)
-        dx = torch.empty_like(x)
-        _cl_small_input_grad[(n * groups,)](rows, grad, dx, *affine, mean, rstd, c, groups, s, **flags,
-                                            ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s,
-                                            BLOCK_C=block_c, num_warps=4)  # fmt: skip
-        return dx
     n, c, s, block_s, block_c, p, warps, loop, p_stats, k = _cl_layout(rows, groups, "backward")
     tiles = triton.cdiv(c, block_c)
     affine, flags = _affine_args(x, weight, bias, factor, shift)

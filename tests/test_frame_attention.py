@@ -189,7 +189,10 @@ def test_temporal_transformer_rows_take_one_projection_gemm_where_the_projection
 
     def run(on):
         monkeypatch.setattr(layout, "FUSED_QKV", on)
-        out = layout._temporal_transformer(model, x, num_frames=6).sample
+        # the transformer's group norm written channels-last, as the training step's norms write it (PyTorch's CUDA
+        # group norm returns NCFHW), then the rows path
+        normed = model.norm(x.unflatten(0, (1, 6)).transpose(1, 2)).contiguous(memory_format=torch.channels_last_3d)
+        out = layout._temporal_transformer_rows(model, x, normed)
         return (out, *torch.autograd.grad(out.square().sum(), (x, *weights)))
 
     expected = run(False)

@@ -94,21 +94,17 @@ def channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
         ((2, 8, 300), "nsc", 2, "none", True, False),  # the spatial attention's (N, C, H * W) view
     ],
 )
-@pytest.mark.parametrize(("loop", "small_group"), [(1, 0), (2, 0), (1, 16384)])
+@pytest.mark.parametrize("loop", [1, 2])
 def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fused, monkeypatch, shape, layout,
                                                                            groups, activation, affine,
-                                                                           scale_shift, loop,
-                                                                           small_group):  # fmt: skip
-    # small_group 0: the chunked kernels, with small tiles: several chunks and channel tiles at test sizes; loop 2:
-    # statistics chunks of two tiles, the last one partial. 16384: every group here on one program
-    monkeypatch.setattr(fused, "CL_SMALL_GROUP", small_group)
-    monkeypatch.setattr(fused, "CL_SMALL_TILE", 64)  # several tiles a group
+                                                                           scale_shift, loop):  # fmt: skip
+    # small tiles: several chunks and channel tiles at test sizes; loop 2: statistics chunks of two tiles, the
+    # last one partial
     monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
     monkeypatch.setattr(fused, "CL_LOOP", {"forward": loop, "backward": loop})
     x, weight, bias, factor, shift = inputs(shape, affine, scale_shift)
     x = channels_last(x, layout)
     assert fused.channels_last_rows(x) is not None and not x.is_contiguous()
-    assert (fused._small_groups(fused.channels_last_rows(x), groups) is not None) == bool(small_group)
     y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, factor, shift, groups, 1e-5, activation)
     x64 = x.double().requires_grad_(True)
     expected = reference(x64, weight, bias, factor, shift, groups, activation)
@@ -126,9 +122,7 @@ def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fuse
 
 @pytest.mark.parametrize("layout", ["contiguous", "nhwc"])
 @pytest.mark.parametrize("per_sample", [False, True])
-@pytest.mark.parametrize("small_group", [0, 16384])
-def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypatch, layout, per_sample, small_group):
-    monkeypatch.setattr(fused, "CL_SMALL_GROUP", small_group)
+def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypatch, layout, per_sample):
     monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
     monkeypatch.setattr(fused, "CL_LOOP", {"forward": 3, "backward": 3})
     x, weight, bias, factor, shift = inputs((2, 96, 9, 15), affine=True, scale_shift=True)
@@ -178,15 +172,14 @@ def test_channels_last_backward_reads_a_gradient_whose_strides_differ_only_at_si
     torch.testing.assert_close(dx_far, dx, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("layout", "small_group"), [("contiguous", 0), ("nsc", 0), ("nsc", 16384)])
-def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, layout, small_group):
+@pytest.mark.parametrize("layout", ["contiguous", "nsc"])
+def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, layout):
     """A mean 10,000 times the spread: the one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely, the
     kernels' shifted chunk moments combined by Chan's formula keep it. A small combine block makes the per-group
     reduction loop over its chunks; channels-last, a program merges several tiles' moments."""
     monkeypatch.setattr(fused, "MAX_BLOCK_K", 2)
     monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
     monkeypatch.setattr(fused, "CL_LOOP", {"forward": 4, "backward": 4})
-    monkeypatch.setattr(fused, "CL_SMALL_GROUP", small_group)  # 16384: one program, two passes (mean, deviations)
     x, *_ = inputs((1, 2, 5000), affine=False, scale_shift=False, mean=0.0)
     x = 100 + 0.005 * x  # spread 0.01
     if layout == "nsc":
@@ -293,12 +286,11 @@ import motion_adapters.fused_norm as f
 
 FLOAT32 = ("mean_part", "m2_part", "mean_ptr", "rstd_ptr", "s1_part", "s2_part", "c1_ptr", "c2_ptr")
 for kernel in (f._chunk_moments, f._group_moments, f._normalize_act, f._chunk_grad_sums, f._group_grad_means,
-               f._input_grad, f._residual_sum, f._bit_masked_scale, f._cl_small_norm_act, f._cl_small_input_grad,
-               f._geglu, f._geglu_grad):
+               f._input_grad, f._residual_sum, f._bit_masked_scale):
     names = kernel.arg_names
     flags = [n for n in names if n.startswith(("HAS_", "ACTIVATION"))]
     for values in itertools.product(*[(0, 1, 2) if n == "ACTIVATION" else (True, False) for n in flags]):
-        constexprs = {"BLOCK": 1024, "BLOCK_K": 64, "BLOCK_S": 64, "BLOCK_C": 64, **dict(zip(flags, values))}
+        constexprs = {"BLOCK": 1024, "BLOCK_K": 64, **dict(zip(flags, values))}
         signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*u8" if n == "bits_ptr"
                      else "*bf16"
                      if n.endswith("_ptr") else "fp32" if n in ("eps", "scale") else "i32" for n in names}
@@ -313,7 +305,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     every flag combination for sm_90, in a process with the interpreter off."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 12
+    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 8
 
 
 class _Block(torch.nn.Module):
