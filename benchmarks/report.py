@@ -316,13 +316,19 @@ def frame_attention_table(data: dict) -> str:
     """The frame-attention kernels against PyTorch at Show-1's temporal-attention shapes (bench_frame_attention)."""
     env = data.get("env", {})
     rows = data.get("rows", [])
-    labels = [k.removesuffix("_forward") for k in (rows[0]["ms"] if rows else {}) if k.endswith("_forward")
-              and not k.endswith("_forward_backward")]  # fmt: skip
+    labels = list(dict.fromkeys(k.removesuffix("_forward") for row in rows for k in row["ms"]
+                                if k.endswith("_forward") and not k.endswith("_forward_backward")))  # fmt: skip
     defaults = data.get("defaults", {})
+    if "pairs_split" in defaults:  # lanes: a pair's channels split over up to pairs_split threads
+        pairs = (f"`pairs` = the default: {defaults['pairs_block']} lanes a program, heads of at least "
+                 f"{2 * defaults['pairs_split_channels']} channels over up to {defaults['pairs_split']} lanes a pair, "
+                 f"{defaults['pairs_split_channels']} channels or more a lane")  # fmt: skip
+    else:
+        pairs = f"`pairs` = {defaults.get('pairs_block')} pairs a program, the default"
     lines = [f"_{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit `{env.get('commit')}`, "
              f"{env.get('date')}; {data.get('dtype')}, 64 heads; microseconds of GPU time, calls replayed from a CUDA "
              f"graph (medians); copy bandwidth {data.get('copy_bandwidth_gb_s')} GB/s (read + write, measured in the "
-             f"run); `pairs` = {defaults.get('pairs_block')} pairs a program, the default_", "",
+             f"run); {pairs}_", "",
              "| shape (N, frames, channels) | " + " | ".join(f"`{label}` fwd / bwd" for label in labels)
              + " | floor fwd / bwd | `pairs` against `tile` | largest error vs float64 |",
              "|---" * (len(labels) + 4) + "|"]  # fmt: skip

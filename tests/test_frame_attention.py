@@ -153,7 +153,7 @@ def test_projected_attention_under_autocast_runs_bf16_and_returns_float32_weight
     expected = reference(q, k, v, 64).transpose(0, 1).flatten(0, 1)
     expected_grads = torch.autograd.grad(expected.square().sum(), exact)
     for got, want in zip((out, *grads), (expected, *expected_grads)):  # bf16 roundings of q, k, v and the output
-        assert float((got.detach().double() - want).norm() / want.detach().norm()) < 2e-2
+        assert float((got.detach().double() - want.detach()).norm() / want.detach().norm()) < 2e-2
 
 
 def test_projected_attention_names_bad_arguments():
