@@ -47,6 +47,7 @@ VARIANTS = {
     "pairs": ("pairs", None, None, None),
     "pairs_split1": ("pairs", None, None, 1),
     "pairs_split2": ("pairs", None, None, 2),
+    "pairs_split4": ("pairs", None, None, 4),
     "pairs_split4_block64": ("pairs", 64, None, 4),
     "pairs_128": ("pairs", 128, 4, None),
     "pairs_256": ("pairs", 256, 8, None),
@@ -90,8 +91,8 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
             continue
         if launch is not None and launch[0] == "pairs" and fa._padded(frames) > fa.PAIRS_FRAMES:
             continue
-        if launch is not None and launch[3] is not None and (channels // HEADS) % launch[3]:
-            continue  # a split that does not divide the head
+        if launch is not None and launch[3] is not None and launch[3] > fa._padded(channels // HEADS):
+            continue  # more lanes than the head has channels (rounded up to a power of two)
 
         def forward(q, k, v, launch=launch):
             if launch is None:

@@ -171,6 +171,13 @@ VARIANTS = {
                                "default before frame_attention.PAIRS_SPLIT split heads of 10 and 20 channels over "
                                "2 and 4 lanes)",
                                AS_FULL),
+    "full_cast_weight_grads": ("as full, the stacked q/k/v weight gradient rounded to bf16 by its GEMM and cast to "
+                               "float32 in a pass of its own (the default before "
+                               "frame_attention.WEIGHT_GRAD_OUT_DTYPE)",
+                               AS_FULL),
+    "full_split_3": ("as full, frame_attention.PAIRS_SPLIT_CHANNELS = 3: heads of 5 channels over 2 lanes (3 and 2 "
+                     "channels) and heads of 10 over 4 (3, 3, 3 and 1), heads of 20 over 4 as by default",
+                     AS_FULL),
     "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
                       "its fusions around the fused norms and the custom convolutions' autograd functions)",
                       {**AS_FULL, "compile": "regional"}),
@@ -461,7 +468,9 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_unfused_geglu": [(lean_backward, "GEGLU_KERNELS", False)],
                    "full_recomputed_geglu": [(lean_backward, "GEGLU_KEEP_PROJECTION_BYTES", 0)],
                    "full_separate_qkv": [(layout, "FUSED_QKV", False)],
-                   "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)]}
+                   "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)],
+                   "full_cast_weight_grads": [(frame_attention, "WEIGHT_GRAD_OUT_DTYPE", False)],
+                   "full_split_3": [(frame_attention, "PAIRS_SPLIT_CHANNELS", 3)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -8,8 +8,9 @@ gradients plus the kept probabilities (docs/performance.md: about a fifth of a t
 Here each (sequence, head) pair's scores, softmax and output stay in registers, in float32, with one rounding at
 the output. Up to 8 frames ("pairs" kernels, the default), one thread takes one pair: its (frames x frames) scores
 accumulate over a loop on the head's channels, so every reduction stays within the thread and no head channel is
-padded; wide heads split their channels over a few threads, which add their partial scores (`PAIRS_SPLIT`). Longer sequences ("tile" kernels) take a block of pairs a program as (pairs, frames, frames, channels)
-products, their channels padded to a power of two. Both read q, k and v where the projections wrote them,
+padded; wide heads split their channels over a few threads, which add their partial scores (`PAIRS_SPLIT`).
+Longer sequences ("tile" kernels) take a block of pairs a program as (pairs, frames, frames, channels) products,
+their channels padded to a power of two. Both read q, k and v where the projections wrote them,
 (N, F, heads * d) with any row strides, so there is no head split or merge. The backward pass recomputes the
 probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk and dv in one kernel.
 `projected_frame_attention` adds the q, k and v projections, one stacked GEMM each way.
@@ -45,6 +46,9 @@ PAIRS_BLOCK = 64
 #: 20 / 51 at 5 x 8; training steps 1.03 times faster (training_qkv_final_h200.json, `full_unsplit_attention`).
 PAIRS_SPLIT = 4
 PAIRS_SPLIT_CHANNELS = 5
+#: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
+#: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own.
+WEIGHT_GRAD_OUT_DTYPE = True
 
 
 def frame_attention_supported(q: torch.Tensor, heads: int, kv_length: int | None = None) -> str | None:
@@ -137,14 +141,15 @@ if triton is not None:
     @triton.jit
     def _pair_lanes(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
                     SPLIT: tl.constexpr):  # fmt: skip
-        """This program's lanes: SPLIT lanes a (sequence, head) pair, each taking D // SPLIT of its channels.
+        """This program's lanes: SPLIT lanes a (sequence, head) pair, each taking ceil(D / SPLIT) of its channels.
 
-        Returns each lane's sequence, head and first channel, the frame indices and the (frames, lanes) mask.
+        Where SPLIT does not divide D the last lanes take fewer, or none (`_column` masks channels past D). Returns
+        each lane's sequence, head and first channel, the frame indices and the (frames, lanes) mask.
         """
         lane = tl.arange(0, BLOCK_P * SPLIT)
         pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // SPLIT
         f = tl.arange(0, FP)
-        first = (lane % SPLIT) * (D // SPLIT)
+        first = (lane % SPLIT) * ((D + SPLIT - 1) // SPLIT)
         return pair // HEADS, pair % HEADS, first, f, (f < F)[:, None] & (pair < P)[None, :]
 
     @triton.jit
@@ -157,21 +162,21 @@ if triton is not None:
 
     @triton.jit
     def _column(ptr, sn, sf, n, h, f, c, mask, D: tl.constexpr):
-        """Head channel c (one a lane) of every frame of the lanes' pairs, (frames, lanes), in float32."""
+        """Head channel c (one a lane) of every frame of the lanes' pairs, (frames, lanes), in float32 (0 past D)."""
         at = f[:, None] * sf + (n * sn + h * D + c)[None, :]
-        return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(ptr + at, mask=mask & (c < D)[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
     def _put_column(ptr, value, sn, sf, n, h, f, c, mask, D: tl.constexpr):
         at = f[:, None] * sf + (n * sn + h * D + c)[None, :]
-        tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask & (c < D)[None, :])
 
     @triton.jit
     def _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D: tl.constexpr,
                             FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         """softmax(q k^T * scale) over the keys, (queries, keys, lanes); padded keys get no weight."""
         s = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
-        for i in tl.range(0, D // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
             s += _column(q_ptr, q_sn, q_sf, n, h, f, first + i, mask, D)[:, None, :] * \
                 _column(k_ptr, k_sn, k_sf, n, h, f, first + i, mask, D)[None, :, :]
         s = tl.where((f < F)[None, :, None], _pair_total(s, FP, BLOCK_P, SPLIT) * scale, float("-inf"))
@@ -185,7 +190,7 @@ if triton is not None:
         n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
                                 BLOCK_P, SPLIT)  # fmt: skip
-        for i in tl.range(0, D // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
             v = _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)
             _put_column(o_ptr, tl.sum(p * v[None, :, :], axis=1), o_sn, o_sf, n, h, f, first + i, mask, D)
 
@@ -198,12 +203,12 @@ if triton is not None:
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
                                 BLOCK_P, SPLIT)  # fmt: skip
         dp = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
-        for i in tl.range(0, D // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
             dp += _column(do_ptr, do_sn, do_sf, n, h, f, first + i, mask, D)[:, None, :] * \
                 _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)[None, :, :]
         dp = _pair_total(dp, FP, BLOCK_P, SPLIT)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
-        for i in tl.range(0, D // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
             c = first + i
             q = _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
             k = _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
@@ -214,9 +219,12 @@ if triton is not None:
 
 
 def _split(d: int) -> int:
-    """Lanes a pair takes in the "pairs" kernels: the largest power of two up to `PAIRS_SPLIT` dividing `d`."""
+    """Lanes a pair of `d` channels takes in the "pairs" kernels.
+
+    The most, a power of two up to `PAIRS_SPLIT`, that leave each lane `PAIRS_SPLIT_CHANNELS` or more (rounded up).
+    """
     split = 1
-    while split * 2 <= PAIRS_SPLIT and d % (split * 2) == 0 and d // (split * 2) >= PAIRS_SPLIT_CHANNELS:
+    while split * 2 <= PAIRS_SPLIT and -(-d // (split * 2)) >= PAIRS_SPLIT_CHANNELS:
         split *= 2
     return split
 
@@ -233,8 +241,8 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
     kernel = kernel or ("pairs" if fp <= PAIRS_FRAMES else "tile")
     if kernel == "pairs":
         split = split or _split(d)
-        if d % split or split & (split - 1):
-            raise ValueError(f"split={split} must be a power of two dividing the {d} channels a head.")
+        if split & (split - 1) or split > triton.next_power_of_2(d):
+            raise ValueError(f"split={split} must be a power of two up to the {d} channels a head (rounded up).")
         block = block or max(1, PAIRS_BLOCK // split)
         lanes = block * split
         meta = {"HEADS": heads, "D": d, "FP": fp, "BLOCK_P": block, "SPLIT": split,
@@ -315,7 +323,8 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     three projections' gradients summed inside it, in float32, where autograd ran three GEMMs and added their bf16
     results) and one for the stacked weight gradient (three before, each cast to the weights' dtype on its own).
     The attention kernels read q, k and v as column blocks of the projection and write their gradients into the
-    column blocks of one matrix. Keeps x, the projection and the stacked weight in the compute dtype.
+    column blocks of one matrix. Keeps x, the projection and the stacked weight in the compute dtype. On CUDA the
+    float32 weights' gradient comes out of the GEMM in float32 (`_weight_grad`).
     """
 
     @staticmethod
@@ -355,8 +364,20 @@ class _ProjectedFrameAttention(torch.autograd.Function):
         grad_x = grad_projected @ weight if ctx.needs_input_grad[0] else None
         grad_weights = [None] * 3
         if any(ctx.needs_input_grad[1:4]):
-            grad_weights = (grad_projected.t() @ x).to(ctx.weight_dtype).chunk(3)
+            grad_weights = _weight_grad(grad_projected, x, ctx.weight_dtype).chunk(3)
         return grad_x, *grad_weights, None, None, None
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`grad.T @ x` in `dtype`.
+
+    On CUDA, float32 weights' gradient comes from the GEMM's float32 accumulator (no bf16 rounding, no cast pass);
+    elsewhere the product is in x's dtype, then cast.
+    """
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if WEIGHT_GRAD_OUT_DTYPE and x.is_cuda and dtype == torch.float32 and half:
+        return torch.mm(grad.t(), x, out_dtype=dtype)
+    return (grad.t() @ x).to(dtype)
 
 
 def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, frames: int,

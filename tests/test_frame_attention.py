@@ -58,9 +58,11 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
 
 
-@pytest.mark.parametrize(("channels", "heads", "split"), [(80, 4, 1), (80, 4, 2), (80, 4, 4), (64, 8, 8)])
+@pytest.mark.parametrize(("channels", "heads", "split"),
+                         [(80, 4, 1), (80, 4, 2), (80, 4, 4), (64, 8, 8), (20, 4, 2), (20, 4, 8)])  # fmt: skip
 def test_pairs_split_over_lanes_match_float64_attention(channels, heads, split):
-    """A pair's channels over 1 to 8 lanes (partial scores added across lanes), 7 frames, 12 or 24 pairs."""
+    """A pair's channels over 1 to 8 lanes (partial scores added across lanes), 7 frames, 12 or 24 pairs; heads of 5
+    over 2 lanes (3 and 2 channels) and over 8 (three lanes idle)."""
     q, k, v, grad = (torch.randn(3, 7, channels, device=DEVICE) for _ in range(4))
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     out = fa._FrameAttention.apply(*leaves, heads, (channels // heads) ** -0.5, ("pairs", None, None, split))
@@ -77,8 +79,10 @@ def test_pairs_split_over_lanes_match_float64_attention(channels, heads, split):
 def test_wider_heads_split_over_more_lanes_by_default():
     splits = {d: fa._launch(torch.empty(4, 8, 64 * d), 64)[2]["SPLIT"] for d in (2, 5, 10, 20)}
     assert splits == {2: 1, 5: 1, 10: 2, 20: 4}
-    with pytest.raises(ValueError, match="split=3 must be a power of two dividing the 20 channels"):
+    with pytest.raises(ValueError, match=r"split=3 must be a power of two up to the 20 channels"):
         fa._launch(torch.empty(4, 8, 64 * 20), 64, "pairs", None, None, 3)
+    with pytest.raises(ValueError, match=r"split=16 must be a power of two up to the 5 channels"):
+        fa._launch(torch.empty(4, 8, 64 * 5), 64, "pairs", None, None, 16)
 
 
 def test_strided_projections_are_read_in_place_and_the_scale_is_honoured():
