@@ -47,7 +47,8 @@ PAIRS_BLOCK = 64
 PAIRS_SPLIT = 4
 PAIRS_SPLIT_CHANNELS = 5
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
-#: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own.
+#: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
+#: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
 WEIGHT_GRAD_OUT_DTYPE = True
 
 
