@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention, layout, lean_backward  # noqa: E402
+from motion_adapters import frame_attention, layout, lean_backward, training_step  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -178,6 +178,10 @@ VARIANTS = {
     "full_split_3": ("as full, frame_attention.PAIRS_SPLIT_CHANNELS = 3: heads of 5 channels over 2 lanes (3 and 2 "
                      "channels) and heads of 10 over 4 (3, 3, 3 and 1), heads of 20 over 4 as by default",
                      AS_FULL),
+    "full_unstacked_joint_qkv": ("as full, the spatial joint attention on diffusers' AttnAddedKVProcessor2_0 (the "
+                                 "default before training_step.STACKED_JOINT_QKV: three frozen pixel projections "
+                                 "each way)",
+                                 AS_FULL),
     "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
                       "its fusions around the fused norms and the custom convolutions' autograd functions)",
                       {**AS_FULL, "compile": "regional"}),
@@ -470,7 +474,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_separate_qkv": [(layout, "FUSED_QKV", False)],
                    "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)],
                    "full_cast_weight_grads": [(frame_attention, "WEIGHT_GRAD_OUT_DTYPE", False)],
-                   "full_split_3": [(frame_attention, "PAIRS_SPLIT_CHANNELS", 3)]}
+                   "full_split_3": [(frame_attention, "PAIRS_SPLIT_CHANNELS", 3)],
+                   "full_unstacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from motion_adapters import training_step
 from motion_adapters.config import TRITON_TEMPORAL_FALLBACK, MotionDistillationConfig
 from motion_adapters.fused_norm import TRITON_IMPORT_ERROR, fused_norm_available
 from motion_adapters.injection import (
@@ -54,6 +55,7 @@ from motion_adapters.training_step import (
     keep_implementation_flags,
     optimizer_for,
     regional_compile,
+    stacked_joint_attention,
     temporal_kernels,
     use_cuda_graph,
 )
@@ -229,6 +231,7 @@ def train_motion(
         # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
+                stacked_joint_attention(unet, training_step.STACKED_JOINT_QKV and device.type == "cuda"), \
                 channels_last_training(unet, channels_last, half_norms), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
                 frozen_activations_recomputed(unet, recompute, not half_norms, fused_norms), \

@@ -27,7 +27,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0, AttnProcessor2_0
 
 from motion_adapters.config import MotionDistillationConfig
 from motion_adapters.frame_attention import FrameAttnProcessor
@@ -212,6 +212,83 @@ class ShortSequenceAttnProcessor(AttnProcessor2_0):
 
         with sdpa_kernel([SDPBackend.MATH]):
             return super().__call__(*args, **kwargs)
+
+
+class StackedJointAttnProcessor:
+    """`AttnAddedKVProcessor2_0`'s function with the pixels' frozen q, k and v projections as one GEMM.
+
+    Show-1's spatial attention projects the (group-normed) pixels three times and concatenates the text's keys and
+    values in front of the pixels'. Here the three frozen weights (and biases) are stacked for each call, so the
+    forward pass runs one GEMM where it ran three and the backward pass one input-gradient GEMM where autograd ran
+    three and added their results. Layers whose projections are trainable or not plain `nn.Linear` (LoRA), masks,
+    cross-attention only and extra arguments go to `AttnAddedKVProcessor2_0`.
+
+    Example:
+        >>> attn.set_processor(StackedJointAttnProcessor())  # doctest: +SKIP
+    """
+
+    def __init__(self):
+        self._fallback = AttnAddedKVProcessor2_0()
+
+    @staticmethod
+    def _stackable(attn: Attention) -> bool:
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        return (
+            not attn.only_cross_attention and attn.spatial_norm is None
+            and all(type(p) is nn.Linear and (p.bias is None) == (attn.to_q.bias is None) for p in projections)
+            and not any(t.requires_grad for p in projections for t in p.parameters())
+        )  # fmt: skip
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, *args, **kwargs) -> torch.Tensor:  # fmt: skip
+        """The layer's output, as `AttnAddedKVProcessor2_0` computes it."""
+        if args or kwargs or attention_mask is not None or encoder_hidden_states is None or not self._stackable(attn):
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        residual = hidden_states
+        hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if attn.to_q.bias is None else torch.cat([p.bias for p in projections])
+        q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+                   for t in torch.nn.functional.linear(hidden_states, weight, bias).chunk(3, dim=-1))  # fmt: skip
+        text_k = attn.head_to_batch_dim(attn.add_k_proj(encoder_hidden_states), out_dim=4)
+        text_v = attn.head_to_batch_dim(attn.add_v_proj(encoder_hidden_states), out_dim=4)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2), dropout_p=0.0, is_causal=False
+        )
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, residual.shape[1])))
+        return out.transpose(-1, -2).reshape(residual.shape) + residual
+
+
+#: Whether training runs Show-1's spatial (joint) attention on `StackedJointAttnProcessor` (`stacked_joint_attention`).
+STACKED_JOINT_QKV = True
+
+
+@contextmanager
+def stacked_joint_attention(unet: nn.Module, enabled: bool) -> Iterator[int]:
+    """Give every attention on `AttnAddedKVProcessor2_0` a `StackedJointAttnProcessor` for the run, then restore.
+
+    Yields the number of layers changed (0 where not enabled).
+
+    Example:
+        >>> with stacked_joint_attention(unet, True) as count:  # doctest: +SKIP
+        ...     loss = step(unet)
+    """
+    changed = []
+    if enabled:
+        for module in unet.modules():
+            if isinstance(module, Attention) and type(module.processor) is AttnAddedKVProcessor2_0:
+                changed.append((module, module.processor))
+                module.set_processor(StackedJointAttnProcessor())
+    try:
+        yield len(changed)
+    finally:
+        for module, processor in changed:
+            module.set_processor(processor)
 
 
 @contextmanager
@@ -534,6 +611,7 @@ __all__ = [
     "GRAPH_WARMUP_STEPS",
     "FrameConv",
     "ShortSequenceAttnProcessor",
+    "StackedJointAttnProcessor",
     "StepRunner",
     "WeightPrecision",
     "autocast_dtype",
@@ -543,5 +621,6 @@ __all__ = [
     "keep_implementation_flags",
     "optimizer_for",
     "regional_compile",
+    "stacked_joint_attention",
     "use_cuda_graph",
 ]
