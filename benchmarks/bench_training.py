@@ -178,10 +178,12 @@ VARIANTS = {
     "full_split_3": ("as full, frame_attention.PAIRS_SPLIT_CHANNELS = 3: heads of 5 channels over 2 lanes (3 and 2 "
                      "channels) and heads of 10 over 4 (3, 3, 3 and 1), heads of 20 over 4 as by default",
                      AS_FULL),
-    "full_unstacked_joint_qkv": ("as full, the spatial joint attention on diffusers' AttnAddedKVProcessor2_0 (the "
-                                 "default before training_step.STACKED_JOINT_QKV: three frozen pixel projections "
-                                 "each way)",
+    "full_unstacked_joint_qkv": ("as full, the spatial joint attention on diffusers' AttnAddedKVProcessor2_0 "
+                                 "(training_step.STACKED_JOINT_QKV off: three frozen pixel projections each way)",
                                  AS_FULL),
+    "full_stacked_joint_qkv": ("as full, the spatial joint attention's frozen pixel q/k/v as one GEMM each way "
+                               "(training_step.STACKED_JOINT_QKV on)",
+                               AS_FULL),
     "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
                       "its fusions around the fused norms and the custom convolutions' autograd functions)",
                       {**AS_FULL, "compile": "regional"}),
@@ -475,7 +477,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_unsplit_attention": [(frame_attention, "PAIRS_SPLIT", 1)],
                    "full_cast_weight_grads": [(frame_attention, "WEIGHT_GRAD_OUT_DTYPE", False)],
                    "full_split_3": [(frame_attention, "PAIRS_SPLIT_CHANNELS", 3)],
-                   "full_unstacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", False)]}
+                   "full_unstacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", False)],
+                   "full_stacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", True)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
@@ -573,6 +576,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "Python lines that make them")
     cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:  # before minutes of set-up and runs, not after them
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_config = {**show1_base_config(), **(TINY if args.tiny else {})}

@@ -264,8 +264,11 @@ class StackedJointAttnProcessor:
         return out.transpose(-1, -2).reshape(residual.shape) + residual
 
 
-#: Whether training runs Show-1's spatial (joint) attention on `StackedJointAttnProcessor` (`stacked_joint_attention`).
-STACKED_JOINT_QKV = True
+#: Whether training on CUDA runs Show-1's spatial (joint) attention on `StackedJointAttnProcessor`
+#: (`stacked_joint_attention`). Off: on an H200 steps were 1.011 times faster with it, but the peak rose from 7.70
+#: to 7.91 GiB (the attention keeps q as a view of the stacked projection, so k and v stay alive with it), and the
+#: loss was not compared with the reference loop in that run (benchmarks/results/training_joint_qkv_h200.json).
+STACKED_JOINT_QKV = False
 
 
 @contextmanager

@@ -552,3 +552,9 @@ def test_auto_temporal_kernels_pick_triton_frame_attention_on_cuda_only_where_tr
     else:
         with pytest.raises(ValueError, match="temporal_kernels='triton_attention' cannot run.*'auto' or 'fast'"):
             training._temporal_kernels("triton_attention", cuda)
+
+
+def test_bench_training_names_an_unknown_variant_before_it_runs_anything(capsys):
+    with pytest.raises(SystemExit):
+        bench_training.main(["--tiny", "--variants", "full,full_rerun"])
+    assert "unknown ['full_rerun']" in capsys.readouterr().err
