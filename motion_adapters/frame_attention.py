@@ -381,6 +381,14 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> tor
     return (grad.t() @ x).to(dtype)
 
 
+def projected_frame_attention_supported(x: torch.Tensor, out_features: int, frames: int, heads: int) -> str | None:
+    """Why `projected_frame_attention` cannot attend over projections of `out_features` of rows `x`, or None.
+
+    What `frame_attention_supported` says of the (rows / frames, frames, out_features) projections.
+    """
+    return frame_attention_supported(x.new_empty(()).expand(x.shape[0] // frames, frames, out_features), heads)
+
+
 def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, frames: int,
                               heads: int, scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """`frame_attention` of the bias-free projections `x @ wq.T`, `x @ wk.T`, `x @ wv.T` of (frames * N, C) rows.
@@ -404,7 +412,7 @@ def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tenso
                          f"{tuple(wq.shape)}, {tuple(wk.shape)}, {tuple(wv.shape)}.")  # fmt: skip
     if x.shape[0] % frames:
         raise ValueError(f"{x.shape[0]} rows do not split into frames={frames}.")
-    reason = frame_attention_supported(x.new_empty(()).expand(x.shape[0] // frames, frames, wq.shape[0]), heads)
+    reason = projected_frame_attention_supported(x, wq.shape[0], frames, heads)
     if reason is not None:
         raise ValueError(f"projected_frame_attention cannot run here: {reason}.")
     if scale is None:
@@ -474,4 +482,5 @@ __all__ = [
     "frame_attention",
     "frame_attention_supported",
     "projected_frame_attention",
+    "projected_frame_attention_supported",
 ]

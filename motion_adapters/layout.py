@@ -89,14 +89,13 @@ def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) ->
     from motion_adapters.frame_attention import (
         attend,
         attention_output,
-        frame_attention_supported,
         projected_frame_attention,
+        projected_frame_attention_supported,
     )
 
     projections = (attn.to_q, attn.to_k, attn.to_v)
     if FUSED_QKV and all(type(p) is nn.Linear and p.bias is None for p in projections) and \
-            frame_attention_supported(x.new_empty(()).expand(x.shape[0] // frames, frames, attn.to_q.out_features),
-                                      attn.heads) is None:  # fmt: skip
+            projected_frame_attention_supported(x, attn.to_q.out_features, frames, attn.heads) is None:  # fmt: skip
         out = projected_frame_attention(x, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, frames, attn.heads)
         return attention_output(attn, out, x)
     q, k, v = (project(x).unflatten(0, (frames, -1)).transpose(0, 1) for project in projections)
