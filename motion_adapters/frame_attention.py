@@ -268,15 +268,29 @@ def _check(q, k, v, heads: int) -> None:
         raise ValueError(f"frame_attention cannot run here: {reason}. Use torch's scaled_dot_product_attention.")
 
 
+def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
+    """Run the forward kernel on (N, F, heads * d) q, k, v (unit channel stride), writing `out` (same shape)."""
+    (forward, _), grid, meta = _launch(q, heads, *launch)
+    with _on_device(q):
+        forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      out.stride(0), out.stride(1), q.shape[0] * heads, q.shape[1], scale, **meta)  # fmt: skip
+
+
+def _attend_backward(q, k, v, grad, dq, dk, dv, heads: int, scale: float, launch: tuple = ()) -> None:
+    """Run the backward kernel, writing dq, dk and dv (one set of strides for the three)."""
+    (_, backward), grid, meta = _launch(q, heads, *launch)
+    with _on_device(q):
+        backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                       v.stride(1), grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1), q.shape[0] * heads,
+                       q.shape[1], scale, **meta)  # fmt: skip
+
+
 class _FrameAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, heads: int, scale: float, launch: tuple = ()):
         q, k, v = _rows(q), _rows(k), _rows(v)
         out = torch.empty_like(q)  # q's strides where they are dense: a view of rows in frames-first order stays one
-        (forward, _), grid, meta = _launch(q, heads, *launch)
-        with _on_device(q):
-            forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                          out.stride(0), out.stride(1), q.shape[0] * heads, q.shape[1], scale, **meta)  # fmt: skip
+        _attend(q, k, v, out, heads, scale, launch)
         ctx.save_for_backward(q, k, v)
         ctx.heads, ctx.scale, ctx.launch = heads, scale, launch
         return out
@@ -286,11 +300,7 @@ class _FrameAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         grad = _rows(grad.to(q.dtype))
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        (_, backward), grid, meta = _launch(q, ctx.heads, *ctx.launch)
-        with _on_device(q):
-            backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                           v.stride(1), grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1),
-                           q.shape[0] * ctx.heads, q.shape[1], ctx.scale, **meta)  # fmt: skip
+        _attend_backward(q, k, v, grad, dq, dk, dv, ctx.heads, ctx.scale, ctx.launch)
         return dq, dk, dv, None, None, None
 
 
@@ -336,14 +346,10 @@ class _ProjectedFrameAttention(torch.autograd.Function):
             x = x.to(dtype)
             weight = torch.cat((wq, wk, wv), out=wq.new_empty((3 * wq.shape[0], wq.shape[1]), dtype=dtype))
             projected = x @ weight.t()  # (frames * N, 3 * out)
-            q, k, v = (block.unflatten(0, (frames, -1)).transpose(0, 1) for block in projected.chunk(3, dim=1))
+            q, k, v = _pair_blocks(projected, frames)
             out = torch.empty((frames, q.shape[0], q.shape[2]), dtype=dtype, device=x.device)
-            out_pairs = out.transpose(0, 1)  # (N, frames, out): the rows come back in frames-first order
-            (forward, _), grid, meta = _launch(q, heads)
-            with _on_device(q):
-                forward[grid](q, k, v, out_pairs, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                              v.stride(1), out_pairs.stride(0), out_pairs.stride(1), q.shape[0] * heads, frames,
-                              scale, **meta)  # fmt: skip
+            # (N, frames, out) view: the rows come back in frames-first order
+            _attend(q, k, v, out.transpose(0, 1), heads, scale)
         ctx.save_for_backward(x, projected, weight)
         ctx.frames, ctx.heads, ctx.scale = frames, heads, scale
         ctx.weight_dtype = wq.dtype
@@ -353,20 +359,20 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     def backward(ctx, grad):
         x, projected, weight = ctx.saved_tensors
         frames = ctx.frames
-        q, k, v = (block.unflatten(0, (frames, -1)).transpose(0, 1) for block in projected.chunk(3, dim=1))
         grad_pairs = _rows(grad.to(x.dtype)).unflatten(0, (frames, -1)).transpose(0, 1)
         grad_projected = torch.empty_like(projected)
-        dq, dk, dv = (block.unflatten(0, (frames, -1)).transpose(0, 1) for block in grad_projected.chunk(3, dim=1))
-        (_, backward), grid, meta = _launch(q, ctx.heads)
-        with _on_device(q):
-            backward[grid](q, k, v, grad_pairs, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                           v.stride(0), v.stride(1), grad_pairs.stride(0), grad_pairs.stride(1), dq.stride(0),
-                           dq.stride(1), q.shape[0] * ctx.heads, frames, ctx.scale, **meta)  # fmt: skip
+        _attend_backward(*_pair_blocks(projected, frames), grad_pairs, *_pair_blocks(grad_projected, frames),
+                         ctx.heads, ctx.scale)  # fmt: skip
         grad_x = grad_projected @ weight if ctx.needs_input_grad[0] else None
         grad_weights = [None] * 3
         if any(ctx.needs_input_grad[1:4]):
             grad_weights = _weight_grad(grad_projected, x, ctx.weight_dtype).chunk(3)
         return grad_x, *grad_weights, None, None, None
+
+
+def _pair_blocks(rows: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v column blocks of (frames * N, 3 * out) frames-first rows, each an (N, frames, out) view."""
+    return tuple(block.unflatten(0, (frames, -1)).transpose(0, 1) for block in rows.chunk(3, dim=1))
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
