@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="memory_format of the profiled step")
     parser.add_argument("--profile-stacks", action="store_true",
                         help="with --profile: also rank the copies (copy_, clone, contiguous, _to_copy) by the "
-                             "Python lines that make them")
+                             "Python lines that make them, and the kernels by operator, shapes and autograd node")
     cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
     unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
@@ -674,6 +674,28 @@ def copies_by_line(prof, per: int, rows: int = 30) -> list:
             for (op, lines), (ms, calls) in ranked]
 
 
+def kernels_by_source(prof, per: int, rows: int = 80) -> list:
+    """The kernels of a profile grouped by the operator that launched them, its input shapes and the nearest
+    enclosing autograd function or backward node, ranked by CUDA time per step (`per` steps were profiled)."""
+    grouped = {}
+    for e in prof.events():
+        ms = sum(k.duration for k in e.kernels) / 1e3 / per
+        if ms <= 0:
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith(("_", "autograd::engine::evaluate_function: ")):
+            parent = parent.cpu_parent
+        source = "" if parent is None else parent.name.removeprefix("autograd::engine::evaluate_function: ")
+        shapes = ",".join("x".join(map(str, shape)) for shape in (e.input_shapes or []) if shape)
+        key = (source, e.name, shapes[:80])
+        total, calls, kernels = grouped.get(key, (0.0, 0.0, 0.0))
+        grouped[key] = (total + ms, calls + 1 / per, kernels + len(e.kernels) / per)
+    ranked = sorted(grouped.items(), key=lambda item: -item[1][0])[:rows]
+    return [{"source": source, "op": op, "shapes": shapes, "cuda_ms_per_step": round(ms, 4),
+             "calls_per_step": calls, "kernels_per_step": kernels}
+            for (source, op, shapes), (ms, calls, kernels) in ranked]
+
+
 def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
     """The top CUDA kernels of two eager train_motion steps with the chosen temporal kernels (where time goes)."""
     if device.type != "cuda":
@@ -687,7 +709,7 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
         if state.step == 3:
             verbose = torch._C._profiler._ExperimentalConfig(verbose=True)  # Python frames in the events' stacks
             prof.ctx = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
-                               with_stack=args.profile_stacks,
+                               with_stack=args.profile_stacks, record_shapes=args.profile_stacks,
                                experimental_config=verbose if args.profile_stacks else None)  # fmt: skip
             prof.ctx.__enter__()
         if state.step == 5:
@@ -698,6 +720,7 @@ def profile_step(unet_config, args, video, embeds, scheduler, device) -> list:
             prof.kernels_per_step = top["kernels_per_step"]
             if args.profile_stacks:
                 rows.append({"copies_by_line": copies_by_line(prof.ctx, per=2)})
+                rows.append({"kernels_by_source": kernels_by_source(prof.ctx, per=2)})
 
     config = MotionDistillationConfig(max_train_steps=5, seed=args.seed, checkpointing_steps=0,
                                       mixed_precision="bf16", cuda_graph="no", num_frames=args.frames,
