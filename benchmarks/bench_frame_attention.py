@@ -28,13 +28,14 @@ from bench_training import GIB, environment, write  # noqa: E402
 from motion_adapters import frame_attention as fa  # noqa: E402
 
 HEADS = 64
-#: name -> (N, frames, channels). show-1-base trains at 1 x 8 x 40 x 64 (its four levels: 320, 640, 1280 and 1280
-#: channels at 40x64 to 5x8); interpolation samples 14 windows of 5 frames at 40 x 64; SR1 2 x 8 frames at 160 x 256
+#: name -> (N, frames, channels). show-1-base trains at 1 x 8 x 40 x 64 (its four levels: 320, 640, 960 and 1280
+#: channels at 40x64 to 5x8, temporal attention at the lower three; the 1280 @ 10x16 row is of earlier runs); interpolation samples 14 windows of 5 frames at 40 x 64; SR1 2 x 8 frames at 160 x 256
 #: (128 to 768 channels).
 SHAPES = {
     "base 320 @ 40x64, 8 frames": (2560, 8, 320),
     "base 640 @ 20x32, 8 frames": (640, 8, 640),
     "base 1280 @ 10x16, 8 frames": (160, 8, 1280),
+    "base 960 @ 10x16, 8 frames": (160, 8, 960),
     "base 1280 @ 5x8, 8 frames": (40, 8, 1280),
     "interpolation 320 @ 14x40x64, 5 frames": (35840, 5, 320),
     "interpolation 1280 @ 14x10x16, 5 frames": (2240, 5, 1280),
@@ -49,6 +50,11 @@ VARIANTS = {
     "pairs_split2": ("pairs", None, None, 2),
     "pairs_split4": ("pairs", None, None, 4),
     "pairs_split4_block64": ("pairs", 64, None, 4),
+    "queries_lanes2": ("queries", None, None, 2),
+    "queries_lanes4": ("queries", None, None, 4),
+    "queries_lanes8": ("queries", None, None, 8),
+    "queries_lanes4_block64": ("queries", 64, None, 4),
+    "queries_lanes8_block32": ("queries", 32, None, 8),
     "pairs_128": ("pairs", 128, 4, None),
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
@@ -89,9 +95,9 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
     for label, launch in VARIANTS.items():
         if labels is not None and label not in labels:
             continue
-        if launch is not None and launch[0] == "pairs" and fa._padded(frames) > fa.PAIRS_FRAMES:
+        if launch is not None and launch[0] in ("pairs", "queries") and fa._padded(frames) > fa.PAIRS_FRAMES:
             continue
-        if launch is not None and launch[3] is not None and launch[3] > fa._padded(channels // HEADS):
+        if launch is not None and launch[0] == "pairs" and (launch[3] or 1) > fa._padded(channels // HEADS):
             continue  # more lanes than the head has channels (rounded up to a power of two)
 
         def forward(q, k, v, launch=launch):
@@ -158,7 +164,8 @@ def main() -> None:
     result = {"benchmark": "frame_attention", "env": env,
               "dtype": "bfloat16", "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
               "defaults": {"pairs_frames": fa.PAIRS_FRAMES, "pairs_block": fa.PAIRS_BLOCK, "tile": fa.TILE,
-                           "pairs_split": fa.PAIRS_SPLIT, "pairs_split_channels": fa.PAIRS_SPLIT_CHANNELS},
+                           "pairs_split": fa.PAIRS_SPLIT, "pairs_split_channels": fa.PAIRS_SPLIT_CHANNELS,
+                           "pairs_query_lanes": fa.PAIRS_QUERY_LANES},
               "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2), "rows": rows}  # fmt: skip
     write(args.out, result)
     print(f"wrote {args.out}")

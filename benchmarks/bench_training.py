@@ -184,6 +184,24 @@ VARIANTS = {
     "full_stacked_joint_qkv": ("as full, the spatial joint attention's frozen pixel q/k/v as one GEMM each way "
                                "(training_step.STACKED_JOINT_QKV on)",
                                AS_FULL),
+    "full_query_lanes_2": ("as full, temporal attention on the 'queries' kernels, 2 lanes a pair of 4 query frames "
+                           "each (frame_attention.PAIRS_QUERY_LANES = 2)",
+                           AS_FULL),
+    "full_query_lanes_4": ("as full, temporal attention on the 'queries' kernels, 4 lanes a pair of 2 query frames "
+                           "each (frame_attention.PAIRS_QUERY_LANES = 4)",
+                           AS_FULL),
+    "full_query_lanes_8": ("as full, temporal attention on the 'queries' kernels, 8 lanes a pair of 1 query frame "
+                           "each (frame_attention.PAIRS_QUERY_LANES = 8)",
+                           AS_FULL),
+    "full_pairs_attention": ("as full, temporal attention on the 'pairs' kernels, a pair's channels split over lanes "
+                             "(frame_attention.PAIRS_QUERY_LANES = 0)",
+                             AS_FULL),
+    "full_memo_text_kv": ("as full, the spatial attention's text keys and values computed once for the run "
+                          "(training_step.MEMO_TEXT_KV on)",
+                          AS_FULL),
+    "full_text_kv_each_step": ("as full, the spatial attention's text keys and values computed at every step "
+                               "(training_step.MEMO_TEXT_KV off)",
+                               AS_FULL),
     "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
                       "its fusions around the fused norms and the custom convolutions' autograd functions)",
                       {**AS_FULL, "compile": "regional"}),
@@ -478,7 +496,13 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_cast_weight_grads": [(frame_attention, "WEIGHT_GRAD_OUT_DTYPE", False)],
                    "full_split_3": [(frame_attention, "PAIRS_SPLIT_CHANNELS", 3)],
                    "full_unstacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", False)],
-                   "full_stacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", True)]}
+                   "full_stacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", True)],
+                   "full_query_lanes_2": [(frame_attention, "PAIRS_QUERY_LANES", 2)],
+                   "full_query_lanes_4": [(frame_attention, "PAIRS_QUERY_LANES", 4)],
+                   "full_query_lanes_8": [(frame_attention, "PAIRS_QUERY_LANES", 8)],
+                   "full_pairs_attention": [(frame_attention, "PAIRS_QUERY_LANES", 0)],
+                   "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
+                   "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)]}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

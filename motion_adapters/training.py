@@ -52,10 +52,10 @@ from motion_adapters.training_step import (
     checkpointing,
     compiled,
     cudnn_benchmark,
+    joint_attention_processors,
     keep_implementation_flags,
     optimizer_for,
     regional_compile,
-    stacked_joint_attention,
     temporal_kernels,
     use_cuda_graph,
 )
@@ -231,7 +231,8 @@ def train_motion(
         # CUDA graph replays its captured RNG offsets, so there the fork is seeded once.
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
-                stacked_joint_attention(unet, training_step.STACKED_JOINT_QKV and device.type == "cuda"), \
+                joint_attention_processors(unet, training_step.STACKED_JOINT_QKV and device.type == "cuda",
+                                           training_step.MEMO_TEXT_KV), \
                 channels_last_training(unet, channels_last, half_norms), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
                 frozen_activations_recomputed(unet, recompute, not half_norms, fused_norms), \

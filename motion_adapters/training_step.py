@@ -214,49 +214,79 @@ class ShortSequenceAttnProcessor(AttnProcessor2_0):
             return super().__call__(*args, **kwargs)
 
 
-class StackedJointAttnProcessor:
-    """`AttnAddedKVProcessor2_0`'s function with the pixels' frozen q, k and v projections as one GEMM.
+class JointAttnProcessor:
+    """`AttnAddedKVProcessor2_0`'s function, the text's keys and values kept, optionally the pixel q/k/v stacked.
 
     Show-1's spatial attention projects the (group-normed) pixels three times and concatenates the text's keys and
-    values in front of the pixels'. Here the three frozen weights (and biases) are stacked for each call, so the
-    forward pass runs one GEMM where it ran three and the backward pass one input-gradient GEMM where autograd ran
-    three and added their results. Layers whose projections are trainable or not plain `nn.Linear` (LoRA), masks,
-    cross-attention only and extra arguments go to `AttnAddedKVProcessor2_0`.
+    values in front of the pixels'. With `text_memo` (a dict the layers share, owned by
+    `joint_attention_processors`), the text's keys and values, a function of the prompt's embedding and frozen
+    weights only, are computed once and reused while the embedding and those weights stay the same: the same
+    tensor object, unmodified (its version counter), the same autocast dtype, the projections' and `norm_cross`'s
+    parameters unmodified and not trainable. With `stack_pixels`, the three frozen pixel weights (and biases) are
+    stacked for each call, so the forward pass runs one GEMM where it ran three and the backward pass one
+    input-gradient GEMM where autograd ran three and added their results. Masks, cross-attention only, extra
+    arguments, and stacking over trainable or non-`nn.Linear` (LoRA) projections go to `AttnAddedKVProcessor2_0`.
 
     Example:
-        >>> attn.set_processor(StackedJointAttnProcessor())  # doctest: +SKIP
+        >>> attn.set_processor(JointAttnProcessor(text_memo={}))  # doctest: +SKIP
     """
 
-    def __init__(self):
+    def __init__(self, stack_pixels: bool = True, text_memo: dict | None = None):
         self._fallback = AttnAddedKVProcessor2_0()
+        self.stack_pixels = stack_pixels
+        self.text_memo = text_memo
 
     @staticmethod
     def _stackable(attn: Attention) -> bool:
         projections = (attn.to_q, attn.to_k, attn.to_v)
         return (
-            not attn.only_cross_attention and attn.spatial_norm is None
-            and all(type(p) is nn.Linear and (p.bias is None) == (attn.to_q.bias is None) for p in projections)
+            all(type(p) is nn.Linear and (p.bias is None) == (attn.to_q.bias is None) for p in projections)
             and not any(t.requires_grad for p in projections for t in p.parameters())
         )  # fmt: skip
+
+    @staticmethod
+    def _text_key(attn: Attention, text: torch.Tensor) -> tuple | None:
+        """What the text's keys and values of `attn` depend on, or None where they must not be kept."""
+        modules = [attn.add_k_proj, attn.add_v_proj] + ([attn.norm_cross] if attn.norm_cross else [])
+        params = [t for m in modules for t in m.parameters()]
+        if text.requires_grad or any(t.requires_grad for t in params) or text.is_inference():
+            return None
+        device = text.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return (id(text), text._version, text.data_ptr(), text.dtype, tuple(text.shape), autocast,
+                tuple(t._version for t in params), tuple(t.data_ptr() for t in params))  # fmt: skip
+
+    def _text_keys_values(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = None if self.text_memo is None else self._text_key(attn, text)
+        kept = self.text_memo.get(id(attn)) if key is not None else None
+        if kept is not None and kept[0] == key:
+            return kept[2], kept[3]
+        normed = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+        text_k = attn.head_to_batch_dim(attn.add_k_proj(normed), out_dim=4)
+        text_v = attn.head_to_batch_dim(attn.add_v_proj(normed), out_dim=4)
+        if key is not None:  # `text` itself is kept too, so its id is not reused while the entry lives
+            self.text_memo[id(attn)] = (key, text, text_k, text_v)
+        return text_k, text_v
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, *args, **kwargs) -> torch.Tensor:  # fmt: skip
         """The layer's output, as `AttnAddedKVProcessor2_0` computes it."""
-        if args or kwargs or attention_mask is not None or encoder_hidden_states is None or not self._stackable(attn):
+        if (args or kwargs or attention_mask is not None or encoder_hidden_states is None or attn.only_cross_attention
+                or attn.spatial_norm is not None or (self.stack_pixels and not self._stackable(attn))):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         residual = hidden_states
         hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
         batch = hidden_states.shape[0]
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        text_k, text_v = self._text_keys_values(attn, encoder_hidden_states)
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        projections = (attn.to_q, attn.to_k, attn.to_v)
-        weight = torch.cat([p.weight for p in projections])
-        bias = None if attn.to_q.bias is None else torch.cat([p.bias for p in projections])
-        q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-                   for t in torch.nn.functional.linear(hidden_states, weight, bias).chunk(3, dim=-1))  # fmt: skip
-        text_k = attn.head_to_batch_dim(attn.add_k_proj(encoder_hidden_states), out_dim=4)
-        text_v = attn.head_to_batch_dim(attn.add_v_proj(encoder_hidden_states), out_dim=4)
+        if self.stack_pixels:
+            projections = (attn.to_q, attn.to_k, attn.to_v)
+            weight = torch.cat([p.weight for p in projections])
+            bias = None if attn.to_q.bias is None else torch.cat([p.bias for p in projections])
+            q, k, v = torch.nn.functional.linear(hidden_states, weight, bias).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = (attn.head_to_batch_dim(t, out_dim=4) for t in (q, k, v))
         out = torch.nn.functional.scaled_dot_product_attention(
             q, torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2), dropout_p=0.0, is_causal=False
         )
@@ -264,34 +294,41 @@ class StackedJointAttnProcessor:
         return out.transpose(-1, -2).reshape(residual.shape) + residual
 
 
-#: Whether training on CUDA runs Show-1's spatial (joint) attention on `StackedJointAttnProcessor`
-#: (`stacked_joint_attention`). Off: on an H200 steps were 1.011 times faster with it, but the peak rose from 7.70
-#: to 7.91 GiB (the attention keeps q as a view of the stacked projection, so k and v stay alive with it), and the
-#: loss was not compared with the reference loop in that run (benchmarks/results/training_joint_qkv_h200.json).
+#: Whether training on CUDA stacks the spatial (joint) attention's frozen pixel q/k/v into one GEMM
+#: (`JointAttnProcessor(stack_pixels=True)`). Off: on an H200 steps were 1.011 times faster with it, but the peak
+#: rose from 7.70 to 7.91 GiB (the attention keeps q as a view of the stacked projection, so k and v stay alive with
+#: it), and the loss was not compared with the reference loop in that run
+#: (benchmarks/results/training_joint_qkv_h200.json).
 STACKED_JOINT_QKV = False
+#: Whether training keeps the spatial attention's text keys and values across steps (`JointAttnProcessor`'s
+#: `text_memo`): the prompt's embedding and the frozen text projections do not change during a run.
+MEMO_TEXT_KV = False
 
 
 @contextmanager
-def stacked_joint_attention(unet: nn.Module, enabled: bool) -> Iterator[int]:
-    """Give every attention on `AttnAddedKVProcessor2_0` a `StackedJointAttnProcessor` for the run, then restore.
+def joint_attention_processors(unet: nn.Module, stack_pixels: bool, memo_text: bool) -> Iterator[int]:
+    """Give every attention on `AttnAddedKVProcessor2_0` a `JointAttnProcessor` for the run, then restore.
 
-    Yields the number of layers changed (0 where not enabled).
+    Yields the number of layers changed (0 where neither option is on); the kept text keys and values are
+    dropped on exit.
 
     Example:
-        >>> with stacked_joint_attention(unet, True) as count:  # doctest: +SKIP
+        >>> with joint_attention_processors(unet, stack_pixels=False, memo_text=True) as count:  # doctest: +SKIP
         ...     loss = step(unet)
     """
-    changed = []
-    if enabled:
+    changed, memo = [], {} if memo_text else None
+    if stack_pixels or memo_text:
         for module in unet.modules():
             if isinstance(module, Attention) and type(module.processor) is AttnAddedKVProcessor2_0:
                 changed.append((module, module.processor))
-                module.set_processor(StackedJointAttnProcessor())
+                module.set_processor(JointAttnProcessor(stack_pixels, memo))
     try:
         yield len(changed)
     finally:
         for module, processor in changed:
             module.set_processor(processor)
+        if memo is not None:
+            memo.clear()
 
 
 @contextmanager
@@ -614,7 +651,7 @@ __all__ = [
     "GRAPH_WARMUP_STEPS",
     "FrameConv",
     "ShortSequenceAttnProcessor",
-    "StackedJointAttnProcessor",
+    "JointAttnProcessor",
     "StepRunner",
     "WeightPrecision",
     "autocast_dtype",
@@ -624,6 +661,6 @@ __all__ = [
     "keep_implementation_flags",
     "optimizer_for",
     "regional_compile",
-    "stacked_joint_attention",
+    "joint_attention_processors",
     "use_cuda_graph",
 ]

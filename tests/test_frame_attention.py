@@ -76,6 +76,35 @@ def test_pairs_split_over_lanes_match_float64_attention(channels, heads, split):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n", "frames", "channels", "heads", "lanes"),
+                         [(3, 8, 80, 4, 1), (3, 8, 80, 4, 2), (3, 7, 80, 4, 4), (5, 5, 40, 4, 8),
+                          (17, 3, 24, 2, 2), (6, 8, 320, 64, 4)])  # fmt: skip
+def test_queries_kernels_match_float64_attention(n, frames, channels, heads, lanes):
+    """A pair's query frames over 1 to 8 lanes (the keys' and values' gradients summed across lanes): 8, 7, 5 and 3
+    frames (padded query rows masked, idle lanes at 5 frames over 8), pairs that do not fill the last program."""
+    q, k, v, grad = (torch.randn(n, frames, channels, device=DEVICE) for _ in range(4))
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = fa._FrameAttention.apply(*leaves, heads, (channels // heads) ** -0.5, ("queries", None, None, lanes))
+    grads = torch.autograd.grad(out, leaves, grad)
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = reference(*exact, heads)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
+    kernels, _, meta = fa._launch(q, heads, "queries", None, None, lanes)
+    assert kernels[0].__name__ == "_queries_forward" and meta["QS"] * meta["QF"] == fa._padded(frames)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_queries_kernels_run_by_default_where_asked_and_check_their_lanes(monkeypatch):
+    monkeypatch.setattr(fa, "PAIRS_QUERY_LANES", 4)
+    assert fa._launch(torch.empty(4, 8, 64 * 10), 64)[0][0].__name__ == "_queries_forward"
+    assert fa._launch(torch.empty(4, 2, 64 * 10), 64)[2]["QS"] == 2  # no more lanes than (padded) frames
+    assert fa._launch(torch.empty(4, 12, 64), 4)[0][0].__name__ == "_frame_attention_forward"
+    with pytest.raises(ValueError, match=r"split=3 must be a power of two up to the 8 frames"):
+        fa._launch(torch.empty(4, 8, 64 * 20), 64, "queries", None, None, 3)
+
+
 def test_wider_heads_split_over_more_lanes_by_default():
     splits = {d: fa._launch(torch.empty(4, 8, 64 * d), 64)[2]["SPLIT"] for d in (2, 5, 10, 20)}
     assert splits == {2: 1, 5: 1, 10: 2, 20: 4}

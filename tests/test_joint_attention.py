@@ -1,11 +1,11 @@
-"""Show-1's spatial (joint) attention with its frozen pixel projections stacked into one GEMM."""
+"""Show-1's spatial (joint) attention: frozen pixel projections stacked into one GEMM, the text's keys and values kept."""
 
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
 from motion_adapters.models.blocks_show1 import joint_attention
-from motion_adapters.training_step import StackedJointAttnProcessor, stacked_joint_attention
+from motion_adapters.training_step import JointAttnProcessor, joint_attention_processors
 
 
 def _layer(frozen: bool = True):
@@ -33,7 +33,7 @@ def test_stacked_projections_compute_the_joint_attention_and_its_input_gradients
         calls.append(tuple(weight.shape))
         return linear(input, weight, bias)
 
-    attn.set_processor(StackedJointAttnProcessor())
+    attn.set_processor(JointAttnProcessor())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.functional, "linear", counted)
         got = _run(attn, x, text)
@@ -48,11 +48,11 @@ def test_trainable_projections_go_to_diffusers_processor(monkeypatch):
     monkeypatch.setattr(AttnAddedKVProcessor2_0, "__call__", lambda *a, **k: calls.append(1) or fallback(*a, **k))
     x, text = torch.randn(2, 64, 3, 4), torch.randn(2, 7, 64)
     trainable = _layer(frozen=False)
-    trainable.set_processor(StackedJointAttnProcessor())
+    trainable.set_processor(JointAttnProcessor())
     trainable(x, encoder_hidden_states=text)
     assert calls == [1]  # trainable projections: their gradients must flow, the fallback runs
     frozen = _layer()
-    frozen.set_processor(StackedJointAttnProcessor())
+    frozen.set_processor(JointAttnProcessor())
     frozen(x, encoder_hidden_states=text)
     assert calls == [1]  # frozen: the stacked path
 
@@ -64,11 +64,68 @@ def test_context_installs_the_processor_on_joint_layers_only_and_restores_them()
     before = {name: type(m.processor) for name, m in unet.named_modules() if hasattr(m, "processor")}
     joint = [name for name, kind in before.items() if kind is AttnAddedKVProcessor2_0]
     assert joint
-    with stacked_joint_attention(unet, True) as count:
-        during = {name: type(m.processor) for name, m in unet.named_modules() if hasattr(m, "processor")}
+    with joint_attention_processors(unet, stack_pixels=False, memo_text=True) as count:
+        during = {name: m.processor for name, m in unet.named_modules() if hasattr(m, "processor")}
         assert count == len(joint)
-        assert all(during[name] is StackedJointAttnProcessor for name in joint)
-        assert all(during[name] is kind for name, kind in before.items() if name not in joint)
+        assert all(type(during[name]) is JointAttnProcessor for name in joint)
+        memo = during[joint[0]].text_memo
+        assert memo == {} and all(during[name].text_memo is memo and not during[name].stack_pixels for name in joint)
+        assert all(type(during[name]) is kind for name, kind in before.items() if name not in joint)
+        memo["entry"] = 1
+    assert memo == {}  # the kept keys and values are dropped with the run
     assert {name: type(m.processor) for name, m in unet.named_modules() if hasattr(m, "processor")} == before
-    with stacked_joint_attention(unet, False) as count:
+    with joint_attention_processors(unet, stack_pixels=False, memo_text=False) as count:
         assert count == 0
+
+
+def _counting_text_projections(attn):
+    calls = []
+    for proj in (attn.add_k_proj, attn.add_v_proj):
+        proj.register_forward_hook(lambda module, args, out: calls.append(module))
+    return calls
+
+
+def test_kept_text_keys_and_values_give_the_same_outputs_and_gradients_computed_once():
+    attn = _layer()
+    x = torch.randn(3, 64, 5, 6, requires_grad=True)
+    text = torch.randn(3, 7, 64)  # the prompt's embedding: no gradient, as in training
+    reference = _layer()
+    expected = [reference(x, encoder_hidden_states=text) for _ in range(2)]
+    calls = _counting_text_projections(attn)
+    attn.set_processor(JointAttnProcessor(stack_pixels=False, text_memo={}))
+    got = [attn(x, encoder_hidden_states=text) for _ in range(2)]
+    assert len(calls) == 2  # k and v of the text once, for two calls
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(got[1].square().sum(), x)
+    (ex,) = torch.autograd.grad(expected[1].square().sum(), x)
+    torch.testing.assert_close(gx, ex, rtol=0, atol=0)
+
+
+def test_kept_text_keys_and_values_are_recomputed_when_what_they_depend_on_changes():
+    attn = _layer()
+    x, text = torch.randn(2, 64, 3, 4), torch.randn(2, 7, 64)
+    calls = _counting_text_projections(attn)
+    attn.set_processor(JointAttnProcessor(stack_pixels=False, text_memo={}))
+
+    def check(text):
+        expected = AttnAddedKVProcessor2_0()(attn, x, text)
+        torch.testing.assert_close(attn(x, encoder_hidden_states=text), expected, rtol=0, atol=0)
+
+    check(text)
+    assert len(calls) == 4  # computed (2) + the reference (2)
+    text.mul_(2)  # the same tensor modified in place
+    check(text)
+    assert len(calls) == 8
+    check(text.clone())  # another tensor
+    assert len(calls) == 12
+    with torch.no_grad():
+        attn.add_k_proj.weight.add_(1.0)  # a frozen weight changed (a new checkpoint loaded in place)
+    check(text)
+    assert len(calls) == 16
+    check(text)
+    assert len(calls) == 18  # kept: only the reference computed them
+    attn.add_v_proj.weight.requires_grad_(True)  # trainable: never kept
+    check(text)
+    check(text)
+    assert len(calls) == 26
