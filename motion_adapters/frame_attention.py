@@ -277,7 +277,7 @@ if triton is not None:
     def _lane_total(x, FP: tl.constexpr, BLOCK_P: tl.constexpr, QS: tl.constexpr):
         """(keys, lanes) values summed over each pair's QS lanes: (keys, pairs)."""
         if QS > 1:
-            return tl.sum(tl.reshape(x, (FP, BLOCK_P, QS)), axis=2)
+            x = tl.sum(tl.reshape(x, (FP, BLOCK_P, QS)), axis=2)
         return x
 
     @triton.jit
