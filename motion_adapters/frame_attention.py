@@ -51,7 +51,7 @@ PAIRS_SPLIT_CHANNELS = 5
 #: hold a pair's whole frames x frames scores in every lane (with their gradients, more registers than a thread
 #: has in the backward pass), so few of their threads fit on a multiprocessor; here a lane holds a share of them,
 #: and only the keys' and values' gradients are summed across lanes.
-PAIRS_QUERY_LANES = 0
+PAIRS_QUERY_LANES = 4
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).

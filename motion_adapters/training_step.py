@@ -302,7 +302,7 @@ class JointAttnProcessor:
 STACKED_JOINT_QKV = False
 #: Whether training keeps the spatial attention's text keys and values across steps (`JointAttnProcessor`'s
 #: `text_memo`): the prompt's embedding and the frozen text projections do not change during a run.
-MEMO_TEXT_KV = False
+MEMO_TEXT_KV = True
 
 
 @contextmanager

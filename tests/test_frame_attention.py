@@ -33,7 +33,7 @@ def reference(q, k, v, heads):
         (3, 12, 32, 8),  # 12 frames: past the "pairs" kernels' 8 by default
     ],
 )
-@pytest.mark.parametrize("kernel", ["pairs", "tile"])
+@pytest.mark.parametrize("kernel", ["queries", "pairs", "tile"])
 def test_output_and_gradients_match_float64_attention(n, frames, channels, heads, kernel, monkeypatch):
     launch, ran = fa._launch, []
 
@@ -55,7 +55,8 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip((dq, dk, dv), expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
+    names = {"queries": "_queries_forward", "pairs": "_pairs_forward", "tile": "_frame_attention_forward"}
+    assert ran == [names[kernel]] * 2  # forward, backward
 
 
 @pytest.mark.parametrize(("channels", "heads", "split"),
@@ -105,7 +106,8 @@ def test_queries_kernels_run_by_default_where_asked_and_check_their_lanes(monkey
         fa._launch(torch.empty(4, 8, 64 * 20), 64, "queries", None, None, 3)
 
 
-def test_wider_heads_split_over_more_lanes_by_default():
+def test_wider_heads_split_over_more_lanes_by_default_on_the_pairs_kernels(monkeypatch):
+    monkeypatch.setattr(fa, "PAIRS_QUERY_LANES", 0)
     splits = {d: fa._launch(torch.empty(4, 8, 64 * d), 64)[2]["SPLIT"] for d in (2, 5, 10, 20)}
     assert splits == {2: 1, 5: 1, 10: 2, 20: 4}
     with pytest.raises(ValueError, match=r"split=3 must be a power of two up to the 20 channels"):
@@ -139,9 +141,11 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value():
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
 
 
-def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels():
+def test_up_to_8_frames_run_the_queries_kernels_longer_sequences_the_tile_kernels(monkeypatch):
     assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9, 29)] == [
-        "_pairs_forward", "_pairs_forward", "_frame_attention_forward", "_frame_attention_forward"]
+        "_queries_forward", "_queries_forward", "_frame_attention_forward", "_frame_attention_forward"]
+    monkeypatch.setattr(fa, "PAIRS_QUERY_LANES", 0)
+    assert fa._launch(torch.empty(4, 8, 64), 4)[0][0].__name__ == "_pairs_forward"
 
 
 def test_bad_arguments_are_named():
@@ -298,9 +302,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
-# Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels)
-for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"), (29, 5, None)):
-    kernels, _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64, kernel)
+# Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "queries"
+# kernels by default, over 2 and 8 lanes too, and the "pairs" kernels
+for frames, width, kernel, lanes in ((8, 5, None, None), (8, 20, None, None), (5, 10, None, None), (8, 2, None, None),
+                                     (8, 15, "queries", 2), (8, 10, "queries", 8), (8, 10, "pairs", None),
+                                     (8, 20, "pairs", None), (5, 10, "pairs", None), (8, 2, "pairs", None),
+                                     (8, 5, "tile", None), (29, 5, None, None)):
+    kernels, _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64, kernel, None, None, lanes)
     warps = meta.pop("num_warps")
     for kernel in kernels:
         names = kernel.arg_names
@@ -317,7 +325,8 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     from hopper import compiled_for_hopper
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
-    assert out.count("compiled _pairs_") == 8 and out.count("compiled _frame_attention_") == 4, out
+    assert out.count("compiled _queries_") == 12 and out.count("compiled _pairs_") == 8, out
+    assert out.count("compiled _frame_attention_") == 4, out
 
 
 @pytest.mark.gpu
