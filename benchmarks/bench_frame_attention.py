@@ -43,18 +43,15 @@ SHAPES = {
     "sr1 256 @ 2x80x128, 8 frames": (20480, 8, 256),
     "sr1 768 @ 2x20x32, 8 frames": (1280, 8, 768),
 }
-#: label -> `fa._launch` overrides (kernel, pairs a program, warps, lanes a pair); None: PyTorch
+#: label -> `fa._launch` overrides (kernel, pairs a program, warps, lanes a pair[, channels unrolled]); None: PyTorch
 VARIANTS = {
     "pairs": ("pairs", None, None, None),
     "pairs_split1": ("pairs", None, None, 1),
     "pairs_split2": ("pairs", None, None, 2),
     "pairs_split4": ("pairs", None, None, 4),
     "pairs_split4_block64": ("pairs", 64, None, 4),
-    "queries_lanes2": ("queries", None, None, 2),
-    "queries_lanes4": ("queries", None, None, 4),
-    "queries_lanes8": ("queries", None, None, 8),
-    "queries_lanes4_block64": ("queries", 64, None, 4),
-    "queries_lanes8_block32": ("queries", 32, None, 8),
+    "pairs_rolled": ("pairs", None, None, None, 1),
+    "pairs_unrolled2": ("pairs", None, None, None, 2),
     "pairs_128": ("pairs", 128, 4, None),
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
@@ -95,7 +92,7 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
     for label, launch in VARIANTS.items():
         if labels is not None and label not in labels:
             continue
-        if launch is not None and launch[0] in ("pairs", "queries") and fa._padded(frames) > fa.PAIRS_FRAMES:
+        if launch is not None and launch[0] == "pairs" and fa._padded(frames) > fa.PAIRS_FRAMES:
             continue
         if launch is not None and launch[0] == "pairs" and (launch[3] or 1) > fa._padded(channels // HEADS):
             continue  # more lanes than the head has channels (rounded up to a power of two)
@@ -165,7 +162,7 @@ def main() -> None:
               "dtype": "bfloat16", "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
               "defaults": {"pairs_frames": fa.PAIRS_FRAMES, "pairs_block": fa.PAIRS_BLOCK, "tile": fa.TILE,
                            "pairs_split": fa.PAIRS_SPLIT, "pairs_split_channels": fa.PAIRS_SPLIT_CHANNELS,
-                           "pairs_query_lanes": fa.PAIRS_QUERY_LANES},
+                           "pairs_unroll": fa.PAIRS_UNROLL},
               "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2), "rows": rows}  # fmt: skip
     write(args.out, result)
     print(f"wrote {args.out}")

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention, layout, lean_backward, training_step  # noqa: E402
+from motion_adapters import frame_attention, fused_norm, layout, lean_backward, training_step  # noqa: E402
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -184,18 +184,13 @@ VARIANTS = {
     "full_stacked_joint_qkv": ("as full, the spatial joint attention's frozen pixel q/k/v as one GEMM each way "
                                "(training_step.STACKED_JOINT_QKV on)",
                                AS_FULL),
-    "full_query_lanes_2": ("as full, temporal attention on the 'queries' kernels, 2 lanes a pair of 4 query frames "
-                           "each (frame_attention.PAIRS_QUERY_LANES = 2)",
-                           AS_FULL),
-    "full_query_lanes_4": ("as full, temporal attention on the 'queries' kernels, 4 lanes a pair of 2 query frames "
-                           "each (frame_attention.PAIRS_QUERY_LANES = 4)",
-                           AS_FULL),
-    "full_query_lanes_8": ("as full, temporal attention on the 'queries' kernels, 8 lanes a pair of 1 query frame "
-                           "each (frame_attention.PAIRS_QUERY_LANES = 8)",
-                           AS_FULL),
-    "full_pairs_attention": ("as full, temporal attention on the 'pairs' kernels, a pair's channels split over lanes "
-                             "(frame_attention.PAIRS_QUERY_LANES = 0)",
-                             AS_FULL),
+    "full_rolled_attention": ("as full, the 'pairs' kernels' loops over a lane's channels rolled (the default "
+                              "before frame_attention.PAIRS_UNROLL unrolled them)",
+                              AS_FULL),
+    "full_unfolded_norms": ("as full, every channels-last norm's group statistics combined in launches of their "
+                            "own (fused_norm.CL_FOLD_MAX_K = 0, the default before the lower levels' were folded "
+                            "into the element-wise kernels)",
+                            AS_FULL),
     "full_memo_text_kv": ("as full, the spatial attention's text keys and values computed once for the run "
                           "(training_step.MEMO_TEXT_KV on)",
                           AS_FULL),
@@ -497,10 +492,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_split_3": [(frame_attention, "PAIRS_SPLIT_CHANNELS", 3)],
                    "full_unstacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", False)],
                    "full_stacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", True)],
-                   "full_query_lanes_2": [(frame_attention, "PAIRS_QUERY_LANES", 2)],
-                   "full_query_lanes_4": [(frame_attention, "PAIRS_QUERY_LANES", 4)],
-                   "full_query_lanes_8": [(frame_attention, "PAIRS_QUERY_LANES", 8)],
-                   "full_pairs_attention": [(frame_attention, "PAIRS_QUERY_LANES", 0)],
+                   "full_rolled_attention": [(frame_attention, "PAIRS_UNROLL", 1)],
+                   "full_unfolded_norms": [(fused_norm, "CL_FOLD_MAX_K", 0)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
                    "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)]}
 

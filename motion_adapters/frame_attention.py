@@ -46,12 +46,12 @@ PAIRS_BLOCK = 64
 #: 20 / 51 at 5 x 8; training steps 1.03 times faster (training_qkv_final_h200.json, `full_unsplit_attention`).
 PAIRS_SPLIT = 4
 PAIRS_SPLIT_CHANNELS = 5
-#: Lanes a pair takes in the "queries" kernels, each holding 8 / lanes of the pair's query frames (scores, their
-#: gradients) and looping over all of the head's channels; 0 runs the "pairs" kernels instead. The "pairs" kernels
-#: hold a pair's whole frames x frames scores in every lane (with their gradients, more registers than a thread
-#: has in the backward pass), so few of their threads fit on a multiprocessor; here a lane holds a share of them,
-#: and only the keys' and values' gradients are summed across lanes.
-PAIRS_QUERY_LANES = 4
+#: How many iterations of their loops over a lane's channels the "pairs" kernels unroll: 0 all of them (the loads of
+#: every channel issued together), 1 none (one channel's loads, then its arithmetic, in turn). Rolled, a lane waits
+#: out the latency of its loads once a channel; and the backward kernel already holds more than a thread's 255
+#: registers (its frames x frames probabilities and their gradients), so few threads share a multiprocessor to
+#: hide it.
+PAIRS_UNROLL = 0
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
@@ -180,10 +180,11 @@ if triton is not None:
 
     @triton.jit
     def _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D: tl.constexpr,
-                            FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+                            FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
+                            UNROLL: tl.constexpr):  # fmt: skip
         """softmax(q k^T * scale) over the keys, (queries, keys, lanes); padded keys get no weight."""
         s = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
-        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
             s += _column(q_ptr, q_sn, q_sf, n, h, f, first + i, mask, D)[:, None, :] * \
                 _column(k_ptr, k_sn, k_sf, n, h, f, first + i, mask, D)[None, :, :]
         s = tl.where((f < F)[None, :, None], _pair_total(s, FP, BLOCK_P, SPLIT) * scale, float("-inf"))
@@ -193,29 +194,30 @@ if triton is not None:
     @triton.jit
     def _pairs_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
                        HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
-                       SPLIT: tl.constexpr):  # fmt: skip
+                       SPLIT: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
         n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
-                                BLOCK_P, SPLIT)  # fmt: skip
-        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
+                                BLOCK_P, SPLIT, UNROLL)  # fmt: skip
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
             v = _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)
             _put_column(o_ptr, tl.sum(p * v[None, :, :], axis=1), o_sn, o_sf, n, h, f, first + i, mask, D)
 
     @triton.jit
     def _pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                         do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
-                        FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+                        FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
+                        UNROLL: tl.constexpr):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
         n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
-                                BLOCK_P, SPLIT)  # fmt: skip
+                                BLOCK_P, SPLIT, UNROLL)  # fmt: skip
         dp = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
-        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
             dp += _column(do_ptr, do_sn, do_sf, n, h, f, first + i, mask, D)[:, None, :] * \
                 _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)[None, :, :]
         dp = _pair_total(dp, FP, BLOCK_P, SPLIT)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
-        for i in tl.range(0, (D + SPLIT - 1) // SPLIT):
+        for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
             c = first + i
             q = _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
             k = _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
@@ -223,89 +225,6 @@ if triton is not None:
             _put_column(dq_ptr, tl.sum(ds * k[None, :, :], axis=1), g_sn, g_sf, n, h, f, c, mask, D)
             _put_column(dk_ptr, tl.sum(ds * q[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
             _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
-
-
-    # "queries" kernels: QS lanes a pair, lane j holding query frames j * QF .. (j + 1) * QF - 1 (QF = FP // QS)
-    # and every key frame. The forward pass and dq stay within a lane; dk and dv sum over the lanes of a pair.
-
-    @triton.jit
-    def _query_lanes(P, F, HEADS: tl.constexpr, FP: tl.constexpr, QF: tl.constexpr, BLOCK_P: tl.constexpr,
-                     QS: tl.constexpr):  # fmt: skip
-        """Each lane's sequence, head and query frames (queries, lanes), the key frames, and the two masks.
-
-        The masks are (queries, lanes) and (keys, lanes): frames past F and pairs past P are off.
-        """
-        lane = tl.arange(0, BLOCK_P * QS)
-        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // QS
-        fq = (lane % QS)[None, :] * QF + tl.arange(0, QF)[:, None]
-        fk = tl.arange(0, FP)
-        live = (pair < P)[None, :]
-        return pair // HEADS, pair % HEADS, fq, fk, (fq < F) & live, (fk < F)[:, None] & live
-
-    @triton.jit
-    def _query_column(ptr, sn, sf, n, h, frames, c, mask, D: tl.constexpr):
-        """Head channel c of `frames` ((queries or keys, lanes), or (keys,)) of each lane's pair, in float32."""
-        if len(frames.shape) == 1:
-            frames = frames[:, None]
-        return tl.load(ptr + frames * sf + (n * sn + h * D + c)[None, :], mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _query_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, fq, fk, qmask, kmask, F, scale,
-                             D: tl.constexpr, FP: tl.constexpr, QF: tl.constexpr, LANES: tl.constexpr):  # fmt: skip
-        """softmax(q k^T * scale) of each lane's queries over all keys, (queries, keys, lanes)."""
-        s = tl.zeros((QF, FP, LANES), dtype=tl.float32)
-        for c in tl.range(0, D):
-            s += _query_column(q_ptr, q_sn, q_sf, n, h, fq, c, qmask, D)[:, None, :] * \
-                _query_column(k_ptr, k_sn, k_sf, n, h, fk, c, kmask, D)[None, :, :]
-        s = tl.where((fk < F)[None, :, None], s * scale, float("-inf"))
-        e = tl.exp(s - tl.max(s, axis=1)[:, None, :])
-        return e / tl.sum(e, axis=1)[:, None, :]
-
-    @triton.jit
-    def _queries_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
-                         HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, QF: tl.constexpr,
-                         BLOCK_P: tl.constexpr, QS: tl.constexpr):  # fmt: skip
-        n, h, fq, fk, qmask, kmask = _query_lanes(P, F, HEADS, FP, QF, BLOCK_P, QS)
-        p = _query_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, fq, fk, qmask, kmask, F, scale, D, FP,
-                                 QF, BLOCK_P * QS)  # fmt: skip
-        for c in tl.range(0, D):
-            v = _query_column(v_ptr, v_sn, v_sf, n, h, fk, c, kmask, D)
-            out = tl.sum(p * v[None, :, :], axis=1)
-            tl.store(o_ptr + fq * o_sf + (n * o_sn + h * D + c)[None, :], out.to(o_ptr.dtype.element_ty), mask=qmask)
-
-    @triton.jit
-    def _lane_total(x, FP: tl.constexpr, BLOCK_P: tl.constexpr, QS: tl.constexpr):
-        """(keys, lanes) values summed over each pair's QS lanes: (keys, pairs)."""
-        if QS > 1:
-            x = tl.sum(tl.reshape(x, (FP, BLOCK_P, QS)), axis=2)
-        return x
-
-    @triton.jit
-    def _queries_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
-                          do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
-                          FP: tl.constexpr, QF: tl.constexpr, BLOCK_P: tl.constexpr, QS: tl.constexpr):  # fmt: skip
-        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
-        n, h, fq, fk, qmask, kmask = _query_lanes(P, F, HEADS, FP, QF, BLOCK_P, QS)
-        p = _query_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, fq, fk, qmask, kmask, F, scale, D, FP,
-                                 QF, BLOCK_P * QS)  # fmt: skip
-        dp = tl.zeros((QF, FP, BLOCK_P * QS), dtype=tl.float32)
-        for c in tl.range(0, D):
-            dp += _query_column(do_ptr, do_sn, do_sf, n, h, fq, c, qmask, D)[:, None, :] * \
-                _query_column(v_ptr, v_sn, v_sf, n, h, fk, c, kmask, D)[None, :, :]
-        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
-        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # one a pair, for dk and dv
-        pair_at = fk[:, None] * g_sf + ((pair // HEADS) * g_sn + (pair % HEADS) * D)[None, :]
-        pair_mask = (fk < F)[:, None] & (pair < P)[None, :]
-        for c in tl.range(0, D):
-            q = _query_column(q_ptr, q_sn, q_sf, n, h, fq, c, qmask, D)
-            k = _query_column(k_ptr, k_sn, k_sf, n, h, fk, c, kmask, D)
-            do = _query_column(do_ptr, do_sn, do_sf, n, h, fq, c, qmask, D)
-            dq = tl.sum(ds * k[None, :, :], axis=1)
-            tl.store(dq_ptr + fq * g_sf + (n * g_sn + h * D + c)[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
-            dk = _lane_total(tl.sum(ds * q[:, None, :], axis=0), FP, BLOCK_P, QS)
-            tl.store(dk_ptr + pair_at + c, dk.to(dk_ptr.dtype.element_ty), mask=pair_mask)
-            dv = _lane_total(tl.sum(p * do[:, None, :], axis=0), FP, BLOCK_P, QS)
-            tl.store(dv_ptr + pair_at + c, dv.to(dv_ptr.dtype.element_ty), mask=pair_mask)
 
 
 def _split(d: int) -> int:
@@ -320,23 +239,16 @@ def _split(d: int) -> int:
 
 
 def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int | None = None,
-            num_warps: int | None = None, split: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
+            num_warps: int | None = None, split: int | None = None,
+            unroll: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
     """The (forward, backward) kernels, grid and shape constants of a launch over `q`'s (N * heads) pairs.
 
-    `kernel` ("pairs", "queries" or "tile"), `block` (pairs a program), `num_warps` and `split` (lanes a pair,
-    "pairs" and "queries" only) override the choice for benchmarks.
+    `kernel` ("pairs" or "tile"), `block` (pairs a program), `num_warps`, `split` (lanes a pair) and `unroll`
+    (`PAIRS_UNROLL`; these two "pairs" only) override the choice for benchmarks.
     """
     n, frames, channels = q.shape
     fp, d = _padded(frames), channels // heads
-    kernel = kernel or ("tile" if fp > PAIRS_FRAMES else "queries" if PAIRS_QUERY_LANES else "pairs")
-    if kernel == "queries":
-        lanes = split or min(PAIRS_QUERY_LANES, fp)
-        if lanes & (lanes - 1) or lanes > fp:
-            raise ValueError(f"split={lanes} must be a power of two up to the {fp} frames (rounded up).")
-        block = block or max(1, PAIRS_BLOCK // lanes)
-        meta = {"HEADS": heads, "D": d, "FP": fp, "QF": fp // lanes, "BLOCK_P": block, "QS": lanes,
-                "num_warps": num_warps or max(1, block * lanes // 32)}  # fmt: skip
-        return (_queries_forward, _queries_backward), (triton.cdiv(n * heads, block),), meta
+    kernel = kernel or ("pairs" if fp <= PAIRS_FRAMES else "tile")
     if kernel == "pairs":
         split = split or _split(d)
         if split & (split - 1) or split > triton.next_power_of_2(d):
@@ -344,6 +256,7 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
         block = block or max(1, PAIRS_BLOCK // split)
         lanes = block * split
         meta = {"HEADS": heads, "D": d, "FP": fp, "BLOCK_P": block, "SPLIT": split,
+                "UNROLL": (PAIRS_UNROLL if unroll is None else unroll) or -(-d // split),
                 "num_warps": num_warps or max(1, lanes // 32)}  # fmt: skip
         return (_pairs_forward, _pairs_backward), (triton.cdiv(n * heads, block),), meta
     dp = _padded(d)

@@ -57,6 +57,10 @@ MAX_BLOCK_K = 4096
 CL_BLOCK_C = 64
 CL_TILE = {"forward": 8192, "backward": 4096}
 CL_LOOP = {"forward": 4, "backward": 4}
+#: Channels-last norms whose groups have at most this many per-chunk results (the lower levels of a UNet: a few
+#: chunks a sample) combine them in the element-wise kernel that uses the statistics, each program for its own
+#: channels, instead of in a launch of their own (`_group_moments`, `_group_grad_means`); 0 never.
+CL_FOLD_MAX_K = 128
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -271,6 +275,41 @@ if triton is not None:
         row = n * G + c // (C // G)
         mean = tl.load(mean_ptr + row, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + row, mask=cmask, other=0.0)
+        weight, offset = _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W, HAS_B,
+                                    HAS_F)  # fmt: skip
+        return mean, rstd, weight, offset
+
+    @triton.jit
+    def _cl_group_parts(part_ptr, n, c, cmask, C, G, P, BLOCK_K: tl.constexpr):
+        """The (channels, BLOCK_K) per-chunk results of each channel's group, their (k) indices and mask.
+
+        A group's K = channels a group * P results are consecutive (at (n * C + c) * P + p).
+        """
+        k = tl.arange(0, BLOCK_K)
+        mask = cmask[:, None] & (k < (C // G) * P)[None, :]
+        first = (n * C + (c // (C // G)) * (C // G)) * P
+        return tl.load(part_ptr + first[:, None] + k[None, :], mask=mask, other=0.0), k, mask
+
+    @triton.jit
+    def _cl_folded_moments(mean_part, m2_part, n, c, cmask, C, G, S, P, eps, CHUNK: tl.constexpr,
+                           BLOCK_K: tl.constexpr):  # fmt: skip
+        """Each channel's group's mean and 1/std from its chunk moments (Chan et al.), as `_group_moments` does.
+
+        Per channel, for groups of at most BLOCK_K chunk results, in the kernel that uses them.
+        """
+        means, k, mask = _cl_group_parts(mean_part, n, c, cmask, C, G, P, BLOCK_K)
+        m2s, k, mask = _cl_group_parts(m2_part, n, c, cmask, C, G, P, BLOCK_K)
+        count = tl.where(mask, tl.minimum(S - (k % P) * CHUNK, CHUNK).to(tl.float32)[None, :], 0.0)
+        total = tl.maximum(tl.sum(count, axis=1), 1.0)
+        mean = tl.sum(count * means, axis=1) / total
+        d = means - mean[:, None]
+        var = tl.sum(m2s + count * d * d, axis=1) / total
+        return mean, 1.0 / tl.sqrt(var + eps)
+
+    @triton.jit
+    def _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, HAS_F: tl.constexpr):  # fmt: skip
+        """Per-channel vectors: the effective weight (norm weight times factor) and offset of channels `c`."""
         if HAS_W:
             weight = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         else:
@@ -283,7 +322,7 @@ if triton is not None:
             factor = tl.load(f_ptr + n * f_sn + c * f_sc, mask=cmask, other=0.0).to(tl.float32)
             weight = weight * factor
             offset = offset * factor + tl.load(s_ptr + n * s_sn + c * s_sc, mask=cmask, other=0.0).to(tl.float32)
-        return mean, rstd, weight, offset
+        return weight, offset
 
     @triton.jit
     def _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION: tl.constexpr):
@@ -325,12 +364,28 @@ if triton is not None:
 
     @triton.jit
     def _cl_normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
-                          xb_ptr, xb_sn, xb_sc, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                          xb_ptr, xb_sn, xb_sc, mean_part, m2_part, C, G, S, P, P_STATS, eps, HAS_W: tl.constexpr,
+                          HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCK_K: tl.constexpr):  # fmt: skip
+        """The output of one tile.
+
+        FOLD: the group statistics from the chunk moments here (no `_group_moments`), stored to mean_ptr and rstd_ptr
+        by the programs of the first chunk.
+        """
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
-        mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
-                                                      s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if FOLD:
+            mean, rstd = _cl_folded_moments(mean_part, m2_part, n, c, cmask, C, G, S, P_STATS, eps, CHUNK, BLOCK_K)
+            if p == 0:  # channels of a group store one value
+                row = n * G + c // (C // G)
+                tl.store(mean_ptr + row, mean, mask=cmask)
+                tl.store(rstd_ptr + row, rstd, mask=cmask)
+            weight, offset = _cl_affine(n, c, cmask, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, HAS_W,
+                                        HAS_B, HAS_F)  # fmt: skip
+        else:
+            mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
+                                                          s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B,
+                                                          HAS_F)  # fmt: skip
         if HAS_XB:
             mean -= tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -359,15 +414,22 @@ if triton is not None:
 
     @triton.jit
     def _cl_input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                       mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                       BLOCK_C: tl.constexpr):  # fmt: skip
+                       mean_ptr, rstd_ptr, s1_part, s2_part, C, G, S, P, P_STATS, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr, HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_C: tl.constexpr, FOLD: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """The input gradient of one tile; FOLD: the group sums from the chunk sums here (no `_group_grad_means`)."""
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
-        row = n * G + c // (C // G)
-        c1 = tl.load(c1_ptr + row, mask=cmask, other=0.0)
-        c2 = tl.load(c2_ptr + row, mask=cmask, other=0.0)
+        if FOLD:
+            s1, k, kmask = _cl_group_parts(s1_part, n, c, cmask, C, G, P_STATS, BLOCK_K)
+            s2, k, kmask = _cl_group_parts(s2_part, n, c, cmask, C, G, P_STATS, BLOCK_K)
+            c1 = tl.sum(s1, axis=1) / ((C // G) * S)
+            c2 = tl.sum(s2, axis=1) / ((C // G) * S)
+        else:
+            row = n * G + c // (C // G)
+            c1 = tl.load(c1_ptr + row, mask=cmask, other=0.0)
+            c2 = tl.load(c2_ptr + row, mask=cmask, other=0.0)
         xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
         dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -586,13 +648,17 @@ def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, a
     _cl_chunk_moments[(n * p_stats, tiles)](rows, parts[0], parts[1], *xb_args, c, s, p_stats, **xb_flag,
                                             BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
                                             num_warps=warps)  # fmt: skip
-    _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p_stats, k, eps, BLOCK=block_s * loop,
-                                  BLOCK_K=_block_k(k))  # fmt: skip
+    fold = k <= CL_FOLD_MAX_K
+    fold_k = triton.next_power_of_2(k) if fold else 1  # the folding program loads all of a group's results at once
+    if not fold:
+        _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p_stats, k, eps,
+                                      BLOCK=block_s * loop, BLOCK_K=_block_k(k))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)  # x's strides: the same channels-last memory
-    _cl_normalize_act[(n * p, tiles)](rows, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, p, **flags,
-                                      **xb_flag, ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s,
-                                      BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    _cl_normalize_act[(n * p, tiles)](rows, y, *affine, stats[0], stats[1], *xb_args, parts[0], parts[1], c, groups,
+                                      s, p, p_stats, eps, **flags, **xb_flag,
+                                      ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_c,
+                                      FOLD=fold, CHUNK=block_s * loop, BLOCK_K=fold_k, num_warps=warps)  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -629,11 +695,15 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
                                               p_stats, **flags, ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c,
                                               LOOP=loop, num_warps=warps)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-    _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
-                                     BLOCK_K=_block_k(k))  # fmt: skip
+    fold = k <= CL_FOLD_MAX_K
+    fold_k = triton.next_power_of_2(k) if fold else 1
+    if not fold:
+        _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
+                                         BLOCK_K=_block_k(k))  # fmt: skip
     dx = torch.empty_like(x)
-    _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, p, **flags,
-                                   ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, parts[0], parts[1], c,
+                                   groups, s, p, p_stats, **flags, ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c,
+                                   FOLD=fold, BLOCK_K=fold_k, num_warps=warps)  # fmt: skip
     return dx
 
 

@@ -31,6 +31,7 @@ from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor
 
 from motion_adapters.config import MotionDistillationConfig
 from motion_adapters.frame_attention import FrameAttnProcessor
+from motion_adapters.frozen_memo import kept
 from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
 from motion_adapters.temporal_conv import temporal_conv, temporal_conv_supported
@@ -218,11 +219,10 @@ class JointAttnProcessor:
     """`AttnAddedKVProcessor2_0`'s function, the text's keys and values kept, optionally the pixel q/k/v stacked.
 
     Show-1's spatial attention projects the (group-normed) pixels three times and concatenates the text's keys and
-    values in front of the pixels'. With `text_memo` (a dict the layers share, owned by
+    values in front of the pixels'. With `text_memo` (a dict the layers and the UNet share, owned by
     `joint_attention_processors`), the text's keys and values, a function of the prompt's embedding and frozen
-    weights only, are computed once and reused while the embedding and those weights stay the same: the same
-    tensor object, unmodified (its version counter), the same autocast dtype, the projections' and `norm_cross`'s
-    parameters unmodified and not trainable. With `stack_pixels`, the three frozen pixel weights (and biases) are
+    weights only, are computed once and reused while the embedding and those weights stay the same
+    (`frozen_memo.kept`). With `stack_pixels`, the three frozen pixel weights (and biases) are
     stacked for each call, so the forward pass runs one GEMM where it ran three and the backward pass one
     input-gradient GEMM where autograd ran three and added their results. Masks, cross-attention only, extra
     arguments, and stacking over trainable or non-`nn.Linear` (LoRA) projections go to `AttnAddedKVProcessor2_0`.
@@ -244,29 +244,14 @@ class JointAttnProcessor:
             and not any(t.requires_grad for p in projections for t in p.parameters())
         )  # fmt: skip
 
-    @staticmethod
-    def _text_key(attn: Attention, text: torch.Tensor) -> tuple | None:
-        """What the text's keys and values of `attn` depend on, or None where they must not be kept."""
-        modules = [attn.add_k_proj, attn.add_v_proj] + ([attn.norm_cross] if attn.norm_cross else [])
-        params = [t for m in modules for t in m.parameters()]
-        if text.requires_grad or any(t.requires_grad for t in params) or text.is_inference():
-            return None
-        device = text.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return (id(text), text._version, text.data_ptr(), text.dtype, tuple(text.shape), autocast,
-                tuple(t._version for t in params), tuple(t.data_ptr() for t in params))  # fmt: skip
-
     def _text_keys_values(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = None if self.text_memo is None else self._text_key(attn, text)
-        kept = self.text_memo.get(id(attn)) if key is not None else None
-        if kept is not None and kept[0] == key:
-            return kept[2], kept[3]
-        normed = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
-        text_k = attn.head_to_batch_dim(attn.add_k_proj(normed), out_dim=4)
-        text_v = attn.head_to_batch_dim(attn.add_v_proj(normed), out_dim=4)
-        if key is not None:  # `text` itself is kept too, so its id is not reused while the entry lives
-            self.text_memo[id(attn)] = (key, text, text_k, text_v)
-        return text_k, text_v
+        def compute():
+            normed = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+            return (attn.head_to_batch_dim(attn.add_k_proj(normed), out_dim=4),
+                    attn.head_to_batch_dim(attn.add_v_proj(normed), out_dim=4))  # fmt: skip
+
+        modules = [attn.add_k_proj, attn.add_v_proj] + ([attn.norm_cross] if attn.norm_cross else [])
+        return kept(self.text_memo, id(attn), [text], modules, compute)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, *args, **kwargs) -> torch.Tensor:  # fmt: skip
@@ -309,8 +294,9 @@ MEMO_TEXT_KV = True
 def joint_attention_processors(unet: nn.Module, stack_pixels: bool, memo_text: bool) -> Iterator[int]:
     """Give every attention on `AttnAddedKVProcessor2_0` a `JointAttnProcessor` for the run, then restore.
 
-    Yields the number of layers changed (0 where neither option is on); the kept text keys and values are
-    dropped on exit.
+    Yields the number of layers changed (0 where neither option is on). With `memo_text` the UNet keeps its own
+    text projection and pooled-text embedding too (its `text_memo`), so the attention layers see the same text
+    tensor at every step; everything kept is dropped on exit.
 
     Example:
         >>> with joint_attention_processors(unet, stack_pixels=False, memo_text=True) as count:  # doctest: +SKIP
@@ -322,11 +308,16 @@ def joint_attention_processors(unet: nn.Module, stack_pixels: bool, memo_text: b
             if isinstance(module, Attention) and type(module.processor) is AttnAddedKVProcessor2_0:
                 changed.append((module, module.processor))
                 module.set_processor(JointAttnProcessor(stack_pixels, memo))
+    unet_memo = memo_text and hasattr(unet, "text_memo")
+    if unet_memo:
+        unet.text_memo = memo
     try:
         yield len(changed)
     finally:
         for module, processor in changed:
             module.set_processor(processor)
+        if unet_memo:
+            unet.text_memo = None
         if memo is not None:
             memo.clear()
 

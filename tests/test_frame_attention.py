@@ -33,7 +33,7 @@ def reference(q, k, v, heads):
         (3, 12, 32, 8),  # 12 frames: past the "pairs" kernels' 8 by default
     ],
 )
-@pytest.mark.parametrize("kernel", ["queries", "pairs", "tile"])
+@pytest.mark.parametrize("kernel", ["pairs", "tile"])
 def test_output_and_gradients_match_float64_attention(n, frames, channels, heads, kernel, monkeypatch):
     launch, ran = fa._launch, []
 
@@ -55,8 +55,7 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip((dq, dk, dv), expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    names = {"queries": "_queries_forward", "pairs": "_pairs_forward", "tile": "_frame_attention_forward"}
-    assert ran == [names[kernel]] * 2  # forward, backward
+    assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
 
 
 @pytest.mark.parametrize(("channels", "heads", "split"),
@@ -77,37 +76,24 @@ def test_pairs_split_over_lanes_match_float64_attention(channels, heads, split):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("n", "frames", "channels", "heads", "lanes"),
-                         [(3, 8, 80, 4, 1), (3, 8, 80, 4, 2), (3, 7, 80, 4, 4), (5, 5, 40, 4, 8),
-                          (17, 3, 24, 2, 2), (6, 8, 320, 64, 4)])  # fmt: skip
-def test_queries_kernels_match_float64_attention(n, frames, channels, heads, lanes):
-    """A pair's query frames over 1 to 8 lanes (the keys' and values' gradients summed across lanes): 8, 7, 5 and 3
-    frames (padded query rows masked, idle lanes at 5 frames over 8), pairs that do not fill the last program."""
-    q, k, v, grad = (torch.randn(n, frames, channels, device=DEVICE) for _ in range(4))
+@pytest.mark.parametrize("unroll", [1, 2, 0])
+def test_pairs_loops_rolled_partly_or_fully_unrolled_match_float64_attention(unroll, monkeypatch):
+    """Heads of 10 over 2 lanes (5 channels a lane): loops rolled, unrolled by 2 (a remainder of 1), unrolled."""
+    monkeypatch.setattr(fa, "PAIRS_UNROLL", unroll)
+    q, k, v, grad = (torch.randn(3, 8, 40, device=DEVICE) for _ in range(4))
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    out = fa._FrameAttention.apply(*leaves, heads, (channels // heads) ** -0.5, ("queries", None, None, lanes))
+    out = fa.frame_attention(*leaves, heads=4)
     grads = torch.autograd.grad(out, leaves, grad)
     exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    expected = reference(*exact, heads)
+    expected = reference(*exact, 4)
     expected_grads = torch.autograd.grad(expected, exact, grad.double())
-    kernels, _, meta = fa._launch(q, heads, "queries", None, None, lanes)
-    assert kernels[0].__name__ == "_queries_forward" and meta["QS"] * meta["QF"] == fa._padded(frames)
+    assert fa._launch(q, 4)[2]["UNROLL"] == (unroll or 5)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_queries_kernels_run_by_default_where_asked_and_check_their_lanes(monkeypatch):
-    monkeypatch.setattr(fa, "PAIRS_QUERY_LANES", 4)
-    assert fa._launch(torch.empty(4, 8, 64 * 10), 64)[0][0].__name__ == "_queries_forward"
-    assert fa._launch(torch.empty(4, 2, 64 * 10), 64)[2]["QS"] == 2  # no more lanes than (padded) frames
-    assert fa._launch(torch.empty(4, 12, 64), 4)[0][0].__name__ == "_frame_attention_forward"
-    with pytest.raises(ValueError, match=r"split=3 must be a power of two up to the 8 frames"):
-        fa._launch(torch.empty(4, 8, 64 * 20), 64, "queries", None, None, 3)
-
-
-def test_wider_heads_split_over_more_lanes_by_default_on_the_pairs_kernels(monkeypatch):
-    monkeypatch.setattr(fa, "PAIRS_QUERY_LANES", 0)
+def test_wider_heads_split_over_more_lanes_by_default():
     splits = {d: fa._launch(torch.empty(4, 8, 64 * d), 64)[2]["SPLIT"] for d in (2, 5, 10, 20)}
     assert splits == {2: 1, 5: 1, 10: 2, 20: 4}
     with pytest.raises(ValueError, match=r"split=3 must be a power of two up to the 20 channels"):
@@ -141,11 +127,9 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value():
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
 
 
-def test_up_to_8_frames_run_the_queries_kernels_longer_sequences_the_tile_kernels(monkeypatch):
+def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels():
     assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9, 29)] == [
-        "_queries_forward", "_queries_forward", "_frame_attention_forward", "_frame_attention_forward"]
-    monkeypatch.setattr(fa, "PAIRS_QUERY_LANES", 0)
-    assert fa._launch(torch.empty(4, 8, 64), 4)[0][0].__name__ == "_pairs_forward"
+        "_pairs_forward", "_pairs_forward", "_frame_attention_forward", "_frame_attention_forward"]
 
 
 def test_bad_arguments_are_named():
@@ -302,21 +286,23 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
-# Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "queries"
-# kernels by default, over 2 and 8 lanes too, and the "pairs" kernels
-for frames, width, kernel, lanes in ((8, 5, None, None), (8, 20, None, None), (5, 10, None, None), (8, 2, None, None),
-                                     (8, 15, "queries", 2), (8, 10, "queries", 8), (8, 10, "pairs", None),
-                                     (8, 20, "pairs", None), (5, 10, "pairs", None), (8, 2, "pairs", None),
-                                     (8, 5, "tile", None), (29, 5, None, None)):
-    kernels, _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64, kernel, None, None, lanes)
-    warps = meta.pop("num_warps")
-    for kernel in kernels:
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
-                     else "i32" for n in names}
-        triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        print("compiled", kernel.__name__)
+# Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "pairs"
+# kernels' loops unrolled (the default) and rolled
+for unroll in (0, 1):
+    fa.PAIRS_UNROLL = unroll
+    for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"),
+                                  (29, 5, None)):
+        if unroll and kernel == "tile" or unroll and frames > 8:
+            continue
+        kernels, _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64, kernel)
+        warps = meta.pop("num_warps")
+        for kernel in kernels:
+            names = kernel.arg_names
+            signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
+                         else "i32" for n in names}
+            triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            print("compiled", kernel.__name__)
 """
 
 
@@ -325,8 +311,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     from hopper import compiled_for_hopper
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
-    assert out.count("compiled _queries_") == 12 and out.count("compiled _pairs_") == 8, out
-    assert out.count("compiled _frame_attention_") == 4, out
+    assert out.count("compiled _pairs_") == 16 and out.count("compiled _frame_attention_") == 4, out
 
 
 @pytest.mark.gpu

@@ -95,13 +95,18 @@ def channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("loop", [1, 2])
+@pytest.mark.parametrize("fold", [0, 4096])
 def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fused, monkeypatch, shape, layout,
                                                                            groups, activation, affine,
-                                                                           scale_shift, loop):  # fmt: skip
+                                                                           scale_shift, loop, fold):  # fmt: skip
     # small tiles: several chunks and channel tiles at test sizes; loop 2: statistics chunks of two tiles, the
-    # last one partial
+    # last one partial; fold: the group statistics combined in their own launches (0) or in the element-wise ones
     monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
     monkeypatch.setattr(fused, "CL_LOOP", {"forward": loop, "backward": loop})
+    monkeypatch.setattr(fused, "CL_FOLD_MAX_K", fold)
+    if fold:  # the group kernels must not run
+        for name in ("_group_moments", "_group_grad_means"):
+            monkeypatch.setattr(fused, name, None)
     x, weight, bias, factor, shift = inputs(shape, affine, scale_shift)
     x = channels_last(x, layout)
     assert fused.channels_last_rows(x) is not None and not x.is_contiguous()
@@ -116,6 +121,8 @@ def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fuse
     torch.testing.assert_close(dx.double(), expected_dx, rtol=1e-4, atol=1e-5)
     groups_of = x.double().reshape(shape[0] * groups, -1)
     torch.testing.assert_close(mean.double(), groups_of.mean(1), rtol=1e-6, atol=1e-6)
+    if fold:
+        monkeypatch.undo()  # the channel-row kernels have no fold
     contiguous = fused.group_norm_act_forward(x.contiguous(), weight, bias, factor, shift, groups, 1e-5, activation)
     torch.testing.assert_close(y, contiguous[0], rtol=1e-5, atol=1e-6)  # the channel-row kernels agree
 
@@ -172,7 +179,7 @@ def test_channels_last_backward_reads_a_gradient_whose_strides_differ_only_at_si
     torch.testing.assert_close(dx_far, dx, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "nsc"])
+@pytest.mark.parametrize("layout", ["contiguous", "nsc", "nsc_folded"])
 def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, layout):
     """A mean 10,000 times the spread: the one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely, the
     kernels' shifted chunk moments combined by Chan's formula keep it. A small combine block makes the per-group
@@ -182,8 +189,9 @@ def test_statistics_hold_for_a_large_mean_and_many_chunks(fused, monkeypatch, la
     monkeypatch.setattr(fused, "CL_LOOP", {"forward": 4, "backward": 4})
     x, *_ = inputs((1, 2, 5000), affine=False, scale_shift=False, mean=0.0)
     x = 100 + 0.005 * x  # spread 0.01
-    if layout == "nsc":
-        x = channels_last(x, layout)
+    monkeypatch.setattr(fused, "CL_FOLD_MAX_K", 4096 if layout == "nsc_folded" else 0)
+    if layout.startswith("nsc"):
+        x = channels_last(x, "nsc")
     y, mean, rstd = fused.group_norm_act_forward(x, None, None, None, None, 1, 1e-8, "none")
     exact = (x.double().flatten().var(unbiased=False) + 1e-8).rsqrt().reshape(1)
     naive = (x.square().mean() - x.mean().square()).clamp_min(0).add(1e-8).rsqrt().double().cpu()
@@ -297,6 +305,18 @@ for kernel in (f._chunk_moments, f._group_moments, f._normalize_act, f._chunk_gr
         triton.compile(ASTSource(kernel, signature, {k: v for k, v in constexprs.items() if k in names}),
                        target=GPUTarget("cuda", 90, 32))
     print("compiled", kernel.__name__)
+# channels-last kernels: every flag on or off, each with the group statistics folded in or not
+for kernel in (f._cl_chunk_moments, f._cl_normalize_act, f._cl_chunk_grad_sums, f._cl_input_grad):
+    names = kernel.arg_names
+    flags = [n for n in names if n.startswith("HAS_")]
+    for on, fold in itertools.product((True, False), (True, False)):
+        constexprs = {"BLOCK_S": 64, "BLOCK_C": 64, "LOOP": 2, "CHUNK": 128, "BLOCK_K": 64, "ACTIVATION": 0,
+                      "FOLD": fold, **dict.fromkeys(flags, on)}
+        signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*bf16"
+                     if n.endswith("_ptr") else "fp32" if n in ("eps", "scale") else "i32" for n in names}
+        triton.compile(ASTSource(kernel, signature, {k: v for k, v in constexprs.items() if k in names}),
+                       target=GPUTarget("cuda", 90, 32))
+    print("compiled", kernel.__name__)
 """
 
 
@@ -305,7 +325,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     every flag combination for sm_90, in a process with the interpreter off."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 8
+    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 12
 
 
 class _Block(torch.nn.Module):

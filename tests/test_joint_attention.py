@@ -129,3 +129,37 @@ def test_kept_text_keys_and_values_are_recomputed_when_what_they_depend_on_chang
     check(text)
     check(text)
     assert len(calls) == 26
+
+
+def test_a_training_run_keeps_the_unets_text_results_and_every_layers_text_keys_values():
+    """Under `joint_attention_processors(memo_text=True)` two steps with one prompt tensor compute the text
+    projection, the pooled-text embedding and each layer's text keys and values once, and give bitwise the same
+    output and input gradient as without it; on exit nothing is kept."""
+    from fixtures_tiny import TEXT_DIM, tiny_unet
+
+    unet = tiny_unet("base").requires_grad_(False)
+    x, t = torch.randn(1, 3, 4, 8, 8), torch.tensor([500])
+    text = torch.randn(1, 7, TEXT_DIM)
+    calls = []
+    watched = [unet.encoder_hid_proj] + [m.add_k_proj for m in unet.modules() if getattr(m, "add_k_proj", None)]
+    if unet.add_embedding is not None:
+        watched.append(unet.add_embedding)
+    for module in watched:
+        module.register_forward_hook(lambda module, args, out: calls.append(module))
+
+    def step():
+        sample = x.clone().requires_grad_(True)
+        out = unet(sample, t, text).sample
+        return out, torch.autograd.grad(out.square().sum(), sample)[0]
+
+    expected = [step(), step()]
+    assert len(calls) == 2 * len(watched)
+    calls.clear()
+    with joint_attention_processors(unet, stack_pixels=False, memo_text=True):
+        got = [step(), step()]
+        assert unet.text_memo
+    assert len(calls) == len(watched)  # once for the two steps
+    assert unet.text_memo is None
+    for (out, grad), (want, want_grad) in zip(got, expected):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)

@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_temporal import TransformerTempor
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..frozen_memo import kept
 from .blocks_show1 import UNetMidBlock3DSimpleCrossAttn
 from .config_show1 import DOWN_BLOCKS, EXTENSION_KEYS, UP_BLOCKS, per_block, validate_config
 from .extensions import CoordinateEmbedding, widen_temporal_convs
@@ -74,6 +75,8 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["norm"]
+    #: While a training run keeps the prompt's frozen results (`frozen_memo.kept`), its memo; else None.
+    text_memo: dict | None = None
 
     @register_to_config
     def __init__(
@@ -288,14 +291,21 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         if self.class_embedding is not None:
             class_emb = self.class_embedding(self._sinusoidal(class_labels, "class_labels", batch, sample))
             emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        # a memo only while a training run keeps the text's frozen results (training_step.joint_attention_processors)
+        text, memo = encoder_hidden_states, self.text_memo
         if self.add_embedding is not None:
-            emb = emb + self.add_embedding(encoder_hidden_states)
+            pooled = kept(memo, "unet.add_embedding", [text], [self.add_embedding], lambda: self.add_embedding(text))
+            emb = emb + pooled
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
-        if self.encoder_hid_proj is not None:
-            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
         emb = emb.repeat_interleave(num_frames, dim=0)
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
+
+        def text_states():
+            states = text if self.encoder_hid_proj is None else self.encoder_hid_proj(text)
+            return states.repeat_interleave(num_frames, dim=0)
+
+        projections = [self.encoder_hid_proj] if self.encoder_hid_proj is not None else []
+        encoder_hidden_states = kept(memo, "unet.text_states", [text], projections, text_states, (num_frames,))
         if attention_mask is not None:
             attention_mask = (1 - attention_mask.to(sample.dtype)) * -10000.0
             attention_mask = attention_mask.repeat_interleave(num_frames, dim=0).unsqueeze(1)
