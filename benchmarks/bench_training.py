@@ -188,9 +188,21 @@ VARIANTS = {
                               "before frame_attention.PAIRS_UNROLL unrolled them)",
                               AS_FULL),
     "full_unfolded_norms": ("as full, every channels-last norm's group statistics combined in launches of their "
-                            "own (fused_norm.CL_FOLD_MAX_K = 0, the default before the lower levels' were folded "
-                            "into the element-wise kernels)",
+                            "own (fused_norm.CL_FOLD_MAX_K = 0; the default again since training_unroll_final_h200)",
                             AS_FULL),
+    "full_folded_norms": ("as full, the lower levels' channels-last group statistics combined in the element-wise "
+                          "kernels (fused_norm.CL_FOLD_MAX_K = 128)",
+                          AS_FULL),
+    "full_unfolded_biases": ("as full, the ResNets' frozen convolution biases and time embeddings added in passes "
+                             "of their own, the residual added and scaled by PyTorch's operators (the default "
+                             "before lean_backward.FOLD_CONV_BIASES_TRAINING)",
+                             AS_FULL),
+    "full_separate_clip": ("as full, the gradients clipped by clip_grad_norm_ in a pass of their own before AdamW "
+                           "(the default before training_step.CLIP_IN_OPTIMIZER)",
+                           AS_FULL),
+    "full_joint_head_copies": ("as full, the spatial attention's q, k and v split into heads by diffusers' "
+                               "head_to_batch_dim (the default before training_step.JOINT_HEAD_VIEWS)",
+                               AS_FULL),
     "full_memo_text_kv": ("as full, the spatial attention's text keys and values computed once for the run "
                           "(training_step.MEMO_TEXT_KV on)",
                           AS_FULL),
@@ -494,6 +506,10 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_stacked_joint_qkv": [(training_step, "STACKED_JOINT_QKV", True)],
                    "full_rolled_attention": [(frame_attention, "PAIRS_UNROLL", 1)],
                    "full_unfolded_norms": [(fused_norm, "CL_FOLD_MAX_K", 0)],
+                   "full_folded_norms": [(fused_norm, "CL_FOLD_MAX_K", 128)],
+                   "full_unfolded_biases": [(lean_backward, "FOLD_CONV_BIASES_TRAINING", False)],
+                   "full_separate_clip": [(training_step, "CLIP_IN_OPTIMIZER", False)],
+                   "full_joint_head_copies": [(training_step, "JOINT_HEAD_VIEWS", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
                    "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)]}
 

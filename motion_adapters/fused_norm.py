@@ -59,8 +59,10 @@ CL_TILE = {"forward": 8192, "backward": 4096}
 CL_LOOP = {"forward": 4, "backward": 4}
 #: Channels-last norms whose groups have at most this many per-chunk results (the lower levels of a UNet: a few
 #: chunks a sample) combine them in the element-wise kernel that uses the statistics, each program for its own
-#: channels, instead of in a launch of their own (`_group_moments`, `_group_grad_means`); 0 never.
-CL_FOLD_MAX_K = 128
+#: channels, instead of in a launch of their own (`_group_moments`, `_group_grad_means`); 0 never. Off: at 128 on an
+#: H200 training steps were 1.034 times slower (0.04777 against 0.04620 s: every program of the element-wise kernel
+#: re-reads its groups' results; benchmarks/results/training_unroll_final_h200.json, `full_unfolded_norms`).
+CL_FOLD_MAX_K = 0
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -199,8 +201,9 @@ if triton is not None:
 
     @triton.jit
     def _chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                         mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                         mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, P, HAS_W: tl.constexpr,
+                         HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
         """Sums of d_xhat and d_xhat * xhat over chunk `p` of channel row `nc`."""
         nc = tl.program_id(0)
         p = tl.program_id(1)
@@ -208,6 +211,8 @@ if triton is not None:
         mask = offs < S
         mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                                                    mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if HAS_XB:  # x + input bias is what was normalised
+            mean -= tl.load(xb_ptr + (nc // C) * xb_sn + (nc % C) * xb_sc).to(tl.float32)
         xhat, dxhat = _normalized_and_grad(x_ptr, dy_ptr, nc.to(tl.int64) * S + offs, mask, mean, rstd, weight,
                                            offset, ACTIVATION)  # fmt: skip
         tl.store(s1_part + nc * P + p, tl.sum(dxhat, axis=0))
@@ -229,13 +234,16 @@ if triton is not None:
 
     @triton.jit
     def _input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                    mean_ptr, rstd_ptr, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr,
-                    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                    mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
+                    BLOCK: tl.constexpr):  # fmt: skip
         nc = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
         mean, rstd, weight, offset = _coefficients(nc, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                                                    mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if HAS_XB:
+            mean -= tl.load(xb_ptr + (nc // C) * xb_sn + (nc % C) * xb_sc).to(tl.float32)
         row = (nc // C) * G + (nc % C) // (C // G)
         c1 = tl.load(c1_ptr + row)
         c2 = tl.load(c2_ptr + row)
@@ -394,13 +402,15 @@ if triton is not None:
 
     @triton.jit
     def _cl_chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                            mean_ptr, rstd_ptr, C, G, S, P, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                            HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                            BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
+                            mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, P, HAS_W: tl.constexpr,
+                            HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
         """Per-channel sums of d_xhat and d_xhat * xhat over chunk `p` (LOOP tiles) of sample `n`."""
         n, p, c, cmask = _cl_program(tl.program_id(0), tl.program_id(1), C, P, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if HAS_XB:  # x + input bias is what was normalised
+            mean -= tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)  # element-wise over the LOOP tiles, reduced once
         s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for i in range(LOOP):
@@ -414,13 +424,16 @@ if triton is not None:
 
     @triton.jit
     def _cl_input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                       mean_ptr, rstd_ptr, s1_part, s2_part, C, G, S, P, P_STATS, HAS_W: tl.constexpr,
-                       HAS_B: tl.constexpr, HAS_F: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                       BLOCK_C: tl.constexpr, FOLD: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                       mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, s1_part, s2_part, C, G, S, P, P_STATS,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr,
+                       ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr,
+                       BLOCK_K: tl.constexpr):  # fmt: skip
         """The input gradient of one tile; FOLD: the group sums from the chunk sums here (no `_group_grad_means`)."""
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
+        if HAS_XB:
+            mean -= tl.load(xb_ptr + n * xb_sn + c * xb_sc, mask=cmask, other=0.0).to(tl.float32)
         if FOLD:
             s1, k, kmask = _cl_group_parts(s1_part, n, c, cmask, C, G, P_STATS, BLOCK_K)
             s2, k, kmask = _cl_group_parts(s2_part, n, c, cmask, C, G, P_STATS, BLOCK_K)
@@ -529,8 +542,8 @@ def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: flo
     `x` is (N, C, ...); `factor` and `shift` are broadcastable to (N, C, 1, ...) or both None; `activation` is
     "silu", "gelu" (exact) or "none". `input_bias`, broadcastable to (N, C, 1, ...), is added to `x` first, inside
     the kernels (the bias of the convolution before the norm, or a time embedding added to it, without a pass of
-    its own); the statistics are then those of `x + input_bias`, and `group_norm_act_backward` does not take it
-    (sampling only). Raises `ValueError` for another activation or channels that `groups` does not divide.
+    its own); the statistics are then those of `x + input_bias`, and `group_norm_act_backward` takes the same
+    bias. Raises `ValueError` for another activation or channels that `groups` does not divide.
 
     Example:
         >>> x = torch.randn(8, 320, 40, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -540,16 +553,19 @@ def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: flo
         return _forward(x, weight, bias, factor, shift, groups, eps, activation, input_bias)
 
 
-def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str,
+                            input_bias=None):  # fmt: skip
     """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype.
 
-    `mean` and `rstd` are the statistics the forward pass returned; the pre-activation is recomputed from `x`.
+    `mean` and `rstd` are the statistics the forward pass returned; the pre-activation is recomputed from `x` (plus
+    `input_bias`, the one the forward pass took, inside the kernels). The gradient with respect to `x` is also the
+    one with respect to `x + input_bias`; none is computed for the bias.
 
     Example:
         >>> dx = group_norm_act_backward(grad, x, None, None, None, None, mean, rstd, 32, "silu")  # doctest: +SKIP
     """
     with _on_device(x):
-        return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation)
+        return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation, input_bias)
 
 
 def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int, int, int]:
@@ -662,27 +678,30 @@ def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, a
     return y, stats[0], stats[1]
 
 
-def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str, input_bias=None):
+    xb_args, xb_flag = _input_bias_args(x, input_bias)
     rows = channels_last_rows(x)
     if rows is not None:
-        return _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups, activation)
+        return _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups, activation, xb_args,
+                            xb_flag)  # fmt: skip
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
     n, c, s, block, p, warps, k = _layout(x, groups)
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
-    _chunk_grad_sums[(n * c, p)](x, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s, p, **flags,
-                                 ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
+    _chunk_grad_sums[(n * c, p)](x, grad, parts[0], parts[1], *affine, mean, rstd, *xb_args, c, groups, s, p,
+                                 **flags, **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
                                      BLOCK_K=_block_k(k))  # fmt: skip
     dx = torch.empty_like(x)
-    _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, c, groups, s, **flags,
-                            ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
+    _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, c, groups, s, **flags,
+                            **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
     return dx
 
 
-def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups: int, activation: str):
+def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups: int, activation: str, xb_args,
+                 xb_flag):  # fmt: skip
     grad = grad.to(x.dtype)
     if channels_last_rows(grad) is None:  # the kernels read grad as they read x: (N, values, C) rows
         grad = torch.empty_like(x).copy_(grad)
@@ -691,9 +710,10 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
-    _cl_chunk_grad_sums[(n * p_stats, tiles)](rows, grad, parts[0], parts[1], *affine, mean, rstd, c, groups, s,
-                                              p_stats, **flags, ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c,
-                                              LOOP=loop, num_warps=warps)  # fmt: skip
+    _cl_chunk_grad_sums[(n * p_stats, tiles)](rows, grad, parts[0], parts[1], *affine, mean, rstd, *xb_args, c,
+                                              groups, s, p_stats, **flags, **xb_flag, ACTIVATION=act,
+                                              BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
+                                              num_warps=warps)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     fold = k <= CL_FOLD_MAX_K
     fold_k = triton.next_power_of_2(k) if fold else 1
@@ -701,9 +721,10 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
         _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
                                          BLOCK_K=_block_k(k))  # fmt: skip
     dx = torch.empty_like(x)
-    _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, parts[0], parts[1], c,
-                                   groups, s, p, p_stats, **flags, ACTIVATION=act, BLOCK_S=block_s, BLOCK_C=block_c,
-                                   FOLD=fold, BLOCK_K=fold_k, num_warps=warps)  # fmt: skip
+    _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, parts[0],
+                                   parts[1], c, groups, s, p, p_stats, **flags, **xb_flag, ACTIVATION=act,
+                                   BLOCK_S=block_s, BLOCK_C=block_c, FOLD=fold, BLOCK_K=fold_k,
+                                   num_warps=warps)  # fmt: skip
     return dx
 
 
@@ -722,29 +743,51 @@ def _dense(x: torch.Tensor) -> bool:
 
 def residual_sum(residual: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: float = 1.0) -> torch.Tensor:  # fmt: skip
-    """`(residual + x + bias[:, None, ...]) * scale` in one pass; for sampling (no autograd).
+    """`(residual + x + bias[:, None, ...]) * scale` in one pass.
 
     A convolution's bias (added by PyTorch in a pass of its own after cuDNN's kernel, a broadcast addition that
     runs on its unvectorized kernel), a residual addition and a UNet's output scale factor, as one kernel over
     the memory of (N, C, ...) tensors: where both are dense with the same strides (contiguous or channels-last)
-    and on a device the kernels run on; the sum is then written into `x` (a convolution's fresh output). Elsewhere
-    PyTorch's operators compute the same into a new tensor.
+    and on a device the kernels run on. With gradients off the sum is written into `x` (a convolution's fresh
+    output); with gradients on, into a new tensor, and the backward pass hands `grad * scale` to `residual` and
+    `x` (the same tensor, no pass at scale 1; a bias that requires gradients goes to PyTorch's operators).
+    Elsewhere PyTorch's operators compute the same into a new tensor.
 
     Example:
         >>> out = residual_sum(input_tensor, conv2_without_bias(h), conv2.bias, 1 / 1.414)  # doctest: +SKIP
     """
-    if torch.is_grad_enabled() and (residual.requires_grad or x.requires_grad):
-        raise ValueError("residual_sum is for sampling: run it under torch.no_grad(), or add the tensors with torch.")
     same = residual.shape == x.shape and residual.stride() == x.stride() and residual.dtype == x.dtype
-    if not (RESIDUAL_SUM_KERNEL and same and fused_norm_available(x) and _dense(x) and x.ndim >= 2):
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, x, bias))
+    if (not (RESIDUAL_SUM_KERNEL and same and fused_norm_available(x) and _dense(x) and x.ndim >= 2)
+            or (tracked and bias is not None and bias.requires_grad)):  # fmt: skip
         out = residual + x if bias is None else residual + (x + bias.view(-1, *[1] * (x.ndim - 2)).to(x.dtype))
         return out if scale == 1.0 else out * scale
+    if tracked:
+        return _ResidualSum.apply(residual, x, bias, float(scale))
+    return _residual_sum_into(residual, x, bias, float(scale), x)
+
+
+def _residual_sum_into(residual, x, bias, scale: float, out: torch.Tensor) -> torch.Tensor:
     bias_arg = bias.to(x.dtype).contiguous() if bias is not None else x
     with _on_device(x):
         _residual_sum[(triton.cdiv(x.numel(), SUM_BLOCK),)](
-            residual, x, bias_arg, x, x.numel(), x.stride(1), x.shape[1], float(scale), HAS_BIAS=bias is not None,
+            residual, x, bias_arg, out, x.numel(), x.stride(1), x.shape[1], scale, HAS_BIAS=bias is not None,
             BLOCK=SUM_BLOCK, num_warps=4)  # fmt: skip
-    return x
+    return out
+
+
+class _ResidualSum(torch.autograd.Function):
+    """`residual_sum` with gradients on: a new output; `grad * scale` to both inputs, none to the frozen bias."""
+
+    @staticmethod
+    def forward(ctx, residual, x, bias, scale):
+        ctx.scale = scale
+        return _residual_sum_into(residual, x, bias, scale, torch.empty_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad if ctx.scale == 1.0 else grad * ctx.scale
+        return grad, grad, None, None
 
 
 #: Values a program of the GEGLU kernels takes.

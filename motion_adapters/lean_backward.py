@@ -371,15 +371,16 @@ class _GroupNormAct(torch.autograd.Function):
         hw = x.numel() // (n * c)
         ctx.fused = fused
         ctx.norm = (n, c, hw, groups, eps, activation)
-        ctx.input_bias = input_bias is not None
         if fused:
             y, mean, rstd = group_norm_act_forward(x, weight, bias, scale, shift, groups, eps, activation, input_bias)
-            ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+            ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd, input_bias)
             out_dtype = x.dtype if scale is None else torch.promote_types(torch.promote_types(x.dtype, scale.dtype),
                                                                           shift.dtype)  # fmt: skip
             return y.view(x.shape).to(out_dtype)
+        if input_bias is not None:
+            raise ValueError("input_bias is added inside the fused kernels only: add it to x for PyTorch's kernels.")
         y, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), weight, bias, n, c, hw, groups, eps)
-        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd, None)
         y = y.view(x.shape)
         if scale is not None:
             y = y * scale + shift
@@ -387,12 +388,11 @@ class _GroupNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        x, weight, bias, scale, shift, mean, rstd, input_bias = ctx.saved_tensors
         n, c, hw, groups, eps, activation = ctx.norm
-        if ctx.input_bias:
-            raise RuntimeError("an input bias is for sampling only: the backward pass does not take it.")
         if ctx.fused:
-            grad_x = group_norm_act_backward(grad, x, weight, bias, scale, shift, mean, rstd, groups, activation)
+            grad_x = group_norm_act_backward(grad, x, weight, bias, scale, shift, mean, rstd, groups, activation,
+                                             input_bias)  # fmt: skip
             return grad_x.view(x.shape), None, None, None, None, None, None, None, None, None
         shape, x = x.shape, x.contiguous()
         y = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)[0].view(shape)
@@ -425,8 +425,9 @@ def group_norm_act_keeping_input(
     dtype the norm would run in: float32 under autocast when `float32_norms` (autocast's rule), else autocast's
     dtype (as `norm_dtype="compute"`); outside autocast in `x`'s dtype. `fused` runs it as one Triton kernel a
     pass where `fused_norm_available(x)` (`norm_kernels="triton"`), else as PyTorch's kernels. `input_bias`
-    (broadcastable to (N, C, 1, ...)) is added to `x` first: inside the fused kernels, or as its own addition
-    elsewhere; with it there is no backward pass (sampling).
+    (broadcastable to (N, C, 1, ...)) is added to `x` first: inside the fused kernels (both ways; the gradient
+    reaching `x` is the one reaching `x + input_bias`), or as its own addition elsewhere and where it requires
+    gradients.
 
     Example:
         >>> norm = torch.nn.GroupNorm(2, 4)
@@ -440,7 +441,7 @@ def group_norm_act_keeping_input(
     with torch.autocast(x.device.type, enabled=False):
         factor = None if scale is None else 1 + scale  # in scale's dtype, as diffusers computes it
         fused = fused and fused_norm_available(x)
-        if input_bias is not None and not fused:
+        if input_bias is not None and (not fused or (input_bias.requires_grad and torch.is_grad_enabled())):
             x, input_bias = x + _channel_view(input_bias, x), None
         return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation,
                                    fused, input_bias)  # fmt: skip
@@ -553,6 +554,26 @@ def _conv_deferring_bias(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return conv(x), None
 
 
+def _frozen_conv_deferring_bias(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_conv_deferring_bias` for training: a convolution `frozen_convs_keep_no_input` runs, its frozen bias apart.
+
+    Elsewhere (a convolution that trains, runs another forward, or has no bias) `(conv(x), None)`.
+    """
+    forward = vars(conv).get("forward")
+    if (isinstance(forward, functools.partial) and forward.func is _frozen_conv_forward and conv.bias is not None
+            and not conv.bias.requires_grad):  # fmt: skip
+        y = conv_keeping_no_input(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return y, conv.bias
+    return conv(x), None
+
+
+#: Whether training on the fused norms moves the ResNets' frozen convolution biases (and a "default" time
+#: embedding) out of passes of their own, as sampling does (`FOLD_CONV_BIASES`): `conv1`'s bias and the time
+#: embedding into the second norm's kernels (both ways), `conv2`'s and the shortcut's into one residual-addition
+#: kernel (`fused_norm.residual_sum`), whose backward pass hands the gradient on as it is at scale factor 1.
+FOLD_CONV_BIASES_TRAINING = True
+
+
 def _resampled(module: nn.Module, sampling: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A ResNet's upsampler or downsampler on each tensor (on `motion_adapters.resample`'s kernels, sampling).
 
@@ -579,8 +600,9 @@ UPSAMPLE_IN_INPUT_DTYPE = True
 def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, input_tensor, temb, *args, **kwargs):
     """The forward of diffusers' `ResnetBlock2D` with its two norm -> activation pairs through `_GroupNormAct`.
 
-    Sampling on the fused kernels, the convolutions' biases go into the passes that follow instead of passes of
-    their own: `conv1`'s (with a "default" time embedding) into the second norm; `conv2`'s and the shortcut
+    On the fused kernels, sampling (and training, with `FOLD_CONV_BIASES_TRAINING`, for the convolutions
+    `frozen_convs_keep_no_input` runs), the convolutions' biases go into the passes that follow instead of passes
+    of their own: `conv1`'s (with a "default" time embedding) into the second norm; `conv2`'s and the shortcut
     convolution's into the residual addition, which applies the output scale factor in the same pass
     (`fused_norm.residual_sum`).
     """
@@ -589,6 +611,7 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
     sampling = fused and not torch.is_grad_enabled()  # sampling on the fused kernels
     fold = FOLD_CONV_BIASES and sampling and fused_norm_available(input_tensor)
+    train_fold = FOLD_CONV_BIASES_TRAINING and fused and not sampling and fused_norm_available(input_tensor)
     hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
     if block.upsample is not None:
         if hidden_states.shape[0] >= 64 and not sampling:
@@ -596,8 +619,11 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
         input_tensor, hidden_states = _resampled(block.upsample, sampling, input_tensor, hidden_states)
     elif block.downsample is not None:
         input_tensor, hidden_states = _resampled(block.downsample, sampling, input_tensor, hidden_states)
-    hidden_states, pending = _conv_deferring_bias(block.conv1, hidden_states) if fold else (
-        block.conv1(hidden_states), None)  # fmt: skip
+    if fold or train_fold:
+        defer = _conv_deferring_bias if fold else _frozen_conv_deferring_bias
+        hidden_states, pending = defer(block.conv1, hidden_states)
+    else:
+        hidden_states, pending = block.conv1(hidden_states), None
     if block.time_emb_proj is not None:
         if not block.skip_time_act:
             temb = block.nonlinearity(temb)
@@ -610,7 +636,7 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
                                                      scale, shift, fused, input_bias=pending)  # fmt: skip
     else:
         if block.time_embedding_norm == "default" and temb is not None:
-            if fold:
+            if fold or train_fold:
                 pending = temb if pending is None else temb + pending[:, None, None]
             else:
                 hidden_states = hidden_states + temb
@@ -618,6 +644,15 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
                                                      fused=fused, input_bias=pending)  # fmt: skip
     hidden_states = block.dropout(hidden_states)
     shortcut = block.conv_shortcut
+    if train_fold:
+        hidden_states, bias = _frozen_conv_deferring_bias(block.conv2, hidden_states)
+        if shortcut is not None:
+            if channels_last_rows(input_tensor) is None:  # diffusers' contiguous(), layout kept
+                input_tensor = input_tensor.contiguous()
+            input_tensor, shortcut_bias = _frozen_conv_deferring_bias(shortcut, input_tensor)
+            if shortcut_bias is not None:
+                bias = shortcut_bias if bias is None else shortcut_bias + bias
+        return residual_sum(input_tensor, hidden_states, bias, 1.0 / block.output_scale_factor)
     if fold and _plain_conv(block.conv2) and (shortcut is None or _plain_conv(shortcut)):
         hidden_states, bias = _conv_deferring_bias(block.conv2, hidden_states)
         if shortcut is not None:

@@ -271,7 +271,12 @@ class JointAttnProcessor:
             q, k, v = torch.nn.functional.linear(hidden_states, weight, bias).chunk(3, dim=-1)
         else:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k, v = (attn.head_to_batch_dim(t, out_dim=4) for t in (q, k, v))
+        # (B, N, heads * d) -> (B, heads, N, d) as a view: `head_to_batch_dim`'s reshape copies q, k and v when the
+        # projection comes transposed, and the concatenation below copies k and v anyway
+        if JOINT_HEAD_VIEWS:
+            q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = (attn.head_to_batch_dim(t, out_dim=4) for t in (q, k, v))
         out = torch.nn.functional.scaled_dot_product_attention(
             q, torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2), dropout_p=0.0, is_causal=False
         )
@@ -285,6 +290,9 @@ class JointAttnProcessor:
 #: it), and the loss was not compared with the reference loop in that run
 #: (benchmarks/results/training_joint_qkv_h200.json).
 STACKED_JOINT_QKV = False
+#: Whether `JointAttnProcessor` splits q, k and v into heads as views (diffusers' `head_to_batch_dim` copies them
+#: where the projections come transposed).
+JOINT_HEAD_VIEWS = True
 #: Whether training keeps the spatial attention's text keys and values across steps (`JointAttnProcessor`'s
 #: `text_memo`): the prompt's embedding and the frozen text projections do not change during a run.
 MEMO_TEXT_KV = True
@@ -565,6 +573,17 @@ class StepRunner:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.config.max_grad_norm > 0 and self.scaler is None and clips_in_optimizer(self.optimizer):
+            # clip_grad_norm_'s factor, applied by the fused AdamW kernel as it reads the gradients (GradScaler's
+            # `grad_scale` divisor; the kernel writes the clipped gradients back): no pass of its own over them
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            factor = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            self.optimizer.grad_scale = factor.reciprocal()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+            return
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         if self.scaler is not None:
@@ -609,6 +628,21 @@ def compiled(unet: nn.Module, mode: str) -> Callable[..., object]:
     if mode in ("no", "regional"):  # "regional" compiles layers in place: see `regional_compile`
         return unet
     return torch.compile(unet, mode=None if mode == "default" else mode, dynamic=False)
+
+
+#: Whether a fused AdamW applies the gradient clipping factor as it reads the gradients (`StepRunner`), instead of
+#: `clip_grad_norm_` scaling them in a pass of its own first. Same factor, same clipped gradients left in `.grad`.
+CLIP_IN_OPTIMIZER = True
+
+
+def clips_in_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `StepRunner` hands the clipping factor to `optimizer`: a fused `torch.optim.AdamW` / `Adam`."""
+    return (
+        CLIP_IN_OPTIMIZER
+        and type(optimizer) in (torch.optim.AdamW, torch.optim.Adam)
+        and all(group.get("fused") for group in optimizer.param_groups)
+        and not hasattr(optimizer, "grad_scale")
+    )
 
 
 def optimizer_for(params: list[nn.Parameter], config: MotionDistillationConfig, device: torch.device, graph: bool):

@@ -127,24 +127,33 @@ def test_channels_last_inputs_keep_their_layout_and_match_the_float64_chain(fuse
     torch.testing.assert_close(y, contiguous[0], rtol=1e-5, atol=1e-6)  # the channel-row kernels agree
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "nhwc"])
+@pytest.mark.parametrize("layout", ["contiguous", "nhwc", "nhwc_folded"])
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypatch, layout, per_sample):
     monkeypatch.setattr(fused, "CL_TILE", {"forward": 256, "backward": 256})
     monkeypatch.setattr(fused, "CL_LOOP", {"forward": 3, "backward": 3})
+    monkeypatch.setattr(fused, "CL_FOLD_MAX_K", 4096 if layout == "nhwc_folded" else 0)
     x, weight, bias, factor, shift = inputs((2, 96, 9, 15), affine=True, scale_shift=True)
-    if layout == "nhwc":
-        x = channels_last(x, layout)
+    if layout != "contiguous":
+        x = channels_last(x, "nhwc")
     g = torch.Generator().manual_seed(3)
     # a convolution's bias (C,), or a time embedding added to it (N, C, 1, 1): a large one, that moves the groups
     input_bias = (torch.randn(2, 96, 1, 1, generator=g) if per_sample else torch.randn(96, generator=g)) * 5
     input_bias = input_bias.to(DEVICE)
     y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, factor, shift, 4, 1e-5, "silu", input_bias)
     shifted = x + (input_bias if per_sample else input_bias[:, None, None])
-    expected = reference(shifted, weight, bias, factor, shift, 4, "silu")
+    x64 = shifted.double().requires_grad_(True)
+    expected = reference(x64, weight, bias, factor, shift, 4, "silu")
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean.double(), shifted.double().reshape(8, -1).mean(1), rtol=1e-6, atol=1e-5)
     assert y.stride() == x.stride()
+    # backward: the gradient with respect to x + bias (the same as x's), the bias added again inside the kernels
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    (expected_dx,) = torch.autograd.grad(expected, x64, grad.double())
+    dx = fused.group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, 4, "silu", input_bias)
+    torch.testing.assert_close(dx.double(), expected_dx, rtol=1e-4, atol=1e-5)
+    without = fused.group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, 4, "silu")
+    assert (without.double() - expected_dx).abs().max() > 1e-2  # the bias matters: the test has teeth
 
 
 def test_channels_last_tiles_cover_show1_shapes():
@@ -256,6 +265,51 @@ def test_recomputed_resnet_block_with_fused_norms_matches_diffusers(fused, norm,
     torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
     for fast, expected in zip(fast_grads, grads):
         torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("time_norm", "in_channels", "scale"),
+                         [("default", 8, 1.0), ("scale_shift", 8, 1.4142), ("default", 16, 1.4142)])
+@pytest.mark.parametrize("fold", [True, False])
+def test_training_folds_frozen_resnet_biases_into_the_norm_and_residual_kernels(fused, monkeypatch, time_norm,
+                                                                                in_channels, scale, fold):  # fmt: skip
+    """Frozen convolutions keeping no input, fused norms: `conv1`'s bias (and a "default" time embedding) reach the
+    second norm's kernels both ways, `conv2`'s and the shortcut's the residual kernel; same output and input
+    gradient as diffusers' block as written (`fold` False: the passes of their own, as before)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    # 8 -> 16 channels: a 1x1 shortcut convolution; 16 -> 16: none
+    block = ResnetBlock2D(in_channels=in_channels, out_channels=16, temb_channels=12, groups=4,
+                          time_embedding_norm=time_norm, output_scale_factor=scale).to(DEVICE)  # fmt: skip
+    with torch.no_grad():
+        for module in block.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.bias.normal_(0, 1.0)
+    block.requires_grad_(False)
+    x = torch.randn(2, in_channels, 6, 6, device=DEVICE, requires_grad=True)
+    temb = torch.randn(2, 12, device=DEVICE)
+    monkeypatch.setattr(lean_backward, "FOLD_CONV_BIASES_TRAINING", fold)
+    biases, sums = [], []
+    forward, backward, residual_sum = (fused.group_norm_act_forward, fused.group_norm_act_backward,
+                                       fused.residual_sum)  # fmt: skip
+    monkeypatch.setattr(lean_backward, "group_norm_act_forward", lambda *a: biases.append(a[8] is not None)
+                        or forward(*a))  # fmt: skip
+    monkeypatch.setattr(lean_backward, "group_norm_act_backward", lambda *a: biases.append(a[10] is not None)
+                        or backward(*a))  # fmt: skip
+    monkeypatch.setattr(lean_backward, "residual_sum", lambda *a: sums.append(a[2] is not None) or residual_sum(*a))
+
+    def run(enabled):
+        with lean_backward.frozen_convs_keep_no_input(block, enabled), \
+                lean_backward.frozen_activations_recomputed(block, enabled, fused_norms=enabled):  # fmt: skip
+            out = block(x, temb)
+        return out, torch.autograd.grad(out.square().sum(), x)[0]
+
+    (out, grad), (fast_out, fast_grad) = run(False), run(True)
+    # forward: norm1, norm2 (with the bias); backward: norm2's, norm1's
+    assert biases == ([False, True, True, False] if fold else [False] * 4)
+    assert sums == ([True] if fold else [])
+    torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad, grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the refusal is for a UNet off CUDA")
@@ -428,7 +482,7 @@ def test_residual_sum_adds_bias_residual_and_scale_in_one_pass_into_x(fused, sha
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_residual_sum_of_differing_layouts_falls_back_to_torch_and_refuses_gradients(fused):
+def test_residual_sum_of_differing_layouts_falls_back_to_torch(fused):
     residual = torch.randn(2, 8, 5, 7, device=DEVICE)
     x = torch.randn(2, 8, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(8, device=DEVICE)
@@ -436,8 +490,34 @@ def test_residual_sum_of_differing_layouts_falls_back_to_torch_and_refuses_gradi
         out = fused.residual_sum(residual, x, bias, 0.5)
     assert out is not x
     torch.testing.assert_close(out, (residual + x + bias[:, None, None]) * 0.5)
-    with pytest.raises(ValueError, match="residual_sum is for sampling: run it under torch.no_grad()"):
-        fused.residual_sum(residual, x.requires_grad_(True), bias)
+    x.requires_grad_(True)
+    out = fused.residual_sum(residual, x, bias, 0.5)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, 0.5))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 1.4142])
+def test_residual_sum_with_gradients_writes_a_new_tensor_and_passes_scaled_gradients(fused, monkeypatch, scale):
+    g = torch.Generator().manual_seed(0)
+    residual, x = (torch.randn(2, 8, 5, 7, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+                   .requires_grad_(True) for _ in range(2))  # fmt: skip
+    bias = torch.randn(8, generator=g).to(DEVICE)
+    before = x.detach().clone()
+    launches = []
+    kernel = fused._residual_sum
+    monkeypatch.setattr(fused, "_residual_sum", type("K", (), {"__getitem__": lambda _, grid: (
+        lambda *a, **k: launches.append(grid) or kernel[grid](*a, **k))})())  # fmt: skip
+    out = fused.residual_sum(residual, x, bias, scale)
+    assert launches and out is not x and torch.equal(x.detach(), before)  # the kernel ran; x untouched
+    torch.testing.assert_close(out, (residual + x + bias[:, None, None]) * scale, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(out.shape, generator=g).to(DEVICE)
+    grad_residual, grad_x = torch.autograd.grad(out, (residual, x), grad)
+    torch.testing.assert_close(grad_residual, grad * scale, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, grad * scale, rtol=0, atol=0)
+    # a bias that requires gradients gets them from PyTorch's operators
+    trained = bias.clone().requires_grad_(True)
+    (grad_bias,) = torch.autograd.grad(fused.residual_sum(residual, x, trained, scale).sum(), trained)
+    torch.testing.assert_close(grad_bias, torch.full_like(bias, 2 * 5 * 7 * scale))
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last_3d, torch.contiguous_format])

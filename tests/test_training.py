@@ -1,4 +1,5 @@
 import math
+import types
 
 import pytest
 import torch
@@ -189,3 +190,38 @@ def test_dropout_masks_come_from_the_seed_not_from_the_callers_random_state(tmp_
     resumed = train_motion(unet_with_dropout(), moving_square(), embeds(), scheduler(), config, output_dir=tmp_path,
                            progress=False)  # fmt: skip
     assert resumed.losses == pytest.approx(first.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # the factor clips, or stays 1
+def test_fused_adamw_applies_the_clipping_factor_as_clip_grad_norm_does(monkeypatch, max_norm):
+    from test_inversion import FixedNoiseUNet
+
+    from motion_adapters import training_step
+    from motion_adapters.training_step import StepRunner
+
+    g = torch.Generator().manual_seed(0)
+    clip, eps = 0.5 * torch.randn(1, 3, 4, 8, 8, generator=g), torch.randn(1, 3, 4, 8, 8, generator=g)
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    draws = [(torch.tensor([t]), torch.randn(clip.shape, generator=g)) for t in (100, 400, 700)]
+
+    def run(in_optimizer):
+        monkeypatch.setattr(training_step, "CLIP_IN_OPTIMIZER", in_optimizer)
+        unet = FixedNoiseUNet(eps)
+        scale = torch.nn.Parameter(torch.ones(1, 3, 4, 1, 1))  # a trainable per-frame gain on the prediction
+
+        def model(x, t, encoder_hidden_states=None):
+            return types.SimpleNamespace(sample=unet(x, t).sample * scale)
+
+        optimizer = torch.optim.AdamW([scale], lr=1e-2, fused=True)  # the CPU's fused kernel takes grad_scale too
+        assert training_step.clips_in_optimizer(optimizer) == in_optimizer
+        config = MotionDistillationConfig(loss="l2", max_grad_norm=max_norm)
+        runner = StepRunner(model, clip, None, sched.alphas_cumprod, [scale], optimizer, config, None)
+        losses = [runner(t, noise).item() for t, noise in draws]
+        assert not hasattr(optimizer, "grad_scale")  # handed over for the step only
+        return scale.detach().clone(), scale.grad.clone(), losses
+
+    (scale, grad, losses), (expected, expected_grad, expected_losses) = run(True), run(False)
+    assert not torch.equal(expected, torch.ones_like(expected))  # the steps moved the parameter
+    torch.testing.assert_close(scale, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-9)  # the clipped gradient stays in .grad
+    assert losses == pytest.approx(expected_losses, rel=1e-6)
