@@ -57,6 +57,7 @@ def test_usage_errors_exit_2():
     assert info.value.code == 2
 
 
+@pytest.mark.slow  # about 100 s on a 2-core CPU: the README's main command; run with -m slow
 def test_demo_learns_the_zigzag_and_reports_both_generations(tmp_path, capsys, all_threads):
     # the README's main command, with 2 training steps: the whole default cascade runs twice on the CPU
     assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0

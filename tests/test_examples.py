@@ -28,6 +28,7 @@ def test_evaluate_example_scores_same_motion_above_reversed(capsys):
     assert same > 0.9 and reversed_ < 0.5
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: run with -m slow
 def test_world_example_learns_and_generates_on_the_default_model(tmp_path, capsys, all_threads):
     assert load("train_and_generate").main(["--out", str(tmp_path), "--steps", "3"]) == 0
     assert (tmp_path / "zigzag.mp4").is_file() and (tmp_path / "motion" / "motion_adapter.safetensors").is_file()

@@ -62,7 +62,9 @@ def functional_conv_layouts(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("stage", "fused", "kernels"), [("sr1", True, "conv2d"), ("keyframes", False, "conv2d"), ("sr1", True, "library")]
+    ("stage", "fused", "kernels"),
+    [pytest.param("sr1", True, "conv2d", marks=pytest.mark.slow), ("keyframes", False, "conv2d"),
+     pytest.param("sr1", True, "library", marks=pytest.mark.slow)],  # slow: over 30 s on a 2-core CPU
 )
 def test_channels_last_sampling_keeps_every_convolution_input_channels_last_and_the_output(
     monkeypatch, stage, fused, kernels
@@ -111,7 +113,7 @@ def test_weights_are_restored_when_the_call_fails():
     assert unet.conv_in.weight.is_contiguous() and all("forward" not in vars(m) for m in unet.modules())
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # train_motion trains at batch 1
+@pytest.mark.parametrize("batch", [1, pytest.param(2, marks=pytest.mark.slow)])  # train_motion trains at batch 1
 def test_channels_last_training_keeps_the_layout_and_gives_the_same_adapter_gradients(batch):
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
 
@@ -170,6 +172,7 @@ def assert_same_step(out, grads, reference, reference_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU (Triton's interpreter): run with -m slow
 @pytest.mark.parametrize("token_rows", [True, False], ids=["token_rows", "frames_last"])
 def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradients(monkeypatch, token_rows):
     """At batch 1 with the Triton frame attention, the temporal transformers keep the channels-last token order
@@ -187,6 +190,7 @@ def test_batch_one_temporal_transformers_run_on_token_rows_with_the_same_gradien
     assert_same_step(out, grads, reference, reference_grads)
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU (Triton's interpreter): run with -m slow
 def test_batch_one_frozen_temporal_convolutions_run_as_frame_taps_with_the_same_gradients(monkeypatch):
     """In a channels-last batch-1 training step the frozen temporal convolutions qualify for `_FrameTapsConv`."""
     from motion_adapters import lean_backward

@@ -59,6 +59,7 @@ def test_other_convolutions_stay_on_the_convolution_kernels(pointwise_calls, cas
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, None, stride, padding))
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU (Triton's interpreter): run with -m slow
 def test_every_gradient_of_a_channels_last_step_is_channels_last(tmp_path):
     """The ResNets' 1 x 1 shortcuts on cuDNN gave NCHW input gradients (see `_PointwiseConv`); as GEMMs, none."""
     assert lean_backward.POINTWISE_CONV_GEMMS is True  # the default
