@@ -63,8 +63,8 @@ def functional_conv_layouts(monkeypatch):
 
 @pytest.mark.parametrize(
     ("stage", "fused", "kernels"),
-    [pytest.param("sr1", True, "conv2d", marks=pytest.mark.slow), ("keyframes", False, "conv2d"),
-     pytest.param("sr1", True, "library", marks=pytest.mark.slow)],  # slow: over 30 s on a 2-core CPU
+    [pytest.param(*case, marks=pytest.mark.slow)  # each over 30 s on a 2-core CPU
+     for case in (("sr1", True, "conv2d"), ("keyframes", False, "conv2d"), ("sr1", True, "library"))],
 )
 def test_channels_last_sampling_keeps_every_convolution_input_channels_last_and_the_output(
     monkeypatch, stage, fused, kernels
