@@ -82,6 +82,23 @@ def test_same_seed_same_run_and_resume_matches_uninterrupted(tmp_path):
     assert m2.training["steps"] == 6
 
 
+
+def test_drawing_ahead_feeds_each_step_its_own_seeded_timestep_and_noise(monkeypatch):
+    from motion_adapters import training
+
+    config = cfg(max_train_steps=5, seed=3)
+    seen = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(training, "DRAW_AHEAD", ahead)
+        timesteps = []
+        result = train_motion(tiny_unet3d(), moving_square(), embeds(), scheduler(), config, progress=False,
+                              callbacks=[lambda state, ts=timesteps: ts.append(state.timestep)])
+        seen[ahead] = (timesteps, result.losses)
+    assert seen[True] == seen[False]
+    expected = [int(torch.randint(0, 1000, (1,), generator=torch.Generator().manual_seed(3 * 1_000_003 + step)))
+                for step in range(5)]  # fmt: skip
+    assert seen[True][0] == expected
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
     config = cfg(max_train_steps=6, checkpointing_steps=2)
     unet = tiny_unet3d()
