@@ -9,7 +9,7 @@ On the show-1-base architecture with random weights (as `bench_training.py`), in
    kernels and built cuDNN's plans.
 
 The JSON holds each call's seconds (setup before the first step, each step) and the first call's functions with
-the most own time and the most time including callees (cProfile's tottime and cumtime).
+the most own time and the most time including callees (cProfile's tottime and cumtime), and who called the latter.
 
     python benchmarks/bench_startup.py --out benchmarks/results/startup_h200.json
     python benchmarks/bench_startup.py --tiny --out /tmp/startup_tiny.json  # CPU smoke test
@@ -46,6 +46,23 @@ def top_functions(profile: cProfile.Profile, key: str, rows: int) -> list[dict]:
                         "cumtime_s": round(cumtime, 4)})  # fmt: skip
     entries.sort(key=lambda e: e[f"{key}_s"], reverse=True)
     return entries[:rows]
+
+
+def callers_of_top(profile: cProfile.Profile, rows: int, callers: int = 4) -> list[dict]:
+    """For the `rows` functions of most cumulative time: who called them, the callers of most time first."""
+    stats = pstats.Stats(profile).stats
+
+    def name(func):
+        path, line, fn = func
+        return f"{Path(path).parent.name}/{Path(path).name}:{line}({fn})" if line else f"{path}({fn})"
+
+    top = sorted(stats.items(), key=lambda item: item[1][3], reverse=True)[:rows]
+    out = []
+    for func, (_, _, _, cumtime, by_caller) in top:
+        ranked = sorted(by_caller.items(), key=lambda item: item[1][3], reverse=True)[:callers]
+        out.append({"function": name(func), "cumtime_s": round(cumtime, 4),
+                    "callers": [{"caller": name(c), "cumtime_s": round(v[3], 4)} for c, v in ranked]})  # fmt: skip
+    return out
 
 
 def timed_call(unet, video, embeds, scheduler, config, profile: cProfile.Profile | None) -> dict:
@@ -102,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     out["first"] = timed_call(unet, video, embeds, scheduler, config, profile)
     out["second"] = timed_call(unet, video, embeds, scheduler, config, None)
     out["first_profile"] = {"by_tottime": top_functions(profile, "tottime", args.rows),
-                            "by_cumtime": top_functions(profile, "cumtime", args.rows)}  # fmt: skip
+                            "by_cumtime": top_functions(profile, "cumtime", args.rows),
+                            "callers": callers_of_top(profile, args.rows)}  # fmt: skip
     write(args.out, out)
     for name in ("first", "second"):
         run = out[name]
