@@ -41,7 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
 
-from motion_adapters import frame_attention, fused_norm, layout, lean_backward, training, training_step  # noqa: E402
+from motion_adapters import (  # noqa: E402
+    frame_attention,
+    fused_norm,
+    im2col_conv,
+    layout,
+    lean_backward,
+    training,
+    training_step,
+)
 from motion_adapters.config import MEMORY_FORMATS, TEMPORAL_KERNELS, MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 from motion_adapters.training import _temporal_kernels, train_motion  # noqa: E402
@@ -200,6 +208,12 @@ VARIANTS = {
     "full_separate_clip": ("as full, the gradients clipped by clip_grad_norm_ in a pass of their own before AdamW "
                            "(the default before training_step.CLIP_IN_OPTIMIZER)",
                            AS_FULL),
+    "full_cudnn_small_convs": ("as full, the frozen 3 x 3 convolutions of at most 512 pixels a call on cuDNN "
+                               "(the default before im2col_conv.IM2COL_CONVS)",
+                               AS_FULL),
+    "full_im2col_1280": ("as full, the frozen 3 x 3 convolutions of up to 1,280 pixels a call (the 10 x 16 level too) "
+                         "as a gather and a GEMM (im2col_conv.MAX_ROWS = 1280)",
+                         AS_FULL),
     "full_warmup_3": ("as full, three eager warm-up steps before the CUDA graph is captured (the default before: "
                       "training_step.GRAPH_WARMUP_STEPS = 3)",
                       AS_FULL),
@@ -516,6 +530,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_unfolded_biases": [(lean_backward, "FOLD_CONV_BIASES_TRAINING", False)],
                    "full_separate_clip": [(training_step, "CLIP_IN_OPTIMIZER", False)],
                    "full_joint_head_copies": [(training_step, "JOINT_HEAD_VIEWS", False)],
+                   "full_cudnn_small_convs": [(im2col_conv, "IM2COL_CONVS", False)],
+                   "full_im2col_1280": [(im2col_conv, "MAX_ROWS", 1280)],
                    "full_warmup_3": [(training_step, "GRAPH_WARMUP_STEPS", 3)],
                    "full_draws_between_steps": [(training, "DRAW_AHEAD", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],

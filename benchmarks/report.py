@@ -345,6 +345,42 @@ def frame_attention_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _profiled(data: dict, needle: str) -> tuple[float, int] | None:
+    """Cumulative seconds and calls of the first profiled function whose name contains `needle`, or None."""
+    for row in data.get("first_profile", {}).get("by_cumtime", []):
+        if needle in row["function"]:
+            return row["cumtime_s"], row["calls"]
+    return None
+
+
+def startup_table(data: dict) -> str:
+    """A process's first `train_motion` call against its second: setup, first steps, steady step (bench_startup)."""
+    settings = data.get("settings", {})
+    lines = [environment_line(data), "",
+             f"{settings.get('model')}, {settings.get('frames')} frames at {settings.get('height')} x "
+             f"{settings.get('width')}, {settings.get('steps')} steps a call; the first call's setup and first step "
+             "under cProfile.", "",
+             "| call | setup | step 1 (eager) | step 2 (capture + replay) | later steps (median) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, label in (("first", "the process's first"), ("second", "second, same process")):
+        run = data.get(name)
+        if not run:
+            continue
+        steps = run["step_seconds"]
+        later = sorted(steps[2:])[len(steps[2:]) // 2] if len(steps) > 2 else None
+        lines.append(f"| {label} | {_f(run['setup_seconds'], 2, ' s')} | {_f(steps[0], 2, ' s')} | "
+                     f"{_f(steps[1] if len(steps) > 1 else None, 2, ' s')} | {_f(later, 4, ' s')} |")
+    parts = []
+    for needle, what in (("(triton_key)", "Triton's hash of its own installation"),
+                         ("(_do_compile)", "Triton's compiled kernels found and loaded")):
+        found = _profiled(data, needle)
+        if found:
+            parts.append(f"{what}: {found[0]:.2f} s ({found[1]} calls)")
+    if parts:
+        lines += ["", "In the first call's profile: " + "; ".join(parts) + "."]
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -371,6 +407,8 @@ def render() -> dict[str, str]:
             blocks[f"temporal_conv:{path.stem}"] = temporal_conv_table(data)
         elif kind == "frame_attention":
             blocks[f"frame_attention:{path.stem}"] = frame_attention_table(data)
+        elif kind == "startup":
+            blocks[f"startup:{path.stem}"] = startup_table(data)
     return blocks
 
 

@@ -33,6 +33,7 @@ from motion_adapters.fused_norm import (
     group_norm_act_forward,
     residual_sum,
 )
+from motion_adapters.im2col_conv import Im2colConv, im2col_conv_applies
 from motion_adapters.resample import plain_upsampler, resample
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
@@ -162,6 +163,8 @@ def conv_keeping_no_input(
     with torch.autocast(device_type, enabled=False):
         if POINTWISE_CONV_GEMMS and _pointwise(x, weight, stride, padding, groups):
             return _PointwiseConv.apply(x, weight, bias)
+        if im2col_conv_applies(x, weight, stride, padding, dilation, groups):
+            return Im2colConv.apply(x, weight, bias)
         return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
 
 
