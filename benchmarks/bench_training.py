@@ -214,6 +214,12 @@ VARIANTS = {
     "full_im2col_1280": ("as full, the frozen 3 x 3 convolutions of up to 1,280 pixels a call (the 10 x 16 level too) "
                          "as a gather and a GEMM (im2col_conv.MAX_ROWS = 1280)",
                          AS_FULL),
+    "full_flash_joint": ("as full, the spatial attention on PyTorch's flash-attention kernels (training_step."
+                         "JOINT_SDPA_BACKEND = 'flash'; PyTorch picks cuDNN's)",
+                         AS_FULL),
+    "full_efficient_joint": ("as full, the spatial attention on PyTorch's memory-efficient kernels (training_step."
+                             "JOINT_SDPA_BACKEND = 'efficient')",
+                             AS_FULL),
     "full_warmup_3": ("as full, three eager warm-up steps before the CUDA graph is captured (the default before: "
                       "training_step.GRAPH_WARMUP_STEPS = 3)",
                       AS_FULL),
@@ -532,6 +538,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_joint_head_copies": [(training_step, "JOINT_HEAD_VIEWS", False)],
                    "full_cudnn_small_convs": [(im2col_conv, "IM2COL_CONVS", False)],
                    "full_im2col_1280": [(im2col_conv, "MAX_ROWS", 1280)],
+                   "full_flash_joint": [(training_step, "JOINT_SDPA_BACKEND", "flash")],
+                   "full_efficient_joint": [(training_step, "JOINT_SDPA_BACKEND", "efficient")],
                    "full_warmup_3": [(training_step, "GRAPH_WARMUP_STEPS", 3)],
                    "full_draws_between_steps": [(training, "DRAW_AHEAD", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],

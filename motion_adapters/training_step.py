@@ -279,9 +279,9 @@ class JointAttnProcessor:
             q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))
         else:
             q, k, v = (attn.head_to_batch_dim(t, out_dim=4) for t in (q, k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2), dropout_p=0.0, is_causal=False
-        )
+        k, v = torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2)
+        with _sdpa_backend(JOINT_SDPA_BACKEND if q.is_cuda else None):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, residual.shape[1])))
         return out.transpose(-1, -2).reshape(residual.shape) + residual
 
@@ -295,6 +295,22 @@ STACKED_JOINT_QKV = False
 #: Whether `JointAttnProcessor` splits q, k and v into heads as views (diffusers' `head_to_batch_dim` copies them
 #: where the projections come transposed).
 JOINT_HEAD_VIEWS = True
+#: The SDPA backend of the spatial (joint) attention on CUDA ("flash", "efficient" or "cudnn"), or None for
+#: PyTorch's own choice (cuDNN's kernels on an H200 at show-1-base's shapes).
+JOINT_SDPA_BACKEND: str | None = None
+
+
+def _sdpa_backend(name: str | None):
+    """A context that restricts `scaled_dot_product_attention` to backend `name`, or changes nothing for None."""
+    if name is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
+    return sdpa_kernel([backends[name]])
+
+
 #: Whether training keeps the spatial attention's text keys and values across steps (`JointAttnProcessor`'s
 #: `text_memo`): the prompt's embedding and the frozen text projections do not change during a run.
 MEMO_TEXT_KV = True
