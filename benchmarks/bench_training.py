@@ -220,6 +220,10 @@ VARIANTS = {
     "full_efficient_joint": ("as full, the spatial attention on PyTorch's memory-efficient kernels (training_step."
                              "JOINT_SDPA_BACKEND = 'efficient')",
                              AS_FULL),
+    "full_head_joined_kv": ("as full, the spatial attention's text and pixel keys and values joined per head, "
+                            "(B, heads, T + N, d) contiguous, q a view of its projection (the default before "
+                            "training_step.JOINT_KV_TOKEN_ROWS)",
+                            AS_FULL),
     "full_warmup_3": ("as full, three eager warm-up steps before the CUDA graph is captured (the default before: "
                       "training_step.GRAPH_WARMUP_STEPS = 3)",
                       AS_FULL),
@@ -540,6 +544,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_im2col_1280": [(im2col_conv, "MAX_ROWS", 1280)],
                    "full_flash_joint": [(training_step, "JOINT_SDPA_BACKEND", "flash")],
                    "full_efficient_joint": [(training_step, "JOINT_SDPA_BACKEND", "efficient")],
+                   "full_head_joined_kv": [(training_step, "JOINT_KV_TOKEN_ROWS", False)],
                    "full_warmup_3": [(training_step, "GRAPH_WARMUP_STEPS", 3)],
                    "full_draws_between_steps": [(training, "DRAW_AHEAD", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],

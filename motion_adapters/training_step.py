@@ -249,6 +249,8 @@ class JointAttnProcessor:
     def _text_keys_values(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def compute():
             normed = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+            if JOINT_KV_TOKEN_ROWS:  # (B, T, heads * d): split into heads after the concatenation
+                return attn.add_k_proj(normed), attn.add_v_proj(normed)
             return (attn.head_to_batch_dim(attn.add_k_proj(normed), out_dim=4),
                     attn.head_to_batch_dim(attn.add_v_proj(normed), out_dim=4))  # fmt: skip
 
@@ -275,11 +277,14 @@ class JointAttnProcessor:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         # (B, N, heads * d) -> (B, heads, N, d) as a view: `head_to_batch_dim`'s reshape copies q, k and v when the
         # projection comes transposed, and the concatenation below copies k and v anyway
+        if JOINT_KV_TOKEN_ROWS:  # text and pixel tokens joined as rows: q, k and v then share one head layout
+            k, v = torch.cat([text_k, k], dim=1), torch.cat([text_v, v], dim=1)
         if JOINT_HEAD_VIEWS:
             q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))
         else:
             q, k, v = (attn.head_to_batch_dim(t, out_dim=4) for t in (q, k, v))
-        k, v = torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2)
+        if not JOINT_KV_TOKEN_ROWS:
+            k, v = torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2)
         with _sdpa_backend(JOINT_SDPA_BACKEND if q.is_cuda else None):
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, residual.shape[1])))
@@ -295,6 +300,10 @@ STACKED_JOINT_QKV = False
 #: Whether `JointAttnProcessor` splits q, k and v into heads as views (diffusers' `head_to_batch_dim` copies them
 #: where the projections come transposed).
 JOINT_HEAD_VIEWS = True
+#: Whether `JointAttnProcessor` joins the text's and the pixels' keys and values as token rows, (B, T + N, heads * d),
+#: and splits them into heads after, as q is split: q, k and v then reach the attention in one layout. Off: joined
+#: per head, (B, heads, T + N, d) contiguous, while q is a view of its projection's rows.
+JOINT_KV_TOKEN_ROWS = True
 #: The SDPA backend of the spatial (joint) attention on CUDA ("flash", "efficient" or "cudnn"), or None for
 #: PyTorch's own choice (cuDNN's kernels on an H200 at show-1-base's shapes).
 JOINT_SDPA_BACKEND: str | None = None

@@ -21,7 +21,11 @@ def _run(attn, x, text):
     return (out, *torch.autograd.grad(out.square().sum(), (x, text)))
 
 
-def test_stacked_projections_compute_the_joint_attention_and_its_input_gradients():
+@pytest.mark.parametrize("token_rows", [True, False])
+def test_stacked_projections_compute_the_joint_attention_and_its_input_gradients(monkeypatch, token_rows):
+    from motion_adapters import training_step
+
+    monkeypatch.setattr(training_step, "JOINT_KV_TOKEN_ROWS", token_rows)
     attn = _layer()
     x = torch.randn(3, 64, 5, 6, requires_grad=True)  # (frames, C, H, W)
     text = torch.randn(3, 7, 64, requires_grad=True)
@@ -85,7 +89,11 @@ def _counting_text_projections(attn):
     return calls
 
 
-def test_kept_text_keys_and_values_give_the_same_outputs_and_gradients_computed_once():
+@pytest.mark.parametrize("token_rows", [True, False])
+def test_kept_text_keys_and_values_give_the_same_outputs_and_gradients_computed_once(monkeypatch, token_rows):
+    from motion_adapters import training_step
+
+    monkeypatch.setattr(training_step, "JOINT_KV_TOKEN_ROWS", token_rows)
     attn = _layer()
     x = torch.randn(3, 64, 5, 6, requires_grad=True)
     text = torch.randn(3, 7, 64)  # the prompt's embedding: no gradient, as in training
