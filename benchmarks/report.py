@@ -375,7 +375,7 @@ def startup_table(data: dict) -> str:
                          ("(_do_compile)", "Triton's compiled kernels found and loaded")):
         found = _profiled(data, needle)
         if found:
-            parts.append(f"{what}: {found[0]:.2f} s ({found[1]} calls)")
+            parts.append(f"{what}: {found[0]:.2f} s ({found[1]} call{'s' if found[1] != 1 else ''})")
     if parts:
         lines += ["", "In the first call's profile: " + "; ".join(parts) + "."]
     return "\n".join(lines)
