@@ -132,5 +132,5 @@ def test_compiled_kernels_match_cudnn_in_bf16_at_show1_base_deepest_level(im2col
     cudnn = torch.nn.functional.conv2d(cudnn_x, weight, bias, padding=1)
     (cudnn_grad,) = torch.autograd.grad(cudnn, cudnn_x, grad_out)
     for ours, theirs, exact in ((out, cudnn, expected), (grad, cudnn_grad, expected_grad)):
-        error, cudnn_error = (t.float() - exact).abs().max(), (theirs.float() - exact).abs().max()
+        error, cudnn_error = (ours.float() - exact).abs().max(), (theirs.float() - exact).abs().max()
         assert error <= 1.5 * cudnn_error + 1e-3, (error, cudnn_error)
