@@ -8,8 +8,8 @@ from motion_adapters import im2col_conv
 from motion_adapters.im2col_conv import Im2colConv, fold_neighbourhoods, gather_neighbourhoods
 from motion_adapters.lean_backward import conv_keeping_no_input
 
-pytestmark = pytest.mark.skipif(not im2col_conv.fused_norm_available(torch.zeros(1)),
-                                reason="needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
+interpreted = pytest.mark.skipif(not im2col_conv.fused_norm_available(torch.zeros(1)),
+                                 reason="needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
 
 
 @pytest.fixture
@@ -25,6 +25,7 @@ def channels_last(shape, seed, dtype=torch.float64):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+@interpreted
 def test_the_gathered_matrix_holds_each_pixels_zero_padded_neighbourhood():
     x = channels_last((2, 3, 4, 5), 0)
     columns = gather_neighbourhoods(x)
@@ -34,6 +35,7 @@ def test_the_gathered_matrix_holds_each_pixels_zero_padded_neighbourhood():
         torch.testing.assert_close(row, padded[n, :, h : h + 3, w : w + 3].permute(1, 2, 0), rtol=0, atol=0)
 
 
+@interpreted
 def test_folding_is_the_adjoint_of_gathering():
     x = channels_last((2, 70, 3, 5), 1)  # 70 channels: a partial channel block
     d = torch.randn(2 * 3 * 5, 9 * 70, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -43,6 +45,7 @@ def test_folding_is_the_adjoint_of_gathering():
     torch.testing.assert_close((gather_neighbourhoods(x) * d).sum(), (x * folded).sum(), rtol=1e-12, atol=1e-12)
 
 
+@interpreted
 @pytest.mark.parametrize(("shape", "bias"), [((8, 6, 5, 8), True), ((3, 70, 4, 7), False), ((1, 5, 1, 6), True)])
 def test_the_convolution_and_its_input_gradient_match_conv2d(im2col_calls, shape, bias):
     weight = channels_last((9, shape[1], 3, 3), 1)
@@ -65,6 +68,7 @@ def test_the_convolution_and_its_input_gradient_match_conv2d(im2col_calls, shape
     assert saved == [weight.shape]  # the weight only
 
 
+@interpreted
 @pytest.mark.parametrize("case", ["many_rows", "stride_2", "no_padding", "contiguous_input", "contiguous_weight",
                                   "switched_off"])  # fmt: skip
 def test_other_convolutions_stay_on_cudnn(im2col_calls, monkeypatch, case):
@@ -100,6 +104,7 @@ for kernel, meta, pointers in ((ic._gather, blocks, ("bf16", "bf16")),
 """
 
 
+@pytest.mark.skipif(im2col_conv.triton is None, reason="needs Triton")
 def test_kernels_compile_for_a_hopper_gpu_without_one():
     """The interpreter runs code the compiler refuses: compile both kernels for sm_90 with the interpreter off."""
     from hopper import compiled_for_hopper
