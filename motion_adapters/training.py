@@ -117,6 +117,7 @@ Callback = Callable[[TrainState], bool | None]
 #: the current step, instead of between steps with the GPU idle. The draws are the same either way.
 DRAW_AHEAD = True
 
+
 def train_motion(
     unet: nn.Module,
     video: torch.Tensor,

@@ -199,6 +199,17 @@ class FrameConv(nn.Module):
         return y.reshape(b, y.shape[1], f, h, w)
 
 
+
+def _sdpa_backend(name: str | None):
+    """A context that restricts `scaled_dot_product_attention` to backend `name`, or changes nothing for None."""
+    if name is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    return sdpa_kernel([backends[name]])
+
 class ShortSequenceAttnProcessor(AttnProcessor2_0):
     """`AttnProcessor2_0` with PyTorch's math SDPA kernel: two batched matmuls and a softmax.
 
@@ -211,9 +222,7 @@ class ShortSequenceAttnProcessor(AttnProcessor2_0):
 
     def __call__(self, *args, **kwargs):
         """Run `AttnProcessor2_0` with only the math kernel allowed."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
+        with _sdpa_backend("math"):
             return super().__call__(*args, **kwargs)
 
 
@@ -276,7 +285,7 @@ class JointAttnProcessor:
         else:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         # (B, N, heads * d) -> (B, heads, N, d) as a view: `head_to_batch_dim`'s reshape copies q, k and v when the
-        # projection comes transposed, and the concatenation below copies k and v anyway
+        # projection comes transposed, and the concatenation copies k and v anyway
         if JOINT_KV_TOKEN_ROWS:  # text and pixel tokens joined as rows: q, k and v then share one head layout
             k, v = torch.cat([text_k, k], dim=1), torch.cat([text_v, v], dim=1)
         if JOINT_HEAD_VIEWS:
@@ -304,20 +313,9 @@ JOINT_HEAD_VIEWS = True
 #: and splits them into heads after, as q is split: q, k and v then reach the attention in one layout. Off: joined
 #: per head, (B, heads, T + N, d) contiguous, while q is a view of its projection's rows.
 JOINT_KV_TOKEN_ROWS = True
-#: The SDPA backend of the spatial (joint) attention on CUDA ("flash", "efficient" or "cudnn"), or None for
+#: The SDPA backend of the spatial (joint) attention on CUDA ("flash", "efficient", "cudnn" or "math"), or None for
 #: PyTorch's own choice (cuDNN's kernels on an H200 at show-1-base's shapes).
 JOINT_SDPA_BACKEND: str | None = None
-
-
-def _sdpa_backend(name: str | None):
-    """A context that restricts `scaled_dot_product_attention` to backend `name`, or changes nothing for None."""
-    if name is None:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
-    return sdpa_kernel([backends[name]])
 
 
 #: Whether training keeps the spatial attention's text keys and values across steps (`JointAttnProcessor`'s
