@@ -142,8 +142,8 @@ class Im2colConv(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
         rows = grad.to(weight.dtype).permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when channels-last
-        if rows.is_cuda:  # the nine taps summed in float32 and rounded once, as cuDNN's input gradient is
-            columns = torch.mm(rows, matrix, out_dtype=torch.float32)
+        if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16):  # the nine taps summed in float32 and
+            columns = torch.mm(rows, matrix, out_dtype=torch.float32)  # rounded once, as cuDNN's input gradient is
         else:
             columns = torch.mm(rows, matrix)
         return fold_neighbourhoods(columns, ctx.shape, weight.dtype), None, None
