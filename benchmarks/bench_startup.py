@@ -28,40 +28,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_training import TINY, build_unet, environment, git_commit, inputs, write  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 
-from bench_training import TINY, build_unet, environment, git_commit, inputs, write  # noqa: E402
 from motion_adapters.config import MotionDistillationConfig  # noqa: E402
 from motion_adapters.models import show1_base_config  # noqa: E402
 from motion_adapters.training import train_motion  # noqa: E402
 
 
+def function_name(func: tuple[str, int, str]) -> str:
+    """A pstats key (path, line, name) as "folder/file.py:line(name)", or "~(name)" for built-ins."""
+    path, line, name = func
+    return f"{Path(path).parent.name}/{Path(path).name}:{line}({name})" if line else f"{path}({name})"
+
+
 def top_functions(profile: cProfile.Profile, key: str, rows: int) -> list[dict]:
     """cProfile's `rows` functions with the largest `key` ("tottime" or "cumtime"), in seconds."""
-    stats = pstats.Stats(profile)
-    entries = []
-    for (path, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
-        where = f"{Path(path).parent.name}/{Path(path).name}:{line}" if line else path
-        entries.append({"function": f"{where}({name})", "calls": calls, "tottime_s": round(tottime, 4),
-                        "cumtime_s": round(cumtime, 4)})  # fmt: skip
+    entries = [{"function": function_name(func), "calls": calls, "tottime_s": round(tottime, 4),
+                "cumtime_s": round(cumtime, 4)}
+               for func, (_, calls, tottime, cumtime, _) in pstats.Stats(profile).stats.items()]  # fmt: skip
     entries.sort(key=lambda e: e[f"{key}_s"], reverse=True)
     return entries[:rows]
 
 
 def callers_of_top(profile: cProfile.Profile, rows: int, callers: int = 4) -> list[dict]:
     """For the `rows` functions of most cumulative time: who called them, the callers of most time first."""
-    stats = pstats.Stats(profile).stats
-
-    def name(func):
-        path, line, fn = func
-        return f"{Path(path).parent.name}/{Path(path).name}:{line}({fn})" if line else f"{path}({fn})"
-
-    top = sorted(stats.items(), key=lambda item: item[1][3], reverse=True)[:rows]
+    top = sorted(pstats.Stats(profile).stats.items(), key=lambda item: item[1][3], reverse=True)[:rows]
     out = []
     for func, (_, _, _, cumtime, by_caller) in top:
         ranked = sorted(by_caller.items(), key=lambda item: item[1][3], reverse=True)[:callers]
-        out.append({"function": name(func), "cumtime_s": round(cumtime, 4),
-                    "callers": [{"caller": name(c), "cumtime_s": round(v[3], 4)} for c, v in ranked]})  # fmt: skip
+        named = [{"caller": function_name(c), "cumtime_s": round(v[3], 4)} for c, v in ranked]
+        out.append({"function": function_name(func), "cumtime_s": round(cumtime, 4), "callers": named})
     return out
 
 
