@@ -6,8 +6,8 @@ forward, 50 against 20 for the input gradient on an H200, `benchmarks/results/co
 leave most of the GPU idle in its tiles. Here the forward pass gathers each row's 3 x 3 neighbourhood from the
 channels-last activation into one (rows, 9 * channels) matrix (Triton, one pass) and multiplies it by the weight,
 which a channels-last weight already stores as an (out, 9 * in) matrix; the input gradient is the gradient rows
-times that matrix (float32 on CUDA), folded back by summing each pixel's nine contributions (one pass). Only the
-weight is kept for the backward pass, as `lean_backward`'s other frozen convolutions do.
+times that matrix (float32 for half inputs on CUDA), folded back by summing each pixel's nine contributions (one
+pass). Only the weight is kept for the backward pass, as `lean_backward`'s other frozen convolutions do.
 """
 
 from __future__ import annotations
@@ -122,13 +122,17 @@ def fold_neighbourhoods(d: torch.Tensor, shape: torch.Size, dtype: torch.dtype) 
     return out.permute(0, 3, 1, 2)
 
 
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A (out, in, 3, 3) weight as its (out, 9 * in) matrix, column (3 * i + j) * in + c: a view if channels-last."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
 class Im2colConv(torch.autograd.Function):
     """A frozen 3 x 3 convolution (stride 1, padding 1) as a gather and a GEMM, keeping the weight only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         """`conv2d(x, weight, bias, padding=1)` of channels-last `x`, channels-last."""
-        matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (out, 9 * in), a view
+        matrix = _weight_matrix(weight)
         columns = gather_neighbourhoods(x)
         y = torch.mm(columns, matrix.t()) if bias is None else torch.addmm(bias, columns, matrix.t())
         ctx.save_for_backward(weight)
@@ -140,7 +144,7 @@ class Im2colConv(torch.autograd.Function):
     def backward(ctx, grad):
         """The input's gradient alone, channels-last."""
         (weight,) = ctx.saved_tensors
-        matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        matrix = _weight_matrix(weight)
         rows = grad.to(weight.dtype).permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when channels-last
         if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16):  # the nine taps summed in float32 and
             columns = torch.mm(rows, matrix, out_dtype=torch.float32)  # rounded once, as cuDNN's input gradient is
