@@ -239,6 +239,13 @@ VARIANTS = {
     "full_text_kv_each_step": ("as full, the spatial attention's text keys and values computed at every step "
                                "(training_step.MEMO_TEXT_KV off)",
                                AS_FULL),
+    "full_weight_grads_inline": ("as full, the temporal attention's stacked q/k/v weight gradients on the main "
+                                 "stream, in turn with the input gradients (the default before frame_attention."
+                                 "WEIGHT_GRADS_ASIDE)",
+                                 AS_FULL),
+    "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
+                      "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
+                      AS_FULL),
     "full_regional": ("as full, every ResNet and temporal-convolution layer compiled on its own (compile='regional'; "
                       "its fusions around the fused norms and the custom convolutions' autograd functions)",
                       {**AS_FULL, "compile": "regional"}),
@@ -548,18 +555,26 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_warmup_3": [(training_step, "GRAPH_WARMUP_STEPS", 3)],
                    "full_draws_between_steps": [(training, "DRAW_AHEAD", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
-                   "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)]}
+                   "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)],
+                   "full_weight_grads_inline": [(frame_attention, "WEIGHT_GRADS_ASIDE", False)]}
+#: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
+BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
 
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
     saved = [(module, attr, getattr(module, attr)) for module, attr, _ in MODULE_SETTINGS.get(name, [])]
     for module, attr, value in MODULE_SETTINGS.get(name, []):
         setattr(module, attr, value)
+    blas = torch.backends.cuda.preferred_blas_library() if name in BLAS_LIBRARY else None
     try:
+        if blas is not None:
+            torch.backends.cuda.preferred_blas_library(BLAS_LIBRARY[name])
         return _run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak)
     finally:
         for module, attr, value in saved:
             setattr(module, attr, value)
+        if blas is not None:
+            torch.backends.cuda.preferred_blas_library(blas)
 
 
 def _run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:

@@ -343,3 +343,79 @@ def test_training_step_on_triton_attention_is_as_close_to_float32_as_the_math_ke
               for kernels in ("math_attention", "triton_attention")}  # fmt: skip
     assert len(exact) > 2
     assert all(t <= 1.5 * m + 1e-3 for t, m in zip(errors["triton_attention"], errors["math_attention"])), errors
+
+
+def _attention_stack(device, layers=3, frames=8, n=40, c=64, heads=8):
+    """Rows through `layers` projected frame attentions (fp32 weights that train) with residuals; inputs, weights."""
+    torch.manual_seed(0)
+    x = torch.randn(frames * n, c, device=device)
+    weights = [[(torch.randn(c, c, device=device) * c**-0.5).requires_grad_(True) for _ in range(3)]
+               for _ in range(layers)]  # fmt: skip
+
+    def forward(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            for wq, wk, wv in weights:
+                x = fa.projected_frame_attention(x, wq, wk, wv, frames=frames, heads=heads) + x
+        return x.float().square().mean()
+
+    return x, [w for layer in weights for w in layer], forward
+
+
+def test_weight_grads_aside_off_cuda_changes_nothing_and_is_left_off_after_an_error():
+    x, weights, forward = _attention_stack(torch.device(DEVICE), layers=2, n=4)
+    forward(x).backward()
+    expected = [w.grad.clone() for w in weights]
+    for w in weights:
+        w.grad = None
+    with fa.weight_grads_aside():
+        assert fa._ASIDE.active
+        forward(x).backward()
+    assert not fa._ASIDE.active and fa._ASIDE.pending is None
+    assert all(torch.equal(w.grad, e) for w, e in zip(weights, expected))
+    with pytest.raises(RuntimeError, match="inside"), fa.weight_grads_aside():
+        raise RuntimeError("inside")
+    assert not fa._ASIDE.active
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_weight_grads_aside_give_the_same_gradients_eagerly_under_a_cuda_graph_and_when_adding_to_one():
+    """The weight-gradient GEMMs on the side stream: bit-for-bit the main stream's gradients, in an eager backward
+    pass, replayed from a CUDA graph captured with it (the side stream joins the capture), and where a weight
+    already holds a gradient (the GEMM then stays on the main stream and autograd adds)."""
+    device = torch.device("cuda")
+    x, weights, forward = _attention_stack(device, n=640, c=640, heads=64)
+
+    def grads(aside):
+        for w in weights:
+            w.grad = None
+        with fa.weight_grads_aside(aside):
+            forward(x).backward()
+        return [w.grad.clone() for w in weights]
+
+    expected = grads(False)
+    assert all(torch.equal(g, e) for g, e in zip(grads(True), expected))
+    assert fa._ASIDE.pending is None
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up before a capture, as StepRunner does
+        grads(True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for w in weights:
+        w.grad = None
+    with torch.cuda.graph(graph), fa.weight_grads_aside():
+        forward(x).backward()
+    captured = [w.grad for w in weights]
+    for c in captured:
+        c.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, e) for g, e in zip(captured, expected))
+
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    with fa.weight_grads_aside():
+        forward(x).backward()
+    assert all(torch.equal(w.grad, e + 1) for w, e in zip(weights, expected))
