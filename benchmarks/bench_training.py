@@ -243,6 +243,9 @@ VARIANTS = {
                                  "stream, in turn with the input gradients (the default before frame_attention."
                                  "WEIGHT_GRADS_ASIDE)",
                                  AS_FULL),
+    "full_no_pdl": ("as full, the Triton kernels launched in turn, each after the one before has finished (the default "
+                    "before fused_norm.PDL: programmatic dependent launches)",
+                    AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -556,7 +559,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_draws_between_steps": [(training, "DRAW_AHEAD", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
                    "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)],
-                   "full_weight_grads_inline": [(frame_attention, "WEIGHT_GRADS_ASIDE", False)]}
+                   "full_weight_grads_inline": [(frame_attention, "WEIGHT_GRADS_ASIDE", False)],
+                   "full_no_pdl": [(fused_norm, "PDL", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

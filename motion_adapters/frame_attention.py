@@ -25,10 +25,12 @@ from contextlib import contextmanager
 
 import torch
 
-from motion_adapters.fused_norm import _on_device, fused_norm_available, triton
+from motion_adapters.fused_norm import _on_device, fused_norm_available, pdl_launch, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from motion_adapters.fused_norm import _await_previous_kernel
 
 #: The most values of the (pairs, frames, frames, padded head channels) products a "tile" program forms at once;
 #: the pairs a program takes follow from it. Longer sequences or wider heads than this allows fall back to PyTorch.
@@ -122,7 +124,9 @@ if triton is not None:
     @triton.jit
     def _frame_attention_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf,
                                  P, F, scale, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr,
-                                 DP: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+                                 DP: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        if PDL:
+            _await_previous_kernel()
         n, h, f, d, mask = _pairs(P, F, HEADS, D, FP, DP, BLOCK_P)
         q = _load(q_ptr, q_sn, q_sf, n, h, f, d, mask, D)
         k = _load(k_ptr, k_sn, k_sf, n, h, f, d, mask, D)
@@ -134,8 +138,10 @@ if triton is not None:
     def _frame_attention_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf,
                                   v_sn, v_sf, do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr,
                                   D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
-                                  BLOCK_P: tl.constexpr):  # fmt: skip
+                                  BLOCK_P: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
+        if PDL:
+            _await_previous_kernel()
         n, h, f, d, mask = _pairs(P, F, HEADS, D, FP, DP, BLOCK_P)
         q = _load(q_ptr, q_sn, q_sf, n, h, f, d, mask, D)
         k = _load(k_ptr, k_sn, k_sf, n, h, f, d, mask, D)
@@ -201,7 +207,9 @@ if triton is not None:
     @triton.jit
     def _pairs_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
                        HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
-                       SPLIT: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+                       SPLIT: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        if PDL:
+            _await_previous_kernel()
         n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
                                 BLOCK_P, SPLIT, UNROLL)  # fmt: skip
@@ -213,8 +221,10 @@ if triton is not None:
     def _pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                         do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
                         FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
-                        UNROLL: tl.constexpr):  # fmt: skip
+                        UNROLL: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
+        if PDL:
+            _await_previous_kernel()
         n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
                                 BLOCK_P, SPLIT, UNROLL)  # fmt: skip
@@ -290,7 +300,8 @@ def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
     (forward, _), grid, meta = _launch(q, heads, *launch)
     with _on_device(q):
         forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      out.stride(0), out.stride(1), q.shape[0] * heads, q.shape[1], scale, **meta)  # fmt: skip
+                      out.stride(0), out.stride(1), q.shape[0] * heads, q.shape[1], scale, **meta,
+                      **pdl_launch(q))  # fmt: skip
 
 
 def _attend_backward(q, k, v, grad, dq, dk, dv, heads: int, scale: float, launch: tuple = ()) -> None:
@@ -299,7 +310,7 @@ def _attend_backward(q, k, v, grad, dq, dk, dv, heads: int, scale: float, launch
     with _on_device(q):
         backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                        v.stride(1), grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1), q.shape[0] * heads,
-                       q.shape[1], scale, **meta)  # fmt: skip
+                       q.shape[1], scale, **meta, **pdl_launch(q))  # fmt: skip
 
 
 class _FrameAttention(torch.autograd.Function):

@@ -29,6 +29,7 @@ tensors (the tests do).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -71,6 +72,39 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: Whether the kernels of this package are launched as programmatic dependent launches where they can be (Hopper
+#: and later, a Triton with grid dependency control, not the interpreter): the GPU may schedule a kernel's programs
+#: while the kernel before it in the stream drains, each program waiting (`gdc_wait`) for all of that kernel's
+#: memory before it reads or writes any, then letting the next kernel launch (`gdc_launch_dependents`).
+PDL = True
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    if triton is None:
+        return False
+    try:
+        import triton.language.extra.cuda as cuda_extra
+    except ImportError:  # pragma: no cover - a Triton without the CUDA extras
+        return False
+    return hasattr(cuda_extra, "gdc_wait") and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(x: torch.Tensor) -> dict:
+    """The launch arguments that make a kernel of this package on `x`'s device a programmatic dependent launch.
+
+    Empty (a plain launch; the kernels' `PDL` defaults to False) off CUDA, in the interpreter, before Hopper, or
+    with `PDL` off.
+
+    Example:
+        >>> pdl_launch(torch.zeros(1))
+        {}
+    """
+    if not (PDL and x.is_cuda and not interpreting() and _pdl_device(x.device.index or 0)):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
 def fused_norm_available(x: torch.Tensor | None = None) -> bool:
     """Whether the fused kernels can run on `x`'s device: Triton importable, and CUDA (or the interpreter on CPU).
 
@@ -86,6 +120,12 @@ def fused_norm_available(x: torch.Tensor | None = None) -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _await_previous_kernel():
+        """Wait for the kernel before this one in the stream (all its memory), then let the next one launch."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _act(z, ACTIVATION: tl.constexpr):
@@ -138,8 +178,10 @@ if triton is not None:
 
     @triton.jit
     def _chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
+                       BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """Mean and sum of squared deviations of chunk `p` of channel row `nc` (grid: rows, chunks)."""
+        if PDL:
+            _await_previous_kernel()
         nc = tl.program_id(0)
         p = tl.program_id(1)
         offs = p * BLOCK + tl.arange(0, BLOCK)
@@ -157,8 +199,10 @@ if triton is not None:
 
     @triton.jit
     def _group_moments(mean_part, m2_part, mean_ptr, rstd_ptr, S, P, K, eps, BLOCK: tl.constexpr,
-                       BLOCK_K: tl.constexpr):  # fmt: skip
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """Combine the K = channels-per-group * P chunk moments of group row `r` (Chan et al.) into mean, 1/std."""
+        if PDL:
+            _await_previous_kernel()
         r = tl.program_id(0)
         base = r.to(tl.int64) * K
         total = tl.zeros([BLOCK_K], tl.float32)
@@ -186,7 +230,9 @@ if triton is not None:
     def _normalize_act(x_ptr, y_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc, mean_ptr, rstd_ptr,
                        xb_ptr, xb_sn, xb_sc, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                        HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
+                       BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        if PDL:
+            _await_previous_kernel()
         nc = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
@@ -203,8 +249,10 @@ if triton is not None:
     def _chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                          mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, P, HAS_W: tl.constexpr,
                          HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
+                         BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """Sums of d_xhat and d_xhat * xhat over chunk `p` of channel row `nc`."""
+        if PDL:
+            _await_previous_kernel()
         nc = tl.program_id(0)
         p = tl.program_id(1)
         offs = p * BLOCK + tl.arange(0, BLOCK)
@@ -219,7 +267,9 @@ if triton is not None:
         tl.store(s2_part + nc * P + p, tl.sum(dxhat * xhat, axis=0))
 
     @triton.jit
-    def _group_grad_means(s1_part, s2_part, c1_ptr, c2_ptr, K, L, BLOCK_K: tl.constexpr):
+    def _group_grad_means(s1_part, s2_part, c1_ptr, c2_ptr, K, L, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            _await_previous_kernel()
         r = tl.program_id(0)
         base = r.to(tl.int64) * K
         s1 = tl.zeros([BLOCK_K], tl.float32)
@@ -236,7 +286,9 @@ if triton is not None:
     def _input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                     mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                    BLOCK: tl.constexpr):  # fmt: skip
+                    BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        if PDL:
+            _await_previous_kernel()
         nc = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
@@ -342,13 +394,16 @@ if triton is not None:
 
     @triton.jit
     def _cl_chunk_moments(x_ptr, mean_part, m2_part, xb_ptr, xb_sn, xb_sc, C, S, P, HAS_XB: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr,
+                          PDL: tl.constexpr = False):  # fmt: skip
         """Per-channel mean and sum of squared deviations of chunk `p` (LOOP tiles of BLOCK_S values) of sample `n`.
 
         Grid: (N * P, channel tiles). The values, shifted by the chunk's first value of each channel, are summed
         and squared-summed element-wise in registers over the LOOP tiles, then reduced over the tile's rows once:
         a reduction across the rows of a tile costs a round through shared memory, an element-wise sum does not.
         """
+        if PDL:
+            _await_previous_kernel()
         n, p, c, cmask = _cl_program(tl.program_id(0), tl.program_id(1), C, P, BLOCK_C)
         start = p * BLOCK_S * LOOP
         pivot = tl.load(x_ptr + n.to(tl.int64) * S * C + start.to(tl.int64) * C + c, mask=cmask,
@@ -375,12 +430,14 @@ if triton is not None:
                           xb_ptr, xb_sn, xb_sc, mean_part, m2_part, C, G, S, P, P_STATS, eps, HAS_W: tl.constexpr,
                           HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK_K: tl.constexpr):  # fmt: skip
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """The output of one tile.
 
         FOLD: the group statistics from the chunk moments here (no `_group_moments`), stored to mean_ptr and rstd_ptr
         by the programs of the first chunk.
         """
+        if PDL:
+            _await_previous_kernel()
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
         if FOLD:
             mean, rstd = _cl_folded_moments(mean_part, m2_part, n, c, cmask, C, G, S, P_STATS, eps, CHUNK, BLOCK_K)
@@ -404,8 +461,11 @@ if triton is not None:
     def _cl_chunk_grad_sums(x_ptr, dy_ptr, s1_part, s2_part, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
                             mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, P, HAS_W: tl.constexpr,
                             HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr):  # fmt: skip
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr,
+                            PDL: tl.constexpr = False):  # fmt: skip
         """Per-channel sums of d_xhat and d_xhat * xhat over chunk `p` (LOOP tiles) of sample `n`."""
+        if PDL:
+            _await_previous_kernel()
         n, p, c, cmask = _cl_program(tl.program_id(0), tl.program_id(1), C, P, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
@@ -427,8 +487,10 @@ if triton is not None:
                        mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, s1_part, s2_part, C, G, S, P, P_STATS,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr,
                        ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr,
-                       BLOCK_K: tl.constexpr):  # fmt: skip
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """The input gradient of one tile; FOLD: the group sums from the chunk sums here (no `_group_grad_means`)."""
+        if PDL:
+            _await_previous_kernel()
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
         mean, rstd, weight, offset = _cl_coefficients(n, c, cmask, C, G, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc,
                                                       s_sn, s_sc, mean_ptr, rstd_ptr, HAS_W, HAS_B, HAS_F)  # fmt: skip
@@ -450,8 +512,10 @@ if triton is not None:
 
     @triton.jit
     def _residual_sum(r_ptr, x_ptr, bias_ptr, out_ptr, n, channel_stride, C, scale, HAS_BIAS: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """(residual + x + bias[channel]) * scale over dense memory: float32 inside, one rounding."""
+        if PDL:
+            _await_previous_kernel()
         at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = at < n
         y = tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32) + tl.load(x_ptr + at, mask=mask,
@@ -462,8 +526,10 @@ if triton is not None:
 
 
     @triton.jit
-    def _bit_masked_scale(grad_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    def _bit_masked_scale(grad_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """Gradient times bit times scale over dense memory; bits eight a byte in memory order, first highest."""
+        if PDL:
+            _await_previous_kernel()
         at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = at < n
         grad = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -473,8 +539,10 @@ if triton is not None:
 
 
     @triton.jit
-    def _geglu(p_ptr, out_ptr, n, H, BLOCK: tl.constexpr):
+    def _geglu(p_ptr, out_ptr, n, H, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """`hidden * gelu(gate)` of projection rows `[hidden | gate]` (2H values a row) into (rows, H) `out`."""
+        if PDL:
+            _await_previous_kernel()
         at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = at < n
         source = (at // H) * 2 * H + at % H
@@ -483,8 +551,10 @@ if triton is not None:
         tl.store(out_ptr + at, (hidden * _act(gate, 1)).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _geglu_grad(g_ptr, p_ptr, out_ptr, n, H, BLOCK: tl.constexpr):
+    def _geglu_grad(g_ptr, p_ptr, out_ptr, n, H, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """The gradient of `_geglu` at projection rows `p` for output gradient `g`, as rows `[d_hidden | d_gate]`."""
+        if PDL:
+            _await_previous_kernel()
         at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = at < n
         source = (at // H) * 2 * H + at % H
@@ -600,13 +670,15 @@ def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation
     n, c, s, block, p, warps, k = _layout(x, groups)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-    _chunk_moments[(n * c, p)](x, parts[0], parts[1], *xb_args, c, s, p, **xb_flag, BLOCK=block, num_warps=warps)
+    _chunk_moments[(n * c, p)](x, parts[0], parts[1], *xb_args, c, s, p, **xb_flag, BLOCK=block, num_warps=warps,
+                    **pdl_launch(x))
     _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block,
-                                  BLOCK_K=_block_k(k))  # fmt: skip
+                                  BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)
     _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, **flags, **xb_flag,
-                               ACTIVATION=ACTIVATIONS.index(activation), BLOCK=block, num_warps=warps)  # fmt: skip
+                               ACTIVATION=ACTIVATIONS.index(activation), BLOCK=block, num_warps=warps,
+                               **pdl_launch(x))  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -663,18 +735,19 @@ def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, a
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _cl_chunk_moments[(n * p_stats, tiles)](rows, parts[0], parts[1], *xb_args, c, s, p_stats, **xb_flag,
                                             BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
-                                            num_warps=warps)  # fmt: skip
+                                            num_warps=warps, **pdl_launch(rows))  # fmt: skip
     fold = k <= CL_FOLD_MAX_K
     fold_k = triton.next_power_of_2(k) if fold else 1  # the folding program loads all of a group's results at once
     if not fold:
         _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p_stats, k, eps,
-                                      BLOCK=block_s * loop, BLOCK_K=_block_k(k))  # fmt: skip
+                                      BLOCK=block_s * loop, BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)  # x's strides: the same channels-last memory
     _cl_normalize_act[(n * p, tiles)](rows, y, *affine, stats[0], stats[1], *xb_args, parts[0], parts[1], c, groups,
                                       s, p, p_stats, eps, **flags, **xb_flag,
                                       ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_c,
-                                      FOLD=fold, CHUNK=block_s * loop, BLOCK_K=fold_k, num_warps=warps)  # fmt: skip
+                                      FOLD=fold, CHUNK=block_s * loop, BLOCK_K=fold_k, num_warps=warps,
+                                      **pdl_launch(rows))  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -690,13 +763,14 @@ def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, act
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     _chunk_grad_sums[(n * c, p)](x, grad, parts[0], parts[1], *affine, mean, rstd, *xb_args, c, groups, s, p,
-                                 **flags, **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
+                                 **flags, **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps,
+                                 **pdl_launch(x))  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
-                                     BLOCK_K=_block_k(k))  # fmt: skip
+                                     BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
     dx = torch.empty_like(x)
     _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, c, groups, s, **flags,
-                            **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps)  # fmt: skip
+                            **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps, **pdl_launch(x))  # fmt: skip
     return dx
 
 
@@ -713,18 +787,18 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     _cl_chunk_grad_sums[(n * p_stats, tiles)](rows, grad, parts[0], parts[1], *affine, mean, rstd, *xb_args, c,
                                               groups, s, p_stats, **flags, **xb_flag, ACTIVATION=act,
                                               BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
-                                              num_warps=warps)  # fmt: skip
+                                              num_warps=warps, **pdl_launch(rows))  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     fold = k <= CL_FOLD_MAX_K
     fold_k = triton.next_power_of_2(k) if fold else 1
     if not fold:
         _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
-                                         BLOCK_K=_block_k(k))  # fmt: skip
+                                         BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
     dx = torch.empty_like(x)
     _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, parts[0],
                                    parts[1], c, groups, s, p, p_stats, **flags, **xb_flag, ACTIVATION=act,
                                    BLOCK_S=block_s, BLOCK_C=block_c, FOLD=fold, BLOCK_K=fold_k,
-                                   num_warps=warps)  # fmt: skip
+                                   num_warps=warps, **pdl_launch(rows))  # fmt: skip
     return dx
 
 
@@ -772,7 +846,7 @@ def _residual_sum_into(residual, x, bias, scale: float, out: torch.Tensor) -> to
     with _on_device(x):
         _residual_sum[(triton.cdiv(x.numel(), SUM_BLOCK),)](
             residual, x, bias_arg, out, x.numel(), x.stride(1), x.shape[1], scale, HAS_BIAS=bias is not None,
-            BLOCK=SUM_BLOCK, num_warps=4)  # fmt: skip
+            BLOCK=SUM_BLOCK, num_warps=4, **pdl_launch(residual))  # fmt: skip
     return out
 
 
@@ -813,7 +887,7 @@ def geglu(projection: torch.Tensor) -> torch.Tensor:
     out = projection.new_empty(*projection.shape[:-1], h)
     with _on_device(projection):
         _geglu[(triton.cdiv(out.numel(), GEGLU_BLOCK),)](projection, out, out.numel(), h, BLOCK=GEGLU_BLOCK,
-                                                         num_warps=4)  # fmt: skip
+                                                         num_warps=4, **pdl_launch(projection))  # fmt: skip
     return out
 
 
@@ -833,7 +907,8 @@ def geglu_backward(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor
     out = torch.empty_like(projection)
     with _on_device(projection):
         _geglu_grad[(triton.cdiv(grad.numel(), GEGLU_BLOCK),)](grad, projection, out, grad.numel(), h,
-                                                               BLOCK=GEGLU_BLOCK, num_warps=4)  # fmt: skip
+                                                               BLOCK=GEGLU_BLOCK, num_warps=4,
+                                                               **pdl_launch(grad))  # fmt: skip
     return out
 
 
@@ -858,7 +933,8 @@ def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> to
     out = torch.empty_like(grad)
     with _on_device(grad):
         _bit_masked_scale[(triton.cdiv(grad.numel(), MASK_BLOCK),)](grad, bits, out, grad.numel(), float(scale),
-                                                                    BLOCK=MASK_BLOCK, num_warps=4)  # fmt: skip
+                                                                    BLOCK=MASK_BLOCK, num_warps=4,
+                                                                    **pdl_launch(grad))  # fmt: skip
     return out
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from motion_adapters.fused_norm import _on_device, channels_last_rows, fused_norm_available, triton
+from motion_adapters.fused_norm import _on_device, channels_last_rows, fused_norm_available, pdl_launch, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from motion_adapters.fused_norm import _await_previous_kernel
 
 #: Whether `lean_backward.conv_keeping_no_input` runs frozen 3 x 3 convolutions of at most `MAX_ROWS` output pixels
 #: (batch times height times width) here instead of on cuDNN.
@@ -54,8 +56,10 @@ def im2col_conv_applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, 
 if triton is not None:
 
     @triton.jit
-    def _gather(x_ptr, a_ptr, H, W, C, ROWS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gather(x_ptr, a_ptr, H, W, C, ROWS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
         """a[r, t * C + c] = x[n, h + i - 1, w + j - 1, c] (0 outside), t = 3 i + j; grid (rows, 9, channels)."""
+        if PDL:
+            _await_previous_kernel()
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         t = tl.program_id(1)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -71,11 +75,14 @@ if triton is not None:
         tl.store(a_ptr + dst[:, None] + c[None, :], values, mask=(r < ROWS)[:, None] & (c < C)[None, :])
 
     @triton.jit
-    def _fold(d_ptr, out_ptr, H, W, C, ROWS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    def _fold(d_ptr, out_ptr, H, W, C, ROWS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr,
+              PDL: tl.constexpr = False):
         """out[n, h, w, c] = sum over t of d[(n, h - i + 1, w - j + 1), t * C + c]; grid (rows, channels).
 
         Summed in float32 (float64 with F64).
         """
+        if PDL:
+            _await_previous_kernel()
         acc_dtype = tl.float64 if F64 else tl.float32
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -104,7 +111,7 @@ def gather_neighbourhoods(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n * h * w, 9 * c, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n * h * w, BLOCK_R), 9, triton.cdiv(c, BLOCK_C))
     with _on_device(x):
-        _gather[grid](x, out, h, w, c, n * h * w, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        _gather[grid](x, out, h, w, c, n * h * w, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, **pdl_launch(x))
     return out
 
 
@@ -118,7 +125,8 @@ def fold_neighbourhoods(d: torch.Tensor, shape: torch.Size, dtype: torch.dtype) 
     out = torch.empty(n, h, w, c, dtype=dtype, device=d.device)
     grid = (triton.cdiv(n * h * w, BLOCK_R), triton.cdiv(c, BLOCK_C))
     with _on_device(d):
-        _fold[grid](d, out, h, w, c, n * h * w, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, F64=d.dtype == torch.float64)
+        _fold[grid](d, out, h, w, c, n * h * w, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, F64=d.dtype == torch.float64,
+                    **pdl_launch(d))
     return out.permute(0, 3, 1, 2)
 
 
