@@ -239,13 +239,12 @@ VARIANTS = {
     "full_text_kv_each_step": ("as full, the spatial attention's text keys and values computed at every step "
                                "(training_step.MEMO_TEXT_KV off)",
                                AS_FULL),
-    "full_weight_grads_inline": ("as full, the temporal attention's stacked q/k/v weight gradients on the main "
-                                 "stream, in turn with the input gradients (the default before frame_attention."
-                                 "WEIGHT_GRADS_ASIDE)",
-                                 AS_FULL),
     "full_no_pdl": ("as full, the Triton kernels launched in turn, each after the one before has finished (the default "
                     "before fused_norm.PDL: programmatic dependent launches)",
                     AS_FULL),
+    "full_torch_pack_bits": ("as full, dropout's mask packed into bits by PyTorch's multiply, shift and cast over an "
+                             "int64 view (the default before lean_backward.PACK_BITS_KERNEL)",
+                             AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -559,8 +558,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_draws_between_steps": [(training, "DRAW_AHEAD", False)],
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
                    "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)],
-                   "full_weight_grads_inline": [(frame_attention, "WEIGHT_GRADS_ASIDE", False)],
-                   "full_no_pdl": [(fused_norm, "PDL", False)]}
+                   "full_no_pdl": [(fused_norm, "PDL", False)],
+                   "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

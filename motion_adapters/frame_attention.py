@@ -20,8 +20,6 @@ probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -60,11 +58,6 @@ PAIRS_UNROLL = 0
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
 WEIGHT_GRAD_OUT_DTYPE = True
-#: Whether, inside `weight_grads_aside()`, `projected_frame_attention`'s backward pass runs the stacked q/k/v weight
-#: gradient GEMM on a side CUDA stream, beside the input-gradient chain that the rest of the backward pass waits on
-#: (the weight gradient is read only by the optimizer). The main stream waits for each one at the next such
-#: backward call (so at most one layer's inputs are held past their node) and at the context's exit.
-WEIGHT_GRADS_ASIDE = True
 
 
 def frame_attention_supported(q: torch.Tensor, heads: int, kv_length: int | None = None) -> str | None:
@@ -381,8 +374,6 @@ class _ProjectedFrameAttention(torch.autograd.Function):
         ctx.save_for_backward(x, projected, weight)
         ctx.frames, ctx.heads, ctx.scale = frames, heads, scale
         ctx.weight_dtype = wq.dtype
-        # the parameters themselves (not their data): the backward pass asks whether they already hold a gradient
-        ctx.weights = (wq, wk, wv) if any(w.requires_grad for w in (wq, wk, wv)) else ()
         return out.view(-1, out.shape[-1])
 
     @staticmethod
@@ -393,13 +384,9 @@ class _ProjectedFrameAttention(torch.autograd.Function):
         grad_projected = torch.empty_like(projected)
         _attend_backward(*_pair_blocks(projected, frames), grad_pairs, *_pair_blocks(grad_projected, frames),
                          ctx.heads, ctx.scale)  # fmt: skip
-        grad_weights = [None] * 3
-        aside = (_ASIDE.active and x.is_cuda and bool(ctx.weights) and any(ctx.needs_input_grad[1:4])
-                 and all(w.grad is None for w in ctx.weights))  # fmt: skip
-        if aside:  # before the input gradient: the side stream's GEMM starts while the main stream runs that one
-            grad_weights = _ASIDE.weight_grad(grad_projected, x, ctx.weight_dtype).chunk(3)
         grad_x = grad_projected @ weight if ctx.needs_input_grad[0] else None
-        if not aside and any(ctx.needs_input_grad[1:4]):
+        grad_weights = [None] * 3
+        if any(ctx.needs_input_grad[1:4]):
             grad_weights = _weight_grad(grad_projected, x, ctx.weight_dtype).chunk(3)
         return grad_x, *grad_weights, None, None, None
 
@@ -419,68 +406,6 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> tor
     if WEIGHT_GRAD_OUT_DTYPE and x.is_cuda and dtype == torch.float32 and half:
         return torch.mm(grad.t(), x, out_dtype=dtype)
     return (grad.t() @ x).to(dtype)
-
-
-class _WeightGradsAside:
-    """The side stream, the pending weight-gradient GEMM and its inputs while `weight_grads_aside()` is active."""
-
-    def __init__(self):
-        self.active = False
-        self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.pending: tuple | None = None  # (main stream, event, tensors the side stream reads or writes)
-
-    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`_weight_grad` on the side stream; the main stream waits for it at the next call or at `join`."""
-        self.join()
-        main = torch.cuda.current_stream(x.device)
-        side = self.streams.get(x.device)
-        if side is None:
-            side = self.streams[x.device] = torch.cuda.Stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            result = _weight_grad(grad, x, dtype)
-            done = torch.cuda.Event()
-            done.record(side)
-        # allocated on the side stream, read by the main stream's optimizer: not reused before that is done
-        result.record_stream(main)
-        # grad and x stay referenced until the main stream has waited, so their memory is not reused under the GEMM
-        self.pending = (main, done, (grad, x))
-        return result
-
-    def join(self) -> None:
-        """Make the main stream wait for the pending GEMM, then let its inputs go."""
-        if self.pending is not None:
-            main, done, _ = self.pending
-            main.wait_event(done)
-            self.pending = None
-
-
-_ASIDE = _WeightGradsAside()
-
-
-@contextmanager
-def weight_grads_aside(enabled: bool = True) -> Iterator[None]:
-    """Within it, `projected_frame_attention`'s backward pass computes the weight gradient on a side CUDA stream.
-
-    A backward pass inside it (`loss.backward()`) overlaps each trainable stacked q/k/v weight-gradient GEMM with
-    the input-gradient work after it; on exit the current stream waits for the last one, so gradients are complete
-    for what follows (clipping, the optimizer), as without it. Where a weight already holds a gradient (autograd
-    would add to it on the main stream), off CUDA, or with `WEIGHT_GRADS_ASIDE` off, nothing changes. Works under
-    CUDA graph capture (the side stream joins the capture).
-
-    Example:
-        >>> with weight_grads_aside():  # doctest: +SKIP
-        ...     loss.backward()
-    """
-    if not (enabled and WEIGHT_GRADS_ASIDE) or _ASIDE.active:
-        yield
-        return
-    _ASIDE.active = True
-    try:
-        yield
-    finally:
-        _ASIDE.active = False
-        _ASIDE.join()
 
 
 def projected_frame_attention_supported(x: torch.Tensor, out_features: int, frames: int, heads: int) -> str | None:
@@ -585,5 +510,4 @@ __all__ = [
     "frame_attention_supported",
     "projected_frame_attention",
     "projected_frame_attention_supported",
-    "weight_grads_aside",
 ]

@@ -526,6 +526,18 @@ if triton is not None:
 
 
     @triton.jit
+    def _pack_bits(mask_ptr, bits_ptr, n, BYTES, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        """bits[i] = mask[8 i] << 7 | ... | mask[8 i + 7] over `n` mask bytes (0 past n); BLOCK bytes a program."""
+        if PDL:
+            _await_previous_kernel()
+        byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        j = tl.arange(0, 8)
+        at = byte[:, None] * 8 + j[None, :]
+        values = tl.load(mask_ptr + at, mask=at < n, other=0).to(tl.int32)
+        packed = tl.sum((values != 0).to(tl.int32) << (7 - j)[None, :], axis=1)
+        tl.store(bits_ptr + byte, packed.to(tl.uint8), mask=byte < BYTES)
+
+    @triton.jit
     def _bit_masked_scale(grad_ptr, bits_ptr, out_ptr, n, scale, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """Gradient times bit times scale over dense memory; bits eight a byte in memory order, first highest."""
         if PDL:
@@ -914,6 +926,32 @@ def geglu_backward(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor
 
 #: Values a program of `bit_masked_scale` takes.
 MASK_BLOCK = 2048
+#: Bytes of bits (eight mask values each) a program of `pack_bits` writes.
+PACK_BLOCK = 512
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A dense bool `mask` as bits, eight to a byte in memory order, the first in the highest bit, in one pass.
+
+    What `lean_backward._pack_bits` computes with PyTorch's operators (three passes and an int64 intermediate);
+    the mask must be dense (contiguous or channels-last) on a device the kernels run on.
+
+    Example:
+        >>> bits = pack_bits(torch.rand(4, 6, device="cuda") < 0.5)  # doctest: +SKIP
+        >>> bits.shape, bits.dtype  # doctest: +SKIP
+        (torch.Size([3]), torch.uint8)
+    """
+    if mask.dtype != torch.bool or not (_dense(mask) and fused_norm_available(mask)):
+        raise ValueError("pack_bits takes a dense bool mask on a device its kernel runs on; pack it with "
+                         "PyTorch's operators elsewhere (lean_backward._pack_bits).")  # fmt: skip
+    # the mask's bytes in memory order: a flat view of its storage (dense: no gaps, any dimension order)
+    flat = mask.as_strided((mask.numel(),), (1,)).view(torch.uint8)
+    n_bytes = -(-mask.numel() // 8)
+    bits = torch.empty(n_bytes, dtype=torch.uint8, device=mask.device)
+    with _on_device(mask):
+        _pack_bits[(triton.cdiv(n_bytes, PACK_BLOCK),)](flat, bits, mask.numel(), n_bytes, BLOCK=PACK_BLOCK,
+                                                        num_warps=4, **pdl_launch(mask))  # fmt: skip
+    return bits
 
 
 def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -940,6 +978,7 @@ def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> to
 
 __all__ = [
     "bit_masked_scale",
+    "pack_bits",
     "block_for",
     "channels_last_rows",
     "cl_tile",

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from motion_adapters.fused_norm import (
+    _dense,
     bit_masked_scale,
     channels_last_rows,
     fused_norm_available,
@@ -31,6 +32,7 @@ from motion_adapters.fused_norm import (
     geglu_backward,
     group_norm_act_backward,
     group_norm_act_forward,
+    pack_bits,
     residual_sum,
 )
 from motion_adapters.im2col_conv import Im2colConv, im2col_conv_applies
@@ -466,8 +468,18 @@ def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
     return (0, *range(2, t.dim()), 1) if channels_last_rows(t) is not None else tuple(range(t.dim()))
 
 
+#: Whether dropout's mask is packed into bits by one Triton kernel (`fused_norm.pack_bits`) where it runs, instead of
+#: PyTorch's multiply, shift and cast over an int64 view.
+PACK_BITS_KERNEL = True
+
+
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as bits, eight to a byte, the first in the highest bit, in memory order (see `_unpack_bits`)."""
+    """A bool tensor as bits, eight to a byte, the first in the highest bit, in memory order (see `_unpack_bits`).
+
+    One Triton pass (`fused_norm.pack_bits`) where `PACK_BITS_KERNEL` and the kernels run on a dense mask.
+    """
+    if PACK_BITS_KERNEL and mask.dtype == torch.bool and _dense(mask) and fused_norm_available(mask):
+        return pack_bits(mask)
     flat = mask.permute(_memory_order(mask)).reshape(-1)
     if flat.numel() % 8:
         flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])

@@ -30,7 +30,7 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0, AttnProcessor2_0
 
 from motion_adapters.config import MotionDistillationConfig
-from motion_adapters.frame_attention import FrameAttnProcessor, weight_grads_aside
+from motion_adapters.frame_attention import FrameAttnProcessor
 from motion_adapters.frozen_memo import kept
 from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
@@ -593,13 +593,11 @@ class StepRunner:
         return loss
 
     def _update(self, loss: torch.Tensor) -> None:
-        with weight_grads_aside():
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
         if self.scaler is not None:
+            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         if self.config.max_grad_norm > 0 and self.scaler is None and clips_in_optimizer(self.optimizer):
             # clip_grad_norm_'s factor, applied by the fused AdamW kernel as it reads the gradients (GradScaler's
             # `grad_scale` divisor; the kernel writes the clipped gradients back): no pass of its own over them

@@ -371,6 +371,21 @@ for kernel in (f._cl_chunk_moments, f._cl_normalize_act, f._cl_chunk_grad_sums, 
         triton.compile(ASTSource(kernel, signature, {k: v for k, v in constexprs.items() if k in names}),
                        target=GPUTarget("cuda", 90, 32))
     print("compiled", kernel.__name__)
+# the mask packing, and programmatic dependent launches (grid dependency control) in a kernel of each kind
+triton.compile(ASTSource(f._pack_bits, {"mask_ptr": "*u8", "bits_ptr": "*u8", "n": "i32", "BYTES": "i32",
+                                        "BLOCK": "constexpr", "PDL": "constexpr"}, {"BLOCK": 512, "PDL": True}),
+               target=GPUTarget("cuda", 90, 32))
+print("compiled", f._pack_bits.__name__)
+for kernel, constexprs in ((f._cl_normalize_act, {"BLOCK_S": 64, "BLOCK_C": 64, "CHUNK": 128, "BLOCK_K": 64,
+                                                  "ACTIVATION": 0, "FOLD": False}),
+                           (f._group_moments, {"BLOCK": 1024, "BLOCK_K": 64})):
+    names = kernel.arg_names
+    constexprs = {**constexprs, **{n: False for n in names if n.startswith("HAS_")}, "PDL": True}
+    signature = {n: "constexpr" if n in constexprs else "*fp32" if n in FLOAT32 else "*bf16"
+                 if n.endswith("_ptr") else "fp32" if n in ("eps", "scale") else "i32" for n in names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    assert "griddepcontrol.wait" in compiled.asm["ptx"] and "griddepcontrol.launch_dependents" in compiled.asm["ptx"]
+    print("compiled with PDL", kernel.__name__)
 """
 
 
@@ -379,7 +394,8 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     every flag combination for sm_90, in a process with the interpreter off."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 12
+    out = compiled_for_hopper(COMPILE_FOR_HOPPER)
+    assert out.count("compiled _") == 13 and out.count("compiled with PDL") == 2, out
 
 
 class _Block(torch.nn.Module):
@@ -568,3 +584,28 @@ def test_bit_masked_scale_refuses_what_it_cannot_read(fused):
         fused.bit_masked_scale(grad, torch.zeros(2, dtype=torch.uint8, device=DEVICE), 2.0)
     with pytest.raises(ValueError, match="at least one bit a value"):
         fused.bit_masked_scale(torch.randn(4, 6, device=DEVICE), torch.zeros(2, dtype=torch.uint8, device=DEVICE), 2.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "memory_format"),
+    [((1, 12, 3, 5, 7), torch.channels_last_3d), ((3, 5, 7), torch.contiguous_format), ((2, 16, 40, 64),
+                                                                                       torch.channels_last)],
+)
+def test_pack_bits_kernel_packs_as_pytorchs_operators_do(fused, monkeypatch, shape, memory_format):
+    """One pass against `_pack_bits`' PyTorch operators: memory order, first bit highest, a zero-padded last byte
+    (1,260 and 105 values), several programs (40,960 values); `_unpack_bits` gets the mask back."""
+    from motion_adapters.lean_backward import _memory_order, _pack_bits, _unpack_bits
+
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(shape, generator=g) < 0.5).to(DEVICE).contiguous(memory_format=memory_format)
+    bits = fused.pack_bits(mask)
+    monkeypatch.setattr(lean_backward, "PACK_BITS_KERNEL", False)
+    expected = _pack_bits(mask)
+    assert bits.dtype == torch.uint8 and torch.equal(bits, expected)
+    assert torch.equal(_unpack_bits(bits, mask.shape, _memory_order(mask)), mask)
+    monkeypatch.setattr(lean_backward, "PACK_BITS_KERNEL", True)
+    calls = []
+    monkeypatch.setattr(lean_backward, "pack_bits", lambda m: calls.append(1) or fused.pack_bits(m))
+    assert torch.equal(_pack_bits(mask), expected) and calls == [1]
+    with pytest.raises(ValueError, match="dense bool mask"):
+        fused.pack_bits(mask.float())
