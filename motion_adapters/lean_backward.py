@@ -877,7 +877,9 @@ def frozen_activations_recomputed(
       product on Triton kernels where they run (`GEGLU_KERNELS`).
 
     Same outputs, same dropout masks, same input gradients (up to rounding where the GEGLU kernels run: they round
-    once where PyTorch's operators round twice); a little more compute in the backward pass.
+    once where PyTorch's operators round twice; and, with float32 norms under autocast, where a ResNet upsamples:
+    `UPSAMPLE_IN_INPUT_DTYPE` keeps its nearest upsampling, and so its residual sum, in bf16 where autocast makes
+    both float32); a little more compute in the backward pass.
     `float32_norms` says whether the norms run in float32 under autocast (`norm_dtype="float32"`); `fused_norms`
     runs the norm -> activation pairs as Triton kernels (`motion_adapters.fused_norm`) where they can run. Yields
     the number of modules changed.
