@@ -245,6 +245,9 @@ VARIANTS = {
     "full_torch_pack_bits": ("as full, dropout's mask packed into bits by PyTorch's multiply, shift and cast over an "
                              "int64 view (the default before lean_backward.PACK_BITS_KERNEL)",
                              AS_FULL),
+    "full_torch_layer_norms": ("as full, the temporal transformers' residual additions and layer norms on PyTorch's "
+                               "operators (the default before lean_backward.FUSED_LAYER_NORMS)",
+                               AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -559,7 +562,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_memo_text_kv": [(training_step, "MEMO_TEXT_KV", True)],
                    "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)],
                    "full_no_pdl": [(fused_norm, "PDL", False)],
-                   "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)]}
+                   "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
+                   "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

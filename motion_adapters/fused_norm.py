@@ -526,6 +526,57 @@ if triton is not None:
 
 
     @triton.jit
+    def _add_layer_norm(a_ptr, x_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, M, C, eps,
+                        HAS_A: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                        PDL: tl.constexpr = False):  # fmt: skip
+        """The sum s = a + x (rounded as PyTorch's addition is) and y = layer_norm(s) * w + b, per row of C."""
+        if PDL:
+            _await_previous_kernel()
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = (r < M)[:, None] & cmask[None, :]
+        at = r[:, None] * C + c[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_A:
+            total = (x + tl.load(a_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+            tl.store(s_ptr + at, total, mask=mask)
+            x = total.to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        y = d * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + r, mean, mask=r < M)
+        tl.store(rstd_ptr + r, rstd, mask=r < M)
+
+    @triton.jit
+    def _layer_norm_input_grad(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, g_ptr, dx_ptr, M, C, HAS_G: tl.constexpr,
+                               ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        """The input gradient rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat)) (+ g) per row of C, in float32."""
+        if PDL:
+            _await_previous_kernel()
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = (r < M)[:, None] & cmask[None, :]
+        at = r[:, None] * C + c[None, :]
+        mean = tl.load(mean_ptr + r, mask=r < M, other=0.0)
+        rstd = tl.load(rstd_ptr + r, mask=r < M, other=0.0)
+        xhat = tl.where(mask, (tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None])
+                        * rstd[:, None], 0.0)  # fmt: skip
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        wdy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32) * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / C
+        c2 = tl.sum(wdy, axis=1) / C
+        dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_G:
+            dx += tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _pack_bits(mask_ptr, bits_ptr, n, BYTES, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """bits[i] = mask[8 i] << 7 | ... | mask[8 i + 7] over `n` mask bytes (0 past n); BLOCK bytes a program."""
         if PDL:
@@ -924,6 +975,64 @@ def geglu_backward(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor
     return out
 
 
+#: Values of the (rows, channels) block one program of the layer-norm kernels takes (channels padded to a power
+#: of two; at least one row).
+LAYER_NORM_TILE = 4096
+
+
+def _layer_norm_launch(rows: torch.Tensor) -> tuple[tuple[int], dict]:
+    m, c = rows.shape
+    block_c = triton.next_power_of_2(c)
+    per = max(1, LAYER_NORM_TILE // block_c)
+    return (triton.cdiv(m, per),), {"ROWS": per, "BLOCK_C": block_c, "num_warps": 4 if block_c * per <= 4096 else 8}
+
+
+def add_layer_norm_forward(a: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`(s, y, mean, rstd)`: `s = a + x` (x itself where `a` is None), `y = layer_norm(s, (C,), weight, bias)`.
+
+    `a` and `x` are contiguous (M, C) rows of one dtype, `weight` and `bias` (C,); one pass: the sum rounded to the
+    rows' dtype as PyTorch's addition rounds it, the norm over it in float32 (two passes over the row in
+    registers), `y` rounded once; float32 (M,) statistics for `layer_norm_input_grad`.
+
+    Example:
+        >>> s, y, mean, rstd = add_layer_norm_forward(a, x, norm.weight, norm.bias, norm.eps)  # doctest: +SKIP
+    """
+    if x.dim() != 2 or not x.is_contiguous() or (a is not None and (a.shape != x.shape or a.dtype != x.dtype
+                                                                    or not a.is_contiguous())):  # fmt: skip
+        raise ValueError("add_layer_norm_forward takes contiguous (M, C) rows, a and x of one shape and dtype.")
+    m, c = x.shape
+    s = x if a is None else torch.empty_like(x)
+    y = torch.empty_like(x)
+    stats = torch.empty(2, m, device=x.device, dtype=torch.float32)
+    grid, meta = _layer_norm_launch(x)
+    with _on_device(x):
+        _add_layer_norm[grid](x if a is None else a, x, s, y, weight, bias, stats[0], stats[1], m, c, float(eps),
+                              HAS_A=a is not None, **meta, **pdl_launch(x))  # fmt: skip
+    return s, y, stats[0], stats[1]
+
+
+def layer_norm_input_grad(grad: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The gradient of `add_layer_norm_forward`'s `y` with respect to `s` (weight and bias frozen), plus `extra`.
+
+    `extra` (the gradient `s` receives from its other uses, or None) is added in the same pass, in float32, and the
+    sum rounded once to `s`'s dtype.
+
+    Example:
+        >>> ds = layer_norm_input_grad(grad_y, s, norm.weight, mean, rstd, grad_s)  # doctest: +SKIP
+    """
+    grad = grad.to(s.dtype).contiguous()
+    if extra is not None:
+        extra = extra.to(s.dtype).contiguous()
+    dx = torch.empty_like(s)
+    grid, meta = _layer_norm_launch(s)
+    with _on_device(s):
+        _layer_norm_input_grad[grid](grad, s, weight, mean, rstd, grad if extra is None else extra, dx, s.shape[0],
+                                     s.shape[1], HAS_G=extra is not None, **meta, **pdl_launch(s))  # fmt: skip
+    return dx
+
+
 #: Values a program of `bit_masked_scale` takes.
 MASK_BLOCK = 2048
 #: Bytes of bits (eight mask values each) a program of `pack_bits` writes.
@@ -977,7 +1086,9 @@ def bit_masked_scale(grad: torch.Tensor, bits: torch.Tensor, scale: float) -> to
 
 
 __all__ = [
+    "add_layer_norm_forward",
     "bit_masked_scale",
+    "layer_norm_input_grad",
     "pack_bits",
     "block_for",
     "channels_last_rows",

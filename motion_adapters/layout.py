@@ -35,6 +35,8 @@ from motion_adapters.lean_backward import (
     _forwards_replaced,
     _norm_in_compute_dtype,
     _unless_grad,
+    frozen_add_layer_norm,
+    frozen_layer_norm_applies,
     group_norm_act_keeping_input,
 )
 from motion_adapters.training_step import FrameConv
@@ -103,7 +105,18 @@ def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) ->
 
 
 def _temporal_block_rows(block: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
-    """Diffusers' `BasicTransformerBlock` forward (layer norms, self-attention, feed-forward) on token rows."""
+    """Diffusers' `BasicTransformerBlock` forward (layer norms, self-attention, feed-forward) on token rows.
+
+    In training, where its norms are frozen, each residual addition and the norm after it run as one pass
+    (`frozen_add_layer_norm`).
+    """
+    attentions = [a for a in (block.attn1, block.attn2) if a is not None]
+    norms = [block.norm1, *([block.norm2] if block.attn2 is not None else []), block.norm3]
+    if all(frozen_layer_norm_applies(norm, x) for norm in norms):
+        h = frozen_add_layer_norm(norms[0], None, x)
+        for attn, norm in zip(attentions, norms[1:]):
+            x, h = frozen_add_layer_norm(norm, _frame_self_attention_rows(attn, h, frames), x)
+        return block.ff(h) + x
     x = _frame_self_attention_rows(block.attn1, block.norm1(x), frames) + x
     if block.attn2 is not None:
         x = _frame_self_attention_rows(block.attn2, block.norm2(x), frames) + x

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from motion_adapters.fused_norm import (
     _dense,
+    add_layer_norm_forward,
     bit_masked_scale,
     channels_last_rows,
     fused_norm_available,
@@ -32,6 +33,7 @@ from motion_adapters.fused_norm import (
     geglu_backward,
     group_norm_act_backward,
     group_norm_act_forward,
+    layer_norm_input_grad,
     pack_bits,
     residual_sum,
 )
@@ -94,6 +96,67 @@ def norms_in_compute_dtype(unet: nn.Module, enabled: bool) -> Iterator[int]:
     norms = [m for m in unet.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))] if enabled else []
     with _forwards_replaced(norms, lambda norm: functools.partial(_norm_in_compute_dtype, norm)) as count:
         yield count
+
+
+class _FrozenAddLayerNorm(torch.autograd.Function):
+    """`(a + x, layer_norm(a + x))` (only `layer_norm(x)` where `a` is None) for a frozen affine `LayerNorm`.
+
+    One Triton pass each way (`fused_norm.add_layer_norm_forward`, `layer_norm_input_grad`): the residual sum and
+    the norm over it forward; backward, the norm's input gradient with the sum's other gradient added, which
+    reaches `a` and `x` alike. Keeps the sum and two float32 statistics a row, as PyTorch's norm keeps its input.
+    """
+
+    @staticmethod
+    def forward(ctx, a, x, weight, bias, eps):
+        s, y, mean, rstd = add_layer_norm_forward(a, x, weight, bias, eps)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.add = a is not None
+        return (s, y) if ctx.add else y
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s, weight, mean, rstd = ctx.saved_tensors
+        grad_s, grad_y = grads if ctx.add else (None, grads[0])
+        if grad_y is None:
+            grad = grad_s
+        else:
+            grad = layer_norm_input_grad(grad_y, s, weight, mean, rstd, grad_s)
+        return (grad if ctx.add else None), grad, None, None, None
+
+
+def frozen_layer_norm_applies(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `frozen_add_layer_norm` runs `norm` on (M, C) rows `x`.
+
+    That is: a frozen affine `nn.LayerNorm` over C, gradients on, the kernels available on x's device, and
+    `FUSED_LAYER_NORMS` on.
+    """
+    return (
+        FUSED_LAYER_NORMS and torch.is_grad_enabled() and type(norm) is nn.LayerNorm and x.dim() == 2
+        and tuple(norm.normalized_shape) == (x.shape[1],) and norm.weight is not None and norm.bias is not None
+        and not norm.weight.requires_grad and not norm.bias.requires_grad and fused_norm_available(x)
+    )  # fmt: skip
+
+
+def frozen_add_layer_norm(norm: nn.LayerNorm, a: torch.Tensor | None, x: torch.Tensor):
+    """`(a + x, norm(a + x))`, or `norm(x)` where `a` is None, for a frozen `norm` (`frozen_layer_norm_applies`).
+
+    In autocast's dtype (as `norm_dtype="compute"` runs norms; the sum in it as PyTorch adds two such tensors),
+    else in x's; one Triton pass each way instead of the addition, the norm, and autograd's sum of the residual's
+    two gradients.
+
+    Example:
+        >>> x, h = frozen_add_layer_norm(block.norm2, attention_output, x)  # doctest: +SKIP
+    """
+    dtype = _compute_dtype(x, float32_under_autocast=False)
+    weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        a = None if a is None else a.to(dtype).contiguous()
+        return _FrozenAddLayerNorm.apply(a, x.to(dtype).contiguous(), weight, bias, norm.eps)
+
+
+#: Whether the temporal transformers' layer norms (on token rows, in training) run as `frozen_add_layer_norm`, each
+#: with the residual addition before it, instead of PyTorch's addition and norm.
+FUSED_LAYER_NORMS = True
 
 
 #: Whether `_InputGradOnlyConv`'s backward passes `convolution_backward` an uninitialised stand-in for the input in
@@ -903,6 +966,7 @@ def frozen_activations_recomputed(
 __all__ = [
     "conv_keeping_no_input",
     "frozen_activations_recomputed",
+    "frozen_add_layer_norm",
     "frozen_convs_keep_no_input",
     "fused_norm_activations",
     "group_norm_act_keeping_input",

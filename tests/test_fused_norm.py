@@ -609,3 +609,59 @@ def test_pack_bits_kernel_packs_as_pytorchs_operators_do(fused, monkeypatch, sha
     assert torch.equal(_pack_bits(mask), expected) and calls == [1]
     with pytest.raises(ValueError, match="dense bool mask"):
         fused.pack_bits(mask.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "c", "add"), [(40, 64, True), (9, 96, True), (12, 80, False)])
+def test_frozen_add_layer_norm_matches_pytorchs_addition_and_norm(fused, dtype, m, c, add):
+    """`(a + x, norm(a + x))` and the gradients reaching a and x from both outputs against PyTorch's addition and
+    layer norm: channels not a power of two (96, 80 padded), rows not filling the last program."""
+    from motion_adapters.lean_backward import frozen_add_layer_norm, frozen_layer_norm_applies
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(c).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
+        norm.bias.copy_(0.5 * torch.randn(c, generator=g))
+    norm.requires_grad_(False)
+    x = (3 + torch.randn(m, c, generator=g)).to(DEVICE, dtype).requires_grad_(True)  # a mean far from 0
+    a = torch.randn(m, c, generator=g).to(DEVICE, dtype).requires_grad_(True)
+    grad_s, grad_y = (torch.randn(m, c, generator=g).to(DEVICE, dtype) for _ in range(2))
+    assert frozen_layer_norm_applies(norm.to(dtype), x)
+    norm = norm.to(dtype)
+
+    def run(fn):
+        out = fn()
+        outputs = out if add else (out,)
+        grads = torch.autograd.grad(outputs, (a, x) if add else (x,), (grad_s, grad_y) if add else (grad_y,))
+        return [t.detach() for t in (*outputs, *grads)]
+
+    got = run(lambda: frozen_add_layer_norm(norm, a if add else None, x))
+    expected = run(lambda: (lambda s: (s, norm(s)))(a + x) if add else norm(x))
+    exact = run(lambda: (lambda s: (s, torch.nn.functional.layer_norm(
+        s, (c,), norm.weight.double(), norm.bias.double(), norm.eps)))(a.double() + x.double()) if add else
+        torch.nn.functional.layer_norm(x.double(), (c,), norm.weight.double(), norm.bias.double(), norm.eps))
+    if dtype == torch.float32:
+        for mine, theirs in zip(got, expected):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        return
+    # bf16: one rounding of each output (PyTorch's backward rounds the norm's gradient, then the sum), so both are
+    # held to float64 and ours must be as close as PyTorch's
+    if add:  # the sum: rounded alike on a GPU; Triton's interpreter truncates to bf16 (one unit of the last place)
+        torch.testing.assert_close(got[0], expected[0], rtol=0 if DEVICE == "cuda" else 8e-3, atol=0)
+    for mine, theirs, truth in zip(got, expected, exact):
+        err = lambda t: float((t.double() - truth.double()).norm() / truth.double().norm())  # noqa: E731
+        assert err(mine) <= 1.5 * err(theirs) + 1e-3, (err(mine), err(theirs))
+
+
+def test_frozen_layer_norm_leaves_trained_or_unaffine_norms_and_no_grad_to_pytorch(fused):
+    from motion_adapters import lean_backward as lb
+
+    x = torch.randn(8, 16, device=DEVICE)
+    norm = torch.nn.LayerNorm(16).to(DEVICE).requires_grad_(False)
+    assert lb.frozen_layer_norm_applies(norm, x)
+    assert not lb.frozen_layer_norm_applies(torch.nn.LayerNorm(16).to(DEVICE), x)  # its weight trains
+    assert not lb.frozen_layer_norm_applies(torch.nn.LayerNorm(16, elementwise_affine=False).to(DEVICE), x)
+    assert not lb.frozen_layer_norm_applies(norm, x[None])  # not (M, C) rows
+    with torch.no_grad():
+        assert not lb.frozen_layer_norm_applies(norm, x)
