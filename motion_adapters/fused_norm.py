@@ -526,17 +526,21 @@ if triton is not None:
 
 
     @triton.jit
+    def _layer_norm_tile(M, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's rows, channels, channel mask, (rows, channels) mask and offsets of (M, C) rows."""
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        return r, c, cmask, (r < M)[:, None] & cmask[None, :], r[:, None] * C + c[None, :]
+
+    @triton.jit
     def _add_layer_norm(a_ptr, x_ptr, s_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, M, C, eps,
                         HAS_A: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                         PDL: tl.constexpr = False):  # fmt: skip
         """The sum s = a + x (rounded as PyTorch's addition is) and y = layer_norm(s) * w + b, per row of C."""
         if PDL:
             _await_previous_kernel()
-        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        c = tl.arange(0, BLOCK_C)
-        cmask = c < C
-        mask = (r < M)[:, None] & cmask[None, :]
-        at = r[:, None] * C + c[None, :]
+        r, c, cmask, mask, at = _layer_norm_tile(M, C, ROWS, BLOCK_C)
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         if HAS_A:
             total = (x + tl.load(a_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
@@ -558,11 +562,7 @@ if triton is not None:
         """The input gradient rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat)) (+ g) per row of C, in float32."""
         if PDL:
             _await_previous_kernel()
-        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        c = tl.arange(0, BLOCK_C)
-        cmask = c < C
-        mask = (r < M)[:, None] & cmask[None, :]
-        at = r[:, None] * C + c[None, :]
+        r, c, cmask, mask, at = _layer_norm_tile(M, C, ROWS, BLOCK_C)
         mean = tl.load(mean_ptr + r, mask=r < M, other=0.0)
         rstd = tl.load(rstd_ptr + r, mask=r < M, other=0.0)
         xhat = tl.where(mask, (tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None])
