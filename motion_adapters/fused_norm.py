@@ -733,15 +733,16 @@ def _forward(x, weight, bias, factor, shift, groups: int, eps: float, activation
     n, c, s, block, p, warps, k = _layout(x, groups)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    pdl = pdl_launch(x)  # the same launch arguments for each of the norm's kernels
     _chunk_moments[(n * c, p)](x, parts[0], parts[1], *xb_args, c, s, p, **xb_flag, BLOCK=block, num_warps=warps,
-                    **pdl_launch(x))
+                               **pdl)
     _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p, k, eps, BLOCK=block,
-                                  BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
+                                  BLOCK_K=_block_k(k), **pdl)  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)
     _normalize_act[(n * c, p)](x, y, *affine, stats[0], stats[1], *xb_args, c, groups, s, **flags, **xb_flag,
                                ACTIVATION=ACTIVATIONS.index(activation), BLOCK=block, num_warps=warps,
-                               **pdl_launch(x))  # fmt: skip
+                               **pdl)  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -796,21 +797,22 @@ def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, a
     tiles = triton.cdiv(c, block_c)
     parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    pdl = pdl_launch(rows)  # the same launch arguments for each of the norm's kernels
     _cl_chunk_moments[(n * p_stats, tiles)](rows, parts[0], parts[1], *xb_args, c, s, p_stats, **xb_flag,
                                             BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
-                                            num_warps=warps, **pdl_launch(rows))  # fmt: skip
+                                            num_warps=warps, **pdl)  # fmt: skip
     fold = k <= CL_FOLD_MAX_K
     fold_k = triton.next_power_of_2(k) if fold else 1  # the folding program loads all of a group's results at once
     if not fold:
         _group_moments[(n * groups,)](parts[0], parts[1], stats[0], stats[1], s, p_stats, k, eps,
-                                      BLOCK=block_s * loop, BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
+                                      BLOCK=block_s * loop, BLOCK_K=_block_k(k), **pdl)  # fmt: skip
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     y = torch.empty_like(x)  # x's strides: the same channels-last memory
     _cl_normalize_act[(n * p, tiles)](rows, y, *affine, stats[0], stats[1], *xb_args, parts[0], parts[1], c, groups,
                                       s, p, p_stats, eps, **flags, **xb_flag,
                                       ACTIVATION=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_c,
                                       FOLD=fold, CHUNK=block_s * loop, BLOCK_K=fold_k, num_warps=warps,
-                                      **pdl_launch(rows))  # fmt: skip
+                                      **pdl)  # fmt: skip
     return y, stats[0], stats[1]
 
 
@@ -825,15 +827,16 @@ def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, act
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p, device=x.device, dtype=torch.float32)
+    pdl = pdl_launch(x)  # the same launch arguments for each of the norm's kernels
     _chunk_grad_sums[(n * c, p)](x, grad, parts[0], parts[1], *affine, mean, rstd, *xb_args, c, groups, s, p,
                                  **flags, **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps,
-                                 **pdl_launch(x))  # fmt: skip
+                                 **pdl)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
-                                     BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
+                                     BLOCK_K=_block_k(k), **pdl)  # fmt: skip
     dx = torch.empty_like(x)
     _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, c, groups, s, **flags,
-                            **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps, **pdl_launch(x))  # fmt: skip
+                            **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps, **pdl)  # fmt: skip
     return dx
 
 
@@ -847,21 +850,22 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
     affine, flags = _affine_args(x, weight, bias, factor, shift)
     act = ACTIVATIONS.index(activation)
     parts = torch.empty(2, n * c * p_stats, device=x.device, dtype=torch.float32)
+    pdl = pdl_launch(rows)  # the same launch arguments for each of the norm's kernels
     _cl_chunk_grad_sums[(n * p_stats, tiles)](rows, grad, parts[0], parts[1], *affine, mean, rstd, *xb_args, c,
                                               groups, s, p_stats, **flags, **xb_flag, ACTIVATION=act,
                                               BLOCK_S=block_s, BLOCK_C=block_c, LOOP=loop,
-                                              num_warps=warps, **pdl_launch(rows))  # fmt: skip
+                                              num_warps=warps, **pdl)  # fmt: skip
     means = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
     fold = k <= CL_FOLD_MAX_K
     fold_k = triton.next_power_of_2(k) if fold else 1
     if not fold:
         _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
-                                         BLOCK_K=_block_k(k), **pdl_launch(parts[0]))  # fmt: skip
+                                         BLOCK_K=_block_k(k), **pdl)  # fmt: skip
     dx = torch.empty_like(x)
     _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, parts[0],
                                    parts[1], c, groups, s, p, p_stats, **flags, **xb_flag, ACTIVATION=act,
                                    BLOCK_S=block_s, BLOCK_C=block_c, FOLD=fold, BLOCK_K=fold_k,
-                                   num_warps=warps, **pdl_launch(rows))  # fmt: skip
+                                   num_warps=warps, **pdl)  # fmt: skip
     return dx
 
 
