@@ -667,3 +667,7 @@ def test_frozen_layer_norm_leaves_trained_or_unaffine_norms_and_no_grad_to_pytor
     assert not lb.frozen_layer_norm_applies(norm, x[None])  # not (M, C) rows
     with torch.no_grad():
         assert not lb.frozen_layer_norm_applies(norm, x)
+    with pytest.raises(ValueError, match=r"contiguous \(M, C\) rows, a and x of one shape and dtype"):
+        fused.add_layer_norm_forward(x[:4], x, norm.weight, norm.bias, norm.eps)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.add_layer_norm_forward(None, x.t(), norm.weight, norm.bias, norm.eps)
