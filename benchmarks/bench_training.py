@@ -239,8 +239,8 @@ VARIANTS = {
     "full_text_kv_each_step": ("as full, the spatial attention's text keys and values computed at every step "
                                "(training_step.MEMO_TEXT_KV off)",
                                AS_FULL),
-    "full_no_pdl": ("as full, the Triton kernels launched in turn, each after the one before has finished (the default "
-                    "before fused_norm.PDL: programmatic dependent launches)",
+    "full_no_pdl": ("as full, the Triton kernels launched in turn, each after the one before has finished (the "
+                    "default before fused_norm.PDL: programmatic dependent launches)",
                     AS_FULL),
     "full_torch_pack_bits": ("as full, dropout's mask packed into bits by PyTorch's multiply, shift and cast over an "
                              "int64 view (the default before lean_backward.PACK_BITS_KERNEL)",
@@ -248,6 +248,10 @@ VARIANTS = {
     "full_torch_layer_norms": ("as full, the temporal transformers' residual additions and layer norms on PyTorch's "
                                "operators (the default before lean_backward.FUSED_LAYER_NORMS)",
                                AS_FULL),
+    "full_prefix_in_step": ("as full, each step computing its own frozen prefix (the layers before the first "
+                            "temporal attention) in turn (the default before training_step.OVERLAP_FROZEN_PREFIX: "
+                            "the next step's prefix beside the backward pass)",
+                            AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -563,7 +567,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_text_kv_each_step": [(training_step, "MEMO_TEXT_KV", False)],
                    "full_no_pdl": [(fused_norm, "PDL", False)],
                    "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
-                   "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)]}
+                   "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)],
+                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

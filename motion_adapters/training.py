@@ -246,15 +246,18 @@ def train_motion(
             torch.manual_seed(config.seed * 1_000_003 + start)
             pinned = DRAW_AHEAD and device.type == "cuda"
             draw = _step_draw(config, start, max_t, x0.shape, pinned=pinned)
+            # the step after: a graphed step runs its frozen prefix beside its own backward pass (StepRunner)
+            upcoming = _step_draw(config, start + 1, max_t, x0.shape, pinned=pinned) if (
+                DRAW_AHEAD and start + 1 < config.max_train_steps) else None
             for step in range(start, config.max_train_steps):
                 tick = time.perf_counter()
                 if device.type != "cuda":
                     torch.manual_seed(config.seed * 1_000_003 + step)
                 t, noise = draw or _step_draw(config, step, max_t, x0.shape, pinned=False)
-                pending = runner(t, noise)
-                draw = None
-                if DRAW_AHEAD and step + 1 < config.max_train_steps:  # drawn on the CPU while the GPU runs this step
-                    draw = _step_draw(config, step + 1, max_t, x0.shape, pinned=pinned)
+                pending = runner(t, noise, upcoming)
+                draw, upcoming = upcoming, None
+                if DRAW_AHEAD and step + 2 < config.max_train_steps:  # drawn on the CPU while the GPU runs this step
+                    upcoming = _step_draw(config, step + 2, max_t, x0.shape, pinned=pinned)
                 value = float(pending)
                 if not math.isfinite(value):
                     kept = f"; the last good checkpoint is in {out_dir / CHECKPOINT_DIR}" if out_dir else ""

@@ -32,6 +32,7 @@ from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor
 from motion_adapters.config import MotionDistillationConfig
 from motion_adapters.frame_attention import FrameAttnProcessor
 from motion_adapters.frozen_memo import kept
+from motion_adapters.frozen_prefix import FrozenPrefix
 from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
 from motion_adapters.temporal_conv import temporal_conv, temporal_conv_supported
@@ -42,6 +43,9 @@ NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 #: builds cuDNN's plans, allocates AdamW's state and every buffer; each further one cost about 0.56 s of eager
 #: launches on an H200 (PyTorch's examples use 3, for modules that initialise lazily over several calls).
 GRAPH_WARMUP_STEPS = 1
+#: Whether a graphed step runs the next step's frozen prefix (the layers before the first trainable one:
+#: `motion_adapters.frozen_prefix`) on a side stream beside its own backward pass, the next step reading it back.
+OVERLAP_FROZEN_PREFIX = True
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
@@ -547,10 +551,21 @@ class StepRunner:
         self.steps_run = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self._static: dict[str, torch.Tensor] = {}
+        # the frozen layers before the first trainable one, run a step ahead inside the graph (FrozenPrefix)
+        overlap = graph and OVERLAP_FROZEN_PREFIX and config.compile == "no" and isinstance(model, nn.Module)
+        self.prefix = FrozenPrefix(model) if overlap else None
+        self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # the (t, noise) the prefix buffers hold
 
-    def __call__(self, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Run one optimisation step; return its loss as a 0-d tensor on the device (not yet synchronised)."""
+    def __call__(self, t: torch.Tensor, noise: torch.Tensor,
+                 next_step: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """Run one optimisation step; return its loss as a 0-d tensor on the device (not yet synchronised).
+
+        `next_step`, the next call's (t, noise) (the same objects), lets a graphed step run the next step's frozen
+        prefix on a side stream while its own backward pass runs (`OVERLAP_FROZEN_PREFIX`); without it, or when
+        the next call brings other objects, that call computes its prefix first.
+        """
         device = self.x0.device
+        host = (t, noise)
         t = t.to(device, non_blocking=True)
         noise = noise.to(device, non_blocking=True)
         with self._compile_settings():
@@ -559,29 +574,42 @@ class StepRunner:
             elif self.steps_run < GRAPH_WARMUP_STEPS:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
+                tracing = self.prefix is not None and self.steps_run == GRAPH_WARMUP_STEPS - 1
+                with torch.cuda.stream(side), self.prefix.tracing() if tracing else nullcontext():
                     loss = self._eager_step(t, noise)
                 torch.cuda.current_stream(device).wait_stream(side)
             else:
+                prefix = self.prefix is not None and bool(self.prefix.modules)
+                if prefix and not (self._staged is not None and all(a is b for a, b in zip(host, self._staged))):
+                    self._record_prefix(t, noise)  # this step's prefix was not computed during the last one
+                nxt_t, nxt_noise = (t, noise) if next_step is None else (
+                    next_step[0].to(device, non_blocking=True), next_step[1].to(device, non_blocking=True))
                 if self.graph is None:
-                    self._capture(t, noise)
-                self._static["t"].copy_(t)
-                self._static["noise"].copy_(noise)
+                    self._capture(t, noise, nxt_t, nxt_noise)
+                for key, value in (("t", t), ("noise", noise), ("next_t", nxt_t), ("next_noise", nxt_noise)):
+                    self._static[key].copy_(value)
                 self.graph.replay()
+                self._staged = next_step if prefix and next_step is not None else None
                 loss = self._static["loss"]
         self.steps_run += 1
         return loss
 
-    def loss(self, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The motion distillation loss of the UNet on the clip noised at timesteps `t` with `noise`."""
+    def _model_input(self, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha-bar of `t`, the clip noised at `t` with `noise`): the UNet's input."""
         abar = self.alphas_cumprod[t]
         a = abar.view(-1, 1, 1, 1, 1)
-        noisy = a.sqrt() * self.x0 + (1 - a).sqrt() * noise
+        return abar, a.sqrt() * self.x0 + (1 - a).sqrt() * noise
+
+    def _autocast(self):
         if self.compute_dtype is None:
-            ctx = nullcontext()
-        else:  # a graph must not keep autocast's cast cache alive between replays
-            ctx = torch.autocast(self.x0.device.type, dtype=self.compute_dtype, cache_enabled=not self.use_graph)
-        with ctx:
+            return nullcontext()
+        # a graph must not keep autocast's cast cache alive between replays
+        return torch.autocast(self.x0.device.type, dtype=self.compute_dtype, cache_enabled=not self.use_graph)
+
+    def loss(self, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The motion distillation loss of the UNet on the clip noised at timesteps `t` with `noise`."""
+        abar, noisy = self._model_input(t, noise)
+        with self._autocast():
             out = self.model(noisy, t, encoder_hidden_states=self.embeds).sample
         eps_pred = epsilon_from_output(split_epsilon(out.float(), self.in_channels), noisy, abar, self.prediction_type)
         c = self.config
@@ -591,6 +619,12 @@ class StepRunner:
         if c.epsilon_loss_weight:
             loss = loss + c.epsilon_loss_weight * (eps_pred - noise).pow(2).mean()
         return loss
+
+    def _record_prefix(self, t: torch.Tensor, noise: torch.Tensor) -> None:
+        """Run the UNet's frozen prefix for (t, noise) into `self.prefix`'s buffers."""
+        _, noisy = self._model_input(t, noise)
+        with self._autocast():
+            self.prefix.record(lambda: self.model(noisy, t, encoder_hidden_states=self.embeds))
 
     def _update(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -623,14 +657,24 @@ class StepRunner:
         self._update(loss)
         return loss.detach()
 
-    def _capture(self, t: torch.Tensor, noise: torch.Tensor) -> None:
-        self._static = {"t": t.clone(), "noise": noise.clone()}
+    def _capture(self, t: torch.Tensor, noise: torch.Tensor, next_t: torch.Tensor, next_noise: torch.Tensor) -> None:
+        self._static = {"t": t.clone(), "noise": noise.clone(), "next_t": next_t.clone(),
+                        "next_noise": next_noise.clone()}  # fmt: skip
+        prefix = self.prefix if self.prefix is not None and self.prefix.modules else None
         # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss = self.loss(self._static["t"], self._static["noise"])
+            with prefix.replaying() if prefix is not None else nullcontext():
+                loss = self.loss(self._static["t"], self._static["noise"])
+            if prefix is not None:  # the next step's prefix beside this step's backward pass and optimizer
+                side = torch.cuda.Stream(self.x0.device)
+                side.wait_stream(torch.cuda.current_stream(self.x0.device))
+                with torch.cuda.stream(side):
+                    self._record_prefix(self._static["next_t"], self._static["next_noise"])
             self._update(loss)
+            if prefix is not None:
+                torch.cuda.current_stream(self.x0.device).wait_stream(side)
         self._static["loss"] = loss.detach()
         self.graph = graph
 
