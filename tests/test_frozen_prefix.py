@@ -181,7 +181,8 @@ def test_record_refuses_an_output_of_another_shape_than_traced():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_the_step(monkeypatch):
+@pytest.mark.parametrize("fork", ["start", "backward"])
+def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_the_step(monkeypatch, fork):
     from diffusers import DDPMScheduler
 
     from motion_adapters import training_step
@@ -194,6 +195,8 @@ def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_th
     recorded = []
     record = Prefix.record
     monkeypatch.setattr(Prefix, "record", lambda self, f: (recorded.append(len(self.modules)), record(self, f)))
+
+    monkeypatch.setattr(training_step, "PREFIX_FORK", fork)
 
     def run(overlap):
         monkeypatch.setattr(training_step, "OVERLAP_FROZEN_PREFIX", overlap)
@@ -214,3 +217,24 @@ def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_th
     torch.testing.assert_close(torch.tensor(on_losses), torch.tensor(off_losses), rtol=1e-3, atol=1e-5)
     for name, p in on_params.items():
         torch.testing.assert_close(p, off_params[name], rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_staged_prefix_is_read_only_after_publish():
+    unet, text = adapted_unet(), embeds(64)
+    prefix = FrozenPrefix(unet, staged=True)
+    sample, t = inputs(0)
+    with prefix.tracing():
+        forward(unet, sample, t, text).square().mean().backward()
+    assert len(prefix.staging) == len(prefix.buffers) > 0
+    (a, ta), (b, tb) = inputs(1), inputs(2)
+    with torch.no_grad():
+        prefix.record(lambda: forward(unet, a, ta, text))
+        prefix.publish()
+        prefix.record(lambda: forward(unet, b, tb, text))  # staged: what the next publish hands over
+        with prefix.replaying():
+            still_a = forward(unet, a, ta, text)
+        prefix.publish()
+        with prefix.replaying():
+            now_b = forward(unet, b, tb, text)
+        torch.testing.assert_close(still_a, forward(unet, a, ta, text), rtol=0, atol=0)
+        torch.testing.assert_close(now_b, forward(unet, b, tb, text), rtol=0, atol=0)
