@@ -252,10 +252,6 @@ VARIANTS = {
                             "temporal attention) in turn (the default before training_step.OVERLAP_FROZEN_PREFIX: "
                             "the next step's prefix beside the backward pass)",
                             AS_FULL),
-    "full_prefix_after_forward": ("as full, the next step's frozen prefix started once the forward pass is done, "
-                                  "beside the backward pass only, into the buffers the forward pass read (no "
-                                  "staging copy; training_step.PREFIX_FORK='backward')",
-                                  AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -572,8 +568,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_no_pdl": [(fused_norm, "PDL", False)],
                    "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
                    "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)],
-                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)],
-                   "full_prefix_after_forward": [(training_step, "PREFIX_FORK", "backward")]}
+                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
@@ -629,6 +624,8 @@ def _run_variant(name, args, unet_config, video, embeds, scheduler, device, flop
         warmup = 5 if config.cuda_graph == "yes" else (3 if config.compile != "no" else 2)
         record["trainable_parameters"] = result.info.num_parameters
         record["memory_format_run"] = result.extra.get("memory_format")  # "auto" resolved
+        if result.extra.get("frozen_prefix"):  # the layers run a step ahead beside the backward pass
+            record["frozen_prefix"] = result.extra["frozen_prefix"]
         record["train_motion_seconds"] = result.seconds
     record["wall_s"] = time.perf_counter() - began
     if device.type == "cuda":

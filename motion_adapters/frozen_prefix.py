@@ -64,8 +64,6 @@ class FrozenPrefix:
 
     Args:
         model: the module whose forward pass is traced (the UNet); its submodules are the candidates.
-        staged: `record` writes a second set of buffers, which `publish` copies into the ones `replaying` reads: a
-            forward pass may then replay one step's prefix while another step's is being recorded.
 
     Example:
         >>> prefix = FrozenPrefix(unet)  # doctest: +SKIP
@@ -76,17 +74,15 @@ class FrozenPrefix:
         ...     out = unet(next_noisy, next_t, encoder_hidden_states=text)
     """
 
-    def __init__(self, model: nn.Module, staged: bool = False):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.staged = staged
         self.modules: list[PrefixModule] = []
-        self.buffers: list[torch.Tensor] = []  # what `replaying` returns
-        self.staging: list[torch.Tensor] = []  # what `record` writes when staged
+        self.buffers: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
-        """Bytes the prefix's output buffers take (both sets when staged)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers + self.staging)
+        """Bytes the prefix's output buffers take."""
+        return sum(b.numel() * b.element_size() for b in self.buffers)
 
     @contextmanager
     def tracing(self) -> Iterator[None]:
@@ -149,7 +145,7 @@ class FrozenPrefix:
             eligible.append((name, module, spec, leaves))
         names = [e[0] for e in eligible]
         chosen = [e for e in eligible if not any(e[0].startswith(other + ".") for other in names)]
-        self.modules, self.buffers, self.staging = [], [], []
+        self.modules, self.buffers = [], []
         for name, module, spec, leaves in chosen:
             entry = PrefixModule(name, module, spec)
             seen: dict[int, int] = {}  # the same tensor twice in one output (a block's output and last skip) -> one
@@ -159,17 +155,15 @@ class FrozenPrefix:
                     continue
                 if id(x) not in seen:
                     seen[id(x)] = len(self.buffers)
-                    for kept in (self.buffers, self.staging) if self.staged else (self.buffers,):
-                        kept.append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device))
+                    self.buffers.append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device))
                 entry.leaves.append(seen[id(x)])
             self.modules.append(entry)
 
     def record(self, forward: Callable[[], object]) -> None:
-        """Run `forward` until the prefix's last module has finished, its modules' outputs kept in the buffers.
+        """Run `forward` until the prefix's last module has finished, its modules' outputs copied into the buffers.
 
-        When staged, they go to the staging buffers, which `publish` copies on. Modules of the prefix that this pass
-        does not call (a result a run computes once, say) are dropped from it for good, and the pass then runs to
-        its end; later passes stop at the new last module.
+        Modules of the prefix that this pass does not call (a result a run computes once, say) are dropped from it
+        for good, and the pass then runs to its end; later passes stop at the new last module.
 
         Raises:
             RuntimeError: a prefix module returned a tensor of another shape, dtype or layout than when traced.
@@ -189,7 +183,7 @@ class FrozenPrefix:
             for x, slot in zip(leaves, entry.leaves):
                 if isinstance(slot, tuple):
                     continue
-                buffer = targets[slot]
+                buffer = self.buffers[slot]
                 if (x.shape, x.stride(), x.dtype) != (buffer.shape, buffer.stride(), buffer.dtype):
                     raise RuntimeError(
                         f"frozen prefix module {entry.name!r} returned {tuple(x.shape)} {x.dtype} with strides "
@@ -201,7 +195,6 @@ class FrozenPrefix:
             if module is last:
                 raise _Stop
 
-        targets = self.staging if self.staged else self.buffers
         handles = [e.module.register_forward_hook(after) for e in self.modules]
         try:
             forward()
@@ -211,11 +204,6 @@ class FrozenPrefix:
             for h in handles:
                 h.remove()
         self.modules = [e for e in self.modules if id(e.module) in called]
-
-    def publish(self) -> None:
-        """Copy what `record` last wrote into the buffers `replaying` reads (staged only; one kernel)."""
-        if self.staged and self.buffers:
-            torch._foreach_copy_(self.buffers, self.staging)
 
     @contextmanager
     def replaying(self) -> Iterator[None]:

@@ -277,6 +277,8 @@ def train_motion(
                     stopped_early = done < config.max_train_steps
                     break
         seconds = time.perf_counter() - began
+        prefix = runner.prefix if runner.prefix is not None and runner.prefix.modules else None
+        prefix_info = {"modules": [m.name for m in prefix.modules], "bytes": prefix.nbytes} if prefix else None
         if out_dir is not None:
             facts = {
                 **(training_info or {}),
@@ -300,6 +302,8 @@ def train_motion(
         "compute_dtype": str(compute_dtype).replace("torch.", "") if compute_dtype else None,
         "frozen_weights_cast": num_cast,
         "cuda_graph": graph,
+        # the frozen layers run a step ahead beside the backward pass (training_step.OVERLAP_FROZEN_PREFIX)
+        "frozen_prefix": prefix_info,
         "cudnn_benchmark": timed_convs,
         "compile": config.compile,
         "temporal_kernels": kernels,

@@ -46,10 +46,6 @@ GRAPH_WARMUP_STEPS = 1
 #: Whether a graphed step runs the next step's frozen prefix (the layers before the first trainable one:
 #: `motion_adapters.frozen_prefix`) on a side stream beside its own backward pass, the next step reading it back.
 OVERLAP_FROZEN_PREFIX = True
-#: When the side stream starts the next step's prefix: "start", at the start of the step, beside its forward pass
-#: too (the prefix written to staging buffers, copied to the ones the forward pass reads first thing in the next
-#: step), or "backward", once the forward pass is done (one set of buffers, no copy).
-PREFIX_FORK = "start"
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
@@ -557,7 +553,7 @@ class StepRunner:
         self._static: dict[str, torch.Tensor] = {}
         # the frozen layers before the first trainable one, run a step ahead inside the graph (FrozenPrefix)
         overlap = graph and OVERLAP_FROZEN_PREFIX and config.compile == "no" and isinstance(model, nn.Module)
-        self.prefix = FrozenPrefix(model, staged=PREFIX_FORK == "start") if overlap else None
+        self.prefix = FrozenPrefix(model) if overlap else None
         self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # the (t, noise) the prefix buffers hold
 
     def __call__(self, t: torch.Tensor, noise: torch.Tensor,
@@ -668,28 +664,19 @@ class StepRunner:
         # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        early = prefix is not None and prefix.staged
         with torch.cuda.graph(graph):
-            if early:  # this step's prefix to where the forward pass reads it, then the next step's beside it
-                prefix.publish()
-                side = self._prefix_beside(prefix)
             with prefix.replaying() if prefix is not None else nullcontext():
                 loss = self.loss(self._static["t"], self._static["noise"])
-            if prefix is not None and not early:  # beside the backward pass and the optimizer
-                side = self._prefix_beside(prefix)
+            if prefix is not None:  # the next step's prefix beside this step's backward pass and optimizer
+                side = torch.cuda.Stream(self.x0.device)
+                side.wait_stream(torch.cuda.current_stream(self.x0.device))
+                with torch.cuda.stream(side):
+                    self._record_prefix(self._static["next_t"], self._static["next_noise"])
             self._update(loss)
             if prefix is not None:
                 torch.cuda.current_stream(self.x0.device).wait_stream(side)
         self._static["loss"] = loss.detach()
         self.graph = graph
-
-    def _prefix_beside(self, prefix) -> torch.cuda.Stream:
-        """Record the next step's prefix on a side stream that starts here; return the stream to join."""
-        side = torch.cuda.Stream(self.x0.device)
-        side.wait_stream(torch.cuda.current_stream(self.x0.device))
-        with torch.cuda.stream(side):
-            self._record_prefix(self._static["next_t"], self._static["next_noise"])
-        return side
 
     def _compile_settings(self):
         budget = self.config.activation_memory_budget
