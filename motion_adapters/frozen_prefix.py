@@ -67,10 +67,10 @@ class FrozenPrefix:
 
     Example:
         >>> prefix = FrozenPrefix(unet)  # doctest: +SKIP
-        >>> with prefix.tracing():  # one ordinary training forward pass
+        >>> with prefix.tracing():  # one ordinary training forward pass  # doctest: +SKIP
         ...     unet(noisy, t, encoder_hidden_states=text).sample.sum().backward()
-        >>> prefix.record(lambda: unet(next_noisy, next_t, encoder_hidden_states=text))
-        >>> with prefix.replaying():  # reads what `record` computed
+        >>> prefix.record(lambda: unet(next_noisy, next_t, encoder_hidden_states=text))  # doctest: +SKIP
+        >>> with prefix.replaying():  # reads what `record` computed  # doctest: +SKIP
         ...     out = unet(next_noisy, next_t, encoder_hidden_states=text)
     """
 
