@@ -575,7 +575,8 @@ class StepRunner:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 tracing = self.prefix is not None and self.steps_run == GRAPH_WARMUP_STEPS - 1
-                with torch.cuda.stream(side), self.prefix.tracing() if tracing else nullcontext():
+                # the prefix's buffers are made as the tracing ends, after the side stream's block: on this stream
+                with self.prefix.tracing() if tracing else nullcontext(), torch.cuda.stream(side):
                     loss = self._eager_step(t, noise)
                 torch.cuda.current_stream(device).wait_stream(side)
             else:
