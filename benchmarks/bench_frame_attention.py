@@ -29,7 +29,8 @@ from motion_adapters import frame_attention as fa  # noqa: E402
 
 HEADS = 64
 #: name -> (N, frames, channels). show-1-base trains at 1 x 8 x 40 x 64 (its four levels: 320, 640, 960 and 1280
-#: channels at 40x64 to 5x8, temporal attention at the lower three; the 1280 @ 10x16 row is of earlier runs); interpolation samples 14 windows of 5 frames at 40 x 64; SR1 2 x 8 frames at 160 x 256
+#: channels at 40x64 to 5x8, temporal attention at the lower three; the 1280 @ 10x16 row is of earlier runs);
+#: interpolation samples 14 windows of 5 frames at 40 x 64; SR1 2 x 8 frames at 160 x 256
 #: (128 to 768 channels).
 SHAPES = {
     "base 320 @ 40x64, 8 frames": (2560, 8, 320),
@@ -56,8 +57,17 @@ VARIANTS = {
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
     "tile": ("tile", None, None, None),
+    # the forward pass on the default "pairs" kernel, the backward on the "rows" kernel (lanes a pair so that each
+    # takes at most `fa.ROWS_CHANNELS` channels, 128 lanes a program unless given)
+    "rows": ("rows",),
+    "rows_64lanes": ("rows",),
+    "rows_3ch": ("rows",),
     "torch": None,
 }
+
+
+#: label -> `frame_attention` constants the variant runs with (restored afterwards)
+SETTINGS = {"rows_64lanes": {"ROWS_LANES": 64}, "rows_3ch": {"ROWS_CHANNELS": 3}}
 
 
 #: sequences a `scaled_dot_product_attention` call takes: PyTorch's CUDA kernels failed with an illegal memory access
@@ -97,6 +107,10 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
         if launch is not None and launch[0] == "pairs" and (launch[3] or 1) > fa._padded(channels // HEADS):
             continue  # more lanes than the head has channels (rounded up to a power of two)
 
+        saved = {name: getattr(fa, name) for name in SETTINGS.get(label, {})}
+        for name, value in SETTINGS.get(label, {}).items():
+            setattr(fa, name, value)
+
         def forward(q, k, v, launch=launch):
             if launch is None:
                 return torch_attention(q, k, v, HEADS)
@@ -125,6 +139,8 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
             torch.cuda.synchronize()
             ms[f"{label}_{key}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         ms[f"{label}_backward"] = ms[f"{label}_forward_backward"] - ms[f"{label}_forward"]
+        for name, value in saved.items():
+            setattr(fa, name, value)
     nbytes = n * frames * channels * 2
     floor = {"forward": 4 * nbytes / bandwidth * 1e3, "backward": 7 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": [n, frames, channels], "heads": HEADS,
