@@ -57,17 +57,8 @@ VARIANTS = {
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
     "tile": ("tile", None, None, None),
-    # the forward pass on the default "pairs" kernel, the backward on the "rows" kernel (lanes a pair so that each
-    # takes at most `fa.ROWS_CHANNELS` channels, 128 lanes a program unless given)
-    "rows": ("rows",),
-    "rows_64lanes": ("rows",),
-    "rows_3ch": ("rows",),
     "torch": None,
 }
-
-
-#: label -> `frame_attention` constants the variant runs with (restored afterwards)
-SETTINGS = {"rows_64lanes": {"ROWS_LANES": 64}, "rows_3ch": {"ROWS_CHANNELS": 3}}
 
 
 #: sequences a `scaled_dot_product_attention` call takes: PyTorch's CUDA kernels failed with an illegal memory access
@@ -107,10 +98,6 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
         if launch is not None and launch[0] == "pairs" and (launch[3] or 1) > fa._padded(channels // HEADS):
             continue  # more lanes than the head has channels (rounded up to a power of two)
 
-        saved = {name: getattr(fa, name) for name in SETTINGS.get(label, {})}
-        for name, value in SETTINGS.get(label, {}).items():
-            setattr(fa, name, value)
-
         def forward(q, k, v, launch=launch):
             if launch is None:
                 return torch_attention(q, k, v, HEADS)
@@ -139,8 +126,6 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
             torch.cuda.synchronize()
             ms[f"{label}_{key}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         ms[f"{label}_backward"] = ms[f"{label}_forward_backward"] - ms[f"{label}_forward"]
-        for name, value in saved.items():
-            setattr(fa, name, value)
     nbytes = n * frames * channels * 2
     floor = {"forward": 4 * nbytes / bandwidth * 1e3, "backward": 7 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": [n, frames, channels], "heads": HEADS,

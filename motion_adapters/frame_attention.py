@@ -54,15 +54,6 @@ PAIRS_SPLIT_CHANNELS = 5
 #: registers (its frames x frames probabilities and their gradients), so few threads share a multiprocessor to
 #: hide it.
 PAIRS_UNROLL = 0
-#: The "pairs" backward kernel: "rows" (`_rows_backward`: a loop over a pair's query frames, each lane holding a few
-#: channels of the keys, values and their gradients, so that no frames x frames matrix is held) or "matrix"
-#: (`_pairs_backward`: the pair's probabilities and score gradients as frames x frames matrices a lane, which take
-#: all of a thread's 255 registers and spill at heads of 10 and 20 channels).
-PAIRS_BACKWARD = "rows"
-#: Channels of a head a lane of the "rows" backward kernel takes at most: lanes a pair = the power of two that
-#: brings them down to this; pairs a program = `ROWS_LANES` // lanes a pair.
-ROWS_CHANNELS = 2
-ROWS_LANES = 128
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
@@ -246,89 +237,6 @@ if triton is not None:
             _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
 
 
-    @triton.jit
-    def _lane_channels(P, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
-                       CLP: tl.constexpr):  # fmt: skip
-        """Each lane's sequence and head, its (CLP, lanes) channels and their mask.
-
-        SPLIT lanes a pair, each taking ceil(D / SPLIT) consecutive channels of the head (padded to CLP; the last
-        lanes take fewer, or none).
-        """
-        lane = tl.arange(0, BLOCK_P * SPLIT)
-        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // SPLIT
-        width: tl.constexpr = (D + SPLIT - 1) // SPLIT
-        slot = tl.arange(0, CLP)[:, None]
-        c = ((lane % SPLIT) * width)[None, :] + slot
-        return pair // HEADS, pair % HEADS, c, (slot < width) & (c < D) & (pair < P)[None, :]
-
-    @triton.jit
-    def _lane_frames(ptr, sn, sf, n, h, c, cmask, f, F, D: tl.constexpr):
-        """The lanes' channels at every frame, (frames, CLP, lanes), in float32 (0 where masked)."""
-        at = f[:, None, None] * sf + (n * sn + h * D)[None, None, :] + c[None, :, :]
-        return tl.load(ptr + at, mask=(f < F)[:, None, None] & cmask[None, :, :], other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _lane_frame(ptr, sn, sf, n, h, c, cmask, i, D: tl.constexpr):
-        """The lanes' channels at frame i, (CLP, lanes), in float32."""
-        return tl.load(ptr + i * sf + (n * sn + h * D)[None, :] + c, mask=cmask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _lanes_total(x, FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
-        """(frames, lanes) partial sums over each lane's channels -> the pair's sums, in each of its lanes."""
-        if SPLIT > 1:
-            total = tl.sum(tl.reshape(x, (FP, BLOCK_P, SPLIT)), axis=2)
-            x = tl.reshape(tl.broadcast_to(total[:, :, None], (FP, BLOCK_P, SPLIT)), (FP, BLOCK_P * SPLIT))
-        return x
-
-    @triton.jit
-    def _rows_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
-                       do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
-                       FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, CLP: tl.constexpr,
-                       PDL: tl.constexpr = False):  # fmt: skip
-        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient.
-
-        A loop over the query frames i: the scores of row i against every key, their softmax, the row's score
-        gradients and dq of row i, while dk and dv accumulate over the rows. A lane keeps its channels of k, v, dk
-        and dv for every frame (4 x frames x CLP values) and one row's vectors; no frames x frames matrix.
-        """
-        if PDL:
-            _await_previous_kernel()
-        n, h, c, cmask = _lane_channels(P, HEADS, D, BLOCK_P, SPLIT, CLP)
-        f = tl.arange(0, FP)
-        k = _lane_frames(k_ptr, k_sn, k_sf, n, h, c, cmask, f, F, D)
-        v = _lane_frames(v_ptr, v_sn, v_sf, n, h, c, cmask, f, F, D)
-        dk = tl.zeros((FP, CLP, BLOCK_P * SPLIT), dtype=tl.float32)
-        dv = tl.zeros((FP, CLP, BLOCK_P * SPLIT), dtype=tl.float32)
-        for i in range(0, F):
-            q = _lane_frame(q_ptr, q_sn, q_sf, n, h, c, cmask, i, D)
-            do = _lane_frame(do_ptr, do_sn, do_sf, n, h, c, cmask, i, D)
-            s = _lanes_total(tl.sum(q[None, :, :] * k, axis=1), FP, BLOCK_P, SPLIT)
-            s = tl.where((f < F)[:, None], s * scale, float("-inf"))
-            e = tl.exp(s - tl.max(s, axis=0)[None, :])
-            p = e / tl.sum(e, axis=0)[None, :]
-            dp = _lanes_total(tl.sum(do[None, :, :] * v, axis=1), FP, BLOCK_P, SPLIT)
-            ds = p * (dp - tl.sum(p * dp, axis=0)[None, :]) * scale
-            dq = tl.sum(ds[:, None, :] * k, axis=0)
-            tl.store(dq_ptr + i * g_sf + (n * g_sn + h * D)[None, :] + c, dq.to(dq_ptr.dtype.element_ty), mask=cmask)
-            dk += ds[:, None, :] * q[None, :, :]
-            dv += p[:, None, :] * do[None, :, :]
-        at = f[:, None, None] * g_sf + (n * g_sn + h * D)[None, None, :] + c[None, :, :]
-        mask = (f < F)[:, None, None] & cmask[None, :, :]
-        tl.store(dk_ptr + at, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + at, dv.to(dv_ptr.dtype.element_ty), mask=mask)
-
-
-def _rows_split(d: int) -> int:
-    """Lanes a pair of `d` channels takes in the "rows" backward kernel.
-
-    The fewest (a power of two) that leave each at most `ROWS_CHANNELS`.
-    """
-    split = 1
-    while -(-d // split) > ROWS_CHANNELS:
-        split *= 2
-    return split
-
-
 def _split(d: int) -> int:
     """Lanes a pair of `d` channels takes in the "pairs" kernels.
 
@@ -350,8 +258,6 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
     """
     n, frames, channels = q.shape
     fp, d = _padded(frames), channels // heads
-    if kernel == "rows":  # a backward kernel only: the forward pass runs the default
-        kernel, block, num_warps, split, unroll = None, None, None, None, None
     kernel = kernel or ("pairs" if fp <= PAIRS_FRAMES else "tile")
     if kernel == "pairs":
         split = split or _split(d)
@@ -391,30 +297,9 @@ def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
                       **pdl_launch(q))  # fmt: skip
 
 
-def _backward_launch(q: torch.Tensor, heads: int, launch: tuple = ()) -> tuple:
-    """The backward kernel, its grid and shape constants.
-
-    The "rows" kernel up to 8 frames (`PAIRS_BACKWARD`), unless `launch` names one: ("rows", pairs a program, warps,
-    lanes a pair) with None for the default, or the forward's "pairs" / "tile" with their overrides (`_launch`).
-    """
-    kernel = launch[0] if launch else None
-    n, frames, channels = q.shape
-    rows = kernel == "rows" or (kernel is None and PAIRS_BACKWARD == "rows" and _padded(frames) <= PAIRS_FRAMES)
-    if not rows:
-        (_, backward), grid, meta = _launch(q, heads, *launch)
-        return backward, grid, meta
-    d = channels // heads
-    block, num_warps, split = (tuple(launch[1:4]) + (None,) * 3)[:3] if kernel == "rows" else (None, None, None)
-    split = split or _rows_split(d)
-    block = block or max(1, ROWS_LANES // split)
-    meta = {"HEADS": heads, "D": d, "FP": _padded(frames), "BLOCK_P": block, "SPLIT": split,
-            "CLP": triton.next_power_of_2(-(-d // split)), "num_warps": num_warps or max(1, block * split // 32)}
-    return _rows_backward, (triton.cdiv(n * heads, block),), meta
-
-
 def _attend_backward(q, k, v, grad, dq, dk, dv, heads: int, scale: float, launch: tuple = ()) -> None:
     """Run the backward kernel, writing dq, dk and dv (one set of strides for the three)."""
-    backward, grid, meta = _backward_launch(q, heads, launch)
+    (_, backward), grid, meta = _launch(q, heads, *launch)
     with _on_device(q):
         backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                        v.stride(1), grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1), q.shape[0] * heads,

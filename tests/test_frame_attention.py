@@ -33,23 +33,16 @@ def reference(q, k, v, heads):
         (3, 12, 32, 8),  # 12 frames: past the "pairs" kernels' 8 by default
     ],
 )
-@pytest.mark.parametrize(("kernel", "backward"), [("pairs", "rows"), ("pairs", "matrix"), ("tile", "matrix")])
-def test_output_and_gradients_match_float64_attention(n, frames, channels, heads, kernel, backward, monkeypatch):
-    launch, backward_launch, ran = fa._launch, fa._backward_launch, []
+@pytest.mark.parametrize("kernel", ["pairs", "tile"])
+def test_output_and_gradients_match_float64_attention(n, frames, channels, heads, kernel, monkeypatch):
+    launch, ran = fa._launch, []
 
     def forced(*args):
         kernels, grid, meta = launch(*args, kernel)
         ran.append(kernels[0].__name__)
         return kernels, grid, meta
 
-    def backward_recorded(*args):
-        chosen = backward_launch(*args)
-        ran.append(chosen[0].__name__)
-        return chosen
-
     monkeypatch.setattr(fa, "_launch", forced)
-    monkeypatch.setattr(fa, "_backward_launch", backward_recorded)
-    monkeypatch.setattr(fa, "PAIRS_BACKWARD", backward)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, frames, channels, generator=g).to(DEVICE).requires_grad_(True) for _ in range(3))
     out = fa.frame_attention(q, k, v, heads)
@@ -62,10 +55,7 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip((dq, dk, dv), expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    # the "rows" backward kernel runs up to 8 frames; past them, and for "matrix", the forward kernel's own
-    rows = backward == "rows" and fa._padded(frames) <= fa.PAIRS_FRAMES
-    wanted = "_rows_backward" if rows else {"pairs": "_pairs_backward", "tile": "_frame_attention_backward"}[kernel]
-    assert ran[0] == {"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel] and ran[-1] == wanted
+    assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
 
 
 @pytest.mark.parametrize(("channels", "heads", "split"),
@@ -313,15 +303,6 @@ for unroll in (0, 1):
             triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             print("compiled", kernel.__name__)
-# the "rows" backward kernel at the same widths up to 8 frames
-for frames, width in ((8, 5), (8, 10), (8, 15), (8, 20), (5, 10), (8, 2)):
-    kernel, _, meta = fa._backward_launch(torch.empty(4, frames, 64 * width), 64)
-    meta = dict(meta)
-    warps = meta.pop("num_warps")
-    signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
-                 for n in kernel.arg_names}
-    triton.compile(ASTSource(kernel, signature, meta), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    print("compiled", kernel.__name__)
 """
 
 
@@ -331,7 +312,6 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
     assert out.count("compiled _pairs_") == 16 and out.count("compiled _frame_attention_") == 4, out
-    assert out.count("compiled _rows_backward") == 6, out
 
 
 @pytest.mark.gpu
