@@ -252,10 +252,6 @@ VARIANTS = {
                             "temporal attention) in turn (the default before training_step.OVERLAP_FROZEN_PREFIX: "
                             "the next step's prefix beside the backward pass)",
                             AS_FULL),
-    **{f"full_prefix_at_up{i}": (f"as full, the next step's frozen prefix started when the backward pass reaches "
-                                 f"up_blocks.{i}'s output ({level}; training_step.PREFIX_FORK_AT), not at its start",
-                                 AS_FULL)
-       for i, level in ((2, "20 x 32"), (1, "10 x 16"), (0, "5 x 8"))},
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -572,10 +568,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_no_pdl": [(fused_norm, "PDL", False)],
                    "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
                    "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)],
-                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)],
-                   "full_prefix_at_up2": [(training_step, "PREFIX_FORK_AT", "up_blocks.2")],
-                   "full_prefix_at_up1": [(training_step, "PREFIX_FORK_AT", "up_blocks.1")],
-                   "full_prefix_at_up0": [(training_step, "PREFIX_FORK_AT", "up_blocks.0")]}
+                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

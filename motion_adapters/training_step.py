@@ -46,10 +46,6 @@ GRAPH_WARMUP_STEPS = 1
 #: Whether a graphed step runs the next step's frozen prefix (the layers before the first trainable one:
 #: `motion_adapters.frozen_prefix`) on a side stream beside its own backward pass, the next step reading it back.
 OVERLAP_FROZEN_PREFIX = True
-#: Where the backward pass starts the next step's prefix: None at its start, or the name of a module (of the model
-#: `StepRunner` runs), when the backward pass has computed the gradient of that module's output (at its start where
-#: the model has no such module).
-PREFIX_FORK_AT: str | None = None
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
@@ -669,47 +665,19 @@ class StepRunner:
         # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        forks: list[torch.cuda.Stream] = []
-
-        def fork() -> None:  # the next step's prefix on a side stream from here on, once
-            if prefix is not None and not forks:
+        with torch.cuda.graph(graph):
+            with prefix.replaying() if prefix is not None else nullcontext():
+                loss = self.loss(self._static["t"], self._static["noise"])
+            if prefix is not None:  # the next step's prefix beside this step's backward pass and optimizer
                 side = torch.cuda.Stream(self.x0.device)
                 side.wait_stream(torch.cuda.current_stream(self.x0.device))
-                with torch.cuda.stream(side), torch.enable_grad():  # the traced pass's code paths
+                with torch.cuda.stream(side):
                     self._record_prefix(self._static["next_t"], self._static["next_noise"])
-                forks.append(side)
-
-        at = dict(self.model.named_modules()).get(PREFIX_FORK_AT) if prefix and PREFIX_FORK_AT else None
-        with torch.cuda.graph(graph):
-            with prefix.replaying() if prefix is not None else nullcontext(), self._fork_point(at, fork):
-                loss = self.loss(self._static["t"], self._static["noise"])
-            if at is None:  # beside the whole backward pass and the optimizer
-                fork()
             self._update(loss)
-            fork()  # where the fork point's gradient was never computed: beside the optimizer only
-            if forks:
-                torch.cuda.current_stream(self.x0.device).wait_stream(forks[0])
+            if prefix is not None:
+                torch.cuda.current_stream(self.x0.device).wait_stream(side)
         self._static["loss"] = loss.detach()
         self.graph = graph
-
-    @staticmethod
-    @contextmanager
-    def _fork_point(module: nn.Module | None, fork: Callable[[], None]) -> Iterator[None]:
-        """Within the block, have `fork` run when the backward pass reaches `module`'s output (None: never)."""
-        if module is None:
-            yield
-            return
-
-        def on_output(mod, args, output) -> None:
-            out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(lambda grad: fork())
-
-        handle = module.register_forward_hook(on_output)
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def _compile_settings(self):
         budget = self.config.activation_memory_budget

@@ -181,8 +181,7 @@ def test_record_refuses_an_output_of_another_shape_than_traced():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("fork_at", [None, "up_blocks.1"])
-def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_the_step(monkeypatch, fork_at):
+def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_the_step(monkeypatch):
     from diffusers import DDPMScheduler
 
     from motion_adapters import training_step
@@ -195,8 +194,6 @@ def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_th
     recorded = []
     record = Prefix.record
     monkeypatch.setattr(Prefix, "record", lambda self, f: (recorded.append(len(self.modules)), record(self, f)))
-
-    monkeypatch.setattr(training_step, "PREFIX_FORK_AT", fork_at)
 
     def run(overlap):
         monkeypatch.setattr(training_step, "OVERLAP_FROZEN_PREFIX", overlap)
@@ -219,21 +216,3 @@ def test_graphed_training_with_the_prefix_a_step_ahead_matches_it_computed_in_th
     torch.testing.assert_close(torch.tensor(on_losses), torch.tensor(off_losses), rtol=1e-3, atol=1e-5)
     for name, p in on_params.items():
         torch.testing.assert_close(p, off_params[name], rtol=1e-2, atol=1e-4, msg=name)
-
-
-def test_fork_point_fires_when_the_backward_pass_reaches_the_module():
-    from motion_adapters.training_step import StepRunner
-
-    unet, text = adapted_unet(), embeds(64)
-    events = []
-    hook = unet.up_blocks[2].register_full_backward_hook(lambda *a: events.append("up_blocks.2 backward"))
-    sample, t = inputs(1)
-    with StepRunner._fork_point(unet.up_blocks[1], lambda: events.append("fork")):
-        out = forward(unet, sample, t, text)
-    assert events == []  # nothing during the forward pass
-    out.square().mean().backward()
-    hook.remove()
-    assert events == ["up_blocks.2 backward", "fork"]  # after the block behind it, once
-    with StepRunner._fork_point(None, lambda: events.append("never")):
-        forward(unet, sample, t, text).square().mean().backward()
-    assert "never" not in events
