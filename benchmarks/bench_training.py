@@ -252,9 +252,6 @@ VARIANTS = {
                             "temporal attention) in turn (the default before training_step.OVERLAP_FROZEN_PREFIX: "
                             "the next step's prefix beside the backward pass)",
                             AS_FULL),
-    "full_torch_joint_norm": ("as full, the spatial attention's group norm on PyTorch's kernel, its output copied "
-                              "into rows by each projection (the default before training_step.JOINT_FUSED_NORM)",
-                              AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -571,8 +568,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_no_pdl": [(fused_norm, "PDL", False)],
                    "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
                    "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)],
-                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)],
-                   "full_torch_joint_norm": [(training_step, "JOINT_FUSED_NORM", False)]}
+                   "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

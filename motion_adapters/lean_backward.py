@@ -419,8 +419,6 @@ def _activation_of(module: nn.Module) -> str | None:
 
 
 def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "none":
-        return y
     return torch.nn.functional.silu(y) if activation == "silu" else torch.nn.functional.gelu(y)
 
 

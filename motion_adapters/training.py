@@ -237,8 +237,7 @@ def train_motion(
         cuda_devices = [device] if device.type == "cuda" else []
         with checkpointing(unet, config.gradient_checkpointing), temporal_kernels(unet, kernels), \
                 joint_attention_processors(unet, training_step.STACKED_JOINT_QKV and device.type == "cuda",
-                                           training_step.MEMO_TEXT_KV,
-                                           training_step.JOINT_FUSED_NORM and fused_norms and half_norms), \
+                                           training_step.MEMO_TEXT_KV), \
                 channels_last_training(unet, channels_last, half_norms), \
                 frozen_convs_keep_no_input(unet, input_grad_convs), norms_in_compute_dtype(unet, half_norms), \
                 frozen_activations_recomputed(unet, recompute, not half_norms, fused_norms), \

@@ -246,11 +246,10 @@ class JointAttnProcessor:
         >>> attn.set_processor(JointAttnProcessor(text_memo={}))  # doctest: +SKIP
     """
 
-    def __init__(self, stack_pixels: bool = True, text_memo: dict | None = None, fused_norm: bool = False):
+    def __init__(self, stack_pixels: bool = True, text_memo: dict | None = None):
         self._fallback = AttnAddedKVProcessor2_0()
         self.stack_pixels = stack_pixels
         self.text_memo = text_memo
-        self.fused_norm = fused_norm
 
     @staticmethod
     def _stackable(attn: Attention) -> bool:
@@ -259,22 +258,6 @@ class JointAttnProcessor:
             all(type(p) is nn.Linear and (p.bias is None) == (attn.to_q.bias is None) for p in projections)
             and not any(t.requires_grad for p in projections for t in p.parameters())
         )  # fmt: skip
-
-    def _group_norm(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
-        """The layer's group norm of (B, C, N) pixels.
-
-        With `fused_norm`, a frozen norm of channels-last pixels runs on the fused Triton kernels (no activation) in
-        the compute dtype, its output in x's strides, so the projections read it as (B * N, C) rows in place;
-        PyTorch's kernel returns it (B, C, N)-contiguous, which each of the three projections copied back.
-        """
-        from motion_adapters.fused_norm import channels_last_rows
-        from motion_adapters.lean_backward import group_norm_act_keeping_input
-
-        norm = attn.group_norm
-        if (self.fused_norm and type(norm) is nn.GroupNorm and fused_norm_available(x)
-                and channels_last_rows(x) is not None and not any(p.requires_grad for p in norm.parameters())):
-            return group_norm_act_keeping_input(norm, x, "none", float32_norms=False, fused=True)
-        return norm(x)
 
     def _text_keys_values(self, attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def compute():
@@ -297,7 +280,7 @@ class JointAttnProcessor:
         hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
         batch = hidden_states.shape[0]
         text_k, text_v = self._text_keys_values(attn, encoder_hidden_states)
-        hidden_states = self._group_norm(attn, hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if self.stack_pixels:
             projections = (attn.to_q, attn.to_k, attn.to_v)
             weight = torch.cat([p.weight for p in projections])
@@ -339,23 +322,18 @@ JOINT_KV_TOKEN_ROWS = True
 JOINT_SDPA_BACKEND: str | None = None
 
 
-#: Whether training on the fused norm kernels with norms in the compute dtype runs the spatial (joint) attention's
-#: group norm on them too (`JointAttnProcessor(fused_norm=True)`).
-JOINT_FUSED_NORM = True
 #: Whether training keeps the spatial attention's text keys and values across steps (`JointAttnProcessor`'s
 #: `text_memo`): the prompt's embedding and the frozen text projections do not change during a run.
 MEMO_TEXT_KV = True
 
 
 @contextmanager
-def joint_attention_processors(unet: nn.Module, stack_pixels: bool, memo_text: bool,
-                               fused_norm: bool = False) -> Iterator[int]:  # fmt: skip
+def joint_attention_processors(unet: nn.Module, stack_pixels: bool, memo_text: bool) -> Iterator[int]:
     """Give every attention on `AttnAddedKVProcessor2_0` a `JointAttnProcessor` for the run, then restore.
 
     Yields the number of layers changed (0 where neither option is on). With `memo_text` the UNet keeps its own
     text projection and pooled-text embedding too (its `text_memo`), so the attention layers see the same text
-    tensor at every step; everything kept is dropped on exit. `fused_norm` runs the layers' frozen group norms of
-    channels-last pixels on the fused Triton kernels in the compute dtype (`JointAttnProcessor._group_norm`).
+    tensor at every step; everything kept is dropped on exit.
 
     Example:
         >>> with joint_attention_processors(unet, stack_pixels=False, memo_text=True) as count:  # doctest: +SKIP
@@ -366,7 +344,7 @@ def joint_attention_processors(unet: nn.Module, stack_pixels: bool, memo_text: b
         for module in unet.modules():
             if isinstance(module, Attention) and type(module.processor) is AttnAddedKVProcessor2_0:
                 changed.append((module, module.processor))
-                module.set_processor(JointAttnProcessor(stack_pixels, memo, fused_norm))
+                module.set_processor(JointAttnProcessor(stack_pixels, memo))
     unet_memo = memo_text and hasattr(unet, "text_memo")
     if unet_memo:
         unet.text_memo = memo

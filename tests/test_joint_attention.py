@@ -171,19 +171,3 @@ def test_a_training_run_keeps_the_unets_text_results_and_every_layers_text_keys_
     for (out, grad), (want, want_grad) in zip(got, expected):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
         torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("stack", [True, False])
-def test_fused_group_norm_computes_the_joint_attention_with_its_output_as_rows_in_place(stack):
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest.py)
-    attn = _layer().to(device)
-    x = torch.randn(3, 64, 5, 6, device=device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    text = torch.randn(3, 7, 64, device=device, requires_grad=True)
-    expected = _run(attn, x, text)
-    processor = JointAttnProcessor(stack_pixels=stack, fused_norm=True)
-    attn.set_processor(processor)
-    for a, b in zip(_run(attn, x, text), expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    pixels = x.detach().view(3, 64, -1)  # (B, C, N), channels-last: the (B, N, C) transpose is contiguous
-    assert processor._group_norm(attn, pixels).transpose(1, 2).is_contiguous()  # the projections' rows, in place
-    assert not JointAttnProcessor(stack_pixels=stack)._group_norm(attn, pixels).transpose(1, 2).is_contiguous()
