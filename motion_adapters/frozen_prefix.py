@@ -203,7 +203,14 @@ class FrozenPrefix:
         finally:
             for h in handles:
                 h.remove()
-        self.modules = [e for e in self.modules if id(e.module) in called]
+        kept = [e for e in self.modules if id(e.module) in called]
+        if len(kept) < len(self.modules):  # free the dropped modules' buffers, renumbering the others'
+            used = sorted({slot for e in kept for slot in e.leaves if not isinstance(slot, tuple)})
+            renumbered = {old: new for new, old in enumerate(used)}
+            for e in kept:
+                e.leaves = [slot if isinstance(slot, tuple) else renumbered[slot] for slot in e.leaves]
+            self.buffers = [self.buffers[i] for i in used]
+        self.modules = kept
 
     @contextmanager
     def replaying(self) -> Iterator[None]:

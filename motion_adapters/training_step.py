@@ -583,11 +583,13 @@ class StepRunner:
                 prefix = self.prefix is not None and bool(self.prefix.modules)
                 if prefix and not (self._staged is not None and all(a is b for a, b in zip(host, self._staged))):
                     self._record_prefix(t, noise)  # this step's prefix was not computed during the last one
-                nxt_t, nxt_noise = (t, noise) if next_step is None else (
-                    next_step[0].to(device, non_blocking=True), next_step[1].to(device, non_blocking=True))
+                inputs = {"t": t, "noise": noise}
+                if prefix:  # the draw whose prefix the graph's side stream runs: the next step's, else this one's
+                    ahead = (t, noise) if next_step is None else next_step
+                    inputs["next_t"], inputs["next_noise"] = (x.to(device, non_blocking=True) for x in ahead)
                 if self.graph is None:
-                    self._capture(t, noise, nxt_t, nxt_noise)
-                for key, value in (("t", t), ("noise", noise), ("next_t", nxt_t), ("next_noise", nxt_noise)):
+                    self._capture(inputs)
+                for key, value in inputs.items():
                     self._static[key].copy_(value)
                 self.graph.replay()
                 self._staged = next_step if prefix and next_step is not None else None
@@ -658,9 +660,12 @@ class StepRunner:
         self._update(loss)
         return loss.detach()
 
-    def _capture(self, t: torch.Tensor, noise: torch.Tensor, next_t: torch.Tensor, next_noise: torch.Tensor) -> None:
-        self._static = {"t": t.clone(), "noise": noise.clone(), "next_t": next_t.clone(),
-                        "next_noise": next_noise.clone()}  # fmt: skip
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Capture the step into `self.graph`, reading copies of `inputs` that each replay refills.
+
+        `inputs`: t and noise, and with a frozen prefix the next step's next_t and next_noise.
+        """
+        self._static = {key: value.clone() for key, value in inputs.items()}
         prefix = self.prefix if self.prefix is not None and self.prefix.modules else None
         # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
         self.optimizer.zero_grad(set_to_none=True)

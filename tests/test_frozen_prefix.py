@@ -164,8 +164,10 @@ def test_record_drops_prefix_modules_a_later_pass_does_not_call():
         model(torch.randn(2, 4)).sum().backward()
     assert [m.name for m in prefix.modules] == ["cached", "first"]
     x = torch.randn(2, 4)
+    assert len(prefix.buffers) == 2
     prefix.record(lambda: model(x))
     assert [m.name for m in prefix.modules] == ["first"]
+    assert len(prefix.buffers) == 1 and prefix.nbytes == 2 * 4 * 4  # the dropped module's buffer is freed
     with prefix.replaying():
         torch.testing.assert_close(model(x), model(x))
 
