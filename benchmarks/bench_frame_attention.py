@@ -56,9 +56,16 @@ VARIANTS = {
     "pairs_128": ("pairs", 128, 4, None),
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
+    "pairs_dv_late": ("pairs", None, None, None),
+    "pairs_int64": ("pairs", None, None, None),
+    "pairs_rolled_int64": ("pairs", None, None, None, 1),
     "tile": ("tile", None, None, None),
     "torch": None,
 }
+#: label -> `frame_attention` module constants it runs with (restored afterwards)
+MODULE_SETTINGS = {"pairs_dv_late": {"PAIRS_DV_FIRST": False},
+                   "pairs_int64": {"PAIRS_INT32_OFFSETS": False},
+                   "pairs_rolled_int64": {"PAIRS_INT32_OFFSETS": False}}
 
 
 #: sequences a `scaled_dot_product_attention` call takes: PyTorch's CUDA kernels failed with an illegal memory access
@@ -75,9 +82,44 @@ def torch_attention(q, k, v, heads):
     return torch.cat(outs)
 
 
-def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -> dict:
+def _measure_variant(label, launch, channels, sets, grad, want, want_grads, n_sets, ms, errors, counter) -> None:
+    """Check one variant against float64 into `errors` and time it into `ms`."""
     import triton.testing
 
+    def rel(got, ref):
+        return float((got.detach().double() - ref.detach()).norm() / ref.detach().norm())
+
+    def forward(q, k, v, launch=launch):
+        if launch is None:
+            return torch_attention(q, k, v, HEADS)
+        return fa._FrameAttention.apply(q, k, v, HEADS, 1.0 / (channels // HEADS) ** 0.5, launch)
+
+    leaves = [[t.detach().requires_grad_(True) for t in s[:3]] + [s[3]] for s in sets]
+    out = forward(*leaves[0][:3])
+    got_grads = torch.autograd.grad(out, leaves[0][:3], grad)
+    errors[label] = {"forward": rel(out, want),
+                     "backward": max(rel(a, b) for a, b in zip(got_grads, want_grads))}  # fmt: skip
+    del out, got_grads
+
+    def forward_only(forward=forward):
+        counter["i"] = (counter["i"] + 1) % n_sets
+        with torch.no_grad():
+            return forward(*sets[counter["i"]][:3])
+
+    def forward_backward(forward=forward, leaves=leaves):
+        # captured whole, as the training step is; the backward's time is this less the forward's
+        counter["i"] = (counter["i"] + 1) % n_sets
+        q, k, v, grad = leaves[counter["i"]]
+        return torch.autograd.grad(forward(q, k, v), (q, k, v), grad)
+
+    for key, fn in (("forward", forward_only), ("forward_backward", forward_backward)):
+        fn()
+        torch.cuda.synchronize()
+        ms[f"{label}_{key}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    ms[f"{label}_backward"] = ms[f"{label}_forward_backward"] - ms[f"{label}_forward"]
+
+
+def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     sets = [[torch.randn(n, frames, channels, generator=g, device=device, dtype=torch.bfloat16) for _ in range(4)]
             for _ in range(n_sets)]  # fmt: skip
@@ -85,9 +127,6 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
     exact = [t.double().requires_grad_(True) for t in (q, k, v)]
     want = torch_attention(*exact, HEADS)
     want_grads = torch.autograd.grad(want, exact, grad.double())
-
-    def rel(got, ref):
-        return float((got.detach().double() - ref.detach()).norm() / ref.detach().norm())
 
     ms, errors, counter = {}, {}, {"i": 0}
     for label, launch in VARIANTS.items():
@@ -97,35 +136,14 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
             continue
         if launch is not None and launch[0] == "pairs" and (launch[3] or 1) > fa._padded(channels // HEADS):
             continue  # more lanes than the head has channels (rounded up to a power of two)
-
-        def forward(q, k, v, launch=launch):
-            if launch is None:
-                return torch_attention(q, k, v, HEADS)
-            return fa._FrameAttention.apply(q, k, v, HEADS, 1.0 / (channels // HEADS) ** 0.5, launch)
-
-        leaves = [[t.detach().requires_grad_(True) for t in s[:3]] + [s[3]] for s in sets]
-        out = forward(*leaves[0][:3])
-        got_grads = torch.autograd.grad(out, leaves[0][:3], grad)
-        errors[label] = {"forward": rel(out, want),
-                         "backward": max(rel(a, b) for a, b in zip(got_grads, want_grads))}  # fmt: skip
-        del out, got_grads
-
-        def forward_only(forward=forward):
-            counter["i"] = (counter["i"] + 1) % n_sets
-            with torch.no_grad():
-                return forward(*sets[counter["i"]][:3])
-
-        def forward_backward(forward=forward, leaves=leaves):
-            # captured whole, as the training step is; the backward's time is this less the forward's
-            counter["i"] = (counter["i"] + 1) % n_sets
-            q, k, v, grad = leaves[counter["i"]]
-            return torch.autograd.grad(forward(q, k, v), (q, k, v), grad)
-
-        for key, fn in (("forward", forward_only), ("forward_backward", forward_backward)):
-            fn()
-            torch.cuda.synchronize()
-            ms[f"{label}_{key}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        ms[f"{label}_backward"] = ms[f"{label}_forward_backward"] - ms[f"{label}_forward"]
+        saved = {attr: getattr(fa, attr) for attr in MODULE_SETTINGS.get(label, {})}
+        try:
+            for attr, value in MODULE_SETTINGS.get(label, {}).items():
+                setattr(fa, attr, value)
+            _measure_variant(label, launch, channels, sets, grad, want, want_grads, n_sets, ms, errors, counter)
+        finally:
+            for attr, value in saved.items():
+                setattr(fa, attr, value)
     nbytes = n * frames * channels * 2
     floor = {"forward": 4 * nbytes / bandwidth * 1e3, "backward": 7 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": [n, frames, channels], "heads": HEADS,

@@ -54,6 +54,14 @@ PAIRS_SPLIT_CHANNELS = 5
 #: registers (its frames x frames probabilities and their gradients), so few threads share a multiprocessor to
 #: hide it.
 PAIRS_UNROLL = 0
+#: Whether the "pairs" backward kernel writes dv in its first loop over a lane's channels (beside the probabilities'
+#: gradient, each channel of the output's gradient loaded once), so that its second loop holds the score gradients
+#: but not the probabilities: fewer registers live (ptxas, sm_90a: the spills of heads of 10 and 20 channels from
+#: 176 / 148 to 72 / 40 bytes). False: dv in the second loop, beside dq and dk.
+PAIRS_DV_FIRST = True
+#: Whether the "pairs" kernels address q, k, v and their gradients with 32-bit offsets where every offset fits
+#: (64-bit otherwise): each column's frame addresses take one register instead of two.
+PAIRS_INT32_OFFSETS = True
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
@@ -153,14 +161,17 @@ if triton is not None:
 
     @triton.jit
     def _pair_lanes(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
-                    SPLIT: tl.constexpr):  # fmt: skip
+                    SPLIT: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
         """This program's lanes: SPLIT lanes a (sequence, head) pair, each taking ceil(D / SPLIT) of its channels.
 
         Where SPLIT does not divide D the last lanes take fewer, or none (`_column` masks channels past D). Returns
-        each lane's sequence, head and first channel, the frame indices and the (frames, lanes) mask.
+        each lane's sequence, head and first channel, the frame indices and the (frames, lanes) mask. WIDE: 64-bit
+        offsets (some offset of the tensors does not fit 32 bits).
         """
         lane = tl.arange(0, BLOCK_P * SPLIT)
-        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // SPLIT
+        pair = tl.program_id(0) * BLOCK_P + lane // SPLIT
+        if WIDE:
+            pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // SPLIT
         f = tl.arange(0, FP)
         first = (lane % SPLIT) * ((D + SPLIT - 1) // SPLIT)
         return pair // HEADS, pair % HEADS, first, f, (f < F)[:, None] & (pair < P)[None, :]
@@ -200,10 +211,11 @@ if triton is not None:
     @triton.jit
     def _pairs_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
                        HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
-                       SPLIT: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+                       SPLIT: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr,
+                       PDL: tl.constexpr = False):  # fmt: skip
         if PDL:
             _await_previous_kernel()
-        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
+        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT, WIDE)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
                                 BLOCK_P, SPLIT, UNROLL)  # fmt: skip
         for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
@@ -214,27 +226,35 @@ if triton is not None:
     def _pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                         do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
                         FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
-                        UNROLL: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
-        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient."""
+                        UNROLL: tl.constexpr, WIDE: tl.constexpr, DV_FIRST: tl.constexpr,
+                        PDL: tl.constexpr = False):  # fmt: skip
+        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient.
+
+        DV_FIRST: dv in the first loop over the lane's channels (`PAIRS_DV_FIRST`), else in the second.
+        """
         if PDL:
             _await_previous_kernel()
-        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT)
+        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, SPLIT, WIDE)
         p = _pair_probabilities(q_ptr, k_ptr, q_sn, q_sf, k_sn, k_sf, n, h, first, f, mask, F, scale, D, FP,
                                 BLOCK_P, SPLIT, UNROLL)  # fmt: skip
         dp = tl.zeros((FP, FP, BLOCK_P * SPLIT), dtype=tl.float32)
         for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
-            dp += _column(do_ptr, do_sn, do_sf, n, h, f, first + i, mask, D)[:, None, :] * \
-                _column(v_ptr, v_sn, v_sf, n, h, f, first + i, mask, D)[None, :, :]
+            c = first + i
+            do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
+            dp += do[:, None, :] * _column(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)[None, :, :]
+            if DV_FIRST:
+                _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
         dp = _pair_total(dp, FP, BLOCK_P, SPLIT)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
         for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
             c = first + i
             q = _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
             k = _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
-            do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
             _put_column(dq_ptr, tl.sum(ds * k[None, :, :], axis=1), g_sn, g_sf, n, h, f, c, mask, D)
             _put_column(dk_ptr, tl.sum(ds * q[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
-            _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
+            if not DV_FIRST:
+                do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
+                _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
 
 
 def _split(d: int) -> int:
@@ -275,6 +295,22 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
     return (_frame_attention_forward, _frame_attention_backward), (triton.cdiv(n * heads, block),), meta
 
 
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether some element of the (N, F, C) `tensors` lies 2**31 or more elements past its tensor's start.
+
+    Always True without `PAIRS_INT32_OFFSETS`.
+    """
+    return not PAIRS_INT32_OFFSETS or any(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 for t in tensors)
+
+
+def _pairs_meta(meta: dict, *tensors: torch.Tensor, backward: bool = False) -> dict:
+    """`meta` with the "pairs" kernels' offset width (and, backward, where dv is written); others' unchanged."""
+    if "SPLIT" not in meta:
+        return meta
+    return {**meta, "WIDE": _wide(*tensors), **({"DV_FIRST": PAIRS_DV_FIRST} if backward else {})}
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """`t` with unit channel stride (a copy only when it has another)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -291,6 +327,7 @@ def _check(q, k, v, heads: int) -> None:
 def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
     """Run the forward kernel on (N, F, heads * d) q, k, v (unit channel stride), writing `out` (same shape)."""
     (forward, _), grid, meta = _launch(q, heads, *launch)
+    meta = _pairs_meta(meta, q, k, v, out)
     with _on_device(q):
         forward[grid](q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       out.stride(0), out.stride(1), q.shape[0] * heads, q.shape[1], scale, **meta,
@@ -300,6 +337,7 @@ def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
 def _attend_backward(q, k, v, grad, dq, dk, dv, heads: int, scale: float, launch: tuple = ()) -> None:
     """Run the backward kernel, writing dq, dk and dv (one set of strides for the three)."""
     (_, backward), grid, meta = _launch(q, heads, *launch)
+    meta = _pairs_meta(meta, q, k, v, grad, dq, dk, dv, backward=True)
     with _on_device(q):
         backward[grid](q, k, v, grad, dq, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                        v.stride(1), grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1), q.shape[0] * heads,

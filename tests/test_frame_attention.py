@@ -93,6 +93,44 @@ def test_pairs_loops_rolled_partly_or_fully_unrolled_match_float64_attention(unr
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("int32_offsets,dv_first", [(True, True), (False, False), (True, False)])
+def test_pairs_offset_widths_and_dv_loop_match_float64_attention(int32_offsets, dv_first, monkeypatch):
+    """The backward kernel's dv in its first or second loop, offsets 32- or 64-bit: one result."""
+    monkeypatch.setattr(fa, "PAIRS_INT32_OFFSETS", int32_offsets)
+    monkeypatch.setattr(fa, "PAIRS_DV_FIRST", dv_first)
+    q, k, v, grad = (torch.randn(3, 8, 40, device=DEVICE) for _ in range(4))
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    launched = []
+    backward = fa._attend_backward
+    monkeypatch.setattr(fa, "_attend_backward", lambda *a, **k: launched.append(a) or backward(*a, **k))
+    out = fa.frame_attention(*leaves, heads=4)
+    grads = torch.autograd.grad(out, leaves, grad)
+    assert len(launched) == 1
+    meta = fa._pairs_meta(fa._launch(q, 4)[2], *launched[0][:7], backward=True)
+    assert (meta["WIDE"], meta["DV_FIRST"]) == (not int32_offsets, dv_first)
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = reference(*exact, 4)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_offsets_past_32_bits_take_64_bit_addressing():
+    """A tensor whose last element lies 2**31 elements past its start, by its strides (on the meta device: nothing
+    allocated); one that stays below, and any with the 32-bit offsets switched off."""
+    def strided(first):
+        return torch.empty_strided((3, 2, 4), (first, 4, 1), device="meta")
+
+    assert fa._wide(strided(2**30)) and not fa._wide(strided(2**30 - 4))
+    fa_int32 = fa.PAIRS_INT32_OFFSETS
+    try:
+        fa.PAIRS_INT32_OFFSETS = False
+        assert fa._wide(strided(8))
+    finally:
+        fa.PAIRS_INT32_OFFSETS = fa_int32
+
+
 def test_wider_heads_split_over_more_lanes_by_default():
     splits = {d: fa._launch(torch.empty(4, 8, 64 * d), 64)[2]["SPLIT"] for d in (2, 5, 10, 20)}
     assert splits == {2: 1, 5: 1, 10: 2, 20: 4}
@@ -287,14 +325,18 @@ from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
 # Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "pairs"
-# kernels' loops unrolled (the default) and rolled
-for unroll in (0, 1):
-    fa.PAIRS_UNROLL = unroll
+# kernels' loops unrolled (the default) and rolled, their offsets 32-bit (the default) and 64-bit with dv written in
+# the second loop
+for unroll, wide in ((0, False), (1, False), (0, True)):
+    fa.PAIRS_UNROLL, fa.PAIRS_INT32_OFFSETS, fa.PAIRS_DV_FIRST = unroll, not wide, not wide
     for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"),
                                   (29, 5, None)):
-        if unroll and kernel == "tile" or unroll and frames > 8:
+        if (unroll or wide) and (kernel == "tile" or frames > 8):
             continue
-        kernels, _, meta = fa._launch(torch.empty(4, frames, 64 * width), 64, kernel)
+        x = torch.empty(4, frames, 64 * width)
+        kernels, _, meta = fa._launch(x, 64, kernel)
+        meta = fa._pairs_meta(meta, x, backward=True)
+        assert kernel == "tile" or frames > 8 or (meta["WIDE"], meta["DV_FIRST"]) == (wide, not wide), meta
         warps = meta.pop("num_warps")
         for kernel in kernels:
             names = kernel.arg_names
@@ -311,7 +353,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     from hopper import compiled_for_hopper
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
-    assert out.count("compiled _pairs_") == 16 and out.count("compiled _frame_attention_") == 4, out
+    assert out.count("compiled _pairs_") == 24 and out.count("compiled _frame_attention_") == 4, out
 
 
 @pytest.mark.gpu
