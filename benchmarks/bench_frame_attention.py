@@ -56,16 +56,16 @@ VARIANTS = {
     "pairs_128": ("pairs", 128, 4, None),
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
-    "pairs_dv_late": ("pairs", None, None, None),
-    "pairs_int64": ("pairs", None, None, None),
-    "pairs_rolled_int64": ("pairs", None, None, None, 1),
+    "pairs_dv_first": ("pairs", None, None, None),
+    "pairs_int32": ("pairs", None, None, None),
+    "pairs_rolled_int32": ("pairs", None, None, None, 1),
     "tile": ("tile", None, None, None),
     "torch": None,
 }
 #: label -> `frame_attention` module constants it runs with (restored afterwards)
-MODULE_SETTINGS = {"pairs_dv_late": {"PAIRS_DV_FIRST": False},
-                   "pairs_int64": {"PAIRS_INT32_OFFSETS": False},
-                   "pairs_rolled_int64": {"PAIRS_INT32_OFFSETS": False}}
+MODULE_SETTINGS = {"pairs_dv_first": {"PAIRS_DV_FIRST": True},
+                   "pairs_int32": {"PAIRS_INT32_OFFSETS": True},
+                   "pairs_rolled_int32": {"PAIRS_INT32_OFFSETS": True, "PAIRS_DV_FIRST": True}}
 
 
 #: sequences a `scaled_dot_product_attention` call takes: PyTorch's CUDA kernels failed with an illegal memory access

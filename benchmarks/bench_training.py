@@ -252,13 +252,14 @@ VARIANTS = {
                             "temporal attention) in turn (the default before training_step.OVERLAP_FROZEN_PREFIX: "
                             "the next step's prefix beside the backward pass)",
                             AS_FULL),
-    "full_dv_late": ("as full, the frame attention's backward kernel writing dv in its second loop, beside dq and dk "
-                     "(the default before frame_attention.PAIRS_DV_FIRST)",
-                     AS_FULL),
-    "full_int64_attention": ("as full, the frame attention's kernels on 64-bit offsets (the default before "
-                             "frame_attention.PAIRS_INT32_OFFSETS)",
+    "full_dv_first": ("as full, the frame attention's backward kernel writing dv in its first loop, beside the "
+                      "probabilities' gradient (frame_attention.PAIRS_DV_FIRST)",
+                      AS_FULL),
+    "full_int32_attention": ("as full, the frame attention's kernels on 32-bit offsets "
+                             "(frame_attention.PAIRS_INT32_OFFSETS)",
                              AS_FULL),
-    "full_rolled_int64_attention": ("as full, the 'pairs' kernels' loops rolled and on 64-bit offsets",
+    "full_rolled_int32_attention": ("as full, the 'pairs' kernels' loops rolled (frame_attention.PAIRS_UNROLL = 1) "
+                                    "and on 32-bit offsets, dv written in the first loop",
                                     AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
@@ -577,10 +578,11 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
                    "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)],
                    "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)],
-                   "full_dv_late": [(frame_attention, "PAIRS_DV_FIRST", False)],
-                   "full_int64_attention": [(frame_attention, "PAIRS_INT32_OFFSETS", False)],
-                   "full_rolled_int64_attention": [(frame_attention, "PAIRS_UNROLL", 1),
-                                                   (frame_attention, "PAIRS_INT32_OFFSETS", False)]}
+                   "full_dv_first": [(frame_attention, "PAIRS_DV_FIRST", True)],
+                   "full_int32_attention": [(frame_attention, "PAIRS_INT32_OFFSETS", True)],
+                   "full_rolled_int32_attention": [(frame_attention, "PAIRS_UNROLL", 1),
+                                                   (frame_attention, "PAIRS_INT32_OFFSETS", True),
+                                                   (frame_attention, "PAIRS_DV_FIRST", True)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

@@ -56,12 +56,15 @@ PAIRS_SPLIT_CHANNELS = 5
 PAIRS_UNROLL = 0
 #: Whether the "pairs" backward kernel writes dv in its first loop over a lane's channels (beside the probabilities'
 #: gradient, each channel of the output's gradient loaded once), so that its second loop holds the score gradients
-#: but not the probabilities: fewer registers live (ptxas, sm_90a: the spills of heads of 10 and 20 channels from
-#: 176 / 148 to 72 / 40 bytes). False: dv in the second loop, beside dq and dk.
-PAIRS_DV_FIRST = True
+#: but not the probabilities: fewer registers live (ptxas, sm_90a, loops unrolled: the spills of heads of 10 and 20
+#: channels from 176 / 148 to 72 / 40 bytes). Not timed on a GPU yet (bench_training's `full_dv_first`), so off:
+#: dv in the second loop, beside dq and dk.
+PAIRS_DV_FIRST = False
 #: Whether the "pairs" kernels address q, k, v and their gradients with 32-bit offsets where every offset fits
-#: (64-bit otherwise): each column's frame addresses take one register instead of two.
-PAIRS_INT32_OFFSETS = True
+#: (64-bit otherwise): each column's frame addresses take one register instead of two. ptxas (sm_90a): with the loops
+#: unrolled (the default) the backward kernel spills more (640 bytes and up), rolled it needs 230 registers and no
+#: spills. Not timed on a GPU yet (bench_training's `full_rolled_int32_attention`), so off.
+PAIRS_INT32_OFFSETS = False
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).

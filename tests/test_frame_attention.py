@@ -116,19 +116,16 @@ def test_pairs_offset_widths_and_dv_loop_match_float64_attention(int32_offsets, 
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_offsets_past_32_bits_take_64_bit_addressing():
+def test_offsets_past_32_bits_take_64_bit_addressing(monkeypatch):
     """A tensor whose last element lies 2**31 elements past its start, by its strides (on the meta device: nothing
     allocated); one that stays below, and any with the 32-bit offsets switched off."""
     def strided(first):
         return torch.empty_strided((3, 2, 4), (first, 4, 1), device="meta")
 
+    monkeypatch.setattr(fa, "PAIRS_INT32_OFFSETS", True)
     assert fa._wide(strided(2**30)) and not fa._wide(strided(2**30 - 4))
-    fa_int32 = fa.PAIRS_INT32_OFFSETS
-    try:
-        fa.PAIRS_INT32_OFFSETS = False
-        assert fa._wide(strided(8))
-    finally:
-        fa.PAIRS_INT32_OFFSETS = fa_int32
+    monkeypatch.setattr(fa, "PAIRS_INT32_OFFSETS", False)
+    assert fa._wide(strided(8))
 
 
 def test_wider_heads_split_over_more_lanes_by_default():
