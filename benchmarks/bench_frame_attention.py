@@ -2,6 +2,7 @@
 
 For each shape, (N sequences, F frames, heads * d channels) with Show-1's 64 heads: the "pairs" kernels (one
 (sequence, head) pair a thread, a loop over its channels; the default up to 8 frames) at several block sizes, the
+"dots" kernels (a block of pairs as one block-diagonal attention on tensor cores; 64 rows a program, or 32 or 128), the
 "tile" kernels (a block of pairs a program as (pairs, frames, frames, padded channels) products; the first kernels,
 and the only ones past 8 frames) and PyTorch (heads split, `scaled_dot_product_attention` on `CHUNK` sequences a call,
 heads merged), forward and backward, in bf16. Medians of `triton.testing.do_bench_cudagraph` (GPU time, replayed
@@ -59,6 +60,9 @@ VARIANTS = {
     "pairs_dv_first": ("pairs", None, None, None),
     "pairs_int32": ("pairs", None, None, None),
     "pairs_rolled_int32": ("pairs", None, None, None, 1),
+    "dots": ("dots", None, None, None),
+    "dots_32": ("dots", 4, None, None),
+    "dots_128": ("dots", 16, None, None),
     "tile": ("tile", None, None, None),
     "torch": None,
 }

@@ -261,6 +261,12 @@ VARIANTS = {
     "full_rolled_int32_attention": ("as full, the 'pairs' kernels' loops rolled (frame_attention.PAIRS_UNROLL = 1) "
                                     "and on 32-bit offsets, dv written in the first loop",
                                     AS_FULL),
+    "full_dots_attention": ("as full, the frame attention on the 'dots' kernels: a block of 8 pairs a program as "
+                            "one block-diagonal attention of 64 rows on tensor cores (frame_attention.SHORT_KERNEL)",
+                            AS_FULL),
+    "full_dots32_attention": ("as full_dots_attention, 4 pairs (32 rows, 2 warps) a program "
+                              "(frame_attention.DOTS_ROWS = 32)",
+                              AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -582,7 +588,10 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_int32_attention": [(frame_attention, "PAIRS_INT32_OFFSETS", True)],
                    "full_rolled_int32_attention": [(frame_attention, "PAIRS_UNROLL", 1),
                                                    (frame_attention, "PAIRS_INT32_OFFSETS", True),
-                                                   (frame_attention, "PAIRS_DV_FIRST", True)]}
+                                                   (frame_attention, "PAIRS_DV_FIRST", True)],
+                   "full_dots_attention": [(frame_attention, "SHORT_KERNEL", "dots")],
+                   "full_dots32_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                             (frame_attention, "DOTS_ROWS", 32)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

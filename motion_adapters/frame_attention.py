@@ -10,7 +10,9 @@ the output. Up to 8 frames ("pairs" kernels, the default), one thread takes one 
 accumulate over a loop on the head's channels, so every reduction stays within the thread and no head channel is
 padded; wide heads split their channels over a few threads, which add their partial scores (`PAIRS_SPLIT`).
 Longer sequences ("tile" kernels) take a block of pairs a program as (pairs, frames, frames, channels) products,
-their channels padded to a power of two. Both read q, k and v where the projections wrote them,
+their channels padded to a power of two. The "dots" kernels (an option, `SHORT_KERNEL`) take a block of pairs a
+program as one block-diagonal attention of (pairs * frames) rows on tensor cores (`tl.dot`), the other pairs' keys
+masked. All read q, k and v where the projections wrote them,
 (N, F, heads * d) with any row strides, so there is no head split or merge. The backward pass recomputes the
 probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk and dv in one kernel.
 `projected_frame_attention` adds the q, k and v projections, one stacked GEMM each way.
@@ -40,6 +42,14 @@ PAIRS_FRAMES = 8
 #: Show-1's training, interpolation and SR1 shapes together: 64 pairs in 2 warps took 1 / 1.13 of the time of 128
 #: in 4, and 1 / 6.2 of the "tile" kernels'.
 PAIRS_BLOCK = 64
+#: The kernels for sequences of up to `PAIRS_FRAMES` frames: "pairs" (one thread a pair, float32 arithmetic on CUDA
+#: cores) or "dots" (a block of pairs as one block-diagonal attention on tensor cores: (pairs * frames, head
+#: channels) tiles of q, k and v, the products of all the block's rows formed and the other pairs' entries masked, so
+#: `DOTS_ROWS / frames` times the useful products, on units that are otherwise idle in this kernel). "dots" is not
+#: timed on a GPU yet (bench_training's `full_dots_attention`), so "pairs" stays the default.
+SHORT_KERNEL = "pairs"
+#: Rows (pairs * padded frames) a "dots" program takes; its score tile is DOTS_ROWS x DOTS_ROWS float32.
+DOTS_ROWS = 64
 #: Wider heads split over up to this many lanes (threads) a pair, each lane taking `PAIRS_SPLIT_CHANNELS` or more
 #: of the head's channels: at show-1-base's lower levels (heads of 10 and 20 channels, a few thousand pairs) one
 #: thread a pair leaves the GPU mostly idle, each thread a long loop of dependent loads. The lanes of a pair add
@@ -163,6 +173,85 @@ if triton is not None:
 
 
     @triton.jit
+    def _dots_rows(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
+                   BLOCK_P: tl.constexpr):  # fmt: skip
+        """This program's rows (BLOCK_P pairs x FP frames) and padded head channels.
+
+        Returns each row's sequence, head, frame and pair in the block, the channel indices and the (rows, channels)
+        mask of the rows that exist (frame < F, pair < P) and the channels below D.
+        """
+        r = tl.arange(0, BLOCK_P * FP)
+        pair = tl.program_id(0).to(tl.int64) * BLOCK_P + r // FP
+        f = r % FP
+        c = tl.arange(0, DP)
+        mask = ((f < F) & (pair < P))[:, None] & (c < D)[None, :]
+        return pair // HEADS, pair % HEADS, f, r // FP, c, mask
+
+    @triton.jit
+    def _dots_tile(ptr, sn, sf, n, h, f, c, mask, D: tl.constexpr):
+        """(rows, padded channels) of q, k, v or a gradient, in its dtype (0 outside `mask`)."""
+        at = n[:, None] * sn + f[:, None] * sf + (h * D)[:, None] + c[None, :]
+        return tl.load(ptr + at, mask=mask, other=0.0)
+
+    @triton.jit
+    def _dots_put(ptr, value, sn, sf, n, h, f, c, mask, D: tl.constexpr):
+        at = n[:, None] * sn + f[:, None] * sf + (h * D)[:, None] + c[None, :]
+        tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dots_probabilities(q, k, f, block, F, scale):
+        """Softmax over the keys of the block's (rows x rows) scores, each row's own pair's frames below F only."""
+        s = tl.dot(q, tl.trans(k)) * scale
+        own = (block[:, None] == block[None, :]) & (f < F)[None, :]
+        s = tl.where(own, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        return e / tl.sum(e, axis=1)[:, None]
+
+    @triton.jit
+    def _dots_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
+                      HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
+                      BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        """The block's output, softmax(q k^T * scale) v.
+
+        q k^T in the inputs' dtype, the probabilities' product with v in float32 with PRECISION ("tf32" for half
+        inputs, "ieee" for float32 ones), both accumulated in float32.
+        """
+        if PDL:
+            _await_previous_kernel()
+        n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
+        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
+        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
+        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D).to(tl.float32)
+        p = _dots_probabilities(q, k, f, block, F, scale)
+        _dots_put(o_ptr, tl.dot(p, v, input_precision=PRECISION), o_sn, o_sf, n, h, f, c, mask, D)
+
+    @triton.jit
+    def _dots_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
+                       do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
+                       FP: tl.constexpr, DP: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+                       PDL: tl.constexpr = False):  # fmt: skip
+        """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient.
+
+        The probabilities recomputed, then dv = p^T do, ds = p (do v^T - rowsum(p * do v^T)) * scale, dq = ds k,
+        dk = ds^T q; the products with p and ds in float32 with PRECISION.
+        """
+        if PDL:
+            _await_previous_kernel()
+        n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
+        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
+        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
+        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)
+        do = _dots_tile(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
+        p = _dots_probabilities(q, k, f, block, F, scale)
+        _dots_put(dv_ptr, tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c,
+                  mask, D)  # fmt: skip
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
+        _dots_put(dq_ptr, tl.dot(ds, k.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c, mask, D)
+        _dots_put(dk_ptr, tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c,
+                  mask, D)  # fmt: skip
+
+    @triton.jit
     def _pair_lanes(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
                     SPLIT: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
         """This program's lanes: SPLIT lanes a (sequence, head) pair, each taking ceil(D / SPLIT) of its channels.
@@ -276,12 +365,19 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
             unroll: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
     """The (forward, backward) kernels, grid and shape constants of a launch over `q`'s (N * heads) pairs.
 
-    `kernel` ("pairs" or "tile"), `block` (pairs a program), `num_warps`, `split` (lanes a pair) and `unroll`
+    `kernel` ("pairs", "dots" or "tile"), `block` (pairs a program), `num_warps`, `split` (lanes a pair) and `unroll`
     (`PAIRS_UNROLL`; these two "pairs" only) override the choice for benchmarks.
     """
     n, frames, channels = q.shape
     fp, d = _padded(frames), channels // heads
-    kernel = kernel or ("pairs" if fp <= PAIRS_FRAMES else "tile")
+    kernel = kernel or (SHORT_KERNEL if fp <= PAIRS_FRAMES else "tile")
+    if kernel == "dots":
+        dp = max(16, _padded(d))  # tl.dot's smallest inner dimension
+        block = block or max(1, max(DOTS_ROWS, fp) // fp)
+        meta = {"HEADS": heads, "D": d, "FP": fp, "DP": dp, "BLOCK_P": block,
+                "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+                "num_warps": num_warps or max(1, block * fp // 16)}  # fmt: skip
+        return (_dots_forward, _dots_backward), (triton.cdiv(n * heads, block),), meta
     if kernel == "pairs":
         split = split or _split(d)
         if split & (split - 1) or split > triton.next_power_of_2(d):

@@ -33,7 +33,7 @@ def reference(q, k, v, heads):
         (3, 12, 32, 8),  # 12 frames: past the "pairs" kernels' 8 by default
     ],
 )
-@pytest.mark.parametrize("kernel", ["pairs", "tile"])
+@pytest.mark.parametrize("kernel", ["pairs", "tile", "dots"])
 def test_output_and_gradients_match_float64_attention(n, frames, channels, heads, kernel, monkeypatch):
     launch, ran = fa._launch, []
 
@@ -55,7 +55,8 @@ def test_output_and_gradients_match_float64_attention(n, frames, channels, heads
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip((dq, dk, dv), expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    assert ran == [{"pairs": "_pairs_forward", "tile": "_frame_attention_forward"}[kernel]] * 2  # forward, backward
+    names = {"pairs": "_pairs_forward", "tile": "_frame_attention_forward", "dots": "_dots_forward"}
+    assert ran == [names[kernel]] * 2  # forward, backward
 
 
 @pytest.mark.parametrize(("channels", "heads", "split"),
@@ -137,8 +138,10 @@ def test_wider_heads_split_over_more_lanes_by_default():
         fa._launch(torch.empty(4, 8, 64 * 5), 64, "pairs", None, None, 16)
 
 
-def test_strided_projections_are_read_in_place_and_the_scale_is_honoured():
+@pytest.mark.parametrize("short_kernel", ["pairs", "dots"])
+def test_strided_projections_are_read_in_place_and_the_scale_is_honoured(short_kernel, monkeypatch):
     """q, k and v as column slices of one (N, F, 3C) projection, as a fused q/k/v layer would give them."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", short_kernel)
     qkv = torch.randn(4, 6, 3 * 48, device=DEVICE, requires_grad=True)
     q, k, v = qkv.split(48, dim=-1)
     out = fa.frame_attention(q, k, v, heads=4, scale=0.3)
@@ -162,9 +165,24 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value():
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
 
 
-def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels():
+def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels(monkeypatch):
     assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9, 29)] == [
         "_pairs_forward", "_pairs_forward", "_frame_attention_forward", "_frame_attention_forward"]
+    monkeypatch.setattr(fa, "SHORT_KERNEL", "dots")
+    assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9)] == [
+        "_dots_forward", "_dots_forward", "_frame_attention_forward"]
+
+
+@pytest.mark.parametrize(("frames", "width", "pairs", "rows", "warps", "inner"),
+                         [(8, 10, 8, 64, 4, 16), (5, 20, 8, 64, 4, 32), (2, 5, 32, 64, 4, 16), (29, 5, 2, 64, 4, 16)])
+def test_dots_blocks_fill_a_tile_of_rows(frames, width, pairs, rows, warps, inner):
+    """`DOTS_ROWS` rows a program (pairs times frames padded to a power of two), heads padded to 16 channels or more
+    (tl.dot's smallest inner dimension), a warp each 16 rows; tf32 products of the probabilities for half inputs."""
+    _, grid, meta = fa._launch(torch.empty(3, frames, 64 * width, dtype=torch.bfloat16), 64, "dots")
+    assert (meta["BLOCK_P"], meta["BLOCK_P"] * meta["FP"], meta["num_warps"], meta["DP"]) == (pairs, rows, warps,
+                                                                                              inner)
+    assert grid == (-(-3 * 64 // pairs),) and meta["PRECISION"] == "tf32"
+    assert fa._launch(torch.empty(3, frames, 64 * width), 64, "dots")[2]["PRECISION"] == "ieee"
 
 
 def test_bad_arguments_are_named():
@@ -179,8 +197,14 @@ def test_bad_arguments_are_named():
     assert fa.frame_attention_supported(torch.zeros(2, 8, 60, device="meta"), 4) == "Triton cannot run on this device"
 
 
-def test_projected_attention_matches_three_projections_and_the_attention_in_float64():
-    """One stacked GEMM each way against separate bias-free projections and exact attention, frames-first rows."""
+@pytest.mark.parametrize("short_kernel", ["pairs", "dots"])
+def test_projected_attention_matches_three_projections_and_the_attention_in_float64(short_kernel, monkeypatch):
+    """One stacked GEMM each way against separate bias-free projections and exact attention, frames-first rows:
+    the projection's column blocks read in place (row stride 3C, frame stride N * 3C)."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", short_kernel)
+    launched = []
+    launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda *a: launched.append(launch(*a)[0][0].__name__) or launch(*a))
     frames, n, c, heads = 6, 5, 48, 4
     x = torch.randn(frames * n, c, device=DEVICE, requires_grad=True)
     weights = [(torch.randn(c, c, device=DEVICE) * c**-0.5).requires_grad_(True) for _ in range(3)]
@@ -193,6 +217,7 @@ def test_projected_attention_matches_three_projections_and_the_attention_in_floa
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert launched == [f"_{short_kernel}_forward"] * 2
 
 
 def test_projected_attention_under_autocast_runs_bf16_and_returns_float32_weight_gradients():
@@ -322,18 +347,18 @@ from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
 # Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "pairs"
-# kernels' loops unrolled (the default) and rolled, their offsets 32-bit (the default) and 64-bit with dv written in
-# the second loop
+# kernels' loops unrolled (the default) and rolled, their offsets 32-bit with dv written in the first loop and 64-bit
+# with it in the second (the default); the "dots" kernels on bf16 (tf32 products of the probabilities), 8 to 29 frames
 for unroll, wide in ((0, False), (1, False), (0, True)):
     fa.PAIRS_UNROLL, fa.PAIRS_INT32_OFFSETS, fa.PAIRS_DV_FIRST = unroll, not wide, not wide
     for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"),
-                                  (29, 5, None)):
-        if (unroll or wide) and (kernel == "tile" or frames > 8):
+                                  (29, 5, None), (8, 10, "dots"), (8, 20, "dots"), (5, 2, "dots"), (29, 5, "dots")):
+        if (unroll or wide) and (kernel in ("tile", "dots") or frames > 8):
             continue
-        x = torch.empty(4, frames, 64 * width)
+        x = torch.empty(4, frames, 64 * width, dtype=torch.bfloat16 if kernel == "dots" else torch.float32)
         kernels, _, meta = fa._launch(x, 64, kernel)
         meta = fa._pairs_meta(meta, x, backward=True)
-        assert kernel == "tile" or frames > 8 or (meta["WIDE"], meta["DV_FIRST"]) == (wide, not wide), meta
+        assert kernel in ("tile", "dots") or frames > 8 or (meta["WIDE"], meta["DV_FIRST"]) == (wide, not wide), meta
         warps = meta.pop("num_warps")
         for kernel in kernels:
             names = kernel.arg_names
@@ -351,13 +376,16 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
     assert out.count("compiled _pairs_") == 24 and out.count("compiled _frame_attention_") == 4, out
+    assert out.count("compiled _dots_") == 8, out
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_training_step_on_triton_attention_is_as_close_to_float32_as_the_math_kernel():
-    """bf16 steps of a tiny Show-1 UNet with the math SDPA kernel and with the Triton kernels, each against the
-    same step in float32."""
+@pytest.mark.parametrize("short_kernel", ["pairs", "dots"])
+def test_training_step_on_triton_attention_is_as_close_to_float32_as_the_math_kernel(short_kernel, monkeypatch):
+    """bf16 steps of a tiny Show-1 UNet with the math SDPA kernel and with the Triton kernels ("pairs" or, tf32
+    products of the probabilities included, "dots"), each against the same step in float32."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", short_kernel)
     from test_training_speed import embeds, tiny_show1
 
     from motion_adapters import inject_temporal_adapter
