@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from motion_adapters.fused_norm import _on_device, fused_norm_available, pdl_launch, triton
+from motion_adapters.fused_norm import _on_device, fused_norm_available, interpreting, pdl_launch, triton
 
 if triton is not None:
     import triton.language as tl
@@ -188,10 +188,16 @@ if triton is not None:
         return pair // HEADS, pair % HEADS, f, r // FP, c, mask
 
     @triton.jit
-    def _dots_tile(ptr, sn, sf, n, h, f, c, mask, D: tl.constexpr):
-        """(rows, padded channels) of q, k, v or a gradient, in its dtype (0 outside `mask`)."""
+    def _dots_tile(ptr, sn, sf, n, h, f, c, mask, D: tl.constexpr, HALF_DOTS: tl.constexpr):
+        """(rows, padded channels) of q, k, v or a gradient (0 outside `mask`).
+
+        In its dtype for `tl.dot` with HALF_DOTS, else in float32 (exact for half values: the same products).
+        """
         at = n[:, None] * sn + f[:, None] * sf + (h * D)[:, None] + c[None, :]
-        return tl.load(ptr + at, mask=mask, other=0.0)
+        x = tl.load(ptr + at, mask=mask, other=0.0)
+        if not HALF_DOTS:
+            x = x.to(tl.float32)
+        return x
 
     @triton.jit
     def _dots_put(ptr, value, sn, sf, n, h, f, c, mask, D: tl.constexpr):
@@ -199,9 +205,9 @@ if triton is not None:
         tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dots_probabilities(q, k, f, block, F, scale):
+    def _dots_probabilities(q, k, f, block, F, scale, PRECISION: tl.constexpr):
         """Softmax over the keys of the block's (rows x rows) scores, each row's own pair's frames below F only."""
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         own = (block[:, None] == block[None, :]) & (f < F)[None, :]
         s = tl.where(own, s, float("-inf"))
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
@@ -210,7 +216,8 @@ if triton is not None:
     @triton.jit
     def _dots_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
                       HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
-                      BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+                      BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HALF_DOTS: tl.constexpr,
+                      PDL: tl.constexpr = False):  # fmt: skip
         """The block's output, softmax(q k^T * scale) v.
 
         q k^T in the inputs' dtype, the probabilities' product with v in float32 with PRECISION ("tf32" for half
@@ -219,17 +226,17 @@ if triton is not None:
         if PDL:
             _await_previous_kernel()
         n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
-        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
-        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
-        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D).to(tl.float32)
-        p = _dots_probabilities(q, k, f, block, F, scale)
+        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D, HALF_DOTS)
+        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D, HALF_DOTS)
+        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS).to(tl.float32)
+        p = _dots_probabilities(q, k, f, block, F, scale, PRECISION)
         _dots_put(o_ptr, tl.dot(p, v, input_precision=PRECISION), o_sn, o_sf, n, h, f, c, mask, D)
 
     @triton.jit
     def _dots_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                        do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
                        FP: tl.constexpr, DP: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
-                       PDL: tl.constexpr = False):  # fmt: skip
+                       HALF_DOTS: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient.
 
         The probabilities recomputed, then dv = p^T do, ds = p (do v^T - rowsum(p * do v^T)) * scale, dq = ds k,
@@ -238,14 +245,14 @@ if triton is not None:
         if PDL:
             _await_previous_kernel()
         n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
-        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
-        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
-        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)
-        do = _dots_tile(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
-        p = _dots_probabilities(q, k, f, block, F, scale)
+        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D, HALF_DOTS)
+        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D, HALF_DOTS)
+        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS)
+        do = _dots_tile(do_ptr, do_sn, do_sf, n, h, f, c, mask, D, HALF_DOTS)
+        p = _dots_probabilities(q, k, f, block, F, scale, PRECISION)
         _dots_put(dv_ptr, tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c,
                   mask, D)  # fmt: skip
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
         _dots_put(dq_ptr, tl.dot(ds, k.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c, mask, D)
         _dots_put(dk_ptr, tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c,
@@ -376,6 +383,8 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
         block = block or max(1, max(DOTS_ROWS, fp) // fp)
         meta = {"HEADS": heads, "D": d, "FP": fp, "DP": dp, "BLOCK_P": block,
                 "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+                # Triton's interpreter (3.9) multiplies bf16 tiles wrongly in tl.dot: float32 tiles there
+                "HALF_DOTS": q.dtype != torch.float32 and not interpreting(),
                 "num_warps": num_warps or max(1, block * fp // 16)}  # fmt: skip
         return (_dots_forward, _dots_backward), (triton.cdiv(n * heads, block),), meta
     if kernel == "pairs":
