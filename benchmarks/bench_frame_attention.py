@@ -2,7 +2,8 @@
 
 For each shape, (N sequences, F frames, heads * d channels) with Show-1's 64 heads: the "pairs" kernels (one
 (sequence, head) pair a thread, a loop over its channels; the default up to 8 frames) at several block sizes, the
-"dots" kernels (a block of pairs as one block-diagonal attention on tensor cores; 64 rows a program, or 32 or 128), the
+"dots" kernels (a block of pairs as one block-diagonal attention on tensor cores; 64 rows a program in 4 warps, or
+in 2, or 32 or 128 rows; tf32 products of the probabilities, or bf16 ones), the
 "tile" kernels (a block of pairs a program as (pairs, frames, frames, padded channels) products; the first kernels,
 and the only ones past 8 frames) and PyTorch (heads split, `scaled_dot_product_attention` on `CHUNK` sequences a call,
 heads merged), forward and backward, in bf16. Medians of `triton.testing.do_bench_cudagraph` (GPU time, replayed
@@ -63,13 +64,16 @@ VARIANTS = {
     "dots": ("dots", None, None, None),
     "dots_32": ("dots", 4, None, None),
     "dots_128": ("dots", 16, None, None),
+    "dots_half_p": ("dots", None, None, None),
+    "dots_2warps": ("dots", 8, 2, None),
     "tile": ("tile", None, None, None),
     "torch": None,
 }
 #: label -> `frame_attention` module constants it runs with (restored afterwards)
 MODULE_SETTINGS = {"pairs_dv_first": {"PAIRS_DV_FIRST": True},
                    "pairs_int32": {"PAIRS_INT32_OFFSETS": True},
-                   "pairs_rolled_int32": {"PAIRS_INT32_OFFSETS": True, "PAIRS_DV_FIRST": True}}
+                   "pairs_rolled_int32": {"PAIRS_INT32_OFFSETS": True, "PAIRS_DV_FIRST": True},
+                   "dots_half_p": {"DOTS_HALF_PROBABILITIES": True}}
 
 
 #: sequences a `scaled_dot_product_attention` call takes: PyTorch's CUDA kernels failed with an illegal memory access

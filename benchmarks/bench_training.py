@@ -267,6 +267,9 @@ VARIANTS = {
     "full_dots32_attention": ("as full_dots_attention, 4 pairs (32 rows, 2 warps) a program "
                               "(frame_attention.DOTS_ROWS = 32)",
                               AS_FULL),
+    "full_dots_half_p_attention": ("as full_dots_attention, the probabilities and their gradients rounded to bf16 "
+                                   "for their products (frame_attention.DOTS_HALF_PROBABILITIES)",
+                                   AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -591,7 +594,9 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                    (frame_attention, "PAIRS_DV_FIRST", True)],
                    "full_dots_attention": [(frame_attention, "SHORT_KERNEL", "dots")],
                    "full_dots32_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
-                                             (frame_attention, "DOTS_ROWS", 32)]}
+                                             (frame_attention, "DOTS_ROWS", 32)],
+                   "full_dots_half_p_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                                  (frame_attention, "DOTS_HALF_PROBABILITIES", True)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

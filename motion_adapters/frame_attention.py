@@ -50,6 +50,9 @@ PAIRS_BLOCK = 64
 SHORT_KERNEL = "pairs"
 #: Rows (pairs * padded frames) a "dots" program takes; its score tile is DOTS_ROWS x DOTS_ROWS float32.
 DOTS_ROWS = 64
+#: Whether the "dots" kernels round the probabilities and their gradients to the inputs' half dtype for their
+#: products (as flash attention does: one more bf16 rounding, 2**-9, before the output's) instead of tf32 products.
+DOTS_HALF_PROBABILITIES = False
 #: Wider heads split over up to this many lanes (threads) a pair, each lane taking `PAIRS_SPLIT_CHANNELS` or more
 #: of the head's channels: at show-1-base's lower levels (heads of 10 and 20 channels, a few thousand pairs) one
 #: thread a pair leaves the GPU mostly idle, each thread a long loop of dependent loads. The lanes of a pair add
@@ -205,6 +208,17 @@ if triton is not None:
         tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _mixed_dot(a, b, PRECISION: tl.constexpr, HALF_P: tl.constexpr):
+        """The product `a @ b` of probabilities or their gradients (float32) and a tile of q, k, v or do, in float32.
+
+        HALF_P: a rounded to b's (half) dtype, as flash attention does; else b in float32 and the product with
+        PRECISION.
+        """
+        if HALF_P:
+            return tl.dot(a.to(b.dtype), b)
+        return tl.dot(a, b.to(tl.float32), input_precision=PRECISION)
+
+    @triton.jit
     def _dots_probabilities(q, k, f, block, F, scale, PRECISION: tl.constexpr):
         """Softmax over the keys of the block's (rows x rows) scores, each row's own pair's frames below F only."""
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -217,30 +231,30 @@ if triton is not None:
     def _dots_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F, scale,
                       HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, DP: tl.constexpr,
                       BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, HALF_DOTS: tl.constexpr,
-                      PDL: tl.constexpr = False):  # fmt: skip
+                      HALF_P: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """The block's output, softmax(q k^T * scale) v.
 
         q k^T in the inputs' dtype, the probabilities' product with v in float32 with PRECISION ("tf32" for half
-        inputs, "ieee" for float32 ones), both accumulated in float32.
+        inputs, "ieee" for float32 ones) or with HALF_P in the inputs' dtype, both accumulated in float32.
         """
         if PDL:
             _await_previous_kernel()
         n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
         q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D, HALF_DOTS)
         k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D, HALF_DOTS)
-        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS).to(tl.float32)
+        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS)
         p = _dots_probabilities(q, k, f, block, F, scale, PRECISION)
-        _dots_put(o_ptr, tl.dot(p, v, input_precision=PRECISION), o_sn, o_sf, n, h, f, c, mask, D)
+        _dots_put(o_ptr, _mixed_dot(p, v, PRECISION, HALF_P), o_sn, o_sf, n, h, f, c, mask, D)
 
     @triton.jit
     def _dots_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                        do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
                        FP: tl.constexpr, DP: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
-                       HALF_DOTS: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+                       HALF_DOTS: tl.constexpr, HALF_P: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient.
 
         The probabilities recomputed, then dv = p^T do, ds = p (do v^T - rowsum(p * do v^T)) * scale, dq = ds k,
-        dk = ds^T q; the products with p and ds in float32 with PRECISION.
+        dk = ds^T q; the products with p and ds as in the forward pass (`_mixed_dot`).
         """
         if PDL:
             _await_previous_kernel()
@@ -250,13 +264,11 @@ if triton is not None:
         v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS)
         do = _dots_tile(do_ptr, do_sn, do_sf, n, h, f, c, mask, D, HALF_DOTS)
         p = _dots_probabilities(q, k, f, block, F, scale, PRECISION)
-        _dots_put(dv_ptr, tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c,
-                  mask, D)  # fmt: skip
+        _dots_put(dv_ptr, _mixed_dot(tl.trans(p), do, PRECISION, HALF_P), g_sn, g_sf, n, h, f, c, mask, D)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale
-        _dots_put(dq_ptr, tl.dot(ds, k.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c, mask, D)
-        _dots_put(dk_ptr, tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PRECISION), g_sn, g_sf, n, h, f, c,
-                  mask, D)  # fmt: skip
+        _dots_put(dq_ptr, _mixed_dot(ds, k, PRECISION, HALF_P), g_sn, g_sf, n, h, f, c, mask, D)
+        _dots_put(dk_ptr, _mixed_dot(tl.trans(ds), q, PRECISION, HALF_P), g_sn, g_sf, n, h, f, c, mask, D)
 
     @triton.jit
     def _pair_lanes(P, F, HEADS: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -385,6 +397,7 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
                 "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
                 # Triton's interpreter (3.9) multiplies bf16 tiles wrongly in tl.dot: float32 tiles there
                 "HALF_DOTS": q.dtype != torch.float32 and not interpreting(),
+                "HALF_P": DOTS_HALF_PROBABILITIES and q.dtype != torch.float32 and not interpreting(),
                 "num_warps": num_warps or max(1, block * fp // 16)}  # fmt: skip
         return (_dots_forward, _dots_backward), (triton.cdiv(n * heads, block),), meta
     if kernel == "pairs":

@@ -356,17 +356,20 @@ import motion_adapters.frame_attention as fa
 
 # Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "pairs"
 # kernels' loops unrolled (the default) and rolled, their offsets 32-bit with dv written in the first loop and 64-bit
-# with it in the second (the default); the "dots" kernels on bf16 (tf32 products of the probabilities), 8 to 29 frames
+# with it in the second (the default); the "dots" kernels on bf16, 8 to 29 frames with tf32 products of the
+# probabilities (the default) and 5 to 8 with bf16 ones
 for unroll, wide in ((0, False), (1, False), (0, True)):
     fa.PAIRS_UNROLL, fa.PAIRS_INT32_OFFSETS, fa.PAIRS_DV_FIRST = unroll, not wide, not wide
+    fa.DOTS_HALF_PROBABILITIES = wide  # the "dots" kernels' bf16 probabilities: compiled with the 64-bit pairs
     for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"),
                                   (29, 5, None), (8, 10, "dots"), (8, 20, "dots"), (5, 2, "dots"), (29, 5, "dots")):
-        if (unroll or wide) and (kernel in ("tile", "dots") or frames > 8):
+        if (unroll or wide) and (kernel == "tile" or frames > 8) or unroll and kernel == "dots":
             continue
         x = torch.empty(4, frames, 64 * width, dtype=torch.bfloat16 if kernel == "dots" else torch.float32)
         kernels, _, meta = fa._launch(x, 64, kernel)
         meta = fa._pairs_meta(meta, x, backward=True)
         assert kernel in ("tile", "dots") or frames > 8 or (meta["WIDE"], meta["DV_FIRST"]) == (wide, not wide), meta
+        assert kernel != "dots" or (meta["HALF_DOTS"], meta["HALF_P"]) == (True, wide), meta
         warps = meta.pop("num_warps")
         for kernel in kernels:
             names = kernel.arg_names
@@ -384,16 +387,18 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
     assert out.count("compiled _pairs_") == 24 and out.count("compiled _frame_attention_") == 4, out
-    assert out.count("compiled _dots_") == 8, out
+    assert out.count("compiled _dots_") == 8 + 6, out  # tf32 products, 4 shapes; bf16 products, 3 of them
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("short_kernel", ["pairs", "dots"])
-def test_training_step_on_triton_attention_is_as_close_to_float32_as_the_math_kernel(short_kernel, monkeypatch):
-    """bf16 steps of a tiny Show-1 UNet with the math SDPA kernel and with the Triton kernels ("pairs" or, tf32
-    products of the probabilities included, "dots"), each against the same step in float32."""
+@pytest.mark.parametrize(("short_kernel", "half_p"), [("pairs", False), ("dots", False), ("dots", True)])
+def test_training_step_on_triton_attention_is_as_close_to_float32_as_the_math_kernel(short_kernel, half_p,
+                                                                                       monkeypatch):  # fmt: skip
+    """bf16 steps of a tiny Show-1 UNet with the math SDPA kernel and with the Triton kernels ("pairs" or "dots",
+    the latter's probabilities in tf32 or bf16 products), each against the same step in float32."""
     monkeypatch.setattr(fa, "SHORT_KERNEL", short_kernel)
+    monkeypatch.setattr(fa, "DOTS_HALF_PROBABILITIES", half_p)
     from test_training_speed import embeds, tiny_show1
 
     from motion_adapters import inject_temporal_adapter
