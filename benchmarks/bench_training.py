@@ -270,6 +270,12 @@ VARIANTS = {
     "full_dots_half_p_attention": ("as full_dots_attention, the probabilities and their gradients rounded to bf16 "
                                    "for their products (frame_attention.DOTS_HALF_PROBABILITIES)",
                                    AS_FULL),
+    "full_cl_min_programs_132": ("as full, channels-last norms whose statistics kernel would run fewer than 132 "
+                                 "programs taking one tile a program, then smaller tiles "
+                                 "(fused_norm.CL_MIN_PROGRAMS = 132)",
+                                 AS_FULL),
+    "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
+                                 AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -596,7 +602,9 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_dots32_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
                                              (frame_attention, "DOTS_ROWS", 32)],
                    "full_dots_half_p_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
-                                                  (frame_attention, "DOTS_HALF_PROBABILITIES", True)]}
+                                                  (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
+                   "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
+                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

@@ -64,6 +64,14 @@ CL_LOOP = {"forward": 4, "backward": 4}
 #: H200 training steps were 1.034 times slower (0.04777 against 0.04620 s: every program of the element-wise kernel
 #: re-reads its groups' results; benchmarks/results/training_unroll_final_h200.json, `full_unfolded_norms`).
 CL_FOLD_MAX_K = 0
+#: Channels-last norms whose statistics kernel would run fewer programs than this (the lower levels of a UNet at
+#: batch 1: 20 programs for 1,280 channels of 8 x 5 x 8 values forward) take one tile a program instead of CL_LOOP,
+#: then tiles of half as many values, down to CL_MIN_TILE, until they run this many: the element-wise kernels' grids
+#: grow with them. 0 never. The statistics kernels' times there (4 to 7 us, fused_norm_rows_h200.json) are their
+#: programs' loops more than their bytes; not timed on a GPU yet (bench_training's `full_cl_min_programs_132` and
+#: `_264`), so off.
+CL_MIN_PROGRAMS = 0
+CL_MIN_TILE = 1024
 ACTIVATIONS = ("silu", "gelu", "none")
 
 
@@ -785,10 +793,17 @@ def _cl_layout(rows: torch.Tensor, groups: int, direction: str):
     """
     n, c = rows.shape[0], rows.shape[-1]
     s = rows.numel() // (n * c)
-    block_s, block_c, warps = cl_tile(c, s, CL_TILE[direction])
+    tile = CL_TILE[direction]
+    block_s, block_c, warps = cl_tile(c, s, tile)
     p = triton.cdiv(s, block_s)
     loop = max(1, min(CL_LOOP[direction], p))
     p_stats = triton.cdiv(s, block_s * loop)
+    if n * p_stats * triton.cdiv(c, block_c) < CL_MIN_PROGRAMS:  # few programs: one tile each, then smaller tiles
+        loop, p_stats = 1, p
+        while n * p * triton.cdiv(c, block_c) < CL_MIN_PROGRAMS and tile > CL_MIN_TILE:
+            tile //= 2
+            block_s, block_c, warps = cl_tile(c, s, tile)
+            p = p_stats = triton.cdiv(s, block_s)
     return n, c, s, block_s, block_c, p, warps, loop, p_stats, (c // groups) * p_stats
 
 

@@ -156,6 +156,45 @@ def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypat
     assert (without.double() - expected_dx).abs().max() > 1e-2  # the bias matters: the test has teeth
 
 
+def test_few_program_norms_take_one_tile_a_program_then_smaller_tiles(fused, monkeypatch):
+    """`CL_MIN_PROGRAMS`: show-1-base's deepest norm (1,280 channels, 8 x 5 x 8 values) runs 20 statistics programs
+    by default; asked for 132, one tile a program and tiles of 32 values (200 programs); the results those of the
+    default geometry, forward and backward, and those of the float64 chain at a test size."""
+    x = torch.empty(1, 1280, 8, 5, 8).contiguous(memory_format=torch.channels_last_3d)
+
+    def geometry(direction):
+        n, c, s, block_s, block_c, p, warps, loop, p_stats, k = fused._cl_layout(fused.channels_last_rows(x), 32,
+                                                                               direction)  # fmt: skip
+        return block_s, loop, p_stats * -(-c // block_c), p * -(-c // block_c), k
+
+    assert geometry("forward") == (128, 3, 20, 60, 40)
+    monkeypatch.setattr(fused, "CL_MIN_PROGRAMS", 132)
+    assert geometry("forward") == geometry("backward") == (32, 1, 200, 200, 400)
+    monkeypatch.setattr(fused, "CL_MIN_PROGRAMS", 10**6)  # never reached: stops at CL_MIN_TILE
+    assert geometry("forward")[0] == fused.CL_MIN_TILE // 64
+    shape = (1, 96, 12, 5)
+    x, weight, bias, factor, shift = inputs(shape, True, True)
+    x = channels_last(x, "nhwc")
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = {}
+    # 2 channel tiles of 60 values: 2 programs by default; asked for 64, tiles of 16 values (8 programs), the smallest
+    # tile CL_MIN_TILE allows here
+    for programs in (0, 64):
+        monkeypatch.setattr(fused, "CL_MIN_PROGRAMS", programs)
+        monkeypatch.setattr(fused, "CL_MIN_TILE", 16 * 64)
+        monkeypatch.setattr(fused, "CL_TILE", {"forward": 4096, "backward": 4096})
+        y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, factor, shift, 4, 1e-5, "silu")
+        dx = fused.group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, 4, "silu")
+        layout = fused._cl_layout(fused.channels_last_rows(x), 4, "forward")
+        results[programs] = (y, dx, layout)
+    assert results[0][2][3] == 64 and results[64][2][3] == 16  # the tile shrank to 16 values
+    torch.testing.assert_close(results[64][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[64][1], results[0][1], rtol=1e-4, atol=1e-6)
+    x64 = x.double().requires_grad_(True)
+    expected = reference(x64, weight, bias, factor, shift, 4, "silu")
+    torch.testing.assert_close(results[64][0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_tiles_cover_show1_shapes():
     # (values, channels, warps): 64 channels a tile, `tile` values in all, fewer where a sample has fewer values
     assert fused_module.cl_tile(320, 2560, 8192) == (128, 64, 8)
