@@ -12,7 +12,10 @@ with channels-last activations and weights:
   matrix already built: what an implicit GEMM could at best take;
 - `im2col_ms`: building that matrix from shifted views (`torch.cat`) and the product;
 - `frame_taps_ms` (temporal convolutions): one GEMM per tap over row-shifted views of the channels-last frames,
-  accumulated in place (`motion_adapters.lean_backward._FrameTapsConv`, what training runs now).
+  accumulated in place (`motion_adapters.lean_backward._FrameTapsConv`, what training runs now);
+- `implicit_ms` (3 x 3, stride 1, widths of 64s): the Triton implicit-GEMM kernel of
+  `motion_adapters.implicit_conv` (forward, or the input gradient as `ImplicitConv` computes it), with
+  `implicit_err` its largest difference from cuDNN's output relative to the output's largest value.
 
 GPU times are means of 30 calls between CUDA events after 3 warm-ups; on the CPU (`--tiny`, a smoke test of the
 code) wall-clock times. `rel_err` is the im2col product's largest difference from cuDNN's output, relative to the
@@ -36,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import TINY, environment, write  # noqa: E402
 
+from motion_adapters import implicit_conv  # noqa: E402
 from motion_adapters.lean_backward import _taps_accumulated  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 
@@ -144,6 +148,20 @@ def measure(call: tuple, count: int, device: torch.device, time_ms) -> dict:
     entry["im2col_ms"] = time_ms(lambda: _im2col(rows, kh, kw, ph, pw, out_h, out_w) @ matrix)
     cols = _im2col(rows, kh, kw, ph, pw, out_h, out_w)
     entry["gemm_only_ms"] = time_ms(lambda: cols @ matrix)
+    if (kh, kw) == (3, 3) and tuple(padding) == (1, 1) and in_c % implicit_conv.BLOCK_K == 0 and \
+            out_c % implicit_conv.BLOCK_K == 0 and implicit_conv.fused_norm_available(x):  # fmt: skip
+        if kind == "dgrad":  # x stands for the output's gradient; `weight` is the original's flipped transpose
+            original = weight.transpose(0, 1).flip(2, 3).contiguous(memory_format=torch.channels_last)
+
+            def run():
+                return implicit_conv.implicit_conv3x3_input_grad(x, original, dtype)
+        else:
+
+            def run():
+                return implicit_conv.implicit_conv3x3(x, weight)
+        got = run().permute(0, 2, 3, 1).reshape(-1, out_c).float()
+        entry["implicit_err"] = ((got - expected).abs().max() / expected.abs().max()).item()
+        entry["implicit_ms"] = time_ms(run)
     if temporal and n == 1 and kw == 1 and ph == kh // 2:  # frames on H, pixels on W: one GEMM per tap
         pixels = width
         flat = rows.reshape(height * width, in_c)
@@ -183,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_cudnn_ms": total("cudnn_ms"),
         "total_gemm_only_ms": total("gemm_only_ms"),
         "total_frame_taps_ms": total("frame_taps_ms"),
+        "total_implicit_ms": total("implicit_ms"),
     }
     write(args.out, data)
     print({k: v for k, v in data.items() if k.startswith("total")}, flush=True)

@@ -45,6 +45,7 @@ from motion_adapters import (  # noqa: E402
     frame_attention,
     fused_norm,
     im2col_conv,
+    implicit_conv,
     layout,
     lean_backward,
     training,
@@ -275,6 +276,13 @@ VARIANTS = {
                                  "(fused_norm.CL_MIN_PROGRAMS = 132)",
                                  AS_FULL),
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
+                                 AS_FULL),
+    "full_implicit_convs": ("as full, frozen 3 x 3 convolutions of 4,096 output pixels or more (the 40 x 64 and "
+                            "20 x 32 levels) on the Triton implicit-GEMM kernel each way instead of cuDNN "
+                            "(implicit_conv.IMPLICIT_CONVS)",
+                            AS_FULL),
+    "full_implicit_convs_1280": ("as full_implicit_convs, from 1,280 output pixels (the 10 x 16 level too; "
+                                 "implicit_conv.MIN_ROWS = 1280)",
                                  AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
@@ -604,7 +612,10 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_dots_half_p_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
                                                   (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
-                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)]}
+                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
+                   "full_implicit_convs": [(implicit_conv, "IMPLICIT_CONVS", True)],
+                   "full_implicit_convs_1280": [(implicit_conv, "IMPLICIT_CONVS", True),
+                                                (implicit_conv, "MIN_ROWS", 1280)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
