@@ -15,7 +15,8 @@ with channels-last activations and weights:
   accumulated in place (`motion_adapters.lean_backward._FrameTapsConv`, what training runs now);
 - `implicit_ms` (3 x 3, stride 1, widths of 64s): the Triton implicit-GEMM kernel of
   `motion_adapters.implicit_conv` (forward, or the input gradient as `ImplicitConv` computes it), with
-  `implicit_err` its largest difference from cuDNN's output relative to the output's largest value.
+  `implicit_err` its largest difference from cuDNN's output relative to the output's largest value, and
+  `implicit_configs_ms` the same at the other tile configurations of `IMPLICIT_CONFIGS`.
 
 GPU times are means of 30 calls between CUDA events after 3 warm-ups; on the CPU (`--tiny`, a smoke test of the
 code) wall-clock times. `rel_err` is the im2col product's largest difference from cuDNN's output, relative to the
@@ -42,6 +43,27 @@ from bench_training import TINY, environment, write  # noqa: E402
 from motion_adapters import implicit_conv  # noqa: E402
 from motion_adapters.lean_backward import _taps_accumulated  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
+
+#: name -> `implicit_conv` tile settings timed beside its defaults (pixels, output channels a tile; warps; stages)
+IMPLICIT_CONFIGS = {
+    "m128_n64_w4_s4": {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 4, "NUM_STAGES": 4},
+    "m64_n128_w4_s4": {"BLOCK_M": 64, "BLOCK_N": 128, "NUM_WARPS": 4, "NUM_STAGES": 4},
+    "m128_n128_w8_s4": {"BLOCK_M": 128, "BLOCK_N": 128, "NUM_WARPS": 8, "NUM_STAGES": 4},
+    "m128_n256_w8_s3": {"BLOCK_M": 128, "BLOCK_N": 256, "NUM_WARPS": 8, "NUM_STAGES": 3},
+    "m256_n128_w8_s3": {"BLOCK_M": 256, "BLOCK_N": 128, "NUM_WARPS": 8, "NUM_STAGES": 3},
+}
+
+
+def _implicit_configured(settings: dict, fn):
+    """`fn()` with `implicit_conv`'s module settings replaced by `settings` (restored after)."""
+    saved = {name: getattr(implicit_conv, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(implicit_conv, name, value)
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(implicit_conv, name, value)
 
 
 class _ConvCalls(TorchDispatchMode):
@@ -162,6 +184,12 @@ def measure(call: tuple, count: int, device: torch.device, time_ms) -> dict:
         got = run().permute(0, 2, 3, 1).reshape(-1, out_c).float()
         entry["implicit_err"] = ((got - expected).abs().max() / expected.abs().max()).item()
         entry["implicit_ms"] = time_ms(run)
+        if device.type == "cuda":  # the interpreter (a CPU smoke test) takes seconds a call
+            entry["implicit_configs_ms"], entry["implicit_configs_err"] = {}, {}
+            for name, settings in IMPLICIT_CONFIGS.items():
+                got = _implicit_configured(settings, run).permute(0, 2, 3, 1).reshape(-1, out_c).float()
+                entry["implicit_configs_err"][name] = ((got - expected).abs().max() / expected.abs().max()).item()
+                entry["implicit_configs_ms"][name] = _implicit_configured(settings, lambda: time_ms(run))
     if temporal and n == 1 and kw == 1 and ph == kh // 2:  # frames on H, pixels on W: one GEMM per tap
         pixels = width
         flat = rows.reshape(height * width, in_c)
