@@ -208,6 +208,16 @@ if triton is not None:
         tl.store(ptr + at, value.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _dots_qkv(q_ptr, k_ptr, v_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, P, F, HEADS: tl.constexpr, D: tl.constexpr,
+                  FP: tl.constexpr, DP: tl.constexpr, BLOCK_P: tl.constexpr, HALF_DOTS: tl.constexpr):  # fmt: skip
+        """This program's rows (`_dots_rows`) and their q, k and v tiles (`_dots_tile`)."""
+        n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
+        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D, HALF_DOTS)
+        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D, HALF_DOTS)
+        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS)
+        return n, h, f, block, c, mask, q, k, v
+
+    @triton.jit
     def _mixed_dot(a, b, PRECISION: tl.constexpr, HALF_P: tl.constexpr):
         """The product `a @ b` of probabilities or their gradients (float32) and a tile of q, k, v or do, in float32.
 
@@ -239,10 +249,8 @@ if triton is not None:
         """
         if PDL:
             _await_previous_kernel()
-        n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
-        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D, HALF_DOTS)
-        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D, HALF_DOTS)
-        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS)
+        n, h, f, block, c, mask, q, k, v = _dots_qkv(q_ptr, k_ptr, v_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, P, F,
+                                                     HEADS, D, FP, DP, BLOCK_P, HALF_DOTS)  # fmt: skip
         p = _dots_probabilities(q, k, f, block, F, scale, PRECISION)
         _dots_put(o_ptr, _mixed_dot(p, v, PRECISION, HALF_P), o_sn, o_sf, n, h, f, c, mask, D)
 
@@ -258,10 +266,8 @@ if triton is not None:
         """
         if PDL:
             _await_previous_kernel()
-        n, h, f, block, c, mask = _dots_rows(P, F, HEADS, D, FP, DP, BLOCK_P)
-        q = _dots_tile(q_ptr, q_sn, q_sf, n, h, f, c, mask, D, HALF_DOTS)
-        k = _dots_tile(k_ptr, k_sn, k_sf, n, h, f, c, mask, D, HALF_DOTS)
-        v = _dots_tile(v_ptr, v_sn, v_sf, n, h, f, c, mask, D, HALF_DOTS)
+        n, h, f, block, c, mask, q, k, v = _dots_qkv(q_ptr, k_ptr, v_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, P, F,
+                                                     HEADS, D, FP, DP, BLOCK_P, HALF_DOTS)  # fmt: skip
         do = _dots_tile(do_ptr, do_sn, do_sf, n, h, f, c, mask, D, HALF_DOTS)
         p = _dots_probabilities(q, k, f, block, F, scale, PRECISION)
         _dots_put(dv_ptr, _mixed_dot(tl.trans(p), do, PRECISION, HALF_P), g_sn, g_sf, n, h, f, c, mask, D)

@@ -37,18 +37,26 @@ def im2col_conv_applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, 
         >>> im2col_conv_applies(x, w, [1, 1], [1, 1], [1, 1], 1) == fused_norm_available(x)
         True
     """
+    return IM2COL_CONVS and x.ndim == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= MAX_ROWS and \
+        channels_last_3x3(x, weight, stride, padding, dilation, groups)  # fmt: skip
+
+
+def channels_last_3x3(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether this is a 3 x 3 convolution (stride 1, padding 1) the Triton kernels take.
+
+    That is: no dilation or groups, channels-last 4-d `x`, a channels-last weight of x's dtype (its (out, 9 * in)
+    matrix a view), and a device the Triton kernels run on.
+    """
     return (
-        IM2COL_CONVS
-        and x.ndim == 4
+        x.ndim == 4
         and tuple(weight.shape[2:]) == (3, 3)
         and tuple(stride) == (1, 1)
         and tuple(padding) == (1, 1)
         and tuple(dilation) == (1, 1)
         and groups == 1
         and x.dtype == weight.dtype
-        and x.shape[0] * x.shape[2] * x.shape[3] <= MAX_ROWS
         and channels_last_rows(x) is not None
-        and weight.permute(0, 2, 3, 1).is_contiguous()  # the (out, 9 * in) matrix is a view
+        and weight.permute(0, 2, 3, 1).is_contiguous()
         and fused_norm_available(x)
     )
 
