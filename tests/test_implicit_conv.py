@@ -95,6 +95,24 @@ def test_other_convolutions_stay_where_they_ran(implicit_calls, monkeypatch, cas
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, None, stride, padding))
 
 
+@interpreted
+def test_64_bit_offsets_give_the_same_results(implicit_calls, monkeypatch):
+    """Offsets past 2**31 elements (on the meta device: nothing allocated) take 64-bit addressing; forced on a small
+    convolution, the same results as 32-bit offsets."""
+    rows, weight_meta = torch.empty((2**31 - 2**24) // 64, 64, device="meta"), torch.empty(64, 64, 3, 3, device="meta")
+    assert implicit_conv._wide(rows, weight_meta, 64) and not implicit_conv._wide(rows[:-1], weight_meta, 64)
+    assert implicit_conv._wide(rows[:1000], weight_meta, 2**22)  # the output's offsets
+    x = channels_last((2, 64, 5, 7), 0).requires_grad_(True)
+    weight = channels_last((128, 64, 3, 3), 1, scale=(9 * 64) ** -0.5)
+    results = []
+    for wide in (False, True):
+        monkeypatch.setattr(implicit_conv, "_wide", lambda *args, wide=wide: wide)
+        out = conv_keeping_no_input(x, weight, None, [1, 1], [1, 1], [1, 1], 1)
+        results.append((out, *torch.autograd.grad(out, x, torch.ones_like(out))))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    assert len(implicit_calls) == 2
+
+
 def test_off_by_default():
     assert implicit_conv.IMPLICIT_CONVS is False
 
@@ -110,8 +128,8 @@ kernel = ic._conv3x3
 aligned = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "ROWS", "C_RED", "N_OUT", "TAP_STRIDE")
 for flip in (False, True):
     for block_n in (128, 64):
-        meta = {"FLIP": flip, "HAS_BIAS": not flip, "HALF_DOTS": True, "BLOCK_M": ic.BLOCK_M, "BLOCK_N": block_n,
-                "BLOCK_K": ic.BLOCK_K, "GROUP_M": ic.GROUP_M}
+        meta = {"FLIP": flip, "HAS_BIAS": not flip, "HALF_DOTS": True, "WIDE": flip and block_n == 64,
+                "BLOCK_M": ic.BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": ic.BLOCK_K, "GROUP_M": ic.GROUP_M}
         signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "i32"
                      for n in kernel.arg_names}
         strided = ("S_RED",) if flip else ("S_N",)
@@ -125,8 +143,8 @@ for flip in (False, True):
 
 @pytest.mark.skipif(implicit_conv.triton is None, reason="needs Triton")
 def test_kernel_compiles_for_a_hopper_gpu_to_pipelined_tensor_core_code():
-    """For sm_90 with the interpreter off, both directions, both channel tiles: wgmma products fed by asynchronous
-    copies (the loop software-pipelined over `NUM_STAGES`)."""
+    """For sm_90 with the interpreter off, both directions, both channel tiles (one of them on 64-bit offsets):
+    wgmma products fed by asynchronous copies (the loop software-pipelined over `NUM_STAGES`)."""
     from hopper import compiled_for_hopper
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
