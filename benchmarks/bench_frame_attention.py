@@ -59,6 +59,7 @@ VARIANTS = {
     "pairs_256": ("pairs", 256, 8, None),
     "pairs_128_2warps": ("pairs", 128, 2, None),
     "pairs_dv_first": ("pairs", None, None, None),
+    "pairs_dv_last": ("pairs", None, None, None),
     "pairs_int32": ("pairs", None, None, None),
     "pairs_rolled_int32": ("pairs", None, None, None, 1),
     "dots": ("dots", None, None, None),
@@ -70,9 +71,10 @@ VARIANTS = {
     "torch": None,
 }
 #: label -> `frame_attention` module constants it runs with (restored afterwards)
-MODULE_SETTINGS = {"pairs_dv_first": {"PAIRS_DV_FIRST": True},
+MODULE_SETTINGS = {"pairs_dv_first": {"PAIRS_DV": "first"},
+                   "pairs_dv_last": {"PAIRS_DV": "last"},
                    "pairs_int32": {"PAIRS_INT32_OFFSETS": True},
-                   "pairs_rolled_int32": {"PAIRS_INT32_OFFSETS": True, "PAIRS_DV_FIRST": True},
+                   "pairs_rolled_int32": {"PAIRS_INT32_OFFSETS": True, "PAIRS_DV": "first"},
                    "dots_half_p": {"DOTS_HALF_PROBABILITIES": True}}
 
 

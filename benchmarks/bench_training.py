@@ -254,8 +254,11 @@ VARIANTS = {
                             "the next step's prefix beside the backward pass)",
                             AS_FULL),
     "full_dv_first": ("as full, the frame attention's backward kernel writing dv in its first loop, beside the "
-                      "probabilities' gradient (frame_attention.PAIRS_DV_FIRST)",
+                      "probabilities' gradient (frame_attention.PAIRS_DV = 'first')",
                       AS_FULL),
+    "full_dv_last": ("as full, the frame attention's backward kernel loading the output gradient's channel for dv "
+                     "after writing dq and dk (frame_attention.PAIRS_DV = 'last')",
+                     AS_FULL),
     "full_int32_attention": ("as full, the frame attention's kernels on 32-bit offsets "
                              "(frame_attention.PAIRS_INT32_OFFSETS)",
                              AS_FULL),
@@ -601,11 +604,12 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_torch_pack_bits": [(lean_backward, "PACK_BITS_KERNEL", False)],
                    "full_torch_layer_norms": [(lean_backward, "FUSED_LAYER_NORMS", False)],
                    "full_prefix_in_step": [(training_step, "OVERLAP_FROZEN_PREFIX", False)],
-                   "full_dv_first": [(frame_attention, "PAIRS_DV_FIRST", True)],
+                   "full_dv_first": [(frame_attention, "PAIRS_DV", "first")],
+                   "full_dv_last": [(frame_attention, "PAIRS_DV", "last")],
                    "full_int32_attention": [(frame_attention, "PAIRS_INT32_OFFSETS", True)],
                    "full_rolled_int32_attention": [(frame_attention, "PAIRS_UNROLL", 1),
                                                    (frame_attention, "PAIRS_INT32_OFFSETS", True),
-                                                   (frame_attention, "PAIRS_DV_FIRST", True)],
+                                                   (frame_attention, "PAIRS_DV", "first")],
                    "full_dots_attention": [(frame_attention, "SHORT_KERNEL", "dots")],
                    "full_dots32_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
                                              (frame_attention, "DOTS_ROWS", 32)],

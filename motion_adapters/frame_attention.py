@@ -67,12 +67,13 @@ PAIRS_SPLIT_CHANNELS = 5
 #: registers (its frames x frames probabilities and their gradients), so few threads share a multiprocessor to
 #: hide it.
 PAIRS_UNROLL = 0
-#: Whether the "pairs" backward kernel writes dv in its first loop over a lane's channels (beside the probabilities'
-#: gradient, each channel of the output's gradient loaded once), so that its second loop holds the score gradients
-#: but not the probabilities: fewer registers live (ptxas, sm_90a, loops unrolled: the spills of heads of 10 and 20
-#: channels from 176 / 148 to 72 / 40 bytes). Not timed on a GPU yet (bench_training's `full_dv_first`), so off:
-#: dv in the second loop, beside dq and dk.
-PAIRS_DV_FIRST = False
+#: Where the "pairs" backward kernel computes dv: "with_qk" (its second loop over a lane's channels, the output
+#: gradient's channel loaded with q's and k's: the kernels measured so far), "last" (the second loop, that channel
+#: loaded after dq and dk are written) or "first" (its first loop, beside the probabilities' gradient: each channel
+#: of the output's gradient loaded once, and the second loop no longer holds the probabilities). ptxas (sm_90a, loops
+#: unrolled): spills of heads of 10 and 20 channels of 176 / 148 bytes, 32 / 28 for "last", 72 / 40 for "first".
+#: The other two not timed on a GPU yet (bench_training's `full_dv_last`, `full_dv_first`).
+PAIRS_DV = "with_qk"
 #: Whether the "pairs" kernels address q, k, v and their gradients with 32-bit offsets where every offset fits
 #: (64-bit otherwise): each column's frame addresses take one register instead of two. ptxas (sm_90a): with the loops
 #: unrolled (the default) the backward kernel spills more (640 bytes and up), rolled it needs 230 registers and no
@@ -286,9 +287,10 @@ if triton is not None:
         offsets (some offset of the tensors does not fit 32 bits).
         """
         lane = tl.arange(0, BLOCK_P * SPLIT)
-        pair = tl.program_id(0) * BLOCK_P + lane // SPLIT
+        program = tl.program_id(0)
         if WIDE:
-            pair = tl.program_id(0).to(tl.int64) * BLOCK_P + lane // SPLIT
+            program = program.to(tl.int64)
+        pair = program * BLOCK_P + lane // SPLIT
         f = tl.arange(0, FP)
         first = (lane % SPLIT) * ((D + SPLIT - 1) // SPLIT)
         return pair // HEADS, pair % HEADS, first, f, (f < F)[:, None] & (pair < P)[None, :]
@@ -343,11 +345,11 @@ if triton is not None:
     def _pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                         do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
                         FP: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
-                        UNROLL: tl.constexpr, WIDE: tl.constexpr, DV_FIRST: tl.constexpr,
+                        UNROLL: tl.constexpr, WIDE: tl.constexpr, DV: tl.constexpr,
                         PDL: tl.constexpr = False):  # fmt: skip
         """dq, dk and dv (written with the strides g_sn, g_sf) from q, k, v and the output's gradient.
 
-        DV_FIRST: dv in the first loop over the lane's channels (`PAIRS_DV_FIRST`), else in the second.
+        DV: where dv is computed (`PAIRS_DV`).
         """
         if PDL:
             _await_previous_kernel()
@@ -359,7 +361,7 @@ if triton is not None:
             c = first + i
             do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
             dp += do[:, None, :] * _column(v_ptr, v_sn, v_sf, n, h, f, c, mask, D)[None, :, :]
-            if DV_FIRST:
+            if DV == "first":
                 _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
         dp = _pair_total(dp, FP, BLOCK_P, SPLIT)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
@@ -367,10 +369,13 @@ if triton is not None:
             c = first + i
             q = _column(q_ptr, q_sn, q_sf, n, h, f, c, mask, D)
             k = _column(k_ptr, k_sn, k_sf, n, h, f, c, mask, D)
+            if DV == "with_qk":
+                do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
             _put_column(dq_ptr, tl.sum(ds * k[None, :, :], axis=1), g_sn, g_sf, n, h, f, c, mask, D)
             _put_column(dk_ptr, tl.sum(ds * q[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
-            if not DV_FIRST:
+            if DV == "last":
                 do = _column(do_ptr, do_sn, do_sf, n, h, f, c, mask, D)
+            if DV != "first":
                 _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
 
 
@@ -435,7 +440,9 @@ def _pairs_meta(meta: dict, *tensors: torch.Tensor, backward: bool = False) -> d
     """`meta` with the "pairs" kernels' offset width (and, backward, where dv is written); others' unchanged."""
     if "SPLIT" not in meta:
         return meta
-    return {**meta, "WIDE": _wide(*tensors), **({"DV_FIRST": PAIRS_DV_FIRST} if backward else {})}
+    if backward and PAIRS_DV not in ("with_qk", "last", "first"):
+        raise ValueError(f"PAIRS_DV={PAIRS_DV!r} must be 'with_qk', 'last' or 'first'.")
+    return {**meta, "WIDE": _wide(*tensors), **({"DV": PAIRS_DV} if backward else {})}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,7 @@ if triton is not None:
     @triton.jit
     def _conv3x3(x_ptr, w_ptr, b_ptr, out_ptr, H, W, ROWS, C_RED, N_OUT, S_RED, S_N, TAP_STRIDE,
                  FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOTS: tl.constexpr, WIDE: tl.constexpr,
-                 BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  PDL: tl.constexpr = False):  # fmt: skip
         """out[p, n] = sum over taps t and channels c of x[p shifted by t, c] * w(t, c, n) (+ bias[n]).
 
@@ -87,6 +86,8 @@ if triton is not None:
         p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
+        if WIDE:  # every offset below then in 64 bits
+            p, n, k = p.to(tl.int64), n.to(tl.int64), k.to(tl.int64)
         w_ = p % W
         h_ = (p // W) % H
         img = p // (W * H)
@@ -98,15 +99,10 @@ if triton is not None:
             hs = h_ + tap // 3 - 1
             ws = w_ + tap % 3 - 1
             inside = (p < ROWS) & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-            src = (img * H + hs) * W + ws
-            if WIDE:
-                src = src.to(tl.int64)
-            src = src * C_RED + c0
+            src = ((img * H + hs) * W + ws) * C_RED + c0
             a = tl.load(x_ptr + src[:, None] + k[None, :], mask=inside[:, None], other=0.0)
             w_tap = 8 - tap if FLIP else tap
             at = w_tap * TAP_STRIDE + (c0 + k)[:, None] * S_RED + n[None, :] * S_N
-            if WIDE:
-                at = w_tap * TAP_STRIDE + (c0 + k).to(tl.int64)[:, None] * S_RED + n.to(tl.int64)[None, :] * S_N
             b = tl.load(w_ptr + at, mask=n_mask[None, :], other=0.0)
             if not HALF_DOTS:
                 a, b = a.to(tl.float32), b.to(tl.float32)
@@ -114,8 +110,6 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         dst = p[:, None] * N_OUT + n[None, :]
-        if WIDE:
-            dst = p.to(tl.int64)[:, None] * N_OUT + n[None, :]
         tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=(p < ROWS)[:, None] & n_mask[None, :])
 
 

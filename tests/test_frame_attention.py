@@ -95,11 +95,12 @@ def test_pairs_loops_rolled_partly_or_fully_unrolled_match_float64_attention(unr
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("int32_offsets,dv_first", [(True, True), (False, False), (True, False)])
-def test_pairs_offset_widths_and_dv_loop_match_float64_attention(int32_offsets, dv_first, monkeypatch):
+@pytest.mark.parametrize("int32_offsets,dv", [(True, "first"), (False, "with_qk"), (True, "with_qk"),
+                                              (False, "last")])  # fmt: skip
+def test_pairs_offset_widths_and_dv_loop_match_float64_attention(int32_offsets, dv, monkeypatch):
     """The backward kernel's dv in its first or second loop, offsets 32- or 64-bit: one result."""
     monkeypatch.setattr(fa, "PAIRS_INT32_OFFSETS", int32_offsets)
-    monkeypatch.setattr(fa, "PAIRS_DV_FIRST", dv_first)
+    monkeypatch.setattr(fa, "PAIRS_DV", dv)
     q, k, v, grad = (torch.randn(3, 8, 40, device=DEVICE) for _ in range(4))
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     launched = []
@@ -109,13 +110,21 @@ def test_pairs_offset_widths_and_dv_loop_match_float64_attention(int32_offsets, 
     grads = torch.autograd.grad(out, leaves, grad)
     assert len(launched) == 1
     meta = fa._pairs_meta(fa._launch(q, 4)[2], *launched[0][:7], backward=True)
-    assert (meta["WIDE"], meta["DV_FIRST"]) == (not int32_offsets, dv_first)
+    assert (meta["WIDE"], meta["DV"]) == (not int32_offsets, dv)
     exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     expected = reference(*exact, 4)
     expected_grads = torch.autograd.grad(expected, exact, grad.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_dv_placement_is_named(monkeypatch):
+    monkeypatch.setattr(fa, "PAIRS_DV", "middle")
+    q = torch.randn(2, 8, 40, device=DEVICE, requires_grad=True)
+    out = fa.frame_attention(q, q, q, heads=4)  # the forward kernel does not compute dv
+    with pytest.raises(ValueError, match="PAIRS_DV='middle' must be 'with_qk', 'last' or 'first'"):
+        out.sum().backward()
 
 
 def test_offsets_past_32_bits_take_64_bit_addressing(monkeypatch):
@@ -355,20 +364,20 @@ from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
 # Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "pairs"
-# kernels' loops unrolled (the default) and rolled, their offsets 32-bit with dv written in the first loop and 64-bit
-# with it in the second (the default); the "dots" kernels on bf16, 8 to 29 frames with tf32 products of the
-# probabilities (the default) and 5 to 8 with bf16 ones
-for unroll, wide in ((0, False), (1, False), (0, True)):
-    fa.PAIRS_UNROLL, fa.PAIRS_INT32_OFFSETS, fa.PAIRS_DV_FIRST = unroll, not wide, not wide
+# kernels' loops unrolled (the default) and rolled, their offsets 32-bit with dv in the first loop, and 64-bit (the
+# default) with dv beside q and k (the default) or last; the "dots" kernels on bf16, 8 to 29 frames with tf32
+# products of the probabilities (the default) and 5 to 8 with bf16 ones
+for unroll, wide, dv in ((0, False, "first"), (1, False, "first"), (0, True, "with_qk"), (0, True, "last")):
+    fa.PAIRS_UNROLL, fa.PAIRS_INT32_OFFSETS, fa.PAIRS_DV = unroll, not wide, dv
     fa.DOTS_HALF_PROBABILITIES = wide  # the "dots" kernels' bf16 probabilities: compiled with the 64-bit pairs
     for frames, width, kernel in ((8, 5, None), (8, 20, None), (5, 10, None), (8, 2, None), (8, 5, "tile"),
                                   (29, 5, None), (8, 10, "dots"), (8, 20, "dots"), (5, 2, "dots"), (29, 5, "dots")):
-        if (unroll or wide) and (kernel == "tile" or frames > 8) or unroll and kernel == "dots":
+        if (unroll or wide) and (kernel == "tile" or frames > 8) or (unroll or dv == "last") and kernel == "dots":
             continue
         x = torch.empty(4, frames, 64 * width, dtype=torch.bfloat16 if kernel == "dots" else torch.float32)
         kernels, _, meta = fa._launch(x, 64, kernel)
         meta = fa._pairs_meta(meta, x, backward=True)
-        assert kernel in ("tile", "dots") or frames > 8 or (meta["WIDE"], meta["DV_FIRST"]) == (wide, not wide), meta
+        assert kernel in ("tile", "dots") or frames > 8 or meta["WIDE"] == wide, meta
         assert kernel != "dots" or (meta["HALF_DOTS"], meta["HALF_P"]) == (True, wide), meta
         warps = meta.pop("num_warps")
         for kernel in kernels:
@@ -386,7 +395,7 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     from hopper import compiled_for_hopper
 
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
-    assert out.count("compiled _pairs_") == 24 and out.count("compiled _frame_attention_") == 4, out
+    assert out.count("compiled _pairs_") == 32 and out.count("compiled _frame_attention_") == 4, out
     assert out.count("compiled _dots_") == 8 + 6, out  # tf32 products, 4 shapes; bf16 products, 3 of them
 
 
