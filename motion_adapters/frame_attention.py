@@ -75,9 +75,10 @@ PAIRS_UNROLL = 0
 #: The other two not timed on a GPU yet (bench_training's `full_dv_last`, `full_dv_first`).
 PAIRS_DV = "with_qk"
 #: Whether the "pairs" kernels address q, k, v and their gradients with 32-bit offsets where every offset fits
-#: (64-bit otherwise): each column's frame addresses take one register instead of two. ptxas (sm_90a): with the loops
-#: unrolled (the default) the backward kernel spills more (640 bytes and up), rolled it needs 230 registers and no
-#: spills. Not timed on a GPU yet (bench_training's `full_rolled_int32_attention`), so off.
+#: (64-bit otherwise): each column's frame addresses take one register instead of two. ptxas (sm_90a,
+#: benchmarks/results/ptxas_registers_sm90.json): with the loops unrolled (the default) the backward kernel spills
+#: more (560 to 1,404 bytes), rolled it needs 224 to 230 registers and no spills. Not timed on a GPU yet
+#: (bench_training's `full_rolled_int32_attention`), so off.
 PAIRS_INT32_OFFSETS = False
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
