@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import TINY, environment, write  # noqa: E402
+from bench_training import TINY, environment, module_settings, write  # noqa: E402
 
 from motion_adapters import implicit_conv  # noqa: E402
 from motion_adapters.lean_backward import _taps_accumulated  # noqa: E402
@@ -56,14 +56,8 @@ IMPLICIT_CONFIGS = {
 
 def _implicit_configured(settings: dict, fn):
     """`fn()` with `implicit_conv`'s module settings replaced by `settings` (restored after)."""
-    saved = {name: getattr(implicit_conv, name) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(implicit_conv, name, value)
+    with module_settings(*[(implicit_conv, name, value) for name, value in settings.items()]):
         return fn()
-    finally:
-        for name, value in saved.items():
-            setattr(implicit_conv, name, value)
 
 
 class _ConvCalls(TorchDispatchMode):

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fused_norm import copy_bandwidth  # noqa: E402
-from bench_training import GIB, environment, write  # noqa: E402
+from bench_training import GIB, environment, module_settings, write  # noqa: E402
 
 from motion_adapters import frame_attention as fa  # noqa: E402
 
@@ -146,14 +146,8 @@ def measure(name, n, frames, channels, n_sets, bandwidth, device, labels=None) -
             continue
         if launch is not None and launch[0] == "pairs" and (launch[3] or 1) > fa._padded(channels // HEADS):
             continue  # more lanes than the head has channels (rounded up to a power of two)
-        saved = {attr: getattr(fa, attr) for attr in MODULE_SETTINGS.get(label, {})}
-        try:
-            for attr, value in MODULE_SETTINGS.get(label, {}).items():
-                setattr(fa, attr, value)
+        with module_settings(*[(fa, attr, value) for attr, value in MODULE_SETTINGS.get(label, {}).items()]):
             _measure_variant(label, launch, channels, sets, grad, want, want_grads, n_sets, ms, errors, counter)
-        finally:
-            for attr, value in saved.items():
-                setattr(fa, attr, value)
     nbytes = n * frames * channels * 2
     floor = {"forward": 4 * nbytes / bandwidth * 1e3, "backward": 7 * nbytes / bandwidth * 1e3}
     row = {"name": name, "shape": [n, frames, channels], "heads": HEADS,

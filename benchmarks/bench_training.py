@@ -20,6 +20,7 @@ the fraction of the bf16 matmul rate measured in the same process (8192^3). Loss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -624,18 +625,27 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
 
+@contextlib.contextmanager
+def module_settings(*settings: tuple):
+    """(module, attribute, value) settings in force inside the block, the previous values restored after."""
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in settings]
+    try:
+        for module, attr, value in settings:
+            setattr(module, attr, value)
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
 def run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak) -> dict:
-    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in MODULE_SETTINGS.get(name, [])]
-    for module, attr, value in MODULE_SETTINGS.get(name, []):
-        setattr(module, attr, value)
     blas = torch.backends.cuda.preferred_blas_library() if name in BLAS_LIBRARY else None
     try:
         if blas is not None:
             torch.backends.cuda.preferred_blas_library(BLAS_LIBRARY[name])
-        return _run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak)
+        with module_settings(*MODULE_SETTINGS.get(name, [])):
+            return _run_variant(name, args, unet_config, video, embeds, scheduler, device, flops, peak)
     finally:
-        for module, attr, value in saved:
-            setattr(module, attr, value)
         if blas is not None:
             torch.backends.cuda.preferred_blas_library(blas)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import environment, write  # noqa: E402
+from bench_training import environment, module_settings, write  # noqa: E402
 
 from motion_adapters import frame_attention as fa  # noqa: E402
 from motion_adapters import implicit_conv as ic  # noqa: E402
@@ -83,14 +83,9 @@ def compile_for_sm90(kernel, meta: dict, aligned: tuple[str, ...] = (), options:
 
 
 def with_settings(module, settings: dict, fn):
-    saved = {name: getattr(module, name) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(module, name, value)
+    """`fn()` with `module`'s attributes set as `settings` says (restored after)."""
+    with module_settings(*[(module, name, value) for name, value in settings.items()]):
         return fn()
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def attention_rows() -> list[dict]:
