@@ -288,6 +288,13 @@ VARIANTS = {
     "full_implicit_convs_1280": ("as full_implicit_convs, from 1,280 output pixels (the 10 x 16 level too; "
                                  "implicit_conv.MIN_ROWS = 1280)",
                                  AS_FULL),
+    "full_prepared": ("as full, the options prepared without a GPU all on together: the 'dots' frame-attention "
+                      "kernels, the Triton implicit-GEMM 3 x 3 convolutions from 4,096 output pixels and at least "
+                      "132 programs for the channels-last norms' statistics (frame_attention.SHORT_KERNEL = 'dots', "
+                      "implicit_conv.IMPLICIT_CONVS, fused_norm.CL_MIN_PROGRAMS = 132)",
+                      AS_FULL),
+    "full_prepared_no_convs": ("as full_prepared, the 3 x 3 convolutions left on cuDNN",
+                               AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -620,7 +627,12 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
                    "full_implicit_convs": [(implicit_conv, "IMPLICIT_CONVS", True)],
                    "full_implicit_convs_1280": [(implicit_conv, "IMPLICIT_CONVS", True),
-                                                (implicit_conv, "MIN_ROWS", 1280)]}
+                                                (implicit_conv, "MIN_ROWS", 1280)],
+                   "full_prepared": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                     (implicit_conv, "IMPLICIT_CONVS", True),
+                                     (fused_norm, "CL_MIN_PROGRAMS", 132)],
+                   "full_prepared_no_convs": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                              (fused_norm, "CL_MIN_PROGRAMS", 132)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
