@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         if TEMPORAL_QKV.search(name):
             module.weight.requires_grad_(True)
             params.append(module.weight)
-    video, embeds = inputs(frames, height, width, 77, config["cross_attention_dim"], device)
+    video, embeds = inputs(frames, height, width, 77, config["encoder_hid_dim"], device)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     abar = scheduler.alphas_cumprod.to(torch.float32)
     data = {
