@@ -381,6 +381,37 @@ def startup_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _span(values: list[float], digits: int) -> str:
+    """The smallest and largest of `values` ("a to b"), or the one value."""
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low} to {high}"
+
+
+def precision_table(data: dict) -> str:
+    """One VMC step with the matrix products' inputs rounded to each format, against float32 (`bench_precision.py`)."""
+    env, settings = data.get("env", {}), data.get("settings", {})
+    draws = data.get("draws", [])
+    names = [n for n in data.get("variants", {}) if n != "float32"]
+    lines = [f"_CPU ({settings.get('threads')} threads), torch {env.get('torch')}, commit `{env.get('commit')}`, "
+             f"{env.get('date')}; {settings.get('model')}, {settings.get('frames')} x {settings.get('height')} x "
+             f"{settings.get('width')}, timesteps {', '.join(str(d['t']) for d in draws)}_", "",
+             "| run | noise prediction's relative error | q/k/v gradient's relative error | its cosine | "
+             "loss difference | gradient error / other dropout's |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        runs = [d["runs"][name] for d in draws if name in d["runs"]]
+        if not runs:
+            continue
+        noise = [d["runs"].get("float32_other_dropout") for d in draws if name in d["runs"]]
+        ratios = [r["grad_relative_error"] / n["grad_relative_error"] for r, n in zip(runs, noise)
+                  if n and n["grad_relative_error"] > 0 and name != "float32_other_dropout"]  # fmt: skip
+        cells = [_span([r[key] for r in runs], digits)
+                 for key, digits in (("eps_relative_error", 4), ("grad_relative_error", 4), ("grad_cosine", 4),
+                                     ("loss_difference", 5))]  # fmt: skip
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_span(ratios, 2) if ratios else '–'} |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -409,6 +440,8 @@ def render() -> dict[str, str]:
             blocks[f"frame_attention:{path.stem}"] = frame_attention_table(data)
         elif kind == "startup":
             blocks[f"startup:{path.stem}"] = startup_table(data)
+        elif kind == "precision":
+            blocks[f"precision:{path.stem}"] = precision_table(data)
     return blocks
 
 
