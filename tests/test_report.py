@@ -205,3 +205,18 @@ def test_bench_conv_shapes_tiny_times_each_recorded_convolution(tmp_path):
     spatial = [r for r in results if len(r["w"]) == 4 and r["kind"] == "fwd"]
     assert all(r["frame_taps_ms"] is None for r in spatial)
     assert data["total_cudnn_ms"] == pytest.approx(sum(r["count"] * r["cudnn_ms"] for r in results))
+
+
+def test_precision_table_spans_the_draws_and_divides_by_the_dropout_noise(report):
+    run = {"loss_difference": 0.001, "eps_relative_error": 0.02, "grad_relative_error": 0.3, "grad_cosine": 0.95}
+    noise = {**run, "eps_relative_error": 0.6, "grad_relative_error": 1.5, "grad_cosine": 0.1}
+    data = {"env": {"torch": "2.13.0+cpu", "commit": "abc", "date": "2026-12-05"},
+            "settings": {"threads": 2, "model": "tiny", "frames": 8, "height": 16, "width": 16},
+            "variants": {"float32": {}, "float32_other_dropout": {}, "bfloat16": {}},
+            "draws": [{"t": 44, "runs": {"bfloat16": run, "float32_other_dropout": noise}},
+                      {"t": 845, "runs": {"bfloat16": {**run, "grad_relative_error": 0.6},
+                                          "float32_other_dropout": noise}}]}
+    table = report.precision_table(data)
+    assert "timesteps 44, 845" in table
+    assert "| `bfloat16` | 0.0200 | 0.3000 to 0.6000 | 0.9500 | 0.00100 | 0.20 to 0.40 |" in table
+    assert "| `float32_other_dropout` | 0.6000 | 1.5000 | 0.1000 | 0.00100 | – |" in table
