@@ -396,7 +396,7 @@ def precision_table(data: dict) -> str:
              f"{env.get('date')}; {settings.get('model')}, {settings.get('frames')} x {settings.get('height')} x "
              f"{settings.get('width')}, timesteps {', '.join(str(d['t']) for d in draws)}_", "",
              "| run | noise prediction's relative error | q/k/v gradient's relative error | its cosine | "
-             "loss difference | gradient error / other dropout's |",
+             "largest loss difference | gradient error / other dropout's |",
              "|---|---|---|---|---|---|"]
     for name in names:
         runs = [d["runs"][name] for d in draws if name in d["runs"]]
@@ -405,9 +405,9 @@ def precision_table(data: dict) -> str:
         noise = [d["runs"].get("float32_other_dropout") for d in draws if name in d["runs"]]
         ratios = [r["grad_relative_error"] / n["grad_relative_error"] for r, n in zip(runs, noise)
                   if n and n["grad_relative_error"] > 0 and name != "float32_other_dropout"]  # fmt: skip
-        cells = [_span([r[key] for r in runs], digits)
-                 for key, digits in (("eps_relative_error", 4), ("grad_relative_error", 4), ("grad_cosine", 4),
-                                     ("loss_difference", 5))]  # fmt: skip
+        cells = [_span([r[key] for r in runs], 4) for key in ("eps_relative_error", "grad_relative_error",
+                                                              "grad_cosine")]  # fmt: skip
+        cells.append(f"{max(abs(r['loss_difference']) for r in runs):.1e}")
         lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_span(ratios, 2) if ratios else '–'} |")
     return "\n".join(lines)
 

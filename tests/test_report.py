@@ -218,5 +218,5 @@ def test_precision_table_spans_the_draws_and_divides_by_the_dropout_noise(report
                                           "float32_other_dropout": noise}}]}
     table = report.precision_table(data)
     assert "timesteps 44, 845" in table
-    assert "| `bfloat16` | 0.0200 | 0.3000 to 0.6000 | 0.9500 | 0.00100 | 0.20 to 0.40 |" in table
-    assert "| `float32_other_dropout` | 0.6000 | 1.5000 | 0.1000 | 0.00100 | – |" in table
+    assert "| `bfloat16` | 0.0200 | 0.3000 to 0.6000 | 0.9500 | 1.0e-03 | 0.20 to 0.40 |" in table
+    assert "| `float32_other_dropout` | 0.6000 | 1.5000 | 0.1000 | 1.0e-03 | – |" in table
