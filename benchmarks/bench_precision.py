@@ -37,7 +37,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import TEMPORAL_QKV, TINY, build_unet, environment, inputs, write  # noqa: E402
+from bench_training import (  # noqa: E402
+    TINY,
+    build_unet,
+    draw,
+    environment,
+    inputs,
+    released_loss,
+    temporal_qkv_trainable,
+    write,
+)
 from diffusers import DDPMScheduler  # noqa: E402
 
 from motion_adapters.models import show1_base_config  # noqa: E402
@@ -139,9 +148,7 @@ def step(unet, params, video, embeds, abar, t, noise, dropout_seed):
     noisy = a.sqrt() * video + (1 - a).sqrt() * noise
     torch.manual_seed(dropout_seed)  # dropout masks (the checkpointed recomputation restores the state)
     eps = unet(noisy, t, encoder_hidden_states=embeds).sample[:, :3].float()
-    d_pred = (eps[:, :, 1:] - eps[:, :, :-1]).abs()
-    d_true = (noise[:, :, 1:] - noise[:, :, :-1]).abs()
-    loss = 1 - F.cosine_similarity(d_pred, d_true, dim=2).mean()
+    loss = released_loss(eps, noise)
     loss.backward()
     return eps.detach(), loss.item(), torch.cat([p.grad.flatten() for p in params])
 
@@ -179,12 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     unet = build_unet(config, seed=0, device=device, dtype=torch.float32)
     unet.enable_gradient_checkpointing()  # float32 activations of the whole step would not fit beside the weights
     unet.train()
-    unet.requires_grad_(False)
-    params = []
-    for name, module in unet.named_modules():
-        if TEMPORAL_QKV.search(name):
-            module.weight.requires_grad_(True)
-            params.append(module.weight)
+    params = temporal_qkv_trainable(unet)
     video, embeds = inputs(frames, height, width, 77, config["encoder_hid_dim"], device)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     abar = scheduler.alphas_cumprod.to(torch.float32)
@@ -199,10 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "layers": VARIANTS[n][3], "dropout_seed": VARIANTS[n][4]} for n in names},
         "draws": [],
     }
-    for draw in range(args.draws):
-        generator = torch.Generator().manual_seed(draw)  # bench_training's draws for seed 0, step `draw`
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
-        noise = torch.randn(video.shape, generator=generator, dtype=torch.float32)
+    for index in range(args.draws):
+        t, noise = draw(scheduler, video.shape, seed=0, step=index)  # bench_training's draws, seed 0
         entry = {"t": int(t), "runs": {}}
         data["draws"].append(entry)
         reference = None
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             if reference is None:
                 reference = result
             entry["runs"][name] = {**compare(result, reference), "seconds": round(time.perf_counter() - start, 1)}
-            print(draw, int(t), name, entry["runs"][name], flush=True)
+            print(index, int(t), name, entry["runs"][name], flush=True)
             del result
             write(args.out, data)
     data["summary"] = summary(data)

@@ -451,14 +451,34 @@ def inputs(frames: int, height: int, width: int, text_len: int, text_dim: int, d
     return video.to(device), embeds.to(device)
 
 
-def reference_loop(unet, video, embeds, scheduler, steps: int, seed: int, device, timer) -> list[float]:
-    """The reference VMC training loop, as the released code runs it (fp32 weights, fp16 autocast, GradScaler)."""
+def temporal_qkv_trainable(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Freeze `unet` but for its temporal attention's q/k/v weights (VMC's trained parameters); return those."""
     unet.requires_grad_(False)
     params = []
     for name, module in unet.named_modules():
         if TEMPORAL_QKV.search(name):
             module.weight.requires_grad_(True)
             params.append(module.weight)
+    return params
+
+
+def draw(scheduler, shape: tuple, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s timestep and noise for `seed`: the draws `train_motion` makes, on the CPU."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+    return t, torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def released_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The released code's loss: 1 - cosine of consecutive frames' absolute noise differences, predicted and true."""
+    d_pred = (eps_pred[:, :, 1:] - eps_pred[:, :, :-1]).abs()
+    d_true = (noise[:, :, 1:] - noise[:, :, :-1]).abs()
+    return 1 - F.cosine_similarity(d_pred, d_true, dim=2).mean()
+
+
+def reference_loop(unet, video, embeds, scheduler, steps: int, seed: int, device, timer) -> list[float]:
+    """The reference VMC training loop, as the released code runs it (fp32 weights, fp16 autocast, GradScaler)."""
+    params = temporal_qkv_trainable(unet)
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if cuda else None
@@ -467,18 +487,13 @@ def reference_loop(unet, video, embeds, scheduler, steps: int, seed: int, device
     losses = []
     for step in range(steps):
         timer.tick()
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the same draws as train_motion
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
-        noise = torch.randn(video.shape, generator=generator, dtype=torch.float32).to(device)
-        t = t.to(device)
+        t, noise = draw(scheduler, video.shape, seed, step)  # the same draws as train_motion
+        t, noise = t.to(device), noise.to(device)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
         noisy = abar.sqrt() * video + (1 - abar).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
             out = unet(noisy, t, encoder_hidden_states=embeds).sample
-        eps_pred = out[:, :3].float()
-        d_pred = (eps_pred[:, :, 1:] - eps_pred[:, :, :-1]).abs()
-        d_true = (noise[:, :, 1:] - noise[:, :, :-1]).abs()
-        loss = 1 - F.cosine_similarity(d_pred, d_true, dim=2).mean()
+        loss = released_loss(out[:, :3].float(), noise)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
