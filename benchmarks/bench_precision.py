@@ -27,7 +27,6 @@ amax (no delayed scaling), so fp8 here is as good as a per-tensor scheme gets.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -220,33 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(index, int(t), name, entry["runs"][name], flush=True)
             del result
             write(args.out, data)
-    data["summary"] = summary(data)
-    write(args.out, data)
     return data
-
-
-def summary(data: dict) -> dict:
-    """Per variant over the draws: the largest noise-prediction and gradient relative errors, the smallest cosine,
-    and each error over the other-dropout run's (the noise scale) at the same draw, at its largest."""
-    out = {}
-    for name in data["variants"]:
-        runs = [(d["runs"][name], d["runs"].get("float32_other_dropout")) for d in data["draws"] if name in d["runs"]]
-        if not runs or name == "float32":
-            continue
-        row = {
-            "eps_relative_error_max": max(r["eps_relative_error"] for r, _ in runs),
-            "grad_relative_error_max": max(r["grad_relative_error"] for r, _ in runs),
-            "grad_cosine_min": min(r["grad_cosine"] for r, _ in runs),
-            "loss_difference_max": max(abs(r["loss_difference"]) for r, _ in runs),
-        }
-        noise = [(r, n) for r, n in runs if n is not None and n["grad_relative_error"] > 0]
-        if noise and name != "float32_other_dropout":
-            row["grad_error_over_noise_max"] = max(r["grad_relative_error"] / n["grad_relative_error"]
-                                                   for r, n in noise)  # fmt: skip
-            row["eps_error_over_noise_max"] = max(r["eps_relative_error"] / max(n["eps_relative_error"], 1e-30)
-                                                  for r, n in noise)  # fmt: skip
-        out[name] = {k: (round(v, 6) if math.isfinite(v) else v) for k, v in row.items()}
-    return out
 
 
 if __name__ == "__main__":

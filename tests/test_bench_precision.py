@@ -53,11 +53,10 @@ def test_tiny_comparison_orders_the_formats_by_their_mantissas(tmp_path):
     out = tmp_path / "precision.json"
     data = bench.main(["--tiny", "--draws", "1", "--variants", "float32,float16,bfloat16,e4m3,float32_other_dropout",
                        "--out", str(out)])  # fmt: skip
-    assert json.loads(out.read_text())["summary"] == data["summary"]
+    assert json.loads(out.read_text()) == data  # written after each run, the last write complete
     runs = data["draws"][0]["runs"]
     assert runs["float32"]["eps_relative_error"] == 0.0 and runs["float32"]["loss_difference"] == 0.0
     errors = [runs[name]["eps_relative_error"] for name in ("float16", "bfloat16", "e4m3")]
     assert 0 < errors[0] < errors[1] < errors[2]  # 10, 7, 3 mantissa bits
     assert runs["float32_other_dropout"]["eps_relative_error"] > 0  # other masks: the noise scale
-    assert set(data["summary"]) == {"float16", "bfloat16", "e4m3", "float32_other_dropout"}
-    assert "grad_error_over_noise_max" in data["summary"]["e4m3"]
+    assert list(runs) == ["float32", "float16", "bfloat16", "e4m3", "float32_other_dropout"]
