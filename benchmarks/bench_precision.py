@@ -178,7 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown --variants {unknown}; known: {', '.join(VARIANTS)}")
     names = ["float32"] + [n for n in names if n != "float32"]  # the reference first
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = {**show1_base_config(), **(TINY if args.tiny else {})}
     frames, height, width = 8, (16 if args.tiny else 40), (16 if args.tiny else 64)
     device = torch.device("cpu")
