@@ -50,6 +50,10 @@ PAIRS_BLOCK = 64
 SHORT_KERNEL = "pairs"
 #: Rows (pairs * padded frames) a "dots" program takes; its score tile is DOTS_ROWS x DOTS_ROWS float32.
 DOTS_ROWS = 64
+#: With SHORT_KERNEL = "dots", heads of fewer channels than this stay on the "pairs" kernels: padded to tl.dot's 16
+#: channels, heads of 5 (show-1-base's 40 x 64 level) took 94 / 259 us forward / backward on "dots" against 56 / 140
+#: on "pairs" (H200, frame_attention_dots_h200.json), where heads of 10 to 20 took 2.3 to 4 times less on "dots".
+DOTS_MIN_CHANNELS = 8
 #: Whether the "dots" kernels round the probabilities and their gradients to the inputs' half dtype for their
 #: products (as flash attention does: one more bf16 rounding, 2**-9, before the output's) instead of tf32 products.
 DOTS_HALF_PROBABILITIES = False
@@ -401,7 +405,10 @@ def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int |
     """
     n, frames, channels = q.shape
     fp, d = _padded(frames), channels // heads
-    kernel = kernel or (SHORT_KERNEL if fp <= PAIRS_FRAMES else "tile")
+    if not kernel:
+        kernel = SHORT_KERNEL if fp <= PAIRS_FRAMES else "tile"
+        if kernel == "dots" and d < DOTS_MIN_CHANNELS:
+            kernel = "pairs"
     if kernel == "dots":
         dp = max(16, _padded(d))  # tl.dot's smallest inner dimension
         block = block or max(1, max(DOTS_ROWS, fp) // fp)
