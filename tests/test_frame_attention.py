@@ -187,6 +187,20 @@ def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels(
         "_dots_forward", "_dots_forward", "_frame_attention_forward"]
 
 
+def test_narrow_heads_stay_on_the_pairs_kernels_under_dots(monkeypatch):
+    """`DOTS_MIN_CHANNELS`: heads of 5 channels (show-1-base's 40 x 64 level) keep "pairs", heads of 10 take "dots";
+    0 sends every width to "dots", and a kernel asked for by name is the one launched."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", "dots")
+
+    def chosen(width):
+        return fa._launch(torch.empty(4, 8, 64 * width), 64)[0][0].__name__
+
+    assert (chosen(5), chosen(10)) == ("_pairs_forward", "_dots_forward")
+    assert fa._launch(torch.empty(4, 8, 64 * 5), 64, "dots")[0][0].__name__ == "_dots_forward"
+    monkeypatch.setattr(fa, "DOTS_MIN_CHANNELS", 0)
+    assert chosen(5) == "_dots_forward"
+
+
 @pytest.mark.parametrize(("frames", "width", "pairs", "rows", "warps", "inner"),
                          [(8, 10, 8, 64, 4, 16), (5, 20, 8, 64, 4, 32), (2, 5, 32, 64, 4, 16), (29, 5, 2, 64, 4, 16)])
 def test_dots_blocks_fill_a_tile_of_rows(frames, width, pairs, rows, warps, inner):
