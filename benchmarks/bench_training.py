@@ -275,6 +275,9 @@ VARIANTS = {
     "full_dots32_wide_attention": ("as full_dots32_attention, heads of 8 channels or more only, the narrower ones "
                                    "(show-1-base's 40 x 64 level) left on 'pairs' (frame_attention.DOTS_MIN_CHANNELS)",
                                    AS_FULL),
+    "full_pairs_attention": ("as full, the frame attention on the 'pairs' kernels at every head width "
+                             "(frame_attention.SHORT_KERNEL = 'pairs'; the default before the 'dots' kernels)",
+                             AS_FULL),
     "full_dots_half_p_attention": ("as full_dots_attention, the probabilities and their gradients rounded to bf16 "
                                    "for their products (frame_attention.DOTS_HALF_PROBABILITIES)",
                                    AS_FULL),
@@ -637,6 +640,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                    (frame_attention, "PAIRS_INT32_OFFSETS", True),
                                                    (frame_attention, "PAIRS_DV", "first")],
                    "full_dots_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                           (frame_attention, "DOTS_ROWS", 64),
                                            (frame_attention, "DOTS_MIN_CHANNELS", 0)],
                    "full_dots32_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
                                              (frame_attention, "DOTS_ROWS", 32),
@@ -644,7 +648,9 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_dots32_wide_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
                                                   (frame_attention, "DOTS_ROWS", 32),
                                                   (frame_attention, "DOTS_MIN_CHANNELS", 8)],
+                   "full_pairs_attention": [(frame_attention, "SHORT_KERNEL", "pairs")],
                    "full_dots_half_p_attention": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                                  (frame_attention, "DOTS_ROWS", 64),
                                                   (frame_attention, "DOTS_MIN_CHANNELS", 0),
                                                   (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
@@ -653,10 +659,12 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_implicit_convs_1280": [(implicit_conv, "IMPLICIT_CONVS", True),
                                                 (implicit_conv, "MIN_ROWS", 1280)],
                    "full_prepared": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                     (frame_attention, "DOTS_ROWS", 64),
                                      (frame_attention, "DOTS_MIN_CHANNELS", 0),
                                      (implicit_conv, "IMPLICIT_CONVS", True),
                                      (fused_norm, "CL_MIN_PROGRAMS", 132)],
                    "full_prepared_no_convs": [(frame_attention, "SHORT_KERNEL", "dots"),
+                                              (frame_attention, "DOTS_ROWS", 64),
                                               (frame_attention, "DOTS_MIN_CHANNELS", 0),
                                               (fused_norm, "CL_MIN_PROGRAMS", 132)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)

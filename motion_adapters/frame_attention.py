@@ -6,13 +6,13 @@ head split copy, two batched matmuls of 8 x 8 x d, a softmax, a head merge copy,
 gradients plus the kept probabilities (docs/performance.md: about a fifth of a training step's GPU time).
 
 Here each (sequence, head) pair's scores, softmax and output stay in registers, in float32, with one rounding at
-the output. Up to 8 frames ("pairs" kernels, the default), one thread takes one pair: its (frames x frames) scores
-accumulate over a loop on the head's channels, so every reduction stays within the thread and no head channel is
-padded; wide heads split their channels over a few threads, which add their partial scores (`PAIRS_SPLIT`).
-Longer sequences ("tile" kernels) take a block of pairs a program as (pairs, frames, frames, channels) products,
-their channels padded to a power of two. The "dots" kernels (an option, `SHORT_KERNEL`) take a block of pairs a
-program as one block-diagonal attention of (pairs * frames) rows on tensor cores (`tl.dot`), the other pairs' keys
-masked. All read q, k and v where the projections wrote them,
+the output. Up to 8 frames, heads of 8 channels or more take the "dots" kernels (the default, `SHORT_KERNEL`): a
+block of pairs a program as one block-diagonal attention of (pairs * frames) rows on tensor cores (`tl.dot`), the
+other pairs' keys masked. Narrower heads take the "pairs" kernels: one thread takes one pair, its (frames x frames)
+scores accumulated over a loop on the head's channels, so every reduction stays within the thread and no head
+channel is padded; wide heads split their channels over a few threads, which add their partial scores
+(`PAIRS_SPLIT`). Longer sequences ("tile" kernels) take a block of pairs a program as (pairs, frames, frames,
+channels) products, their channels padded to a power of two. All read q, k and v where the projections wrote them,
 (N, F, heads * d) with any row strides, so there is no head split or merge. The backward pass recomputes the
 probabilities from q and k (nothing but q, k and v is kept) and writes dq, dk and dv in one kernel.
 `projected_frame_attention` adds the q, k and v projections, one stacked GEMM each way.
@@ -46,13 +46,13 @@ PAIRS_BLOCK = 64
 #: cores) or "dots" (a block of pairs as one block-diagonal attention on tensor cores: (pairs * frames, head
 #: channels) tiles of q, k and v, the products of all the block's rows formed and the other pairs' entries masked, so
 #: `DOTS_ROWS / frames` times the useful products, on units that are otherwise idle in this kernel). On an H200,
-#: "dots" with DOTS_ROWS = 32 at heads of 8 channels or more made training steps 1.046 times faster
-#: (training_dots_h200.json, `full_dots32_wide_attention`); "pairs" stays the default until that switch has run
-#: through the tests and CI.
-SHORT_KERNEL = "pairs"
+#: "dots" with DOTS_ROWS = 32 at heads of 8 channels or more made training steps 1.046 times faster than "pairs"
+#: (training_dots_h200.json, `full_dots32_wide_attention` against the then default `full`): the default, with
+#: narrower heads left on "pairs" (`DOTS_MIN_CHANNELS`).
+SHORT_KERNEL = "dots"
 #: Rows (pairs * padded frames) a "dots" program takes; its score tile is DOTS_ROWS x DOTS_ROWS float32. 32 took
 #: less than 64 and 128 at every show-1-base shape (frame_attention_dots_h200.json).
-DOTS_ROWS = 64
+DOTS_ROWS = 32
 #: With SHORT_KERNEL = "dots", heads of fewer channels than this stay on the "pairs" kernels: padded to tl.dot's 16
 #: channels, heads of 5 (show-1-base's 40 x 64 level) took 94 / 259 us forward / backward on "dots" against 56 / 140
 #: on "pairs" (H200, frame_attention_dots_h200.json), where heads of 10 to 20 took 2.3 to 4 times less on "dots".

@@ -10,6 +10,15 @@ from motion_adapters.training import train_motion
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: The library's choice for up to 8 frames; the tests below pin "pairs" (`_pairs_unless_asked`)
+DEFAULT_SHORT_KERNEL = fa.SHORT_KERNEL
+
+
+@pytest.fixture(autouse=True)
+def _pairs_unless_asked(monkeypatch):
+    """The tests here take the "pairs" kernels for up to 8 frames unless they set `SHORT_KERNEL` themselves (the
+    default, "dots" at heads of 8 channels or more, is `test_up_to_8_frames_run_...`'s)."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", "pairs")
 
 
 @pytest.fixture(autouse=True)
@@ -179,12 +188,16 @@ def test_bf16_output_is_within_one_rounding_of_the_exact_value(short_kernel, mon
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + slack + 1e-6).all()
 
 
-def test_up_to_8_frames_run_the_pairs_kernels_longer_sequences_the_tile_kernels(monkeypatch):
+def test_up_to_8_frames_run_the_short_kernels_longer_sequences_the_tile_kernels(monkeypatch):
+    """By default heads of 16 channels take "dots" up to 8 frames, heads of 4 "pairs"; 9 frames and more "tile"."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", DEFAULT_SHORT_KERNEL)
     assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9, 29)] == [
-        "_pairs_forward", "_pairs_forward", "_frame_attention_forward", "_frame_attention_forward"]
-    monkeypatch.setattr(fa, "SHORT_KERNEL", "dots")
+        "_dots_forward", "_dots_forward", "_frame_attention_forward", "_frame_attention_forward"]
+    assert [fa._launch(torch.empty(4, frames, 64), 16)[0][0].__name__ for frames in (2, 8, 9)] == [
+        "_pairs_forward", "_pairs_forward", "_frame_attention_forward"]
+    monkeypatch.setattr(fa, "SHORT_KERNEL", "pairs")
     assert [fa._launch(torch.empty(4, frames, 64), 4)[0][0].__name__ for frames in (2, 8, 9)] == [
-        "_dots_forward", "_dots_forward", "_frame_attention_forward"]
+        "_pairs_forward", "_pairs_forward", "_frame_attention_forward"]
 
 
 def test_narrow_heads_stay_on_the_pairs_kernels_under_dots(monkeypatch):
@@ -202,10 +215,14 @@ def test_narrow_heads_stay_on_the_pairs_kernels_under_dots(monkeypatch):
 
 
 @pytest.mark.parametrize(("frames", "width", "pairs", "rows", "warps", "inner"),
-                         [(8, 10, 8, 64, 4, 16), (5, 20, 8, 64, 4, 32), (2, 5, 32, 64, 4, 16), (29, 5, 2, 64, 4, 16)])
-def test_dots_blocks_fill_a_tile_of_rows(frames, width, pairs, rows, warps, inner):
-    """`DOTS_ROWS` rows a program (pairs times frames padded to a power of two), heads padded to 16 channels or more
-    (tl.dot's smallest inner dimension), a warp each 16 rows; tf32 products of the probabilities for half inputs."""
+                         [(8, 10, 8, 64, 4, 16), (5, 20, 8, 64, 4, 32), (2, 5, 32, 64, 4, 16), (29, 5, 2, 64, 4, 16),
+                          (8, 10, 4, 32, 2, 16), (5, 20, 4, 32, 2, 32), (2, 5, 16, 32, 2, 16), (29, 5, 1, 32, 2, 16)])
+def test_dots_blocks_fill_a_tile_of_rows(frames, width, pairs, rows, warps, inner, monkeypatch):
+    """`DOTS_ROWS` rows a program (pairs times frames padded to a power of two; 32 by default, 64 the first choice),
+    heads padded to 16 channels or more (tl.dot's smallest inner dimension), a warp each 16 rows; tf32 products of
+    the probabilities for half inputs."""
+    assert fa.DOTS_ROWS == 32
+    monkeypatch.setattr(fa, "DOTS_ROWS", rows)
     _, grid, meta = fa._launch(torch.empty(3, frames, 64 * width, dtype=torch.bfloat16), 64, "dots")
     assert (meta["BLOCK_P"], meta["BLOCK_P"] * meta["FP"], meta["num_warps"], meta["DP"]) == (pairs, rows, warps,
                                                                                               inner)
@@ -377,6 +394,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import motion_adapters.frame_attention as fa
 
+fa.SHORT_KERNEL = "pairs"  # a kernel of None below: the "pairs" kernels up to 8 frames, the "tile" ones past them
 # Show-1's head widths at 8 frames, interpolation's 5 frames, and SR2's 29 frames (the tile kernels); the "pairs"
 # kernels' loops unrolled (the default) and rolled, their offsets 32-bit with dv in the first loop, and 64-bit (the
 # default) with dv beside q and k (the default) or last; the "dots" kernels on bf16, 8 to 29 frames with tf32
