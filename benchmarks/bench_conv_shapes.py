@@ -12,11 +12,10 @@ with channels-last activations and weights:
   matrix already built: what an implicit GEMM could at best take;
 - `im2col_ms`: building that matrix from shifted views (`torch.cat`) and the product;
 - `frame_taps_ms` (temporal convolutions): one GEMM per tap over row-shifted views of the channels-last frames,
-  accumulated in place (`motion_adapters.lean_backward._FrameTapsConv`, what training runs now);
-- `implicit_ms` (3 x 3, stride 1, widths of 64s): the Triton implicit-GEMM kernel of
-  `motion_adapters.implicit_conv` (forward, or the input gradient as `ImplicitConv` computes it), with
-  `implicit_err` its largest difference from cuDNN's output relative to the output's largest value, and
-  `implicit_configs_ms` the same at the other tile configurations of `IMPLICIT_CONFIGS`.
+  accumulated in place (`motion_adapters.lean_backward._FrameTapsConv`, what training runs now).
+
+(`results/conv_shapes_implicit_h200.json` also holds `implicit_ms`: a Triton implicit-GEMM kernel, slower than
+cuDNN there and since taken out of the library; commit 353dbe6 has it.)
 
 GPU times are means of 30 calls between CUDA events after 3 warm-ups; on the CPU (`--tiny`, a smoke test of the
 code) wall-clock times. `rel_err` is the im2col product's largest difference from cuDNN's output, relative to the
@@ -38,26 +37,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import TINY, environment, module_settings, write  # noqa: E402
+from bench_training import TINY, environment, write  # noqa: E402
 
-from motion_adapters import implicit_conv  # noqa: E402
 from motion_adapters.lean_backward import _taps_accumulated  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
-
-#: name -> `implicit_conv` tile settings timed beside its defaults (pixels, output channels a tile; warps; stages)
-IMPLICIT_CONFIGS = {
-    "m128_n64_w4_s4": {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 4, "NUM_STAGES": 4},
-    "m64_n128_w4_s4": {"BLOCK_M": 64, "BLOCK_N": 128, "NUM_WARPS": 4, "NUM_STAGES": 4},
-    "m128_n128_w8_s4": {"BLOCK_M": 128, "BLOCK_N": 128, "NUM_WARPS": 8, "NUM_STAGES": 4},
-    "m128_n256_w8_s3": {"BLOCK_M": 128, "BLOCK_N": 256, "NUM_WARPS": 8, "NUM_STAGES": 3},
-    "m256_n128_w8_s3": {"BLOCK_M": 256, "BLOCK_N": 128, "NUM_WARPS": 8, "NUM_STAGES": 3},
-}
-
-
-def _implicit_configured(settings: dict, fn):
-    """`fn()` with `implicit_conv`'s module settings replaced by `settings` (restored after)."""
-    with module_settings(*[(implicit_conv, name, value) for name, value in settings.items()]):
-        return fn()
 
 
 class _ConvCalls(TorchDispatchMode):
@@ -164,26 +147,6 @@ def measure(call: tuple, count: int, device: torch.device, time_ms) -> dict:
     entry["im2col_ms"] = time_ms(lambda: _im2col(rows, kh, kw, ph, pw, out_h, out_w) @ matrix)
     cols = _im2col(rows, kh, kw, ph, pw, out_h, out_w)
     entry["gemm_only_ms"] = time_ms(lambda: cols @ matrix)
-    if (kh, kw) == (3, 3) and tuple(padding) == (1, 1) and in_c % implicit_conv.BLOCK_K == 0 and \
-            out_c % implicit_conv.BLOCK_K == 0 and implicit_conv.fused_norm_available(x):  # fmt: skip
-        if kind == "dgrad":  # x stands for the output's gradient; `weight` is the original's flipped transpose
-            original = weight.transpose(0, 1).flip(2, 3).contiguous(memory_format=torch.channels_last)
-
-            def run():
-                return implicit_conv.implicit_conv3x3_input_grad(x, original, dtype)
-        else:
-
-            def run():
-                return implicit_conv.implicit_conv3x3(x, weight)
-        got = run().permute(0, 2, 3, 1).reshape(-1, out_c).float()
-        entry["implicit_err"] = ((got - expected).abs().max() / expected.abs().max()).item()
-        entry["implicit_ms"] = time_ms(run)
-        if device.type == "cuda":  # the interpreter (a CPU smoke test) takes seconds a call
-            entry["implicit_configs_ms"], entry["implicit_configs_err"] = {}, {}
-            for name, settings in IMPLICIT_CONFIGS.items():
-                got = _implicit_configured(settings, run).permute(0, 2, 3, 1).reshape(-1, out_c).float()
-                entry["implicit_configs_err"][name] = ((got - expected).abs().max() / expected.abs().max()).item()
-                entry["implicit_configs_ms"][name] = _implicit_configured(settings, lambda: time_ms(run))
     if temporal and n == 1 and kw == 1 and ph == kh // 2:  # frames on H, pixels on W: one GEMM per tap
         pixels = width
         flat = rows.reshape(height * width, in_c)
@@ -223,7 +186,6 @@ def main(argv: list[str] | None = None) -> dict:
         "total_cudnn_ms": total("cudnn_ms"),
         "total_gemm_only_ms": total("gemm_only_ms"),
         "total_frame_taps_ms": total("frame_taps_ms"),
-        "total_implicit_ms": total("implicit_ms"),
     }
     write(args.out, data)
     print({k: v for k, v in data.items() if k.startswith("total")}, flush=True)

@@ -46,7 +46,6 @@ from motion_adapters import (  # noqa: E402
     frame_attention,
     fused_norm,
     im2col_conv,
-    implicit_conv,
     layout,
     lean_backward,
     training,
@@ -287,20 +286,6 @@ VARIANTS = {
                                  AS_FULL),
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
                                  AS_FULL),
-    "full_implicit_convs": ("as full, frozen 3 x 3 convolutions of 4,096 output pixels or more (the 40 x 64 and "
-                            "20 x 32 levels) on the Triton implicit-GEMM kernel each way instead of cuDNN "
-                            "(implicit_conv.IMPLICIT_CONVS)",
-                            AS_FULL),
-    "full_implicit_convs_1280": ("as full_implicit_convs, from 1,280 output pixels (the 10 x 16 level too; "
-                                 "implicit_conv.MIN_ROWS = 1280)",
-                                 AS_FULL),
-    "full_prepared": ("as full, the options prepared without a GPU all on together: the 'dots' frame-attention "
-                      "kernels, the Triton implicit-GEMM 3 x 3 convolutions from 4,096 output pixels and at least "
-                      "132 programs for the channels-last norms' statistics (frame_attention.SHORT_KERNEL = 'dots', "
-                      "implicit_conv.IMPLICIT_CONVS, fused_norm.CL_MIN_PROGRAMS = 132)",
-                      AS_FULL),
-    "full_prepared_no_convs": ("as full_prepared, the 3 x 3 convolutions left on cuDNN",
-                               AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -654,19 +639,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                   (frame_attention, "DOTS_MIN_CHANNELS", 0),
                                                   (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
-                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
-                   "full_implicit_convs": [(implicit_conv, "IMPLICIT_CONVS", True)],
-                   "full_implicit_convs_1280": [(implicit_conv, "IMPLICIT_CONVS", True),
-                                                (implicit_conv, "MIN_ROWS", 1280)],
-                   "full_prepared": [(frame_attention, "SHORT_KERNEL", "dots"),
-                                     (frame_attention, "DOTS_ROWS", 64),
-                                     (frame_attention, "DOTS_MIN_CHANNELS", 0),
-                                     (implicit_conv, "IMPLICIT_CONVS", True),
-                                     (fused_norm, "CL_MIN_PROGRAMS", 132)],
-                   "full_prepared_no_convs": [(frame_attention, "SHORT_KERNEL", "dots"),
-                                              (frame_attention, "DOTS_ROWS", 64),
-                                              (frame_attention, "DOTS_MIN_CHANNELS", 0),
-                                              (fused_norm, "CL_MIN_PROGRAMS", 132)]}
+                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 

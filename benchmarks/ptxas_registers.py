@@ -2,8 +2,7 @@
 
 For each kernel and setting: registers a thread, spill stores and loads (bytes), shared memory (bytes, Triton's),
 and whether the PTX multiplies on wgmma / mma.sync and feeds them with asynchronous copies (cp.async), i.e. a
-pipelined loop. Pointers and integers that Show-1's shapes make divisible by 16 are marked so, as Triton's JIT
-specialises them at run time. These are compile-time facts, not timings: they say which variants to time first.
+pipelined loop. These are compile-time facts, not timings: they say which variants to time first.
 
     python benchmarks/ptxas_registers.py --out benchmarks/results/ptxas_registers_sm90.json
 """
@@ -23,27 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import environment, module_settings, write  # noqa: E402
 
 from motion_adapters import frame_attention as fa  # noqa: E402
-from motion_adapters import implicit_conv as ic  # noqa: E402
 
 #: show-1-base's temporal-attention head widths at 8 frames: (label, frames, channels a head)
 HEADS = [("20x32, heads of 10", 8, 10), ("10x16, heads of 15", 8, 15), ("5x8, heads of 20", 8, 20)]
-#: label -> frame_attention settings
+PAIRS = {"SHORT_KERNEL": "pairs"}
+DOTS = {"SHORT_KERNEL": "dots", "DOTS_MIN_CHANNELS": 0}
+#: label -> frame_attention settings (the labels of results/ptxas_registers_sm90.json, whose "pairs" was the default
+#: then; "dots" is now, with `DOTS_ROWS` = 32: "dots_32")
 ATTENTION = {
-    "pairs (default)": {},
-    "pairs_dv_last": {"PAIRS_DV": "last"},
-    "pairs_dv_first": {"PAIRS_DV": "first"},
-    "pairs_int32": {"PAIRS_INT32_OFFSETS": True},
-    "pairs_rolled_int32": {"PAIRS_UNROLL": 1, "PAIRS_INT32_OFFSETS": True, "PAIRS_DV": "first"},
-    "dots": {"SHORT_KERNEL": "dots"},
-    "dots_half_p": {"SHORT_KERNEL": "dots", "DOTS_HALF_PROBABILITIES": True},
-    "dots_32": {"SHORT_KERNEL": "dots", "DOTS_ROWS": 32},
-    "dots_128": {"SHORT_KERNEL": "dots", "DOTS_ROWS": 128},
-}
-#: label -> implicit_conv settings (the kernel's tile), besides its defaults
-CONV = {
-    "implicit (default)": {},
-    "m128_n64_w4_s4": {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 4, "NUM_STAGES": 4},
-    "m128_n128_w8_s4": {"BLOCK_M": 128, "BLOCK_N": 128, "NUM_WARPS": 8, "NUM_STAGES": 4},
+    "pairs": PAIRS,
+    "pairs_dv_last": {**PAIRS, "PAIRS_DV": "last"},
+    "pairs_dv_first": {**PAIRS, "PAIRS_DV": "first"},
+    "pairs_int32": {**PAIRS, "PAIRS_INT32_OFFSETS": True},
+    "pairs_rolled_int32": {**PAIRS, "PAIRS_UNROLL": 1, "PAIRS_INT32_OFFSETS": True, "PAIRS_DV": "first"},
+    "dots": {**DOTS, "DOTS_ROWS": 64},
+    "dots_half_p": {**DOTS, "DOTS_ROWS": 64, "DOTS_HALF_PROBABILITIES": True},
+    "dots_32": {**DOTS, "DOTS_ROWS": 32},
+    "dots_128": {**DOTS, "DOTS_ROWS": 128},
 }
 
 
@@ -69,16 +64,15 @@ def ptxas_report(compiled) -> dict:
             "cp_async": "cp.async" in ptx}  # fmt: skip
 
 
-def compile_for_sm90(kernel, meta: dict, aligned: tuple[str, ...] = (), options: dict | None = None):
+def compile_for_sm90(kernel, meta: dict, options: dict | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
                  else "i32" for n in kernel.arg_names}  # fmt: skip
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in aligned}
     constants = {k: v for k, v in meta.items() if k in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                           options=options or {})  # fmt: skip
 
 
@@ -106,27 +100,6 @@ def attention_rows() -> list[dict]:
     return rows
 
 
-def conv_rows() -> list[dict]:
-    rows = []
-    for label, settings in CONV.items():
-        for flip in (False, True):
-            for wide in (False, True):
-                def build(flip=flip, wide=wide):
-                    meta = {"FLIP": flip, "HAS_BIAS": not flip, "HALF_DOTS": True, "WIDE": wide,
-                            "BLOCK_M": ic.BLOCK_M, "BLOCK_N": ic.BLOCK_N, "BLOCK_K": ic.BLOCK_K,
-                            "GROUP_M": ic.GROUP_M}  # fmt: skip
-                    aligned = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "ROWS", "C_RED", "N_OUT", "TAP_STRIDE",
-                               "S_RED" if flip else "S_N")  # fmt: skip
-                    options = {"num_warps": ic.NUM_WARPS, "num_stages": ic.NUM_STAGES}
-                    return ptxas_report(compile_for_sm90(ic._conv3x3, meta, aligned, options))
-
-                report = with_settings(ic, settings, build)
-                rows.append({"kernel": "_conv3x3", "setting": label, "shape": "input gradient" if flip else "forward",
-                             "offsets": "64-bit" if wide else "32-bit", **report})  # fmt: skip
-                print(rows[-1], flush=True)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> dict:
     import triton
 
@@ -140,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"benchmark": "ptxas_registers", "env": {**environment(torch.device("cpu"), args.commit),
                                                     "triton": triton.__version__, "target": "sm_90a",
                                                     "ptxas": ptxas},
-            "attention": attention_rows(), "conv": conv_rows()}  # fmt: skip
+            "attention": attention_rows()}  # fmt: skip
     write(args.out, data)
     return data
 

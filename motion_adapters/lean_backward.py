@@ -38,7 +38,6 @@ from motion_adapters.fused_norm import (
     residual_sum,
 )
 from motion_adapters.im2col_conv import Im2colConv, im2col_conv_applies
-from motion_adapters.implicit_conv import ImplicitConv, implicit_conv_applies
 from motion_adapters.resample import plain_upsampler, resample
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv
@@ -231,8 +230,6 @@ def conv_keeping_no_input(
             return _PointwiseConv.apply(x, weight, bias)
         if im2col_conv_applies(x, weight, stride, padding, dilation, groups):
             return Im2colConv.apply(x, weight, bias)
-        if implicit_conv_applies(x, weight, stride, padding, dilation, groups):
-            return ImplicitConv.apply(x, weight, bias)
         return _InputGradOnlyConv.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups)
 
 
