@@ -33,7 +33,7 @@ HEADS = 64
 #: name -> (N, frames, channels). show-1-base trains at 1 x 8 x 40 x 64 (its four levels: 320, 640, 960 and 1280
 #: channels at 40x64 to 5x8, temporal attention at the lower three; the 1280 @ 10x16 row is of earlier runs);
 #: interpolation samples 14 windows of 5 frames at 40 x 64; SR1 2 x 8 frames at 160 x 256
-#: (128 to 768 channels).
+#: (128 to 768 channels: heads of 2, 4, 8 and 12).
 SHAPES = {
     "base 320 @ 40x64, 8 frames": (2560, 8, 320),
     "base 640 @ 20x32, 8 frames": (640, 8, 640),
@@ -44,6 +44,7 @@ SHAPES = {
     "interpolation 1280 @ 14x10x16, 5 frames": (2240, 5, 1280),
     "sr1 128 @ 2x160x256, 8 frames": (81920, 8, 128),
     "sr1 256 @ 2x80x128, 8 frames": (20480, 8, 256),
+    "sr1 512 @ 2x40x64, 8 frames": (5120, 8, 512),
     "sr1 768 @ 2x20x32, 8 frames": (1280, 8, 768),
 }
 #: label -> `fa._launch` overrides (kernel, pairs a program, warps, lanes a pair[, channels unrolled]); None: PyTorch
@@ -62,7 +63,7 @@ VARIANTS = {
     "pairs_dv_last": ("pairs", None, None, None),
     "pairs_int32": ("pairs", None, None, None),
     "pairs_rolled_int32": ("pairs", None, None, None, 1),
-    "dots": ("dots", None, None, None),
+    "dots": ("dots", 8, None, None),  # 64 rows at 5 to 8 frames
     "dots_32": ("dots", 4, None, None),
     "dots_128": ("dots", 16, None, None),
     "dots_half_p": ("dots", None, None, None),
@@ -185,7 +186,8 @@ def main() -> None:
               "dtype": "bfloat16", "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
               "defaults": {"pairs_frames": fa.PAIRS_FRAMES, "pairs_block": fa.PAIRS_BLOCK, "tile": fa.TILE,
                            "pairs_split": fa.PAIRS_SPLIT, "pairs_split_channels": fa.PAIRS_SPLIT_CHANNELS,
-                           "pairs_unroll": fa.PAIRS_UNROLL},
+                           "pairs_unroll": fa.PAIRS_UNROLL, "short_kernel": fa.SHORT_KERNEL,
+                           "dots_rows": fa.DOTS_ROWS, "dots_min_channels": fa.DOTS_MIN_CHANNELS},
               "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2), "rows": rows}  # fmt: skip
     write(args.out, result)
     print(f"wrote {args.out}")

@@ -189,6 +189,12 @@ def test_frame_attention_table_compares_the_pairs_kernels_with_the_tile_kernels(
                        "`pairs` against `tile` | largest error vs float64 |"
     assert lines[4] == "| base (2560, 8, 320) | 50 / 150 | 400 / 800 | 13 / 22 | 6.0x | 3.0e-03 |"
     assert lines[5] == "| sr2 (5760, 29, 320) | – | 300 / 600 | 10 / 20 | – | 1.0e-03 |"  # past 8 frames: tile only
+    assert lines[0].endswith("run); `pairs` = 64 pairs a program, the default_")
+    data["defaults"] = {"pairs_block": 64, "pairs_split": 4, "pairs_split_channels": 5, "short_kernel": "dots",
+                        "dots_rows": 32, "dots_min_channels": 8}  # fmt: skip
+    assert report.frame_attention_table(data).splitlines()[0].endswith(
+        "run); `pairs`: 64 lanes a program, heads of at least 10 channels over up to 4 lanes a pair; the default: "
+        "`dots` (32 rows a program) at heads of 8 channels or more, `pairs` below_")
 
 
 def test_bench_conv_shapes_tiny_times_each_recorded_convolution(tmp_path):
