@@ -286,6 +286,7 @@ VARIANTS = {
                                  AS_FULL),
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
                                  AS_FULL),
+    "full_cl132_dv_first": ("as full, full_cl_min_programs_132 and full_dv_first together", AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -639,7 +640,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                   (frame_attention, "DOTS_MIN_CHANNELS", 0),
                                                   (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
-                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)]}
+                   "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
+                   "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132), (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
