@@ -641,7 +641,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                   (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
                    "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
-                   "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132), (frame_attention, "PAIRS_DV", "first")]}
+                   "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132),
+                                           (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)
 BLAS_LIBRARY = {"full_cublaslt": "cublaslt"}
 
