@@ -287,6 +287,10 @@ VARIANTS = {
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
                                  AS_FULL),
     "full_cl132_dv_first": ("as full, full_cl_min_programs_132 and full_dv_first together", AS_FULL),
+    "full_cl_min_programs_0": ("as full, the channels-last norms' statistics kernels on CL_LOOP tiles a program "
+                               "however few programs that makes (fused_norm.CL_MIN_PROGRAMS = 0; the default before "
+                               "132)",
+                               AS_FULL),
     "full_cublaslt": ("as full, PyTorch's matrix products through cuBLASLt "
                       "(torch.backends.cuda.preferred_blas_library('cublaslt'); PyTorch's default is cuBLAS)",
                       AS_FULL),
@@ -641,6 +645,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                   (frame_attention, "DOTS_HALF_PROBABILITIES", True)],
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
                    "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
+                   "full_cl_min_programs_0": [(fused_norm, "CL_MIN_PROGRAMS", 0)],
                    "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132),
                                            (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)

@@ -158,8 +158,8 @@ def test_input_bias_is_added_before_the_norm_inside_the_kernels(fused, monkeypat
 
 def test_few_program_norms_take_one_tile_a_program_then_smaller_tiles(fused, monkeypatch):
     """`CL_MIN_PROGRAMS`: show-1-base's deepest norm (1,280 channels, 8 x 5 x 8 values) runs 20 statistics programs
-    by default; asked for 132, one tile a program and tiles of 32 values (200 programs); the results those of the
-    default geometry, forward and backward, and those of the float64 chain at a test size."""
+    at 0; asked for 132 (the default), one tile a program and tiles of 32 values (200 programs); the results those of
+    the geometry at 0, forward and backward, and those of the float64 chain at a test size."""
     x = torch.empty(1, 1280, 8, 5, 8).contiguous(memory_format=torch.channels_last_3d)
 
     def geometry(direction):
@@ -167,6 +167,8 @@ def test_few_program_norms_take_one_tile_a_program_then_smaller_tiles(fused, mon
                                                                                direction)  # fmt: skip
         return block_s, loop, p_stats * -(-c // block_c), p * -(-c // block_c), k
 
+    assert fused.CL_MIN_PROGRAMS == 132
+    monkeypatch.setattr(fused, "CL_MIN_PROGRAMS", 0)
     assert geometry("forward") == (128, 3, 20, 60, 40)
     monkeypatch.setattr(fused, "CL_MIN_PROGRAMS", 132)
     assert geometry("forward") == geometry("backward") == (32, 1, 200, 200, 400)
