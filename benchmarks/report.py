@@ -319,15 +319,14 @@ def frame_attention_table(data: dict) -> str:
     labels = list(dict.fromkeys(k.removesuffix("_forward") for row in rows for k in row["ms"]
                                 if k.endswith("_forward") and not k.endswith("_forward_backward")))  # fmt: skip
     defaults = data.get("defaults", {})
+    if "pairs_split" in defaults:  # lanes: a pair's channels split over up to pairs_split threads
+        lanes = (f"{defaults['pairs_block']} lanes a program, heads of at least "
+                 f"{2 * defaults['pairs_split_channels']} channels over up to {defaults['pairs_split']} lanes a pair")
     if defaults.get("short_kernel", "pairs") != "pairs":  # the "dots" kernels the default at wider heads
-        pairs = (f"`pairs`: {defaults['pairs_block']} lanes a program, heads of at least "
-                 f"{2 * defaults['pairs_split_channels']} channels over up to {defaults['pairs_split']} lanes a pair; "
-                 f"the default: `{defaults['short_kernel']}` ({defaults['dots_rows']} rows a program) at heads of "
-                 f"{defaults['dots_min_channels']} channels or more, `pairs` below")  # fmt: skip
-    elif "pairs_split" in defaults:  # lanes: a pair's channels split over up to pairs_split threads
-        pairs = (f"`pairs` = the default: {defaults['pairs_block']} lanes a program, heads of at least "
-                 f"{2 * defaults['pairs_split_channels']} channels over up to {defaults['pairs_split']} lanes a pair, "
-                 f"{defaults['pairs_split_channels']} channels or more a lane")  # fmt: skip
+        pairs = (f"`pairs`: {lanes}; the default: `{defaults['short_kernel']}` ({defaults['dots_rows']} rows a "
+                 f"program) at heads of {defaults['dots_min_channels']} channels or more, `pairs` below")
+    elif "pairs_split" in defaults:
+        pairs = f"`pairs` = the default: {lanes}, {defaults['pairs_split_channels']} channels or more a lane"
     else:
         pairs = f"`pairs` = {defaults.get('pairs_block')} pairs a program, the default"
     lines = [f"_{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit `{env.get('commit')}`, "

@@ -54,8 +54,10 @@ SHORT_KERNEL = "dots"
 #: less than 64 and 128 at every show-1-base shape (frame_attention_dots_h200.json).
 DOTS_ROWS = 32
 #: With SHORT_KERNEL = "dots", heads of fewer channels than this stay on the "pairs" kernels: padded to tl.dot's 16
-#: channels, heads of 5 (show-1-base's 40 x 64 level) took 94 / 259 us forward / backward on "dots" against 56 / 140
-#: on "pairs" (H200, frame_attention_dots_h200.json), where heads of 10 to 20 took 2.3 to 4 times less on "dots".
+#: channels, heads of 5 (show-1-base's 40 x 64 level) took 75 / 164 us forward / backward on "dots" (32 rows)
+#: against 56 / 140 on "pairs" (H200, frame_attention_dots_h200.json), where heads of 10 to 20 took 2.3 to 4 times
+#: less on "dots"; at the cascade's shapes, heads of 2 and 4 were slower on "dots" too and heads of 8 faster
+#: (frame_attention_cascade_dots_h200.json).
 DOTS_MIN_CHANNELS = 8
 #: Whether the "dots" kernels round the probabilities and their gradients to the inputs' half dtype for their
 #: products (as flash attention does: one more bf16 rounding, 2**-9, before the output's) instead of tf32 products.
