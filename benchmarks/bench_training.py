@@ -326,6 +326,15 @@ class _CudnnBenchmark(argparse.Action):
         setattr(namespace, self.dest, True)
 
 
+def _benchmark_limit(text: str) -> int:
+    """Parse `--cudnn-benchmark-limit` and set `torch.backends.cudnn.benchmark_limit` for the process."""
+    limit = int(text)
+    if limit < 0:
+        raise argparse.ArgumentTypeError(f"--cudnn-benchmark-limit {limit}: give 0 (time every algorithm) or more")
+    torch.backends.cudnn.benchmark_limit = limit
+    return limit
+
+
 def cudnn_benchmark_option(parser: argparse.ArgumentParser) -> None:
     """`--cudnn-benchmark`: cuDNN times its algorithms for each convolution shape (recorded in the JSON's env).
 
@@ -334,6 +343,9 @@ def cudnn_benchmark_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cudnn-benchmark", action=_CudnnBenchmark, nargs=0, default=False,
                         help="set torch.backends.cudnn.benchmark: cuDNN picks each convolution's algorithm by "
                              "timing the candidates at its first call, instead of by its heuristics")
+    parser.add_argument("--cudnn-benchmark-limit", type=_benchmark_limit, default=None, metavar="N",
+                        help="set torch.backends.cudnn.benchmark_limit: how many algorithms cuDNN times for each "
+                             "shape with --cudnn-benchmark (0: all; PyTorch's default 10)")
 
 
 def environment(device: torch.device, commit: str | None) -> dict:
@@ -350,6 +362,7 @@ def environment(device: torch.device, commit: str | None) -> dict:
         "cpu_count": os.cpu_count(),
         "device": str(device),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

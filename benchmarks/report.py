@@ -35,7 +35,8 @@ def environment_line(data: dict) -> str:
     parts = [env.get("gpu", env.get("device", "?")), f"torch {env.get('torch')}", f"diffusers {env.get('diffusers')}",
              f"peft {env.get('peft')}", f"commit `{str(env.get('commit'))[:12]}`", env.get("date", "")]
     if env.get("cudnn_benchmark"):
-        parts.append("cuDNN benchmark mode")
+        limit = env.get("cudnn_benchmark_limit", 10)
+        parts.append("cuDNN benchmark mode" + ("" if limit == 10 else f" ({limit or 'every'} algorithms a shape)"))
     rate = data.get("matmul_bf16_tflops")
     if rate:
         parts.append(f"bf16 matmul {rate:.0f} TFLOP/s (8192³, measured in the run)")
