@@ -36,7 +36,8 @@ def environment_line(data: dict) -> str:
              f"peft {env.get('peft')}", f"commit `{str(env.get('commit'))[:12]}`", env.get("date", "")]
     if env.get("cudnn_benchmark"):
         limit = env.get("cudnn_benchmark_limit", 10)
-        parts.append("cuDNN benchmark mode" + ("" if limit == 10 else f" ({limit or 'every'} algorithms a shape)"))
+        timed = "every algorithm" if limit == 0 else f"{limit} algorithm{'' if limit == 1 else 's'}"
+        parts.append("cuDNN benchmark mode" + ("" if limit == 10 else f" ({timed} a shape)"))
     rate = data.get("matmul_bf16_tflops")
     if rate:
         parts.append(f"bf16 matmul {rate:.0f} TFLOP/s (8192³, measured in the run)")

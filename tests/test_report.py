@@ -105,6 +105,21 @@ def test_training_summary_gives_each_run_its_ratio_to_the_reference_loop(report)
             "warm-up, capture) | 0.100 | 3.00x | 10.0 |") in report.training_summary(data)
 
 
+def test_environment_line_names_cudnn_timing_and_a_limit_other_than_pytorchs(report):
+    env = {"gpu": "GPU", "torch": "t", "diffusers": "d", "peft": "p", "commit": "abc", "date": "now"}
+    assert "cuDNN" not in report.environment_line({"env": env})
+    assert report.environment_line({"env": {**env, "cudnn_benchmark": True}}).endswith(", cuDNN benchmark mode_")
+    # results from before the limit was recorded, and PyTorch's default of 10, read the same
+    assert report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 10}}).endswith(
+        ", cuDNN benchmark mode_")
+    line = report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 3}})
+    assert line.endswith(", cuDNN benchmark mode (3 algorithms a shape)_")
+    line = report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 0}})
+    assert line.endswith(", cuDNN benchmark mode (every algorithm a shape)_")
+    line = report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 1}})
+    assert line.endswith(", cuDNN benchmark mode (1 algorithm a shape)_")
+
+
 def test_cascade_table_shows_a_streamed_t5_without_an_offload_and_its_setup_apart(report):
     text = {"parameters_b": 4.76, "mode": "stream", "encode_seconds": 0.41, "offload_seconds": 0.0,
             "peak_gib": 1.02, "to_cpu_seconds": 8.1, "stream_setup_seconds": 8.2}
