@@ -17,18 +17,31 @@ with channels-last activations and weights:
 (`results/conv_shapes_implicit_h200.json` also holds `implicit_ms`: a Triton implicit-GEMM kernel, slower than
 cuDNN there and since taken out of the library; commit 353dbe6 has it.)
 
+With `--compare-timed`, the spatial convolutions that training runs on cuDNN (`runs_on_cudnn`) are also timed
+as training calls them (the forward `conv2d`, the input gradient as `convolution_backward` asked for the input
+alone) before anything else runs at their shapes, twice: in this process with PyTorch's default algorithm choice
+(`call_ms`, and `first_call_ms`: the first call's wall time, which includes choosing the algorithm), and in a
+child process with `torch.backends.cudnn.benchmark` set (`timed_call_ms`, `timed_first_call_ms`: cuDNN times its
+candidates there, at most `--cudnn-benchmark-limit` of them). PyTorch caches the chosen algorithm for the process
+with a key that does not hold the flag, hence the second process. The difference of the first calls is what
+timing a shape costs once; the difference of the steady times, what it saves a call.
+
 GPU times are means of 30 calls between CUDA events after 3 warm-ups; on the CPU (`--tiny`, a smoke test of the
 code) wall-clock times. `rel_err` is the im2col product's largest difference from cuDNN's output, relative to the
 output's largest value.
 
     python benchmarks/bench_conv_shapes.py --out benchmarks/results/conv_shapes_h200.json
+    python benchmarks/bench_conv_shapes.py --compare-timed --cudnn-benchmark-limit 3 --out ...
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +50,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import TINY, environment, write  # noqa: E402
+from bench_training import TINY, cudnn_benchmark_option, environment, write  # noqa: E402
 
+from motion_adapters import im2col_conv, lean_backward  # noqa: E402
 from motion_adapters.lean_backward import _taps_accumulated  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config  # noqa: E402
 
@@ -157,11 +171,86 @@ def measure(call: tuple, count: int, device: torch.device, time_ms) -> dict:
     return entry
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_call(call: tuple, device: torch.device, time_ms) -> dict:
+    """First-call wall time and steady time of a spatial convolution as training runs it (see the module's doc).
+
+    Run before anything else touches the shape, so the first call is where the process chooses its algorithm.
+    """
+    kind, x_shape, w_shape, stride, padding, groups = call
+    dtype, cl = torch.bfloat16, torch.channels_last
+    gen = torch.Generator(device).manual_seed(0)
+    weight = torch.randn(w_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl)
+    x = torch.randn(x_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl)
+    if kind == "dgrad":
+        out_shape = F.conv2d(torch.empty(x_shape, device="meta"), torch.empty(w_shape, device="meta"), None, stride,
+                             padding, 1, groups).shape
+        grad = torch.randn(out_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl)
+
+        def fn():
+            return torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False, [0, 0],
+                                                       groups, (True, False, False))
+    else:
+
+        def fn():
+            return F.conv2d(x, weight, None, stride, padding, 1, groups)
+
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return {"first_call_ms": (time.perf_counter() - start) * 1e3, "call_ms": time_ms(fn)}
+
+
+def runs_on_cudnn(call: tuple) -> bool:
+    """Whether training sends this spatial convolution to cuDNN, by the layer swaps' shape rules on a GPU.
+
+    The 1 x 1 convolutions run as one GEMM (`lean_backward._PointwiseConv`), the 3 x 3 ones of at most
+    `im2col_conv.MAX_ROWS` channels-last rows as a gather and one GEMM (`im2col_conv.Im2colConv`).
+    """
+    _, x_shape, w_shape, stride, padding, groups = call
+    plain = tuple(stride) == (1, 1) and groups == 1
+    if lean_backward.POINTWISE_CONV_GEMMS and plain and tuple(w_shape[2:]) == (1, 1) and tuple(padding) == (0, 0):
+        return False
+    small = x_shape[0] * x_shape[2] * x_shape[3] <= im2col_conv.MAX_ROWS
+    return not (im2col_conv.IM2COL_CONVS and plain and tuple(w_shape[2:]) == (3, 3) and tuple(padding) == (1, 1)
+                and small)
+
+
+def _key(entry_or_call) -> tuple:
+    if isinstance(entry_or_call, dict):
+        e = entry_or_call
+        return (e["kind"], tuple(e["x"]), tuple(e["w"]), tuple(e["stride"]), tuple(e["pad"]))
+    return tuple(entry_or_call[:5])
+
+
+def _timed_in_child(args: argparse.Namespace) -> dict:
+    """The training calls' times in a child process with `torch.backends.cudnn.benchmark` set."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "timed.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--training-calls-only", "--cudnn-benchmark",
+                   "--out", str(out)] + (["--tiny"] if args.tiny else []) + (
+                   ["--cudnn-benchmark-limit", str(args.cudnn_benchmark_limit)]
+                   if args.cudnn_benchmark_limit is not None else [])  # fmt: skip
+        subprocess.run(command, check=True)
+        child = json.loads(out.read_text())
+    return {"env": child["env"], "by_key": {_key(r): r for r in child["results"]}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/conv_shapes_h200.json"))
     parser.add_argument("--tiny", action="store_true", help="a tiny Show-1 UNet: a CPU smoke test of the code")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--compare-timed", action="store_true",
+                        help="time the spatial convolutions as training calls them, here and in a child process "
+                             "with cuDNN's timed algorithm choice")
+    parser.add_argument("--training-calls-only", action="store_true", help=argparse.SUPPRESS)  # the child's part
+    cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,9 +258,26 @@ def main(argv: list[str] | None = None) -> dict:
     frames, height, width = 8, (16 if args.tiny else 40), (16 if args.tiny else 64)
     calls = conv_calls(unet_config, frames, height, width)
     time_ms = timer(device, n=2 if args.tiny else 30)
+    ordered = sorted(calls.items(), key=lambda item: -item[1])
+    spatial = [call for call, _ in ordered if len(call[2]) == 4 and runs_on_cudnn(call)]
+    first = {}  # before anything else runs at these shapes
+    if args.compare_timed or args.training_calls_only:
+        first = {_key(call): training_call(call, device, time_ms) for call in spatial}
+    if args.training_calls_only:
+        results = [{"kind": c[0], "x": list(c[1]), "w": list(c[2]), "stride": list(c[3]), "pad": list(c[4]),
+                    "count": calls[c], **first[_key(c)]} for c in spatial]  # fmt: skip
+        data = {"benchmark": "conv_shapes_training_calls", "env": environment(device, args.commit),
+                "results": results}
+        write(args.out, data)
+        return data
+    timed = _timed_in_child(args) if args.compare_timed else None
     results = []
-    for call, count in sorted(calls.items(), key=lambda item: -item[1]):
+    for call, count in ordered:
         results.append(measure(call, count, device, time_ms))
+        if _key(call) in first:
+            results[-1].update(first[_key(call)])
+            child = timed["by_key"][_key(call)]
+            results[-1].update(timed_first_call_ms=child["first_call_ms"], timed_call_ms=child["call_ms"])
         print(results[-1], flush=True)
 
     def total(key: str) -> float:
@@ -187,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
         "total_gemm_only_ms": total("gemm_only_ms"),
         "total_frame_taps_ms": total("frame_taps_ms"),
     }
+    if timed:
+        data["timed_env"] = timed["env"]
+        for key in ("first_call_ms", "call_ms", "timed_first_call_ms", "timed_call_ms"):
+            total_key = "total_" + key if "first" in key else "total_" + key + "_a_step"
+            data[total_key] = sum(r[key] * (1 if "first" in key else r["count"]) for r in results if key in r)
     write(args.out, data)
     print({k: v for k, v in data.items() if k.startswith("total")}, flush=True)
     return data

@@ -30,14 +30,19 @@ def _f(value, digits=3, suffix=""):
     return f"{value:.{digits}f}{suffix}"
 
 
+def _algorithms(limit: int | None) -> str:
+    """How many algorithms cuDNN times a shape under `torch.backends.cudnn.benchmark_limit` (None: PyTorch's 10)."""
+    limit = 10 if limit is None else limit
+    return "every algorithm" if limit == 0 else f"{limit} algorithm{'' if limit == 1 else 's'}"
+
+
 def environment_line(data: dict) -> str:
     env = data.get("env", {})
     parts = [env.get("gpu", env.get("device", "?")), f"torch {env.get('torch')}", f"diffusers {env.get('diffusers')}",
              f"peft {env.get('peft')}", f"commit `{str(env.get('commit'))[:12]}`", env.get("date", "")]
     if env.get("cudnn_benchmark"):
-        limit = env.get("cudnn_benchmark_limit", 10)
-        timed = "every algorithm" if limit == 0 else f"{limit} algorithm{'' if limit == 1 else 's'}"
-        parts.append("cuDNN benchmark mode" + ("" if limit == 10 else f" ({timed} a shape)"))
+        limit = env.get("cudnn_benchmark_limit")
+        parts.append("cuDNN benchmark mode" + ("" if limit in (None, 10) else f" ({_algorithms(limit)} a shape)"))
     rate = data.get("matmul_bf16_tflops")
     if rate:
         parts.append(f"bf16 matmul {rate:.0f} TFLOP/s (8192³, measured in the run)")
@@ -418,6 +423,32 @@ def precision_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def conv_timing_table(data: dict, steps: int = 400) -> str:
+    """`bench_conv_shapes.py --compare-timed`: what cuDNN's timed algorithm choice saves and costs, shape by shape.
+
+    A shape's timing pays in one run of `steps` steps where the time it saves (calls a step x `steps` x the steady
+    difference) exceeds what its first call cost more than the heuristic choice's.
+    """
+    limit = data.get("timed_env", {}).get("cudnn_benchmark_limit")
+    lines = [environment_line(data).rstrip("_") + f"; timed in a second process, {_algorithms(limit)} a shape_", "",
+             "| kind | input | weight | calls a step | heuristic ms | timed ms | saved a step, ms | first call, ms "
+             "(heuristic / timed) | timing costs, ms | pays in " + f"{steps} steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    saved_total = cost_total = 0.0
+    for r in data.get("results", []):
+        if "timed_call_ms" not in r:
+            continue
+        saved = r["count"] * (r["call_ms"] - r["timed_call_ms"])
+        cost = r["timed_first_call_ms"] - r["first_call_ms"]
+        saved_total, cost_total = saved_total + saved, cost_total + cost
+        lines.append(f"| {r['kind']} | {'x'.join(map(str, r['x']))} | {'x'.join(map(str, r['w']))} | {r['count']} | "
+                     f"{r['call_ms']:.4f} | {r['timed_call_ms']:.4f} | {saved:+.4f} | {r['first_call_ms']:.1f} / "
+                     f"{r['timed_first_call_ms']:.1f} | {cost:.1f} | {'yes' if saved * steps > cost else 'no'} |")
+    lines += ["", f"All shapes: {saved_total:+.3f} ms saved a step, {cost_total / 1e3:.2f} s more on their first "
+              f"calls ({steps} steps save {saved_total * steps / 1e3:+.2f} s)."]
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for path in sorted(RESULTS.glob("*.json")):
@@ -444,6 +475,8 @@ def render() -> dict[str, str]:
             blocks[f"temporal_conv:{path.stem}"] = temporal_conv_table(data)
         elif kind == "frame_attention":
             blocks[f"frame_attention:{path.stem}"] = frame_attention_table(data)
+        elif kind == "conv_shapes" and data.get("timed_env"):
+            blocks[f"conv_timing:{path.stem}"] = conv_timing_table(data)
         elif kind == "startup":
             blocks[f"startup:{path.stem}"] = startup_table(data)
         elif kind == "precision":

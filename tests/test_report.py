@@ -116,8 +116,32 @@ def test_environment_line_names_cudnn_timing_and_a_limit_other_than_pytorchs(rep
     assert line.endswith(", cuDNN benchmark mode (3 algorithms a shape)_")
     line = report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 0}})
     assert line.endswith(", cuDNN benchmark mode (every algorithm a shape)_")
+    line = report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": None}})
+    assert line.endswith(", cuDNN benchmark mode_")  # a build without cuDNN reports no limit
     line = report.environment_line({"env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 1}})
     assert line.endswith(", cuDNN benchmark mode (1 algorithm a shape)_")
+
+
+def test_conv_timing_table_weighs_each_shapes_saving_against_its_timing_cost(report):
+    env = {"gpu": "GPU", "torch": "t", "diffusers": "d", "peft": "p", "commit": "abc", "date": "now"}
+    shape = {"kind": "fwd", "x": [8, 320, 40, 64], "w": [320, 320, 3, 3], "stride": [1, 1], "pad": [1, 1]}
+    data = {"env": env, "timed_env": {**env, "cudnn_benchmark": True, "cudnn_benchmark_limit": 3}, "results": [
+        # 10 calls a step, 0.01 ms saved each: 0.1 ms a step, 40 ms in 400 steps against 30 ms of timing
+        {**shape, "count": 10, "call_ms": 0.07, "timed_call_ms": 0.06, "first_call_ms": 20.0,
+         "timed_first_call_ms": 50.0},
+        # saves 0.002 ms a step, 0.8 ms in 400 steps against 100 ms: does not pay
+        {**shape, "kind": "dgrad", "count": 1, "call_ms": 0.052, "timed_call_ms": 0.05, "first_call_ms": 20.0,
+         "timed_first_call_ms": 120.0},
+        {**shape, "x": [1, 320, 8, 2560], "w": [320, 320, 3, 1, 1], "count": 20},  # temporal: not compared
+    ]}  # fmt: skip
+    lines = report.conv_timing_table(data).splitlines()
+    assert lines[0].endswith("; timed in a second process, 3 algorithms a shape_")
+    rows = [line for line in lines if line.startswith("| fwd") or line.startswith("| dgrad")]
+    assert rows == [
+        "| fwd | 8x320x40x64 | 320x320x3x3 | 10 | 0.0700 | 0.0600 | +0.1000 | 20.0 / 50.0 | 30.0 | yes |",
+        "| dgrad | 8x320x40x64 | 320x320x3x3 | 1 | 0.0520 | 0.0500 | +0.0020 | 20.0 / 120.0 | 100.0 | no |",
+    ]
+    assert lines[-1] == "All shapes: +0.102 ms saved a step, 0.13 s more on their first calls (400 steps save +0.04 s)."
 
 
 def test_cascade_table_shows_a_streamed_t5_without_an_offload_and_its_setup_apart(report):
@@ -215,7 +239,7 @@ def test_frame_attention_table_compares_the_pairs_kernels_with_the_tile_kernels(
 def test_bench_conv_shapes_tiny_times_each_recorded_convolution(tmp_path):
     bench = load_script("benchmarks/bench_conv_shapes.py")
     out = tmp_path / "conv_shapes.json"
-    data = bench.main(["--tiny", "--out", str(out)])
+    data = bench.main(["--tiny", "--compare-timed", "--cudnn-benchmark-limit", "3", "--out", str(out)])
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(data["results"]))
     results = data["results"]
     kinds = {r["kind"] for r in results}
@@ -226,6 +250,18 @@ def test_bench_conv_shapes_tiny_times_each_recorded_convolution(tmp_path):
     spatial = [r for r in results if len(r["w"]) == 4 and r["kind"] == "fwd"]
     assert all(r["frame_taps_ms"] is None for r in spatial)
     assert data["total_cudnn_ms"] == pytest.approx(sum(r["count"] * r["cudnn_ms"] for r in results))
+    # --compare-timed: every spatial shape timed as training calls it, here and in a child with cuDNN's timing
+    assert not data["env"]["cudnn_benchmark"]
+    assert data["timed_env"]["cudnn_benchmark"] and data["timed_env"]["cudnn_benchmark_limit"] == 3
+    compared = [r for r in results if "timed_call_ms" in r]
+    on_cudnn = [r for r in results if len(r["w"]) == 4 and bench.runs_on_cudnn(
+        (r["kind"], r["x"], r["w"], r["stride"], r["pad"], 1))]  # fmt: skip
+    assert compared == on_cudnn and 0 < len(compared) < len([r for r in results if len(r["w"]) == 4])
+    assert all(r[key] > 0 for r in compared
+                            for key in ("first_call_ms", "call_ms", "timed_first_call_ms", "timed_call_ms"))
+    assert not any("timed_call_ms" in r for r in temporal)
+    assert data["total_timed_call_ms_a_step"] == pytest.approx(sum(r["count"] * r["timed_call_ms"] for r in compared))
+    assert data["total_first_call_ms"] == pytest.approx(sum(r["first_call_ms"] for r in compared))
 
 
 def test_precision_table_spans_the_draws_and_divides_by_the_dropout_noise(report):
