@@ -287,6 +287,9 @@ VARIANTS = {
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
                                  AS_FULL),
     "full_cl132_dv_first": ("as full, full_cl_min_programs_132 and full_dv_first together", AS_FULL),
+    "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --steps steps "
+                         "exceeds the timing's cost in --timed-conv-shapes (lean_backward.TIMED_CONV_SHAPES); "
+                         "the first bf16 run of its process, so no choice is cached before it", AS_FULL),
     "full_cl_min_programs_0": ("as full, the channels-last norms' statistics kernels on CL_LOOP tiles a program "
                                "however few programs that makes (fused_norm.CL_MIN_PROGRAMS = 0; the default before "
                                "132)",
@@ -601,6 +604,16 @@ def loss_agreement(runs: dict, window: int = 25) -> dict:
     return out
 
 
+def paying_conv_shapes(path: Path, steps: int) -> frozenset:
+    """The (kind, input shape, weight shape) of a `--compare-timed` result whose timing pays within `steps` steps."""
+    data = json.loads(path.read_text())
+    if not data.get("timed_env"):
+        raise SystemExit(f"--timed-conv-shapes {path}: not a `bench_conv_shapes.py --compare-timed` result")
+    return frozenset(
+        (r["kind"], tuple(r["x"]), tuple(r["w"])) for r in data["results"] if "timed_call_ms" in r
+        and r["count"] * (r["call_ms"] - r["timed_call_ms"]) * steps > r["timed_first_call_ms"] - r["first_call_ms"])
+
+
 #: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration
 MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)],
                    "full_unpacked_dropout": [(lean_backward, "DROPOUT_BACKWARD_KERNEL", False)],
@@ -774,11 +787,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-stacks", action="store_true",
                         help="with --profile: also rank the copies (copy_, clone, contiguous, _to_copy) by the "
                              "Python lines that make them, and the kernels by operator, shapes and autograd node")
+    parser.add_argument("--timed-conv-shapes", type=Path, default=None, metavar="JSON",
+                        help="for full_timed_convs: a `bench_conv_shapes.py --compare-timed` result; the shapes "
+                             "whose timing pays within --other-steps steps are timed")
     cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
-    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    names = args.variants.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
     if unknown:  # before minutes of set-up and runs, not after them
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if "full_timed_convs" in names:
+        if args.timed_conv_shapes is None:
+            parser.error("--variants full_timed_convs needs --timed-conv-shapes JSON (bench_conv_shapes.py "
+                         "--compare-timed)")
+        if names.index("full_timed_convs") > 0 and any(VARIANTS[n][1] is not None for n in names[:names.index(
+                "full_timed_convs")]):
+            parser.error("--variants: put full_timed_convs first among the train_motion runs (a process keeps "
+                         "the algorithms its first calls chose)")
+        timed_shapes = paying_conv_shapes(args.timed_conv_shapes, args.other_steps)
+        MODULE_SETTINGS["full_timed_convs"] = [(lean_backward, "TIMED_CONV_SHAPES", timed_shapes)]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_config = {**show1_base_config(), **(TINY if args.tiny else {})}
@@ -793,6 +820,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "target": {"seconds_400": 15.0, "peak_gib": 8.0}},
         "runs": {},
     }
+    if "full_timed_convs" in names:
+        data["settings"]["timed_conv_shapes"] = {"from": args.timed_conv_shapes.name,
+                                                 "shapes": sorted([k, list(x), list(w)] for k, x, w in timed_shapes)}
     print(json.dumps(data["env"]), flush=True)
     data["flops"] = step_flops(unet_config, args.frames, height, width, text_len)
     data["matmul_bf16_tflops"] = matmul_tflops(device)

@@ -172,6 +172,30 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+#: Convolutions whose algorithm cuDNN chooses by timing its candidates (`torch.backends.cudnn.benchmark` set around
+#: the call), as `(kind, input shape, weight shape)` with kind "fwd" (the convolution) or "dgrad" (its input
+#: gradient); the others keep PyTorch's heuristic choice. PyTorch caches a shape's choice for the process at its
+#: first call, so the timing is paid once a process and shape. Timing every shape (`cudnn_benchmark=True`) made
+#: steps 1.04 times faster on an H200 but cost about 12 s once (docs/performance.md); this set is for the shapes
+#: whose saving over a run exceeds their timing's cost (`benchmarks/bench_conv_shapes.py --compare-timed`). Empty:
+#: no shape is timed.
+TIMED_CONV_SHAPES: frozenset[tuple[str, tuple[int, ...], tuple[int, ...]]] = frozenset()
+
+
+@contextmanager
+def _timed_choice(kind: str, x_shape, w_shape) -> Iterator[None]:
+    """Set `torch.backends.cudnn.benchmark` for the block when `(kind, x_shape, w_shape)` is in TIMED_CONV_SHAPES."""
+    if not TIMED_CONV_SHAPES or (kind, tuple(x_shape), tuple(w_shape)) not in TIMED_CONV_SHAPES:
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 class _InputGradOnlyConv(torch.autograd.Function):
     """A convolution whose backward pass computes the input's gradient only, so it keeps the weight, not the input.
 
@@ -185,7 +209,8 @@ class _InputGradOnlyConv(torch.autograd.Function):
         dims = weight.ndim - 2
         ctx.save_for_backward(weight)
         ctx.conv = (x.shape, x.dtype, _memory_format(x), stride, padding, dilation, groups, dims)
-        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
+        with _timed_choice("fwd", x.shape, weight.shape):
+            return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -199,10 +224,11 @@ class _InputGradOnlyConv(torch.autograd.Function):
             placeholder = torch.empty(shape, dtype=weight.dtype, device=grad.device, memory_format=memory_format)
         else:
             placeholder = grad.new_empty(1).expand(shape)
-        grad_input = torch.ops.aten.convolution_backward(
-            grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims, groups,
-            (True, False, False),
-        )[0]  # fmt: skip
+        with _timed_choice("dgrad", shape, weight.shape):
+            grad_input = torch.ops.aten.convolution_backward(
+                grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims,
+                groups, (True, False, False),
+            )[0]  # fmt: skip
         return grad_input.to(dtype), None, None, None, None, None, None
 
 

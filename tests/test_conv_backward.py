@@ -59,3 +59,37 @@ def test_the_backward_pass_copies_no_activation(monkeypatch, typed):
     made = [(e.name, e.input_shapes) for e in prof.events() if e.name in copies]
     activation_copies = [m for m in made if m[1] and list(m[1][0]) == list(x.shape)]
     assert (activation_copies == []) is typed, made  # the old stand-in shows what this test catches
+
+
+def test_listed_shapes_have_their_algorithm_timed_and_the_others_keep_the_callers_setting(monkeypatch):
+    """TIMED_CONV_SHAPES: cuDNN's timing is on for the listed (kind, input, weight) calls only, and restored."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Flags(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+                kind = "fwd" if func is torch.ops.aten.convolution.default else "dgrad"
+                self.seen.append((kind, torch.backends.cudnn.benchmark))
+            return func(*args, **(kwargs or {}))
+
+    def run(case):
+        x, w, args = convolved(case, torch.float32)
+        out = _InputGradOnlyConv.apply(x, w, None, *args)
+        out.sum().backward()
+        return (tuple(x.shape), tuple(w.shape))
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    shape = run("2d_channels_last")
+    for listed, expected in ((frozenset(), [("fwd", False), ("dgrad", False)]),
+                             (frozenset({("fwd", *shape)}), [("fwd", True), ("dgrad", False)]),
+                             (frozenset({("dgrad", *shape)}), [("fwd", False), ("dgrad", True)]),
+                             (frozenset({("fwd", (9, 9, 9, 9), shape[1])}), [("fwd", False), ("dgrad", False)])):
+        monkeypatch.setattr(lean_backward, "TIMED_CONV_SHAPES", listed)
+        with Flags() as flags:
+            run("2d_channels_last")
+        assert flags.seen == expected, listed
+        assert torch.backends.cudnn.benchmark is False  # the caller's setting, back after each call

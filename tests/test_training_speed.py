@@ -1,8 +1,8 @@
 """The speed and memory options of train_motion: frozen-weight dtype, selective checkpointing, compile, graphs."""
 
-
 import contextlib
 import functools
+import json
 
 import pytest
 import torch
@@ -564,3 +564,32 @@ def test_bench_training_names_an_unknown_variant_before_it_runs_anything(capsys)
     with pytest.raises(SystemExit):
         bench_training.main(["--tiny", "--variants", "full,full_rerun"])
     assert "unknown ['full_rerun']" in capsys.readouterr().err
+
+
+def test_bench_training_times_the_conv_shapes_that_pay_and_refuses_a_misordered_run(tmp_path, capsys):
+    shape = {"kind": "fwd", "x": [8, 32, 16, 16], "w": [32, 32, 3, 3], "stride": [1, 1], "pad": [1, 1]}
+    study = {"benchmark": "conv_shapes", "timed_env": {"cudnn_benchmark": True}, "results": [
+        # 0.01 ms saved a call x 4 calls x 100 steps = 4 ms against 3 ms of timing: pays
+        {**shape, "count": 4, "call_ms": 0.05, "timed_call_ms": 0.04, "first_call_ms": 1.0,
+         "timed_first_call_ms": 4.0},
+        # the same saving against 5 ms: does not
+        {**shape, "kind": "dgrad", "count": 4, "call_ms": 0.05, "timed_call_ms": 0.04, "first_call_ms": 1.0,
+         "timed_first_call_ms": 6.0},
+        {**shape, "x": [1, 32, 8, 256], "w": [32, 32, 3, 1, 1], "count": 20},  # temporal: never compared
+    ]}  # fmt: skip
+    path = tmp_path / "conv_timing.json"
+    path.write_text(json.dumps(study))
+    assert bench_training.paying_conv_shapes(path, 100) == {("fwd", (8, 32, 16, 16), (32, 32, 3, 3))}
+    assert bench_training.paying_conv_shapes(path, 1000) == {("fwd", (8, 32, 16, 16), (32, 32, 3, 3)),
+                                                             ("dgrad", (8, 32, 16, 16), (32, 32, 3, 3))}
+    plain = tmp_path / "conv_shapes.json"
+    plain.write_text(json.dumps({"benchmark": "conv_shapes", "results": study["results"]}))
+    with pytest.raises(SystemExit, match="not a `bench_conv_shapes.py --compare-timed` result"):
+        bench_training.paying_conv_shapes(plain, 100)
+    with pytest.raises(SystemExit):
+        bench_training.main(["--tiny", "--variants", "full_timed_convs"])
+    assert "needs --timed-conv-shapes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a train_motion run before it would have cached its shapes' choices
+        bench_training.main(["--tiny", "--variants", "baseline,full,full_timed_convs",
+                             "--timed-conv-shapes", str(path)])
+    assert "put full_timed_convs first" in capsys.readouterr().err
