@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -182,12 +182,14 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 TIMED_CONV_SHAPES: frozenset[tuple[str, tuple[int, ...], tuple[int, ...]]] = frozenset()
 
 
+def _timed(kind: str, x_shape, w_shape) -> bool:
+    """Whether `(kind, x_shape, w_shape)` is in TIMED_CONV_SHAPES."""
+    return bool(TIMED_CONV_SHAPES) and (kind, tuple(x_shape), tuple(w_shape)) in TIMED_CONV_SHAPES
+
+
 @contextmanager
-def _timed_choice(kind: str, x_shape, w_shape) -> Iterator[None]:
-    """Set `torch.backends.cudnn.benchmark` for the block when `(kind, x_shape, w_shape)` is in TIMED_CONV_SHAPES."""
-    if not TIMED_CONV_SHAPES or (kind, tuple(x_shape), tuple(w_shape)) not in TIMED_CONV_SHAPES:
-        yield
-        return
+def _cudnn_timing() -> Iterator[None]:
+    """`torch.backends.cudnn.benchmark` set for the block, the caller's setting back after it."""
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
@@ -209,7 +211,7 @@ class _InputGradOnlyConv(torch.autograd.Function):
         dims = weight.ndim - 2
         ctx.save_for_backward(weight)
         ctx.conv = (x.shape, x.dtype, _memory_format(x), stride, padding, dilation, groups, dims)
-        with _timed_choice("fwd", x.shape, weight.shape):
+        with _cudnn_timing() if _timed("fwd", x.shape, weight.shape) else nullcontext():
             return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
 
     @staticmethod
@@ -224,7 +226,7 @@ class _InputGradOnlyConv(torch.autograd.Function):
             placeholder = torch.empty(shape, dtype=weight.dtype, device=grad.device, memory_format=memory_format)
         else:
             placeholder = grad.new_empty(1).expand(shape)
-        with _timed_choice("dgrad", shape, weight.shape):
+        with _cudnn_timing() if _timed("dgrad", shape, weight.shape) else nullcontext():
             grad_input = torch.ops.aten.convolution_backward(
                 grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims,
                 groups, (True, False, False),
