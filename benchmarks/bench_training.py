@@ -287,8 +287,8 @@ VARIANTS = {
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
                                  AS_FULL),
     "full_cl132_dv_first": ("as full, full_cl_min_programs_132 and full_dv_first together", AS_FULL),
-    "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --steps steps "
-                         "exceeds the timing's cost in --timed-conv-shapes (lean_backward.TIMED_CONV_SHAPES); "
+    "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --other-steps "
+                         "steps exceeds the timing's cost in --timed-conv-shapes (lean_backward.TIMED_CONV_SHAPES); "
                          "the first bf16 run of its process, so no choice is cached before it", AS_FULL),
     "full_cl_min_programs_0": ("as full, the channels-last norms' statistics kernels on CL_LOOP tiles a program "
                                "however few programs that makes (fused_norm.CL_MIN_PROGRAMS = 0; the default before "

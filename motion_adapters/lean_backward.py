@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from motion_adapters.fused_norm import (
 from motion_adapters.im2col_conv import Im2colConv, im2col_conv_applies
 from motion_adapters.resample import plain_upsampler, resample
 from motion_adapters.temporal_conv import temporal_conv
-from motion_adapters.training_step import FrameConv
+from motion_adapters.training_step import FrameConv, cudnn_benchmark
 
 
 @contextmanager
@@ -187,17 +187,6 @@ def _timed(kind: str, x_shape, w_shape) -> bool:
     return bool(TIMED_CONV_SHAPES) and (kind, tuple(x_shape), tuple(w_shape)) in TIMED_CONV_SHAPES
 
 
-@contextmanager
-def _cudnn_timing() -> Iterator[None]:
-    """`torch.backends.cudnn.benchmark` set for the block, the caller's setting back after it."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
 class _InputGradOnlyConv(torch.autograd.Function):
     """A convolution whose backward pass computes the input's gradient only, so it keeps the weight, not the input.
 
@@ -211,7 +200,7 @@ class _InputGradOnlyConv(torch.autograd.Function):
         dims = weight.ndim - 2
         ctx.save_for_backward(weight)
         ctx.conv = (x.shape, x.dtype, _memory_format(x), stride, padding, dilation, groups, dims)
-        with _cudnn_timing() if _timed("fwd", x.shape, weight.shape) else nullcontext():
+        with cudnn_benchmark(_timed("fwd", x.shape, weight.shape)):
             return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * dims, groups)
 
     @staticmethod
@@ -226,7 +215,7 @@ class _InputGradOnlyConv(torch.autograd.Function):
             placeholder = torch.empty(shape, dtype=weight.dtype, device=grad.device, memory_format=memory_format)
         else:
             placeholder = grad.new_empty(1).expand(shape)
-        with _cudnn_timing() if _timed("dgrad", shape, weight.shape) else nullcontext():
+        with cudnn_benchmark(_timed("dgrad", shape, weight.shape)):
             grad_input = torch.ops.aten.convolution_backward(
                 grad.to(weight.dtype), placeholder, weight, None, stride, padding, dilation, False, [0] * dims,
                 groups, (True, False, False),
