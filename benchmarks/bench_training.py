@@ -38,9 +38,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.models.resnet import TemporalConvLayer  # noqa: E402
+from report import timing_pays  # noqa: E402
 
 from motion_adapters import (  # noqa: E402
     frame_attention,
@@ -609,9 +611,8 @@ def paying_conv_shapes(path: Path, steps: int) -> frozenset:
     data = json.loads(path.read_text())
     if not data.get("timed_env"):
         raise SystemExit(f"--timed-conv-shapes {path}: not a `bench_conv_shapes.py --compare-timed` result")
-    return frozenset(
-        (r["kind"], tuple(r["x"]), tuple(r["w"])) for r in data["results"] if "timed_call_ms" in r
-        and r["count"] * (r["call_ms"] - r["timed_call_ms"]) * steps > r["timed_first_call_ms"] - r["first_call_ms"])
+    return frozenset((r["kind"], tuple(r["x"]), tuple(r["w"])) for r in data["results"]
+                     if "timed_call_ms" in r and timing_pays(r, steps))
 
 
 #: variant -> module constants it runs with (restored afterwards): kernel choices that are not configuration

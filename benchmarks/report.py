@@ -423,6 +423,12 @@ def precision_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def timing_pays(row: dict, steps: int) -> bool:
+    """Whether timing a `--compare-timed` shape saves more in `steps` steps than its first call cost more."""
+    saved = row["count"] * (row["call_ms"] - row["timed_call_ms"])
+    return saved * steps > row["timed_first_call_ms"] - row["first_call_ms"]
+
+
 def conv_timing_table(data: dict, steps: int = 400) -> str:
     """`bench_conv_shapes.py --compare-timed`: what cuDNN's timed algorithm choice saves and costs, shape by shape.
 
@@ -443,7 +449,7 @@ def conv_timing_table(data: dict, steps: int = 400) -> str:
         saved_total, cost_total = saved_total + saved, cost_total + cost
         lines.append(f"| {r['kind']} | {'x'.join(map(str, r['x']))} | {'x'.join(map(str, r['w']))} | {r['count']} | "
                      f"{r['call_ms']:.4f} | {r['timed_call_ms']:.4f} | {saved:+.4f} | {r['first_call_ms']:.1f} / "
-                     f"{r['timed_first_call_ms']:.1f} | {cost:.1f} | {'yes' if saved * steps > cost else 'no'} |")
+                     f"{r['timed_first_call_ms']:.1f} | {cost:.1f} | {'yes' if timing_pays(r, steps) else 'no'} |")
     lines += ["", f"All shapes: {saved_total:+.3f} ms saved a step, {cost_total / 1e3:.2f} s more on their first "
               f"calls ({steps} steps save {saved_total * steps / 1e3:+.2f} s)."]
     return "\n".join(lines)
