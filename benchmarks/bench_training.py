@@ -289,6 +289,9 @@ VARIANTS = {
     "full_cl_min_programs_264": ("as full_cl_min_programs_132, with 264 (fused_norm.CL_MIN_PROGRAMS = 264)",
                                  AS_FULL),
     "full_cl132_dv_first": ("as full, full_cl_min_programs_132 and full_dv_first together", AS_FULL),
+    "full_skip_grads": ("as full, each ResNet's and temporal convolution layer's residual gradient added inside "
+                        "the input-gradient kernel of the norm that starts its branch, not by autograd in a pass "
+                        "of its own (lean_backward.SKIP_GRADS_IN_NORMS)", AS_FULL),
     "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --other-steps "
                          "steps exceeds the timing's cost in --timed-conv-shapes (lean_backward.TIMED_CONV_SHAPES); "
                          "the first bf16 run of its process, so no choice is cached before it", AS_FULL),
@@ -673,6 +676,7 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_cl_min_programs_132": [(fused_norm, "CL_MIN_PROGRAMS", 132)],
                    "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
                    "full_cl_min_programs_0": [(fused_norm, "CL_MIN_PROGRAMS", 0)],
+                   "full_skip_grads": [(lean_backward, "SKIP_GRADS_IN_NORMS", True)],
                    "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132),
                                            (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)

@@ -292,9 +292,10 @@ if triton is not None:
 
     @triton.jit
     def _input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                    mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, C, G, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    HAS_F: tl.constexpr, HAS_XB: tl.constexpr, ACTIVATION: tl.constexpr,
-                    BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+                    mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, e_ptr, C, G, S, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr, HAS_E: tl.constexpr,
+                    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        """The input gradient of chunk `p` of channel row `nc`; HAS_E: plus `e` (another gradient of x) there."""
         if PDL:
             _await_previous_kernel()
         nc = tl.program_id(0)
@@ -309,7 +310,10 @@ if triton is not None:
         c2 = tl.load(c2_ptr + row)
         at = nc.to(tl.int64) * S + offs
         xhat, dxhat = _normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
-        tl.store(dx_ptr + at, (rstd * (dxhat - c1 - xhat * c2)).to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = rstd * (dxhat - c1 - xhat * c2)
+        if HAS_E:
+            dx += tl.load(e_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
     # Channels-last: `x` is (N, S, C) in memory (channels innermost, as NHWC and NDHWC tensors are). A program takes
@@ -492,11 +496,14 @@ if triton is not None:
 
     @triton.jit
     def _cl_input_grad(x_ptr, dy_ptr, dx_ptr, c1_ptr, c2_ptr, w_ptr, b_ptr, f_ptr, s_ptr, f_sn, f_sc, s_sn, s_sc,
-                       mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, s1_part, s2_part, C, G, S, P, P_STATS,
+                       mean_ptr, rstd_ptr, xb_ptr, xb_sn, xb_sc, s1_part, s2_part, e_ptr, C, G, S, P, P_STATS,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_F: tl.constexpr, HAS_XB: tl.constexpr,
-                       ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
-        """The input gradient of one tile; FOLD: the group sums from the chunk sums here (no `_group_grad_means`)."""
+                       HAS_E: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                       FOLD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        """The input gradient of one tile, plus `e` (another gradient of x, in x's layout) where HAS_E.
+
+        FOLD: the group sums from the chunk sums here (no `_group_grad_means`).
+        """
         if PDL:
             _await_previous_kernel()
         n, p, c, cmask, mask, at = _cl_tile(tl.program_id(0), tl.program_id(1), C, S, P, BLOCK_S, BLOCK_C)
@@ -515,6 +522,8 @@ if triton is not None:
             c2 = tl.load(c2_ptr + row, mask=cmask, other=0.0)
         xhat, dxhat = _cl_normalized_and_grad(x_ptr, dy_ptr, at, mask, mean, rstd, weight, offset, ACTIVATION)
         dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+        if HAS_E:
+            dx += tl.load(e_ptr + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -695,18 +704,23 @@ def group_norm_act_forward(x, weight, bias, factor, shift, groups: int, eps: flo
 
 
 def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str,
-                            input_bias=None):  # fmt: skip
+                            input_bias=None, extra=None):  # fmt: skip
     """The gradient of `group_norm_act_forward`'s output with respect to `x` alone, in x's dtype.
 
     `mean` and `rstd` are the statistics the forward pass returned; the pre-activation is recomputed from `x` (plus
     `input_bias`, the one the forward pass took, inside the kernels). The gradient with respect to `x` is also the
-    one with respect to `x + input_bias`; none is computed for the bias.
+    one with respect to `x + input_bias`; none is computed for the bias. `extra`, another gradient of `x` (a
+    residual connection's), is added: in the last kernel's float32 sum where it has x's shape and strides (one
+    rounding, no pass of its own), else by PyTorch's addition after it.
 
     Example:
         >>> dx = group_norm_act_backward(grad, x, None, None, None, None, mean, rstd, 32, "silu")  # doctest: +SKIP
     """
+    in_kernel = extra is not None and extra.shape == x.shape and extra.stride() == x.stride()
     with _on_device(x):
-        return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation, input_bias)
+        dx = _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation, input_bias,
+                       extra if in_kernel else None)  # fmt: skip
+    return dx if extra is None or in_kernel else dx + extra
 
 
 def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int, int, int]:
@@ -831,12 +845,16 @@ def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, a
     return y, stats[0], stats[1]
 
 
-def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str, input_bias=None):
+def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str, input_bias=None,
+              extra=None):  # fmt: skip
+    """`extra`, where given, has x's shape and strides."""
     xb_args, xb_flag = _input_bias_args(x, input_bias)
     rows = channels_last_rows(x)
     if rows is not None:
         return _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups, activation, xb_args,
-                            xb_flag)  # fmt: skip
+                            xb_flag, extra)  # fmt: skip
+    if extra is not None and not x.is_contiguous():  # the kernels below write a contiguous dx
+        return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation, input_bias) + extra
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
     n, c, s, block, p, warps, k = _layout(x, groups)
     affine, flags = _affine_args(x, weight, bias, factor, shift)
@@ -850,13 +868,15 @@ def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, act
     _group_grad_means[(n * groups,)](parts[0], parts[1], means[0], means[1], k, (c // groups) * s,
                                      BLOCK_K=_block_k(k), **pdl)  # fmt: skip
     dx = torch.empty_like(x)
-    _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, c, groups, s, **flags,
-                            **xb_flag, ACTIVATION=act, BLOCK=block, num_warps=warps, **pdl)  # fmt: skip
+    _input_grad[(n * c, p)](x, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args,
+                            dx if extra is None else extra, c, groups, s, **flags, **xb_flag,
+                            HAS_E=extra is not None, ACTIVATION=act, BLOCK=block, num_warps=warps,
+                            **pdl)  # fmt: skip
     return dx
 
 
 def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups: int, activation: str, xb_args,
-                 xb_flag):  # fmt: skip
+                 xb_flag, extra=None):  # fmt: skip
     grad = grad.to(x.dtype)
     if channels_last_rows(grad) is None:  # the kernels read grad as they read x: (N, values, C) rows
         grad = torch.empty_like(x).copy_(grad)
@@ -878,9 +898,10 @@ def _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups:
                                          BLOCK_K=_block_k(k), **pdl)  # fmt: skip
     dx = torch.empty_like(x)
     _cl_input_grad[(n * p, tiles)](rows, grad, dx, means[0], means[1], *affine, mean, rstd, *xb_args, parts[0],
-                                   parts[1], c, groups, s, p, p_stats, **flags, **xb_flag, ACTIVATION=act,
-                                   BLOCK_S=block_s, BLOCK_C=block_c, FOLD=fold, BLOCK_K=fold_k,
-                                   num_warps=warps, **pdl)  # fmt: skip
+                                   parts[1], dx if extra is None else extra, c, groups, s, p, p_stats, **flags,
+                                   **xb_flag, HAS_E=extra is not None, ACTIVATION=act, BLOCK_S=block_s,
+                                   BLOCK_C=block_c, FOLD=fold, BLOCK_K=fold_k, num_warps=warps,
+                                   **pdl)  # fmt: skip
     return dx
 
 

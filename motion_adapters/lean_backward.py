@@ -451,17 +451,23 @@ class _GroupNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation, fused=False, input_bias=None):
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, activation, fused=False, input_bias=None,
+                skip=False):  # fmt: skip
         n, c = x.shape[:2]
         hw = x.numel() // (n * c)
         ctx.fused = fused
         ctx.norm = (n, c, hw, groups, eps, activation)
+        if skip:  # `(y, x)`: x again for a residual connection, whose gradient the backward pass adds in
+            if not fused:
+                raise ValueError("skip=True adds the skip's gradient inside the fused kernels only")
+            ctx.set_materialize_grads(False)
         if fused:
             y, mean, rstd = group_norm_act_forward(x, weight, bias, scale, shift, groups, eps, activation, input_bias)
             ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd, input_bias)
             out_dtype = x.dtype if scale is None else torch.promote_types(torch.promote_types(x.dtype, scale.dtype),
                                                                           shift.dtype)  # fmt: skip
-            return y.view(x.shape).to(out_dtype)
+            y = y.view(x.shape).to(out_dtype)
+            return (y, x) if skip else y
         if input_bias is not None:
             raise ValueError("input_bias is added inside the fused kernels only: add it to x for PyTorch's kernels.")
         y, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), weight, bias, n, c, hw, groups, eps)
@@ -472,13 +478,16 @@ class _GroupNormAct(torch.autograd.Function):
         return _activate(y, activation)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_skip=None):
         x, weight, bias, scale, shift, mean, rstd, input_bias = ctx.saved_tensors
         n, c, hw, groups, eps, activation = ctx.norm
+        none = (None,) * 10
+        if grad is None:  # with skip=True, where y reached nothing that needs a gradient
+            return grad_skip, *none
         if ctx.fused:
             grad_x = group_norm_act_backward(grad, x, weight, bias, scale, shift, mean, rstd, groups, activation,
-                                             input_bias)  # fmt: skip
-            return grad_x.view(x.shape), None, None, None, None, None, None, None, None, None
+                                             input_bias, grad_skip)  # fmt: skip
+            return grad_x.view(x.shape), *none
         shape, x = x.shape, x.contiguous()
         y = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)[0].view(shape)
         pre = y if scale is None else y * scale + shift
@@ -491,7 +500,7 @@ class _GroupNormAct(torch.autograd.Function):
         grad_x = torch.ops.aten.native_group_norm_backward(
             grad_y.contiguous(), x, mean, rstd, weight, n, c, hw, groups, [True, False, False]
         )[0]  # fmt: skip
-        return grad_x.view(shape), None, None, None, None, None, None, None, None, None
+        return grad_x.view(shape), *none
 
 
 def group_norm_act_keeping_input(
@@ -503,7 +512,8 @@ def group_norm_act_keeping_input(
     shift: torch.Tensor | None = None,
     fused: bool = False,
     input_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    skip: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`act(norm(x) * (1 + scale) + shift)` for a frozen `norm`, keeping only `x` for the backward pass.
 
     `activation` is "silu" or "gelu"; `scale` and `shift` are optional and must not require gradients. Runs in the
@@ -513,6 +523,11 @@ def group_norm_act_keeping_input(
     (broadcastable to (N, C, 1, ...)) is added to `x` first: inside the fused kernels (both ways; the gradient
     reaching `x` is the one reaching `x + input_bias`), or as its own addition elsewhere and where it requires
     gradients.
+
+    `skip=True` returns `(output, x)` for a residual connection to take `x` from: on the fused kernels, with
+    gradients on and `x` already in the norm's dtype (no `input_bias`), the gradient reaching that `x` is added
+    inside the norm's input-gradient kernel instead of by autograd's sum of the two afterwards; elsewhere it is
+    `x` itself, and autograd sums them as before.
 
     Example:
         >>> norm = torch.nn.GroupNorm(2, 4)
@@ -526,10 +541,13 @@ def group_norm_act_keeping_input(
     with torch.autocast(x.device.type, enabled=False):
         factor = None if scale is None else 1 + scale  # in scale's dtype, as diffusers computes it
         fused = fused and fused_norm_available(x)
+        if skip and not (fused and input_bias is None and x.dtype == dtype and torch.is_grad_enabled()):
+            return group_norm_act_keeping_input(norm, x, activation, float32_norms, scale, shift, fused,
+                                                input_bias), x  # fmt: skip
         if input_bias is not None and (not fused or (input_bias.requires_grad and torch.is_grad_enabled())):
             x, input_bias = x + _channel_view(input_bias, x), None
         return _GroupNormAct.apply(x.to(dtype), weight, bias, factor, shift, norm.num_groups, norm.eps, activation,
-                                   fused, input_bias)  # fmt: skip
+                                   fused, input_bias, skip)  # fmt: skip
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -609,14 +627,42 @@ class _BitMaskDropout(torch.autograd.Function):
 DROPOUT_BACKWARD_KERNEL = True
 
 
-def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x: torch.Tensor) -> torch.Tensor:
-    x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), float32_norms, fused=fused)
+def _norm_act_sequential(seq: nn.Sequential, float32_norms: bool, fused: bool, x: torch.Tensor, skip: bool = False):
+    """`seq(x)` with its norm -> activation pair recomputed and dropout's mask kept as bits.
+
+    With `skip`, `(seq(x), x)`, `x` as `group_norm_act_keeping_input(skip=True)` hands it on.
+    """
+    x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), float32_norms, fused=fused, skip=skip)
+    x, kept = x if skip else (x, None)
     for module in list(seq)[2:]:
         if type(module) is nn.Dropout and module.training and 0 < module.p < 1 and torch.is_grad_enabled():
             x = _BitMaskDropout.apply(x, module.p)
         else:
             x = module(x)
-    return x
+    return (x, kept) if skip else x
+
+
+def _temporal_conv_layer_training(layer: nn.Module, float32_norms: bool, fused: bool, hidden_states: torch.Tensor,
+                                  num_frames: int = 1) -> torch.Tensor:  # fmt: skip
+    """Diffusers' `TemporalConvLayer` forward with the residual's gradient added inside the first norm's kernel.
+
+    The four sequences run as `frozen_activations_recomputed` runs them; the first one's norm hands `x` on for the
+    residual addition (`group_norm_act_keeping_input(skip=True)`), so the backward pass sums the two gradients of
+    `x` in the norm's input-gradient kernel, not in a pass of their own.
+    """
+    x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
+    x, identity = _norm_act_sequential(layer.conv1, float32_norms, fused, x, skip=True)
+    for seq in (layer.conv2, layer.conv3, layer.conv4):
+        x = seq(x)
+    x = identity + x
+    return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
+
+
+#: Whether training on the fused norms adds each residual connection's gradient inside the input-gradient kernel
+#: of the norm that starts its branch (the ResNets' first norm, the temporal convolution layers' first), instead
+#: of autograd summing the two gradients in a pass of its own (show-1-base has 30 of each, those after the frozen
+#: prefix summed in a backward pass). Off until timed on a GPU (`bench_training.py`'s `full_skip_grads`).
+SKIP_GRADS_IN_NORMS = False
 
 
 #: Whether sampling on the fused norms adds the convolution biases inside the norms (`fused_norm_activations`);
@@ -707,7 +753,12 @@ def _resnet_keeping_inputs(block: nn.Module, float32_norms: bool, fused: bool, i
     sampling = fused and not torch.is_grad_enabled()  # sampling on the fused kernels
     fold = FOLD_CONV_BIASES and sampling and fused_norm_available(input_tensor)
     train_fold = FOLD_CONV_BIASES_TRAINING and fused and not sampling and fused_norm_available(input_tensor)
-    hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms, fused=fused)
+    if SKIP_GRADS_IN_NORMS and fused and not sampling:  # the residual's gradient added in norm1's kernel
+        hidden_states, input_tensor = group_norm_act_keeping_input(block.norm1, input_tensor, activation,
+                                                                   float32_norms, fused=fused, skip=True)
+    else:
+        hidden_states = group_norm_act_keeping_input(block.norm1, input_tensor, activation, float32_norms,
+                                                     fused=fused)  # fmt: skip
     if block.upsample is not None:
         if hidden_states.shape[0] >= 64 and not sampling:
             input_tensor, hidden_states = input_tensor.contiguous(), hidden_states.contiguous()
@@ -794,6 +845,18 @@ def _temporal_conv_layer_qualifies(layer: nn.Module) -> bool:
         and not any(hasattr(m, "_hf_hook") or "forward" in vars(m) for m in seq)
         for seq in seqs
     )  # fmt: skip
+
+
+def _temporal_conv_layer_sequences_chosen(layer: nn.Module, chosen: dict) -> bool:
+    """A diffusers `TemporalConvLayer` run as written, all four of whose sequences are in `chosen`.
+
+    (Their convolutions may run other forwards already: `frozen_convs_keep_no_input`'s.)
+    """
+    from diffusers.models.resnet import TemporalConvLayer
+
+    return (type(layer) is TemporalConvLayer and type(layer).forward is TemporalConvLayer.forward
+            and "forward" not in vars(layer) and not hasattr(layer, "_hf_hook")
+            and all(getattr(layer, f"conv{i}", None) in chosen for i in range(1, 5)))  # fmt: skip
 
 
 def _resnet_qualifies(block: nn.Module, frozen: bool = True) -> bool:
@@ -976,6 +1039,8 @@ def frozen_activations_recomputed(
         for m in unet.modules():
             if type(m).__name__ == "FeedForward" and (parts := _frozen_geglu_parts(m)) is not None:
                 chosen[m] = functools.partial(_geglu_feed_forward, m, parts)
+            elif SKIP_GRADS_IN_NORMS and fused_norms and _temporal_conv_layer_sequences_chosen(m, chosen):
+                chosen[m] = functools.partial(_temporal_conv_layer_training, m, float32_norms, fused_norms)
     with _forwards_replaced(list(chosen), chosen.__getitem__) as count:
         yield count
 

@@ -712,3 +712,104 @@ def test_frozen_layer_norm_leaves_trained_or_unaffine_norms_and_no_grad_to_pytor
         fused.add_layer_norm_forward(x[:4], x, norm.weight, norm.bias, norm.eps)
     with pytest.raises(ValueError, match="contiguous"):
         fused.add_layer_norm_forward(None, x.t(), norm.weight, norm.bias, norm.eps)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "nhwc", "ndhwc"])
+@pytest.mark.parametrize("extra_layout", ["same", "other"])
+def test_backward_adds_another_gradient_of_x_inside_the_kernel_or_after_it(fused, monkeypatch, layout,
+                                                                          extra_layout):  # fmt: skip
+    """`group_norm_act_backward(extra=...)`: the norm's input gradient plus `extra`, in the kernel where `extra`
+    has x's strides (no addition of its own), else by PyTorch's addition."""
+    shape = (1, 8, 3, 4, 6) if layout == "ndhwc" else (2, 8, 5, 6)
+    x, weight, bias, factor, shift = inputs(shape, True, False)
+    if layout != "contiguous":
+        x = channels_last(x, layout)
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(shape, generator=g).to(DEVICE)
+    extra = torch.empty_like(x).copy_(torch.randn(shape, generator=g).to(DEVICE))  # x's strides
+    if extra_layout == "other":
+        extra = extra.contiguous() if layout != "contiguous" else channels_last(extra, "nhwc")
+        assert extra.stride() != x.stride()
+    y, mean, rstd = fused.group_norm_act_forward(x, weight, bias, None, None, 4, 1e-5, "silu")
+    alone = fused.group_norm_act_backward(grad, x, weight, bias, None, None, mean, rstd, 4, "silu")
+    adds = []
+    add = torch.Tensor.__add__
+    monkeypatch.setattr(torch.Tensor, "__add__", lambda a, b: adds.append(1) or add(a, b))
+    summed = fused.group_norm_act_backward(grad, x, weight, bias, None, None, mean, rstd, 4, "silu", None, extra)
+    assert len(adds) == (0 if extra_layout == "same" else 1)
+    assert summed.stride() == x.stride()
+    torch.testing.assert_close(summed, alone + extra, rtol=1e-5, atol=1e-5)
+
+
+def _adds_in_backward(out: torch.Tensor, inputs_: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The gradients of `out.square().sum()` and how many tensor additions the backward pass ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Adds(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
+                Adds.count += 1
+            return func(*args, **(kwargs or {}))
+
+    loss = out.square().sum()
+    with Adds():
+        grads = torch.autograd.grad(loss, inputs_)
+    return grads, Adds.count
+
+
+@pytest.mark.parametrize("in_channels", [16, 8])  # no shortcut; a 1 x 1 shortcut convolution
+def test_skip_grads_in_norms_sum_a_resnets_residual_gradient_in_norm1s_kernel(fused, monkeypatch, in_channels):
+    """SKIP_GRADS_IN_NORMS: norm1's input-gradient kernel adds the gradient the residual path brings to the block's
+    input, so autograd runs one addition fewer; output and gradients as before."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=in_channels, out_channels=16, temb_channels=12, groups=4).to(DEVICE)
+    block.requires_grad_(False)
+    x = torch.randn(2, in_channels, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    temb = torch.randn(2, 12, device=DEVICE)
+
+    def run(skip):
+        monkeypatch.setattr(lean_backward, "SKIP_GRADS_IN_NORMS", skip)
+        with lean_backward.frozen_convs_keep_no_input(block, True), \
+                lean_backward.frozen_activations_recomputed(block, True, fused_norms=True):  # fmt: skip
+            out = block(x, temb)
+        return out, *_adds_in_backward(out, [x])
+
+    (out, grads, adds), (skip_out, skip_grads, skip_adds) = run(False), run(True)
+    assert skip_adds == adds - 1
+    torch.testing.assert_close(skip_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(skip_grads[0], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_skip_grads_in_norms_sum_a_temporal_conv_layers_residual_gradient_in_its_first_norm(fused, monkeypatch):
+    """SKIP_GRADS_IN_NORMS: a temporal convolution layer's first norm adds its residual's gradient in its kernel;
+    the layer's forward is replaced only while training on the fused kernels, output and gradients as before."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    torch.manual_seed(0)
+    layer = TemporalConvLayer(16, 16, dropout=0.1, norm_num_groups=4).to(DEVICE)
+    with torch.no_grad():
+        layer.conv4[-1].weight.normal_(0, 0.1)  # diffusers zero-initialises the last convolution
+    layer.requires_grad_(False).train()
+    x = torch.randn(6, 16, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def run(skip):
+        monkeypatch.setattr(lean_backward, "SKIP_GRADS_IN_NORMS", skip)
+        torch.manual_seed(1)  # the same dropout masks
+        with lean_backward.frozen_convs_keep_no_input(layer, True), \
+                lean_backward.frozen_activations_recomputed(layer, True, fused_norms=True) as count:  # fmt: skip
+            out = layer(x, num_frames=3)
+        return count, out, *_adds_in_backward(out, [x])
+
+    (count, out, grads, adds), (skip_count, skip_out, skip_grads, skip_adds) = run(False), run(True)
+    assert (count, skip_count) == (4, 5)  # the four sequences, then the layer too
+    assert "forward" not in vars(layer)  # restored
+    assert skip_adds == adds - 1
+    torch.testing.assert_close(skip_out, out, rtol=0, atol=0)
+    torch.testing.assert_close(skip_grads[0], grads[0], rtol=1e-5, atol=1e-6)
+    with lean_backward.frozen_activations_recomputed(layer, True, fused_norms=False) as count:
+        assert count == 4  # not on PyTorch's norms
