@@ -716,7 +716,9 @@ def group_norm_act_backward(grad, x, weight, bias, factor, shift, mean, rstd, gr
     Example:
         >>> dx = group_norm_act_backward(grad, x, None, None, None, None, mean, rstd, 32, "silu")  # doctest: +SKIP
     """
-    in_kernel = extra is not None and extra.shape == x.shape and extra.stride() == x.stride()
+    # the kernels write dx in x's layout where x is channels-last rows or contiguous (else contiguous)
+    in_kernel = extra is not None and extra.shape == x.shape and extra.stride() == x.stride() and (
+        channels_last_rows(x) is not None or x.is_contiguous())  # fmt: skip
     with _on_device(x):
         dx = _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation, input_bias,
                        extra if in_kernel else None)  # fmt: skip
@@ -847,14 +849,12 @@ def _cl_forward(x, rows, weight, bias, factor, shift, groups: int, eps: float, a
 
 def _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups: int, activation: str, input_bias=None,
               extra=None):  # fmt: skip
-    """`extra`, where given, has x's shape and strides."""
+    """`extra`, where given, has x's shape and strides, and x is channels-last rows or contiguous."""
     xb_args, xb_flag = _input_bias_args(x, input_bias)
     rows = channels_last_rows(x)
     if rows is not None:
         return _cl_backward(grad, x, rows, weight, bias, factor, shift, mean, rstd, groups, activation, xb_args,
                             xb_flag, extra)  # fmt: skip
-    if extra is not None and not x.is_contiguous():  # the kernels below write a contiguous dx
-        return _backward(grad, x, weight, bias, factor, shift, mean, rstd, groups, activation, input_bias) + extra
     x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
     n, c, s, block, p, warps, k = _layout(x, groups)
     affine, flags = _affine_args(x, weight, bias, factor, shift)

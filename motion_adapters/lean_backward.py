@@ -650,11 +650,20 @@ def _temporal_conv_layer_training(layer: nn.Module, float32_norms: bool, fused: 
     residual addition (`group_norm_act_keeping_input(skip=True)`), so the backward pass sums the two gradients of
     `x` in the norm's input-gradient kernel, not in a pass of their own.
     """
-    x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
-    x, identity = _norm_act_sequential(layer.conv1, float32_norms, fused, x, skip=True)
+    x, identity = _norm_act_sequential(layer.conv1, float32_norms, fused, _clips(hidden_states, num_frames),
+                                       skip=True)  # fmt: skip
     for seq in (layer.conv2, layer.conv3, layer.conv4):
         x = seq(x)
-    x = identity + x
+    return _frames(identity + x)
+
+
+def _clips(hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B * F, C, H, W) frames as (B, C, F, H, W) clips, as diffusers' `TemporalConvLayer` takes them (a view)."""
+    return hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) clips back to (B * F, C, H, W) frames, as diffusers' `TemporalConvLayer` returns them."""
     return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
 
 
@@ -823,13 +832,12 @@ def _temporal_conv_layer_sampling(layer: nn.Module, hidden_states: torch.Tensor,
     seqs = (layer.conv1, layer.conv2, layer.conv3, layer.conv4)
     if any(m.training and m.p > 0 for seq in seqs for m in list(seq)[2:-1]):  # dropout on: as written
         return type(layer).forward(layer, hidden_states, num_frames)
-    x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
+    x = _clips(hidden_states, num_frames)
     identity, pending = x, None
     for seq in seqs:
         x = group_norm_act_keeping_input(seq[0], x, _activation_of(seq[1]), False, fused=True, input_bias=pending)
         x, pending = _conv_deferring_bias(seq[-1], x)
-    x = residual_sum(identity, x, pending)
-    return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
+    return _frames(residual_sum(identity, x, pending))
 
 
 def _temporal_conv_layer_qualifies(layer: nn.Module) -> bool:
