@@ -292,6 +292,11 @@ VARIANTS = {
     "full_skip_grads": ("as full, each ResNet's and temporal convolution layer's residual gradient added inside "
                         "the input-gradient kernel of the norm that starts its branch, not by autograd in a pass "
                         "of its own (lean_backward.SKIP_GRADS_IN_NORMS)", AS_FULL),
+    "full_padded_heads": ("as full, the frame attention's heads narrower than 8 channels on the 'pairs' kernels "
+                          "(show-1-base's 40 x 64 level, heads of 5) padded to 8 in the q/k/v projection, so the "
+                          "kernels load and store a pair's frame as one 16-byte access "
+                          "(frame_attention.PAIRS_PADDED_HEADS)", AS_FULL),
+    "full_skip_grads_padded_heads": ("as full, full_skip_grads and full_padded_heads together", AS_FULL),
     "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --other-steps "
                          "steps exceeds the timing's cost in --timed-conv-shapes (lean_backward.TIMED_CONV_SHAPES); "
                          "the first bf16 run of its process, so no choice is cached before it", AS_FULL),
@@ -677,6 +682,9 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_cl_min_programs_264": [(fused_norm, "CL_MIN_PROGRAMS", 264)],
                    "full_cl_min_programs_0": [(fused_norm, "CL_MIN_PROGRAMS", 0)],
                    "full_skip_grads": [(lean_backward, "SKIP_GRADS_IN_NORMS", True)],
+                   "full_padded_heads": [(frame_attention, "PAIRS_PADDED_HEADS", True)],
+                   "full_skip_grads_padded_heads": [(lean_backward, "SKIP_GRADS_IN_NORMS", True),
+                                                    (frame_attention, "PAIRS_PADDED_HEADS", True)],
                    "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132),
                                            (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)

@@ -89,6 +89,16 @@ PAIRS_DV = "with_qk"
 #: more (560 to 1,404 bytes), rolled it needs 224 to 230 registers and no spills. Not timed on a GPU yet
 #: (bench_training's `full_rolled_int32_attention`), so off.
 PAIRS_INT32_OFFSETS = False
+#: Whether `projected_frame_attention` pads heads of fewer than `PADDED_HEAD` channels that would run on the
+#: "pairs" kernels (show-1-base's 40 x 64 level: 64 heads of 5) to `PADDED_HEAD`: its stacked weight gets zero rows
+#: after each head's, so the projection writes each head's channels 16 bytes apart and aligned, and the "padded
+#: pairs" kernels load a lane's frame of q, k or v, and store one of dq, dk or dv, as one 16-byte access instead
+#: of a 2-byte one a channel (sm_90a: 24 loads a thread where 120 were, forward; 24 stores where 120 were,
+#: backward). The price: the three projection GEMMs 8 / 5 times wider there. Not timed on a GPU yet
+#: (bench_training's `full_padded_heads`), so off.
+PAIRS_PADDED_HEADS = False
+#: The channels a padded head takes (`PAIRS_PADDED_HEADS`): 8 bf16 values, one 16-byte access.
+PADDED_HEAD = 8
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
@@ -333,7 +343,12 @@ if triton is not None:
         for i in tl.range(0, (D + SPLIT - 1) // SPLIT, loop_unroll_factor=UNROLL):
             s += _column(q_ptr, q_sn, q_sf, n, h, f, first + i, mask, D)[:, None, :] * \
                 _column(k_ptr, k_sn, k_sf, n, h, f, first + i, mask, D)[None, :, :]
-        s = tl.where((f < F)[None, :, None], _pair_total(s, FP, BLOCK_P, SPLIT) * scale, float("-inf"))
+        return _pair_softmax(_pair_total(s, FP, BLOCK_P, SPLIT), f, F, scale)
+
+    @triton.jit
+    def _pair_softmax(s, f, F, scale):
+        """softmax(s * scale) of (queries, keys, lanes) scores over the keys; keys from F on get no weight."""
+        s = tl.where((f < F)[None, :, None], s * scale, float("-inf"))
         e = tl.exp(s - tl.max(s, axis=1)[:, None, :])
         return e / tl.sum(e, axis=1)[:, None, :]
 
@@ -388,6 +403,130 @@ if triton is not None:
             if DV != "first":
                 _put_column(dv_ptr, tl.sum(p * do[:, None, :], axis=0), g_sn, g_sf, n, h, f, c, mask, D)
 
+    @triton.jit
+    def _eight_columns(x):
+        """The 8 channels of a (frames, lanes, 8) tile as 8 (frames, lanes) columns, in channel order."""
+        even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], 4, 2)))  # channels 0, 2, 4, 6 and 1, 3, 5, 7
+        x04, x26 = tl.split(tl.reshape(even, (x.shape[0], x.shape[1], 2, 2)))
+        x15, x37 = tl.split(tl.reshape(odd, (x.shape[0], x.shape[1], 2, 2)))
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _padded_head(ptr, sn, sf, n, h, f, mask, HS: tl.constexpr):
+        """The HS (8) channels of the lanes' padded heads, every frame, as 8 (frames, lanes) float32 columns.
+
+        One (frames, lanes, HS) load: a lane's frame is HS contiguous values at a multiple of HS, one 16-byte load.
+        """
+        at = f[:, None, None] * sf + (n * sn + h * HS)[None, :, None] + tl.arange(0, HS)[None, None, :]
+        return _eight_columns(tl.load(ptr + at, mask=mask[:, :, None], other=0.0).to(tl.float32))
+
+    @triton.jit
+    def _put_padded_head(ptr, x0, x1, x2, x3, x4, x5, x6, x7, sn, sf, n, h, f, mask, HS: tl.constexpr):
+        """Store 8 (frames, lanes) columns as the lanes' padded heads, one 16-byte store a lane and frame."""
+        shape: tl.constexpr = (x0.shape[0], x0.shape[1], 4)
+        even = tl.reshape(tl.join(tl.join(x0, x4), tl.join(x2, x6)), shape)  # channels 0, 2, 4, 6
+        odd = tl.reshape(tl.join(tl.join(x1, x5), tl.join(x3, x7)), shape)
+        x = tl.reshape(tl.join(even, odd), (x0.shape[0], x0.shape[1], 8))
+        at = f[:, None, None] * sf + (n * sn + h * HS)[None, :, None] + tl.arange(0, HS)[None, None, :]
+        tl.store(ptr + at, x.to(ptr.dtype.element_ty), mask=mask[:, :, None])
+
+    @triton.jit
+    def _padded_scores(q, k, D: tl.constexpr):
+        """(queries, keys, lanes) sums over the first D of 8 channels of q and k's columns."""
+        s = q[0][:, None, :] * k[0][None, :, :]
+        for i in tl.static_range(1, D):
+            s += q[i][:, None, :] * k[i][None, :, :]
+        return s
+
+    @triton.jit
+    def _keys_contracted(a, x, i: tl.constexpr, D: tl.constexpr):
+        """The sum over keys of a (queries, keys, lanes) * column i of x on the keys; zeros for a padding column."""
+        if i < D:
+            return tl.sum(a * x[i][None, :, :], axis=1)
+        return tl.zeros((a.shape[0], a.shape[2]), tl.float32)
+
+    @triton.jit
+    def _queries_contracted(a, x, i: tl.constexpr, D: tl.constexpr):
+        """The sum over queries of a (queries, keys, lanes) * column i of x on the queries; zeros for padding."""
+        if i < D:
+            return tl.sum(a * x[i][:, None, :], axis=0)
+        return tl.zeros((a.shape[1], a.shape[2]), tl.float32)
+
+    @triton.jit
+    def _padded_pairs_forward(q_ptr, k_ptr, v_ptr, o_ptr, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf, o_sn, o_sf, P, F,
+                              scale, HEADS: tl.constexpr, D: tl.constexpr, HS: tl.constexpr, FP: tl.constexpr,
+                              BLOCK_P: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        """The "pairs" forward kernel on q, k and v whose heads of D channels lie HS (8) apart (`PAIRS_PADDED_HEADS`).
+
+        The output's heads are D channels apart, as the attention's output layer takes them.
+        """
+        if PDL:
+            _await_previous_kernel()
+        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, 1, WIDE)
+        q = _padded_head(q_ptr, q_sn, q_sf, n, h, f, mask, HS)
+        k = _padded_head(k_ptr, k_sn, k_sf, n, h, f, mask, HS)
+        p = _pair_softmax(_padded_scores(q, k, D), f, F, scale)
+        v = _padded_head(v_ptr, v_sn, v_sf, n, h, f, mask, HS)
+        for i in tl.static_range(D):
+            _put_column(o_ptr, _keys_contracted(p, v, i, D), o_sn, o_sf, n, h, f, first + i, mask, D)
+
+    @triton.jit
+    def _column_or_zero(ptr, sn, sf, n, h, f, first, i: tl.constexpr, mask, D: tl.constexpr):
+        """Channel i of the lanes' heads of D channels (`_column`), or zeros for a padding channel (i >= D).
+
+        `first` is `_pair_lanes`' channel 0 of each lane (one lane a pair: a vector of zeros).
+        """
+        if i < D:
+            return _column(ptr, sn, sf, n, h, f, first + i, mask, D)
+        return tl.zeros((f.shape[0], mask.shape[1]), tl.float32)
+
+    @triton.jit
+    def _padded_pairs_backward(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, q_sn, q_sf, k_sn, k_sf, v_sn,
+                               v_sf, do_sn, do_sf, g_sn, g_sf, P, F, scale, HEADS: tl.constexpr, D: tl.constexpr,
+                               HS: tl.constexpr, FP: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+                               PDL: tl.constexpr = False):  # fmt: skip
+        """dq, dk and dv in padded heads (padding channels written 0) from padded q, k, v and the output's gradient.
+
+        The output's gradient has heads D channels apart, as the attention's output layer hands it back.
+
+        q and k are loaded again for dq and dk (16-byte loads that hit the cache) rather than held beside the
+        probabilities and their gradients.
+        """
+        if PDL:
+            _await_previous_kernel()
+        n, h, first, f, mask = _pair_lanes(P, F, HEADS, D, FP, BLOCK_P, 1, WIDE)
+        p = _pair_softmax(_padded_scores(_padded_head(q_ptr, q_sn, q_sf, n, h, f, mask, HS),
+                                         _padded_head(k_ptr, k_sn, k_sf, n, h, f, mask, HS), D), f, F, scale)
+        do = (_column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 0, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 1, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 2, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 3, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 4, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 5, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 6, mask, D),
+              _column_or_zero(do_ptr, do_sn, do_sf, n, h, f, first, 7, mask, D))  # fmt: skip
+        dp = _padded_scores(do, _padded_head(v_ptr, v_sn, v_sf, n, h, f, mask, HS), D)
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None, :]) * scale
+        _put_padded_head(dv_ptr, _queries_contracted(p, do, 0, D), _queries_contracted(p, do, 1, D),
+                         _queries_contracted(p, do, 2, D), _queries_contracted(p, do, 3, D),
+                         _queries_contracted(p, do, 4, D), _queries_contracted(p, do, 5, D),
+                         _queries_contracted(p, do, 6, D), _queries_contracted(p, do, 7, D),
+                         g_sn, g_sf, n, h, f, mask, HS)  # fmt: skip
+        k = _padded_head(k_ptr, k_sn, k_sf, n, h, f, mask, HS)
+        _put_padded_head(dq_ptr, _keys_contracted(ds, k, 0, D), _keys_contracted(ds, k, 1, D),
+                         _keys_contracted(ds, k, 2, D), _keys_contracted(ds, k, 3, D), _keys_contracted(ds, k, 4, D),
+                         _keys_contracted(ds, k, 5, D), _keys_contracted(ds, k, 6, D), _keys_contracted(ds, k, 7, D),
+                         g_sn, g_sf, n, h, f, mask, HS)  # fmt: skip
+        q = _padded_head(q_ptr, q_sn, q_sf, n, h, f, mask, HS)
+        _put_padded_head(dk_ptr, _queries_contracted(ds, q, 0, D), _queries_contracted(ds, q, 1, D),
+                         _queries_contracted(ds, q, 2, D), _queries_contracted(ds, q, 3, D),
+                         _queries_contracted(ds, q, 4, D), _queries_contracted(ds, q, 5, D),
+                         _queries_contracted(ds, q, 6, D), _queries_contracted(ds, q, 7, D),
+                         g_sn, g_sf, n, h, f, mask, HS)  # fmt: skip
 
 def _split(d: int) -> int:
     """Lanes a pair of `d` channels takes in the "pairs" kernels.
@@ -400,16 +539,38 @@ def _split(d: int) -> int:
     return split
 
 
+def padded_head(frames: int, head_channels: int) -> int:
+    """The channels `projected_frame_attention` gives each head of `head_channels` at `frames` frames in memory.
+
+    `PADDED_HEAD` where `PAIRS_PADDED_HEADS` pads it (heads narrower than that but wider than half of it, so that
+    the projection grows by less than 8 / 5, which the "pairs" kernels take, one lane a pair), else `head_channels`.
+
+    Example:
+        >>> padded_head(8, 5) in (5, PADDED_HEAD)
+        True
+    """
+    pairs = _padded(frames) <= PAIRS_FRAMES and (SHORT_KERNEL == "pairs" or head_channels < DOTS_MIN_CHANNELS)
+    narrow = PADDED_HEAD // 2 < head_channels < PADDED_HEAD and _split(head_channels) == 1
+    pad = PAIRS_PADDED_HEADS and pairs and narrow
+    return PADDED_HEAD if pad else head_channels
+
+
 def _launch(q: torch.Tensor, heads: int, kernel: str | None = None, block: int | None = None,
-            num_warps: int | None = None, split: int | None = None,
-            unroll: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
+            num_warps: int | None = None, split: int | None = None, unroll: int | None = None,
+            head_channels: int | None = None) -> tuple[tuple, tuple[int], dict]:  # fmt: skip
     """The (forward, backward) kernels, grid and shape constants of a launch over `q`'s (N * heads) pairs.
 
     `kernel` ("pairs", "dots" or "tile"), `block` (pairs a program), `num_warps`, `split` (lanes a pair) and `unroll`
-    (`PAIRS_UNROLL`; these two "pairs" only) override the choice for benchmarks.
+    (`PAIRS_UNROLL`; these two "pairs" only) override the choice for benchmarks. `kernel="padded"` launches the
+    "padded pairs" kernels on q, k and v of `head_channels` a head padded to `PADDED_HEAD` (`PAIRS_PADDED_HEADS`).
     """
     n, frames, channels = q.shape
     fp, d = _padded(frames), channels // heads
+    if kernel == "padded":
+        block = block or PAIRS_BLOCK
+        meta = {"HEADS": heads, "D": head_channels, "HS": PADDED_HEAD, "FP": fp, "BLOCK_P": block,
+                "num_warps": num_warps or max(1, block // 32)}  # fmt: skip
+        return (_padded_pairs_forward, _padded_pairs_backward), (triton.cdiv(n * heads, block),), meta
     if not kernel:
         kernel = SHORT_KERNEL if fp <= PAIRS_FRAMES else "tile"
         if kernel == "dots" and d < DOTS_MIN_CHANNELS:
@@ -451,11 +612,11 @@ def _wide(*tensors: torch.Tensor) -> bool:
 
 def _pairs_meta(meta: dict, *tensors: torch.Tensor, backward: bool = False) -> dict:
     """`meta` with the "pairs" kernels' offset width (and, backward, where dv is written); others' unchanged."""
-    if "SPLIT" not in meta:
+    if "SPLIT" not in meta and "HS" not in meta:
         return meta
     if backward and PAIRS_DV not in ("with_qk", "last", "first"):
         raise ValueError(f"PAIRS_DV={PAIRS_DV!r} must be 'with_qk', 'last' or 'first'.")
-    return {**meta, "WIDE": _wide(*tensors), **({"DV": PAIRS_DV} if backward else {})}
+    return {**meta, "WIDE": _wide(*tensors), **({"DV": PAIRS_DV} if backward and "SPLIT" in meta else {})}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -472,7 +633,11 @@ def _check(q, k, v, heads: int) -> None:
 
 
 def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
-    """Run the forward kernel on (N, F, heads * d) q, k, v (unit channel stride), writing `out` (same shape)."""
+    """Run the forward kernel on (N, F, heads * d) q, k, v (unit channel stride), writing `out` (same shape).
+
+    `launch`: `_launch`'s arguments after `heads` (with "padded" kernels, q, k and v's heads `PADDED_HEAD` apart,
+    `out`'s as many as its head channels, the last of them: `_padded_launch`).
+    """
     (forward, _), grid, meta = _launch(q, heads, *launch)
     meta = _pairs_meta(meta, q, k, v, out)
     with _on_device(q):
@@ -482,7 +647,7 @@ def _attend(q, k, v, out, heads: int, scale: float, launch: tuple = ()) -> None:
 
 
 def _attend_backward(q, k, v, grad, dq, dk, dv, heads: int, scale: float, launch: tuple = ()) -> None:
-    """Run the backward kernel, writing dq, dk and dv (one set of strides for the three)."""
+    """Run the backward kernel, writing dq, dk and dv (one set of strides for the three; `launch` as `_attend`'s)."""
     (_, backward), grid, meta = _launch(q, heads, *launch)
     meta = _pairs_meta(meta, q, k, v, grad, dq, dk, dv, backward=True)
     with _on_device(q):
@@ -541,39 +706,66 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     results) and one for the stacked weight gradient (three before, each cast to the weights' dtype on its own).
     The attention kernels read q, k and v as column blocks of the projection and write their gradients into the
     column blocks of one matrix. Keeps x, the projection and the stacked weight in the compute dtype. On CUDA the
-    float32 weights' gradient comes out of the GEMM in float32 (`_weight_grad`).
+    float32 weights' gradient comes out of the GEMM in float32 (`_weight_grad`). Where `padded_head` pads the heads,
+    the stacked weight has zero rows after each head's (`_stacked_weight`), and the projection and its gradient
+    hold each head in `PADDED_HEAD` channels.
     """
 
     @staticmethod
     def forward(ctx, x, wq, wk, wv, frames: int, heads: int, scale: float):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        d = wq.shape[0] // heads
+        width = padded_head(frames, d)
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
-            weight = torch.cat((wq, wk, wv), out=wq.new_empty((3 * wq.shape[0], wq.shape[1]), dtype=dtype))
-            projected = x @ weight.t()  # (frames * N, 3 * out)
+            weight = _stacked_weight((wq, wk, wv), heads, width, dtype)
+            projected = x @ weight.t()  # (frames * N, 3 * heads * width)
             q, k, v = _pair_blocks(projected, frames)
-            out = torch.empty((frames, q.shape[0], q.shape[2]), dtype=dtype, device=x.device)
+            out = torch.empty((frames, q.shape[0], wq.shape[0]), dtype=dtype, device=x.device)
             # (N, frames, out) view: the rows come back in frames-first order
-            _attend(q, k, v, out.transpose(0, 1), heads, scale)
+            _attend(q, k, v, out.transpose(0, 1), heads, scale, _padded_launch(d, width))
         ctx.save_for_backward(x, projected, weight)
-        ctx.frames, ctx.heads, ctx.scale = frames, heads, scale
+        ctx.frames, ctx.heads, ctx.scale, ctx.width = frames, heads, scale, width
         ctx.weight_dtype = wq.dtype
         return out.view(-1, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x, projected, weight = ctx.saved_tensors
-        frames = ctx.frames
+        frames, heads, width = ctx.frames, ctx.heads, ctx.width
         grad_pairs = _rows(grad.to(x.dtype)).unflatten(0, (frames, -1)).transpose(0, 1)
         grad_projected = torch.empty_like(projected)
         _attend_backward(*_pair_blocks(projected, frames), grad_pairs, *_pair_blocks(grad_projected, frames),
-                         ctx.heads, ctx.scale)  # fmt: skip
+                         heads, ctx.scale, _padded_launch(grad.shape[-1] // heads, width))  # fmt: skip
         grad_x = grad_projected @ weight if ctx.needs_input_grad[0] else None
         grad_weights = [None] * 3
         if any(ctx.needs_input_grad[1:4]):
-            grad_weights = _weight_grad(grad_projected, x, ctx.weight_dtype).chunk(3)
+            grad_weight = _weight_grad(grad_projected, x, ctx.weight_dtype)
+            d = grad.shape[-1] // heads
+            if width != d:  # the padding rows' gradients (0) left out
+                grad_weight = grad_weight.view(3, heads, width, -1)[:, :, :d].reshape(3 * heads * d, -1)
+            grad_weights = grad_weight.chunk(3)
         return grad_x, *grad_weights, None, None, None
+
+
+def _stacked_weight(weights: tuple[torch.Tensor, ...], heads: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, C) weights stacked into one (len(weights) * heads * width, C) matrix in `dtype`.
+
+    Each head's rows followed by `width - out / heads` zero rows (none where width is a head's channels).
+    """
+    out, channels = weights[0].shape
+    d = out // heads
+    if width == d:
+        return torch.cat(weights, out=weights[0].new_empty((len(weights) * out, channels), dtype=dtype))
+    stacked = weights[0].new_zeros((len(weights), heads, width, channels), dtype=dtype)
+    stacked[:, :, :d] = torch.stack(weights).view(len(weights), heads, d, channels)
+    return stacked.view(-1, channels)
+
+
+def _padded_launch(head_channels: int, width: int) -> tuple:
+    """`_attend`'s `launch` for q, k and v whose heads of `head_channels` lie `width` apart."""
+    return ("padded", None, None, None, None, head_channels) if width != head_channels else ()
 
 
 def _pair_blocks(rows: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

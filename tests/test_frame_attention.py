@@ -295,6 +295,83 @@ def test_projected_attention_names_bad_arguments():
         fa.projected_frame_attention(x, w, w, w, frames=4, heads=3)
 
 
+@pytest.mark.parametrize(("frames", "n", "heads", "d"), [(8, 4, 64, 5), (6, 3, 4, 7), (5, 2, 3, 6)])
+def test_padded_heads_match_float64_attention_and_the_unpadded_kernels(frames, n, heads, d, monkeypatch):
+    """PAIRS_PADDED_HEADS: heads of 5 to 7 channels projected 8 apart (show-1-base's 40 x 64 level, 8 frames; odd
+    widths; fewer frames than the padded 8), run on the "padded pairs" kernels: the float64 attention's values and
+    gradients, and the unpadded kernels' exactly (the same sums in the same order, the padding's zeros aside)."""
+    launched = []
+    launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda *a, **kw: launched.append(launch(*a, **kw)[0][0].__name__)
+                        or launch(*a, **kw))  # fmt: skip
+    c = heads * d
+    x = torch.randn(frames * n, c, device=DEVICE, requires_grad=True)
+    weights = [(torch.randn(c, c, device=DEVICE) * c**-0.5).requires_grad_(True) for _ in range(3)]
+    weighting = torch.randn(frames * n, c, device=DEVICE)
+
+    def run(padded):
+        monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", padded)
+        out = fa.projected_frame_attention(x, *weights, frames=frames, heads=heads)
+        return (out, *torch.autograd.grad((out * weighting).sum(), (x, *weights)))
+
+    unpadded, padded = run(False), run(True)
+    assert launched == ["_pairs_forward"] * 2 + ["_padded_pairs_forward"] * 2  # forward and backward passes each
+    exact = [t.detach().double().requires_grad_(True) for t in (x, *weights)]
+    q, k, v = ((exact[0] @ w.t()).unflatten(0, (frames, n)).transpose(0, 1) for w in exact[1:])
+    expected = reference(q, k, v, heads).transpose(0, 1).flatten(0, 1)
+    expected = (expected, *torch.autograd.grad((expected * weighting.double()).sum(), exact))
+    for got, same, want in zip(padded, unpadded, expected):
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, same, rtol=1e-6, atol=1e-6)
+
+
+def test_padded_heads_under_autocast_are_bf16_and_leave_the_padding_of_the_gradient_zero(monkeypatch):
+    """Show-1's 40 x 64 level under bf16 autocast, padded: within the unpadded kernels' roundings; the projection's
+    gradient written by the backward kernel holds 0 in every padding channel (the stacked weight's zero rows meet
+    it in the input's gradient GEMM), and the weights' gradients are float32 and (out, C)."""
+    monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", True)
+    frames, n, c = 8, 3, 320
+    x = torch.randn(frames * n, c, device=DEVICE).bfloat16().requires_grad_(True)
+    weights = [(torch.randn(c, c, device=DEVICE) * c**-0.5).requires_grad_(True) for _ in range(3)]
+    written = []
+    empty_like = torch.empty_like
+    # every buffer the function allocates this way starts as NaN: only the kernel's writes can clear the padding
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, **kw: written.append(empty_like(t, **kw).fill_(float("nan"))) or written[-1])
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = fa.projected_frame_attention(x, *weights, frames=frames, heads=64)
+    grads = torch.autograd.grad(out.float().square().sum(), (x, *weights))
+    (grad_projected,) = [t for t in written if t.shape == (frames * n, 3 * 64 * fa.PADDED_HEAD)]
+    padding = grad_projected.view(-1, 3, 64, fa.PADDED_HEAD)[..., 5:]
+    assert padding.numel() and not padding.any()
+    assert grad_projected.view(-1, 3, 64, fa.PADDED_HEAD)[..., :5].abs().sum() > 0
+    assert all(g.dtype == torch.float32 and g.shape == (c, c) for g in grads[1:])
+    monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", False)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        unpadded = fa.projected_frame_attention(x, *weights, frames=frames, heads=64)
+    unpadded_grads = torch.autograd.grad(unpadded.float().square().sum(), (x, *weights))
+    for got, want in zip((out, *grads), (unpadded, *unpadded_grads)):
+        got, want = got.detach().double(), want.detach().double()
+        assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.parametrize(("frames", "d", "short_kernel", "padded"),
+                         [(8, 5, "dots", 8), (8, 5, "pairs", 8), (5, 7, "dots", 8), (8, 8, "pairs", 8),
+                          (8, 10, "pairs", 10), (8, 10, "dots", 10), (8, 4, "dots", 4), (8, 2, "pairs", 2),
+                          (29, 5, "dots", 5)])
+def test_padded_head_pads_only_narrow_heads_on_one_lane_of_the_pairs_kernels(frames, d, short_kernel, padded,
+                                                                             monkeypatch):  # fmt: skip
+    """Heads of 5 to 7 channels on the "pairs" kernels, one lane a pair, up to 8 frames: padded to 8 with the
+    flag; heads of 8 need no padding, heads of 2 and 4 would move 2 to 4 times the bytes padded, heads of 10 split
+    over lanes ("pairs") or take "dots", 29 frames the "tile" kernels. Without the flag nothing is padded."""
+    monkeypatch.setattr(fa, "SHORT_KERNEL", short_kernel)
+    monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", True)
+    assert fa.padded_head(frames, d) == padded
+    monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", False)
+    assert fa.padded_head(frames, d) == d
+
+
 @pytest.mark.parametrize(("fused", "biased"), [(True, False), (False, False), (True, True)])
 def test_temporal_transformer_rows_take_one_projection_gemm_where_the_projections_are_plain(fused, biased,
                                                                                             monkeypatch):  # fmt: skip
@@ -419,6 +496,25 @@ for unroll, wide, dv in ((0, False, "first"), (1, False, "first"), (0, True, "wi
             triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             print("compiled", kernel.__name__)
+# the "padded pairs" kernels at show-1-base's 40 x 64 level (heads of 5, padded to 8), 32- and 64-bit offsets,
+# compiled as a launch on 16-byte aligned pointers and strides specialises them: a lane's padded head one 16-byte
+# access (PTX's ld.global.v4.b32 / st.global.v4.b32)
+for wide in (False, True):
+    fa.PAIRS_INT32_OFFSETS = not wide
+    x = torch.empty(4, 8, 64 * fa.PADDED_HEAD, dtype=torch.bfloat16)
+    kernels, _, meta = fa._launch(x, 64, "padded", head_channels=5)
+    meta = fa._pairs_meta(meta, x, backward=True)
+    warps = meta.pop("num_warps")
+    for kernel in kernels:
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
+                     else "i32" for n in names}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith(("_ptr", "_sn", "_sf"))}
+        compiled = triton.compile(ASTSource(kernel, signature, {k: v for k, v in meta.items() if k in names}, aligned),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        ptx = compiled.asm["ptx"]
+        print("compiled", kernel.__name__, "loads.v4", ptx.count("ld.global.v4.b32"),
+              "stores.v4", ptx.count("st.global.v4.b32"))
 """
 
 
@@ -429,6 +525,10 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     out = compiled_for_hopper(COMPILE_FOR_HOPPER)
     assert out.count("compiled _pairs_") == 32 and out.count("compiled _frame_attention_") == 4, out
     assert out.count("compiled _dots_") == 8 + 6, out  # tf32 products, 4 shapes; bf16 products, 3 of them
+    # q, k and v loaded as 16-byte vectors: 8 frames each, twice for q and k in the backward kernel; dq, dk and dv
+    # stored as 16-byte vectors (the forward kernel's output is unpadded)
+    assert out.count("compiled _padded_pairs_forward loads.v4 24 stores.v4 0") == 2, out
+    assert out.count("compiled _padded_pairs_backward loads.v4 40 stores.v4 24") == 2, out
 
 
 @pytest.mark.gpu
