@@ -297,6 +297,10 @@ VARIANTS = {
                           "kernels load and store a pair's frame as one 16-byte access "
                           "(frame_attention.PAIRS_PADDED_HEADS)", AS_FULL),
     "full_skip_grads_padded_heads": ("as full, full_skip_grads and full_padded_heads together", AS_FULL),
+    "full_folded_taps_320": ("as full, the temporal convolutions of at most 320 rows (the 5 x 8 level) as one GEMM "
+                             "of the rows by all three taps and one fold, not three GEMMs in turn "
+                             "(lean_backward.FRAME_TAPS_FOLDED_MAX_ROWS = 320)", AS_FULL),
+    "full_folded_taps_1280": ("as full_folded_taps_320, up to 1,280 rows (the 5 x 8 and 10 x 16 levels)", AS_FULL),
     "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --other-steps "
                          "steps exceeds the timing's cost in --timed-conv-shapes (lean_backward.TIMED_CONV_SHAPES); "
                          "the first bf16 run of its process, so no choice is cached before it", AS_FULL),
@@ -685,6 +689,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_padded_heads": [(frame_attention, "PAIRS_PADDED_HEADS", True)],
                    "full_skip_grads_padded_heads": [(lean_backward, "SKIP_GRADS_IN_NORMS", True),
                                                     (frame_attention, "PAIRS_PADDED_HEADS", True)],
+                   "full_folded_taps_320": [(lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 320)],
+                   "full_folded_taps_1280": [(lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 1280)],
                    "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132),
                                            (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)

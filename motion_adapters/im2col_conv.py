@@ -8,6 +8,11 @@ channels-last activation into one (rows, 9 * channels) matrix (Triton, one pass)
 which a channels-last weight already stores as an (out, 9 * in) matrix; the input gradient is the gradient rows
 times that matrix (float32 for half inputs on CUDA), folded back by summing each pixel's nine contributions (one
 pass). Only the weight is kept for the backward pass, as `lean_backward`'s other frozen convolutions do.
+
+The temporal (k, 1, 1) convolutions of few rows take the other order (`fold_frame_taps`): one GEMM of the rows by
+all k taps' weights at once, (rows, k * out) in float32, then one pass that adds each output row's k products from
+the rows k frames apart (and the bias), so that the taps' products run as one wide GEMM instead of k narrow ones in
+turn (`lean_backward._FrameTapsConv`, `lean_backward.FRAME_TAPS_FOLDED_MAX_ROWS`).
 """
 
 from __future__ import annotations
@@ -108,6 +113,62 @@ if triton is not None:
         dst = r.to(tl.int64) * C
         tl.store(out_ptr + dst[:, None] + c[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(r < ROWS)[:, None] & (c < C)[None, :])  # fmt: skip
+
+
+    @triton.jit
+    def _fold_taps(z_ptr, b_ptr, out_ptr, ROWS, C, PIXELS, CHANNEL_STRIDE, TAP_STRIDE, TAPS: tl.constexpr,
+                   DIRECTION: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   F64: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
+        """out[r, c] = sum over taps t of z[r + DIRECTION * (t - TAPS // 2) * PIXELS, c, t] (+ b[c]).
+
+        Grid (rows, channels). z is (ROWS, TAPS * C), its entry (c, t) at c * CHANNEL_STRIDE + t * TAP_STRIDE;
+        rows past either end (the zero padding of the frames) add nothing. Summed in float32 (float64 with F64).
+        """
+        if PDL:
+            _await_previous_kernel()
+        acc_dtype = tl.float64 if F64 else tl.float32
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], acc_dtype)
+        for t in tl.static_range(TAPS):
+            source = r + DIRECTION * (t - TAPS // 2) * PIXELS
+            inside = (r < ROWS) & (source >= 0) & (source < ROWS)
+            at = source.to(tl.int64) * (TAPS * C) + t * TAP_STRIDE
+            acc += tl.load(z_ptr + at[:, None] + (c * CHANNEL_STRIDE)[None, :],
+                           mask=inside[:, None] & (c < C)[None, :], other=0.0).to(acc_dtype)  # fmt: skip
+        if HAS_B:
+            acc += tl.load(b_ptr + c, mask=c < C, other=0.0).to(acc_dtype)[None, :]
+        dst = r.to(tl.int64) * C
+        tl.store(out_ptr + dst[:, None] + c[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(r < ROWS)[:, None] & (c < C)[None, :])  # fmt: skip
+
+
+def fold_frame_taps(z: torch.Tensor, pixels: int, taps: int, channel_major: bool, bias: torch.Tensor | None,
+                    dtype: torch.dtype, reverse: bool = False) -> torch.Tensor:  # fmt: skip
+    """The (rows, C) sums of each row's `taps` products in `z`, taken from the rows `pixels` apart (one frame).
+
+    `z` is (rows, taps * C): each tap's product of all rows with its weight, its columns channel-major (`c * taps +
+    t`, `channel_major`) or tap-major (`t * C + c`). Output row r adds tap t's product of row `r + (t - taps // 2) *
+    pixels` (the forward pass of a frame convolution; `reverse`: `r - (t - taps // 2) * pixels`, its input
+    gradient), rows past either end adding nothing, and the bias; summed in float32 (float64 for a float64 `z`),
+    returned in `dtype`.
+
+    Example:
+        >>> z = torch.arange(12.0).view(2, 6)  # 2 rows (frames of one pixel), 3 taps, 2 channels, tap-major
+        >>> fold_frame_taps(z, 1, 3, False, None, torch.float32)  # doctest: +SKIP
+        tensor([[12., 14.],
+                [ 8., 10.]])
+    """
+    rows, width = z.shape
+    channels = width // taps
+    out = torch.empty(rows, channels, dtype=dtype, device=z.device)
+    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(channels, BLOCK_C))
+    strides = (taps, 1) if channel_major else (1, channels)
+    with _on_device(z):
+        _fold_taps[grid](z, bias if bias is not None else z, out, rows, channels, pixels, *strides, TAPS=taps,
+                         DIRECTION=-1 if reverse else 1, HAS_B=bias is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                         F64=z.dtype == torch.float64, **pdl_launch(z))  # fmt: skip
+    return out
 
 
 def gather_neighbourhoods(x: torch.Tensor) -> torch.Tensor:

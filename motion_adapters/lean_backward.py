@@ -37,7 +37,7 @@ from motion_adapters.fused_norm import (
     pack_bits,
     residual_sum,
 )
-from motion_adapters.im2col_conv import Im2colConv, im2col_conv_applies
+from motion_adapters.im2col_conv import Im2colConv, fold_frame_taps, im2col_conv_applies
 from motion_adapters.resample import plain_upsampler, resample
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv, cudnn_benchmark
@@ -314,8 +314,12 @@ class _FrameTapsConv(torch.autograd.Function):
         _, channels, frames, height, width = x.shape
         pixels = height * width
         rows = x.permute(0, 2, 3, 4, 1).reshape(frames * pixels, channels)  # a view: channels-last_3d, batch 1
-        taps = weight[..., 0, 0].unbind(2)  # k x (out, in), unit inner stride
-        y = _taps_accumulated(rows, [tap.t() for tap in taps], bias, pixels, reverse=False)
+        if _taps_folded(rows):  # (rows, out * k): row-by-tap products, channel-major; then one fold
+            z = _wide_product(rows, _tap_rows(weight).t())
+            y = fold_frame_taps(z, pixels, weight.shape[2], True, bias, rows.dtype)
+        else:
+            taps = weight[..., 0, 0].unbind(2)  # k x (out, in), unit inner stride
+            y = _taps_accumulated(rows, [tap.t() for tap in taps], bias, pixels, reverse=False)
         ctx.save_for_backward(weight)
         ctx.shape = x.shape
         return y.view(1, frames, height, width, -1).permute(0, 4, 1, 2, 3)
@@ -326,8 +330,40 @@ class _FrameTapsConv(torch.autograd.Function):
         _, channels, frames, height, width = ctx.shape
         pixels = height * width
         rows = grad.to(weight.dtype).permute(0, 2, 3, 4, 1).reshape(frames * pixels, -1)
-        grad_x = _taps_accumulated(rows, list(weight[..., 0, 0].unbind(2)), None, pixels, reverse=True)
+        if _taps_folded(rows):  # (rows, k * in): the gradient rows by every tap, tap-major; then one fold
+            z = _wide_product(rows, weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1))
+            grad_x = fold_frame_taps(z, pixels, weight.shape[2], False, None, weight.dtype, reverse=True)
+        else:
+            grad_x = _taps_accumulated(rows, list(weight[..., 0, 0].unbind(2)), None, pixels, reverse=True)
         return grad_x.view(1, frames, height, width, channels).permute(0, 4, 1, 2, 3), None, None
+
+
+#: Frozen temporal convolutions of at most this many rows (frames times pixels; show-1-base: 320 at the 5 x 8
+#: level, 1,280 at 10 x 16) run as one GEMM of the rows by all k taps and one fold (`im2col_conv.fold_frame_taps`)
+#: instead of k GEMMs accumulated in turn: where few rows leave most of the GPU idle in each narrow GEMM (a 1,280
+#: channel tap at 5 x 8: 15 tiles of 128 x 256 for 132 multiprocessors), one GEMM k times as wide fills k times the
+#: tiles at once, and the taps are summed in float32 and rounded once (as cuDNN's convolution does) instead of in
+#: the output's dtype. 0: off, not timed on a GPU yet (bench_training's `full_folded_taps_320`, `_1280`).
+FRAME_TAPS_FOLDED_MAX_ROWS = 0
+
+
+def _taps_folded(rows: torch.Tensor) -> bool:
+    """Whether `_FrameTapsConv` runs on these (frames * pixels, channels) rows as one GEMM and a fold."""
+    return rows.shape[0] <= FRAME_TAPS_FOLDED_MAX_ROWS and fused_norm_available(rows)
+
+
+def _tap_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A channels-last (out, in, k, 1, 1) weight as its (out * k, in) matrix, row `o * k + t` tap t of output o."""
+    return weight.permute(0, 2, 3, 4, 1).reshape(-1, weight.shape[1])
+
+
+def _wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b`, in float32 for half inputs (on CUDA from the GEMM's float32 accumulator), else in their dtype."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())  # the same float32 sums of exact products
 
 
 def _taps_accumulated(rows: torch.Tensor, taps: list[torch.Tensor], bias, pixels: int, reverse: bool) -> torch.Tensor:

@@ -94,8 +94,11 @@ from triton.compiler import ASTSource
 import motion_adapters.im2col_conv as ic
 
 blocks = {"BLOCK_R": ic.BLOCK_R, "BLOCK_C": ic.BLOCK_C}
+taps = {**blocks, "TAPS": 3, "F64": False}
 for kernel, meta, pointers in ((ic._gather, blocks, ("bf16", "bf16")),
-                               (ic._fold, {**blocks, "F64": False}, ("fp32", "bf16"))):
+                               (ic._fold, {**blocks, "F64": False}, ("fp32", "bf16")),
+                               (ic._fold_taps, {**taps, "DIRECTION": 1, "HAS_B": True}, ("fp32", "bf16", "bf16")),
+                               (ic._fold_taps, {**taps, "DIRECTION": -1, "HAS_B": False}, ("fp32", "bf16", "bf16"))):
     names = [n for n in kernel.arg_names if n.endswith("_ptr")]
     signature = {n: "constexpr" if n in meta else "i32" for n in kernel.arg_names}
     signature.update({n: f"*{dtype}" for n, dtype in zip(names, pointers)})
@@ -106,10 +109,11 @@ for kernel, meta, pointers in ((ic._gather, blocks, ("bf16", "bf16")),
 
 @pytest.mark.skipif(im2col_conv.triton is None, reason="needs Triton")
 def test_kernels_compile_for_a_hopper_gpu_without_one():
-    """The interpreter runs code the compiler refuses: compile both kernels for sm_90 with the interpreter off."""
+    """The interpreter runs code the compiler refuses: compile the kernels for sm_90 with the interpreter off (the
+    frame taps' fold forward, with a bias, and backward)."""
     from hopper import compiled_for_hopper
 
-    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 2
+    assert compiled_for_hopper(COMPILE_FOR_HOPPER).count("compiled ") == 4
 
 
 @pytest.mark.gpu
