@@ -208,3 +208,33 @@ def test_batch_one_frozen_temporal_convolutions_run_as_frame_taps_with_the_same_
     out, grads = step("triton_fast")
     assert len(calls) == sum(isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1) for m in unet.modules())
     assert_same_step(out, grads, reference, reference_grads)
+
+
+@pytest.mark.slow  # over 30 s on a 2-core CPU (Triton's interpreter): run with -m slow
+def test_batch_one_training_step_with_the_untimed_levers_gives_the_same_gradients(monkeypatch):
+    """The levers built but not yet timed, on together: residual gradients summed in the norms' kernels
+    (SKIP_GRADS_IN_NORMS), padded heads (PAIRS_PADDED_HEADS: none here, the tiny UNet's heads are of one channel)
+    and folded frame taps (FRAME_TAPS_FOLDED_MAX_ROWS, every temporal convolution here): the same output and q/k/v
+    gradients as the defaults."""
+    from motion_adapters import frame_attention, im2col_conv, lean_backward
+
+    unet, step = batch_one_training_step()
+    reference, reference_grads = step("triton_fast")
+    folds = []
+    fold = lean_backward.fold_frame_taps
+    monkeypatch.setattr(lean_backward, "fold_frame_taps",
+                        lambda *a, **kw: folds.append(kw.get("reverse", False)) or fold(*a, **kw))
+    monkeypatch.setattr(lean_backward, "SKIP_GRADS_IN_NORMS", True)
+    monkeypatch.setattr(frame_attention, "PAIRS_PADDED_HEADS", True)
+    monkeypatch.setattr(lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 320)
+    out, grads = step("triton_fast")
+    names = [name for name, m in unet.named_modules() if type(m).__name__ in ("TemporalConvLayer", "Attention")]
+    layers = [name for name in names if "temp_convs" in name]
+    first_trainable = min(i for i, name in enumerate(names) if "temp_attentions" in name)
+    before = [name for name in names[:first_trainable] if "temp_convs" in name]  # the first down block's, here
+    # every temporal convolution's forward pass; the input gradients of all but those before the first trainable
+    # layer (no gradient flows through them)
+    assert len(before) == 2 and folds.count(False) == 4 * len(layers)
+    assert folds.count(True) == 4 * (len(layers) - len(before))
+    assert im2col_conv.fold_frame_taps is fold
+    assert_same_step(out, grads, reference, reference_grads)
