@@ -301,6 +301,10 @@ VARIANTS = {
                              "of the rows by all three taps and one fold, not three GEMMs in turn "
                              "(lean_backward.FRAME_TAPS_FOLDED_MAX_ROWS = 320)", AS_FULL),
     "full_folded_taps_1280": ("as full_folded_taps_320, up to 1,280 rows (the 5 x 8 and 10 x 16 levels)", AS_FULL),
+    "full_overlap_optimizer": ("as full, each step's AdamW update applied at the next step's start on a side stream "
+                               "beside its forward pass, each attention layer waiting for its own weights "
+                               "(training_step.OVERLAP_OPTIMIZER)", AS_FULL),
+    "full_all_untimed": ("as full, full_skip_padded_folded and full_overlap_optimizer together", AS_FULL),
     "full_skip_padded_folded": ("as full, full_skip_grads, full_padded_heads and full_folded_taps_320 together",
                                 AS_FULL),
     "full_timed_convs": ("as full, cuDNN timing its algorithms for the convolutions whose saving in --other-steps "
@@ -696,6 +700,11 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                    "full_skip_padded_folded": [(lean_backward, "SKIP_GRADS_IN_NORMS", True),
                                                (frame_attention, "PAIRS_PADDED_HEADS", True),
                                                (lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 320)],
+                   "full_overlap_optimizer": [(training_step, "OVERLAP_OPTIMIZER", True)],
+                   "full_all_untimed": [(lean_backward, "SKIP_GRADS_IN_NORMS", True),
+                                        (frame_attention, "PAIRS_PADDED_HEADS", True),
+                                        (lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 320),
+                                        (training_step, "OVERLAP_OPTIMIZER", True)],
                    "full_cl132_dv_first": [(fused_norm, "CL_MIN_PROGRAMS", 132),
                                            (frame_attention, "PAIRS_DV", "first")]}
 #: name -> the BLAS library PyTorch's matrix products go through for the run (`preferred_blas_library`)

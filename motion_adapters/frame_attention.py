@@ -712,7 +712,9 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, wq, wk, wv, frames: int, heads: int, scale: float):
+    def forward(ctx, x, wq, wk, wv, frames: int, heads: int, scale: float, weight_grad=None, ready=None):
+        if ready is not None:  # the weights are written on another stream (`projected_frame_attention`)
+            torch.cuda.current_stream(x.device).wait_event(ready)
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         d = wq.shape[0] // heads
@@ -728,6 +730,7 @@ class _ProjectedFrameAttention(torch.autograd.Function):
         ctx.save_for_backward(x, projected, weight)
         ctx.frames, ctx.heads, ctx.scale, ctx.width = frames, heads, scale, width
         ctx.weight_dtype = wq.dtype
+        ctx.weight_grad = weight_grad
         return out.view(-1, out.shape[-1])
 
     @staticmethod
@@ -741,12 +744,15 @@ class _ProjectedFrameAttention(torch.autograd.Function):
         grad_x = grad_projected @ weight if ctx.needs_input_grad[0] else None
         grad_weights = [None] * 3
         if any(ctx.needs_input_grad[1:4]):
-            grad_weight = _weight_grad(grad_projected, x, ctx.weight_dtype)
             d = grad.shape[-1] // heads
+            out = ctx.weight_grad if width == d else None
+            grad_weight = _weight_grad(grad_projected, x, ctx.weight_dtype, out)
             if width != d:  # the padding rows' gradients (0) left out
-                grad_weight = grad_weight.view(3, heads, width, -1)[:, :, :d].reshape(3 * heads * d, -1)
+                grad_weight = grad_weight.view(3, heads, width, -1)[:, :, :d]
+                grad_weight = grad_weight.reshape(3 * heads * d, -1) if ctx.weight_grad is None else \
+                    ctx.weight_grad.view(3, heads, d, -1).copy_(grad_weight).view(3 * heads * d, -1)  # fmt: skip
             grad_weights = grad_weight.chunk(3)
-        return grad_x, *grad_weights, None, None, None
+        return grad_x, *grad_weights, None, None, None, None, None
 
 
 def _stacked_weight(weights: tuple[torch.Tensor, ...], heads: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -773,16 +779,17 @@ def _pair_blocks(rows: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.T
     return tuple(block.unflatten(0, (frames, -1)).transpose(0, 1) for block in rows.chunk(3, dim=1))
 
 
-def _weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`grad.T @ x` in `dtype`.
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """`grad.T @ x` in `dtype`, written into `out` when given (a tensor of that shape and dtype).
 
     On CUDA, float32 weights' gradient comes from the GEMM's float32 accumulator (no bf16 rounding, no cast pass);
     elsewhere the product is in x's dtype, then cast.
     """
     half = x.dtype in (torch.bfloat16, torch.float16)
     if WEIGHT_GRAD_OUT_DTYPE and x.is_cuda and dtype == torch.float32 and half:
-        return torch.mm(grad.t(), x, out_dtype=dtype)
-    return (grad.t() @ x).to(dtype)
+        return torch.mm(grad.t(), x, out_dtype=dtype, **({} if out is None else {"out": out}))
+    product = (grad.t() @ x).to(dtype)
+    return product if out is None else out.copy_(product)
 
 
 def projected_frame_attention_supported(x: torch.Tensor, out_features: int, frames: int, heads: int) -> str | None:
@@ -794,12 +801,18 @@ def projected_frame_attention_supported(x: torch.Tensor, out_features: int, fram
 
 
 def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, frames: int,
-                              heads: int, scale: float | None = None) -> torch.Tensor:  # fmt: skip
+                              heads: int, scale: float | None = None, weight_grad: torch.Tensor | None = None,
+                              ready: torch.cuda.Event | None = None) -> torch.Tensor:  # fmt: skip
     """`frame_attention` of the bias-free projections `x @ wq.T`, `x @ wk.T`, `x @ wv.T` of (frames * N, C) rows.
 
     `x` holds each frame's N tokens together (frames-first order); the output is (frames * N, out) in the same
     order. The same function as projecting with three linear layers and calling `frame_attention`, in one GEMM each
     way (`_ProjectedFrameAttention`); under autocast, in its dtype. Differentiable in x and the three weights.
+
+    `weight_grad`: a (3 * out, C) tensor of the weights' dtype that the backward pass writes the three weights'
+    gradients into (stacked), returning its row blocks as their gradients: memory that outlives the pass, for an
+    optimizer that reads them later (`training_step.OVERLAP_OPTIMIZER`). `ready`: a CUDA event the forward pass
+    waits for (on the current stream) before it reads the weights, which another stream writes.
 
     Raises:
         ValueError: weights of different shapes or not matching x's channels, rows that `frames` does not divide,
@@ -819,9 +832,20 @@ def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tenso
     reason = projected_frame_attention_supported(x, wq.shape[0], frames, heads)
     if reason is not None:
         raise ValueError(f"projected_frame_attention cannot run here: {reason}.")
+    if weight_grad is not None and (weight_grad.shape != (3 * wq.shape[0], wq.shape[1]) or
+                                    weight_grad.dtype != wq.dtype or weight_grad.device != wq.device or
+                                    not weight_grad.is_contiguous()):  # fmt: skip
+        raise ValueError(f"weight_grad must be a contiguous ({3 * wq.shape[0]}, {wq.shape[1]}) {wq.dtype} tensor on "
+                         f"{wq.device}; got {tuple(weight_grad.shape)} {weight_grad.dtype} on {weight_grad.device}.")
     if scale is None:
         scale = 1.0 / math.sqrt(wq.shape[0] // heads)
-    return _ProjectedFrameAttention.apply(x, wq, wk, wv, frames, heads, float(scale))
+    return _ProjectedFrameAttention.apply(x, wq, wk, wv, frames, heads, float(scale), weight_grad, ready)
+
+
+#: Attributes of an attention layer that `layout`'s temporal self-attention hands `projected_frame_attention` as its
+#: `weight_grad` and `ready` (set by `training_step.StepRunner` when it overlaps the optimizer with the forward pass).
+WEIGHT_GRAD_ATTR = "_motion_adapters_weight_grad"
+WEIGHTS_READY_ATTR = "_motion_adapters_weights_ready"
 
 
 class FrameAttnProcessor:

@@ -218,6 +218,7 @@ def train_motion(
     bar = tqdm(total=config.max_train_steps, initial=0, desc="train_motion", disable=not progress, leave=False)
     stopped_early = False
     began = time.perf_counter()
+    runner = None
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -271,11 +272,15 @@ def train_motion(
                 bar.set_postfix(loss=f"{value:.4f}")
                 done = step + 1
                 if out_dir is not None and config.checkpointing_steps and done % config.checkpointing_steps == 0:
+                    runner.flush()  # a deferred update (training_step.OVERLAP_OPTIMIZER) belongs to this step
                     _save_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, done, losses, config)
                 state = TrainState(done, value, losses, int(t[0]), unet, optimizer)
+                if callbacks:
+                    runner.flush()
                 if any(callback(state) for callback in callbacks):
                     stopped_early = done < config.max_train_steps
                     break
+            runner.flush()
         seconds = time.perf_counter() - began
         prefix = runner.prefix if runner.prefix is not None and runner.prefix.modules else None
         prefix_info = {"modules": [m.name for m in prefix.modules], "bytes": prefix.nbytes} if prefix else None
@@ -295,6 +300,8 @@ def train_motion(
         unet.train(was_training)
         for p in params.values():
             p.grad = None
+        if runner is not None:
+            runner.close()
         runner = optimizer = None
         precision.restore()
     extra = {

@@ -46,6 +46,15 @@ GRAPH_WARMUP_STEPS = 1
 #: Whether a graphed step runs the next step's frozen prefix (the layers before the first trainable one:
 #: `motion_adapters.frozen_prefix`) on a side stream beside its own backward pass, the next step reading it back.
 OVERLAP_FROZEN_PREFIX = True
+#: Whether a graphed step applies AdamW's update for the previous step's gradients at its own start, on a side
+#: stream beside its forward pass, each attention layer waiting for its own weights where the forward pass reaches
+#: it (`DeferredUpdates`), instead of after its own backward pass: the optimizer's pass over the weights, their
+#: moments and gradients (bandwidth-bound: about 1.2 ms of an H200's 39 ms step in the profile of commit 21c8b98)
+#: overlaps the forward pass's matrix products. The same updates in the same order: each forward pass reads the
+#: weights after the previous step's update, as before; the last update is applied when `train_motion` checkpoints,
+#: calls a callback or ends (`StepRunner.flush`). Off until timed on a GPU (bench_training's
+#: `full_overlap_optimizer`).
+OVERLAP_OPTIMIZER = False
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
@@ -496,6 +505,153 @@ def checkpointing(unet: nn.Module, blocks: bool | list[str]) -> Iterator[None]:
                 m._gradient_checkpointing_func = func
 
 
+class DeferredUpdates:
+    """Each step's optimizer update deferred to the start of the next, layer by layer (`OVERLAP_OPTIMIZER`).
+
+    For each attention layer whose q, k and v weights are trained, a float32 buffer that its backward pass writes
+    the stacked weight gradient into (`frame_attention.WEIGHT_GRAD_ATTR`: memory outside a CUDA graph's pool, so the
+    next replay's forward pass cannot reuse it before the update has read it), an event that its forward pass waits
+    for before reading the weights (`frame_attention.WEIGHTS_READY_ATTR`, set while a step is captured), and an
+    optimizer of the run's optimizer's class and settings over those three weights that shares its state (so the
+    run's optimizer, its checkpoints and a flush see every update). `find` builds one where every trainable
+    parameter is such a weight, else returns None.
+
+    Example:
+        >>> deferred = DeferredUpdates.find(unet, params, optimizer)  # doctest: +SKIP
+    """
+
+    def __init__(self, layers: list[tuple[nn.Module, list[nn.Parameter]]], optimizer: torch.optim.Optimizer):
+        from motion_adapters.frame_attention import WEIGHT_GRAD_ATTR
+
+        self.optimizer = optimizer
+        self.layers = layers
+        self.buffers = {}
+        hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        self.optimizers = {}
+        for attn, weights in layers:
+            buffer = weights[0].new_empty((3 * weights[0].shape[0], weights[0].shape[1]))
+            setattr(attn, WEIGHT_GRAD_ATTR, buffer)
+            self.buffers[attn] = buffer
+            layer_optimizer = type(optimizer)([{**hyper, "params": weights}], lr=hyper["lr"])
+            layer_optimizer.state = optimizer.state  # one state for both: updates by either are the run's
+            self.optimizers[attn] = layer_optimizer
+        self.events = {attn: torch.cuda.Event() for attn, _ in layers} if layers[0][1][0].is_cuda else {}
+
+    @classmethod
+    def find(cls, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
+        """`DeferredUpdates` for `params` if each is a q, k or v weight of `model`'s attention layers, else None.
+
+        Each such layer's three weights must all be trained (float32, contiguous, one shape), under a one-group
+        AdamW or Adam without amsgrad.
+        """
+        ids = {id(p) for p in params}
+        groups = optimizer.param_groups
+        if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam) or len(groups) != 1 or groups[0]["amsgrad"]:
+            return None
+        layers, covered = [], set()
+        for module in model.modules():
+            if not isinstance(module, Attention):
+                continue
+            weights = [getattr(getattr(module, name, None), "weight", None) for name in ("to_q", "to_k", "to_v")]
+            if not any(w is not None and id(w) in ids for w in weights):
+                continue
+            if not all(w is not None and id(w) in ids and w.dtype == torch.float32 and w.is_contiguous()
+                       and w.shape == weights[0].shape for w in weights):  # fmt: skip
+                return None
+            layers.append((module, weights))
+            covered |= {id(w) for w in weights}
+        return cls(layers, optimizer) if layers and covered == ids else None
+
+    def grads_in_buffers(self) -> bool:
+        """Whether every trained weight's `.grad` is its row block of its layer's buffer.
+
+        That is what the backward pass of `projected_frame_attention` leaves where autograd takes its gradient as
+        it is.
+        """
+        for attn, weights in self.layers:
+            buffer = self.buffers[attn]
+            for i, w in enumerate(weights):
+                grad = w.grad
+                if grad is None or grad.data_ptr() != buffer[i * w.shape[0]].data_ptr() or grad.shape != w.shape:
+                    return False
+        return True
+
+    @contextmanager
+    def in_forward_order(self) -> Iterator[None]:
+        """Inside the block, a backward pass; on exit, the layers put in the order the forward pass reaches them.
+
+        That is the reverse of the order their gradients were accumulated in, so that each layer's update comes as
+        early as its forward pass needs it.
+        """
+        seen: list[nn.Module] = []
+        hooks = [w.register_post_accumulate_grad_hook(lambda _, attn=attn: seen.append(attn))
+                 for attn, weights in self.layers for w in weights]  # fmt: skip
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+        rank = {attn: i for i, attn in enumerate(dict.fromkeys(reversed(seen)))}
+        self.layers.sort(key=lambda layer: rank.get(layer[0], len(rank)))
+
+    def initialize_state(self) -> None:
+        """Create AdamW's state (step, moments) for weights that have none yet, as its first step would.
+
+        A CUDA graph must not create it: its captured zeroing would run again at every replay.
+        """
+        try:
+            from torch.optim.optimizer import _get_scalar_dtype
+        except ImportError:  # pragma: no cover - older or newer PyTorch
+            def _get_scalar_dtype(is_fused=None):
+                return torch.float32 if is_fused else torch.get_default_dtype()
+        group = self.optimizer.param_groups[0]
+        for _, weights in self.layers:
+            for w in weights:
+                state = self.optimizer.state[w]
+                if state:
+                    continue
+                on_device = group["capturable"] or group["fused"]
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                                            device=w.device if on_device else "cpu")  # fmt: skip
+                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+
+    def step_layers(self, grad_scale: torch.Tensor | None) -> None:
+        """Each layer's update in turn (its event recorded after it on CUDA), the gradients divided by `grad_scale`."""
+        for attn, _ in self.layers:
+            optimizer = self.optimizers[attn]
+            if grad_scale is not None:
+                optimizer.grad_scale = grad_scale
+            try:
+                optimizer.step()
+            finally:
+                if grad_scale is not None:
+                    del optimizer.grad_scale
+            if attn in self.events:
+                self.events[attn].record()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside the block, each layer's forward pass waits for its event before it reads its weights."""
+        from motion_adapters.frame_attention import WEIGHTS_READY_ATTR
+
+        for attn, event in self.events.items():
+            setattr(attn, WEIGHTS_READY_ATTR, event)
+        try:
+            yield
+        finally:
+            for attn in self.events:
+                delattr(attn, WEIGHTS_READY_ATTR)
+
+    def close(self) -> None:
+        """Take the buffers off the attention layers (the weights' `.grad` still point into them)."""
+        from motion_adapters.frame_attention import WEIGHT_GRAD_ATTR
+
+        for attn in self.buffers:
+            if hasattr(attn, WEIGHT_GRAD_ATTR):
+                delattr(attn, WEIGHT_GRAD_ATTR)
+
+
 class StepRunner:
     """Forward, loss, backward, gradient clipping and optimizer step for one (timestep, noise) draw.
 
@@ -555,6 +711,12 @@ class StepRunner:
         overlap = graph and OVERLAP_FROZEN_PREFIX and config.compile == "no" and isinstance(model, nn.Module)
         self.prefix = FrozenPrefix(model) if overlap else None
         self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # the (t, noise) the prefix buffers hold
+        # each step's update applied at the next step's start, beside its forward pass (OVERLAP_OPTIMIZER)
+        defer = OVERLAP_OPTIMIZER and graph and scaler is None and config.compile == "no" and \
+            isinstance(model, nn.Module) and (config.max_grad_norm == 0 or clips_in_optimizer(optimizer))  # fmt: skip
+        self.deferred = DeferredUpdates.find(model, params, optimizer) if defer else None
+        self._pending = False  # gradients whose update has not been applied yet
+        self._clip_factor: torch.Tensor | None = None  # their clipping factor (memory outside the graph's pool)
 
     def __call__(self, t: torch.Tensor, noise: torch.Tensor,
                  next_step: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
@@ -574,11 +736,15 @@ class StepRunner:
             elif self.steps_run < GRAPH_WARMUP_STEPS:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
-                tracing = self.prefix is not None and self.steps_run == GRAPH_WARMUP_STEPS - 1
+                last = self.steps_run == GRAPH_WARMUP_STEPS - 1
+                tracing = self.prefix is not None and last
                 # the prefix's buffers are made as the tracing ends, after the side stream's block: on this stream
                 with self.prefix.tracing() if tracing else nullcontext(), torch.cuda.stream(side):
-                    loss = self._eager_step(t, noise)
+                    loss = self._eager_step(t, noise) if self.deferred is None else self._deferred_step(t, noise, last)
                 torch.cuda.current_stream(device).wait_stream(side)
+            elif self.deferred is not None and not self._pending:  # after a flush: the graph would apply it again
+                loss = self._deferred_step(t, noise)
+                self._staged = None
             else:
                 prefix = self.prefix is not None and bool(self.prefix.modules)
                 if prefix and not (self._staged is not None and all(a is b for a, b in zip(host, self._staged))):
@@ -660,6 +826,70 @@ class StepRunner:
         self._update(loss)
         return loss.detach()
 
+    def _deferred_step(self, t: torch.Tensor, noise: torch.Tensor, last_warmup: bool = False) -> torch.Tensor:
+        """An eager step whose update waits for the next step (`OVERLAP_OPTIMIZER`); the previous one's applied first.
+
+        `last_warmup`: the step before the capture, which orders the layers as the forward pass reaches them, checks
+        that every gradient landed in its buffer (else the run goes on updating each step as usual) and creates the
+        optimizer's state outside the graph.
+        """
+        self._apply_pending()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(t, noise)
+        with self.deferred.in_forward_order() if last_warmup else nullcontext():
+            loss.backward()
+        self._keep_clip_factor()
+        self._pending = True
+        if last_warmup:
+            if not self.deferred.grads_in_buffers():
+                self._apply_pending()
+                self.deferred.close()
+                self.deferred = None
+            else:
+                self.deferred.initialize_state()
+        return loss.detach()
+
+    def _keep_clip_factor(self) -> None:
+        """The clipping factor of the gradients just computed, kept for their deferred update."""
+        if self.config.max_grad_norm <= 0:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        factor = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        if self._clip_factor is None:
+            self._clip_factor = torch.empty_like(factor)
+        self._clip_factor.copy_(factor)
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        """The divisor of the pending gradients (the reciprocal of their clipping factor), or None: no clipping."""
+        return None if self.config.max_grad_norm <= 0 else self._clip_factor.reciprocal()
+
+    def _apply_pending(self) -> None:
+        """The update of the pending gradients (in `.grad`), now, on the current stream."""
+        if not self._pending:
+            return
+        scale = self._grad_scale()
+        if scale is not None:
+            self.optimizer.grad_scale = scale
+        try:
+            self.optimizer.step()
+        finally:
+            if scale is not None:
+                del self.optimizer.grad_scale
+        self._pending = False
+
+    def flush(self) -> None:
+        """Apply a deferred update now (`OVERLAP_OPTIMIZER`): before anything reads the weights or the optimizer.
+
+        A no-op when nothing is deferred. The next step then runs eagerly (the captured graph would apply the update
+        a second time) and defers its own update again.
+        """
+        self._apply_pending()
+
+    def close(self) -> None:
+        """Release what the run added to the UNet (the deferred updates' gradient buffers)."""
+        if self.deferred is not None:
+            self.deferred.close()
+
     def _capture(self, inputs: dict[str, torch.Tensor]) -> None:
         """Capture the step into `self.graph`, reading copies of `inputs` that each replay refills.
 
@@ -667,20 +897,36 @@ class StepRunner:
         """
         self._static = {key: value.clone() for key, value in inputs.items()}
         prefix = self.prefix if self.prefix is not None and self.prefix.modules else None
-        # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
-        self.optimizer.zero_grad(set_to_none=True)
+        deferred = self.deferred
+        if deferred is None:
+            # gradients are allocated inside the capture, so every replay writes this step's gradients afresh
+            self.optimizer.zero_grad(set_to_none=True)
+        device = self.x0.device
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            with prefix.replaying() if prefix is not None else nullcontext():
+            if deferred is not None:  # the previous step's update, layer by layer, beside this forward pass
+                updates = torch.cuda.Stream(device)
+                updates.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(updates):
+                    deferred.step_layers(self._grad_scale())
+                # the backward pass writes each layer's gradient into its buffer, autograd taking it as `.grad`
+                self.optimizer.zero_grad(set_to_none=True)
+            with prefix.replaying() if prefix is not None else nullcontext(), \
+                    deferred.waiting() if deferred is not None else nullcontext():  # fmt: skip
                 loss = self.loss(self._static["t"], self._static["noise"])
             if prefix is not None:  # the next step's prefix beside this step's backward pass and optimizer
-                side = torch.cuda.Stream(self.x0.device)
-                side.wait_stream(torch.cuda.current_stream(self.x0.device))
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     self._record_prefix(self._static["next_t"], self._static["next_noise"])
-            self._update(loss)
+            if deferred is None:
+                self._update(loss)
+            else:
+                loss.backward()
+                torch.cuda.current_stream(device).wait_stream(updates)  # done reading the factor it replaces
+                self._keep_clip_factor()
             if prefix is not None:
-                torch.cuda.current_stream(self.x0.device).wait_stream(side)
+                torch.cuda.current_stream(device).wait_stream(side)
         self._static["loss"] = loss.detach()
         self.graph = graph
 

@@ -238,3 +238,43 @@ def test_batch_one_training_step_with_the_untimed_levers_gives_the_same_gradient
     assert folds.count(True) == 4 * (len(layers) - len(before))
     assert im2col_conv.fold_frame_taps is fold
     assert_same_step(out, grads, reference, reference_grads)
+
+
+@pytest.mark.slow  # over 30 s on a 2-core CPU (Triton's interpreter): run with -m slow
+def test_batch_one_training_steps_with_deferred_updates_land_gradients_in_the_buffers_and_train_alike():
+    """The training step's layer swaps on a tiny keyframes UNet (token rows, the Triton frame attention): every
+    trained q/k/v weight's gradient lands in its layer's buffer (`DeferredUpdates.grads_in_buffers`), and three
+    steps with each update deferred to the next step's start, layer by layer, end with the weights of three steps
+    updated at once."""
+    from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
+    from motion_adapters.training_step import DeferredUpdates
+
+    def run(defer):
+        unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
+        trainable = [p for name, p in unet.named_parameters() if ".temp_attentions." in f".{name}" and
+                     any(f".to_{x}." in name for x in "qkv")]  # fmt: skip
+        for p in trainable:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3, fused=True)
+        deferred = DeferredUpdates.find(unet, trainable, optimizer) if defer else None
+        assert (deferred is not None) == defer
+        inputs = unet_inputs(unet, batch=1)
+        with temporal_kernels(unet, "triton_fast"), layout.channels_last_training(unet, True), \
+                frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, True, True, True):  # fmt: skip
+            for step in range(3):
+                if deferred is not None and step:
+                    deferred.step_layers(None)
+                optimizer.zero_grad(set_to_none=True)
+                with deferred.in_forward_order() if deferred is not None and step == 0 else torch.enable_grad():
+                    unet(**inputs).sample.square().mean().backward()
+                if deferred is None:
+                    optimizer.step()
+                else:
+                    assert deferred.grads_in_buffers()
+        if deferred is not None:
+            optimizer.step()
+            deferred.close()
+        return [p.detach().clone() for p in trainable]
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
