@@ -712,7 +712,8 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, wq, wk, wv, frames: int, heads: int, scale: float, weight_grad=None, ready=None):
+    def forward(ctx, x, wq, wk, wv, frames: int, heads: int, scale: float, weight_grad=None, ready=None,
+                stacked=None):  # fmt: skip
         if ready is not None:  # the weights are written on another stream (`projected_frame_attention`)
             torch.cuda.current_stream(x.device).wait_event(ready)
         device_type = x.device.type
@@ -721,7 +722,10 @@ class _ProjectedFrameAttention(torch.autograd.Function):
         width = padded_head(frames, d)
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
-            weight = _stacked_weight((wq, wk, wv), heads, width, dtype)
+            if stacked is not None and stacked.dtype == dtype and stacked.shape == (3 * heads * width, wq.shape[1]):
+                weight = stacked  # written by the caller (`projected_frame_attention`)
+            else:
+                weight = _stacked_weight((wq, wk, wv), heads, width, dtype)
             projected = x @ weight.t()  # (frames * N, 3 * heads * width)
             q, k, v = _pair_blocks(projected, frames)
             out = torch.empty((frames, q.shape[0], wq.shape[0]), dtype=dtype, device=x.device)
@@ -752,7 +756,7 @@ class _ProjectedFrameAttention(torch.autograd.Function):
                 grad_weight = grad_weight.reshape(3 * heads * d, -1) if ctx.weight_grad is None else \
                     ctx.weight_grad.view(3, heads, d, -1).copy_(grad_weight).view(3 * heads * d, -1)  # fmt: skip
             grad_weights = grad_weight.chunk(3)
-        return grad_x, *grad_weights, None, None, None, None, None
+        return grad_x, *grad_weights, None, None, None, None, None, None
 
 
 def _stacked_weight(weights: tuple[torch.Tensor, ...], heads: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -761,12 +765,31 @@ def _stacked_weight(weights: tuple[torch.Tensor, ...], heads: int, width: int, d
     Each head's rows followed by `width - out / heads` zero rows (none where width is a head's channels).
     """
     out, channels = weights[0].shape
+    empty = weights[0].new_empty if width == out // heads else weights[0].new_zeros
+    return write_stacked_weight(empty((len(weights) * heads * width, channels), dtype=dtype), weights, heads)
+
+
+def write_stacked_weight(stacked: torch.Tensor, weights: tuple[torch.Tensor, ...], heads: int) -> torch.Tensor:
+    """Write the (out, C) `weights` into `stacked` as `projected_frame_attention` stacks them, and return it.
+
+    `stacked` is (len(weights) * heads * width, C) in the compute dtype, width the channels a head takes there
+    (`padded_head`); the rows past each head's channels are left as they are (zero, for padded heads).
+
+    Example:
+        >>> w = torch.ones(4, 3)
+        >>> write_stacked_weight(torch.empty(12, 3), (w, 2 * w, 3 * w), heads=2)[:, 0].tolist()
+        [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+    """
+    out, channels = weights[0].shape
     d = out // heads
-    if width == d:
-        return torch.cat(weights, out=weights[0].new_empty((len(weights) * out, channels), dtype=dtype))
-    stacked = weights[0].new_zeros((len(weights), heads, width, channels), dtype=dtype)
-    stacked[:, :, :d] = torch.stack(weights).view(len(weights), heads, d, channels)
-    return stacked.view(-1, channels)
+    width = stacked.shape[0] // (len(weights) * heads)
+    with torch.no_grad():  # the values only: `_ProjectedFrameAttention` gives the weights their gradients
+        if width == d:
+            return torch.cat(weights, out=stacked)
+        view = stacked.view(len(weights), heads, width, channels)
+        for i, weight in enumerate(weights):
+            view[i, :, :d].copy_(weight.view(heads, d, channels))
+    return stacked
 
 
 def _padded_launch(head_channels: int, width: int) -> tuple:
@@ -802,7 +825,8 @@ def projected_frame_attention_supported(x: torch.Tensor, out_features: int, fram
 
 def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, frames: int,
                               heads: int, scale: float | None = None, weight_grad: torch.Tensor | None = None,
-                              ready: torch.cuda.Event | None = None) -> torch.Tensor:  # fmt: skip
+                              ready: torch.cuda.Event | None = None,
+                              stacked: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """`frame_attention` of the bias-free projections `x @ wq.T`, `x @ wk.T`, `x @ wv.T` of (frames * N, C) rows.
 
     `x` holds each frame's N tokens together (frames-first order); the output is (frames * N, out) in the same
@@ -812,7 +836,9 @@ def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tenso
     `weight_grad`: a (3 * out, C) tensor of the weights' dtype that the backward pass writes the three weights'
     gradients into (stacked), returning its row blocks as their gradients: memory that outlives the pass, for an
     optimizer that reads them later (`training_step.OVERLAP_OPTIMIZER`). `ready`: a CUDA event the forward pass
-    waits for (on the current stream) before it reads the weights, which another stream writes.
+    waits for (on the current stream) before it reads the weights, which another stream writes. `stacked`: the
+    three weights already stacked in the compute dtype (`write_stacked_weight`, the caller vouching that it holds
+    their values when `ready` fires), used where its shape and dtype are those of the stacking it replaces.
 
     Raises:
         ValueError: weights of different shapes or not matching x's channels, rows that `frames` does not divide,
@@ -839,13 +865,15 @@ def projected_frame_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tenso
                          f"{wq.device}; got {tuple(weight_grad.shape)} {weight_grad.dtype} on {weight_grad.device}.")
     if scale is None:
         scale = 1.0 / math.sqrt(wq.shape[0] // heads)
-    return _ProjectedFrameAttention.apply(x, wq, wk, wv, frames, heads, float(scale), weight_grad, ready)
+    return _ProjectedFrameAttention.apply(x, wq, wk, wv, frames, heads, float(scale), weight_grad, ready, stacked)
 
 
 #: Attributes of an attention layer that `layout`'s temporal self-attention hands `projected_frame_attention` as its
-#: `weight_grad` and `ready` (set by `training_step.StepRunner` when it overlaps the optimizer with the forward pass).
+#: `weight_grad`, `ready` and `stacked` (set by `training_step.StepRunner` when it overlaps the optimizer with the
+#: forward pass).
 WEIGHT_GRAD_ATTR = "_motion_adapters_weight_grad"
 WEIGHTS_READY_ATTR = "_motion_adapters_weights_ready"
+STACKED_WEIGHT_ATTR = "_motion_adapters_stacked_weight"
 
 
 class FrameAttnProcessor:

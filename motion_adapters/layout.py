@@ -89,6 +89,7 @@ def _plain_block(block: nn.Module) -> bool:
 def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
     """`attn` over the frames of (frames * pixels, C) token rows in frames-first order, output in the same order."""
     from motion_adapters.frame_attention import (
+        STACKED_WEIGHT_ATTR,
         WEIGHT_GRAD_ATTR,
         WEIGHTS_READY_ATTR,
         attend,
@@ -102,7 +103,8 @@ def _frame_self_attention_rows(attn: nn.Module, x: torch.Tensor, frames: int) ->
             projected_frame_attention_supported(x, attn.to_q.out_features, frames, attn.heads) is None:  # fmt: skip
         out = projected_frame_attention(x, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, frames, attn.heads,
                                         weight_grad=getattr(attn, WEIGHT_GRAD_ATTR, None),
-                                        ready=getattr(attn, WEIGHTS_READY_ATTR, None))  # fmt: skip
+                                        ready=getattr(attn, WEIGHTS_READY_ATTR, None),
+                                        stacked=getattr(attn, STACKED_WEIGHT_ATTR, None))  # fmt: skip
         return attention_output(attn, out, x)
     q, k, v = (project(x).unflatten(0, (frames, -1)).transpose(0, 1) for project in projections)
     return attention_output(attn, attend(attn, q, k, v).transpose(0, 1).flatten(0, 1), x)

@@ -520,29 +520,37 @@ class DeferredUpdates:
         >>> deferred = DeferredUpdates.find(unet, params, optimizer)  # doctest: +SKIP
     """
 
-    def __init__(self, layers: list[tuple[nn.Module, list[nn.Parameter]]], optimizer: torch.optim.Optimizer):
-        from motion_adapters.frame_attention import WEIGHT_GRAD_ATTR
+    def __init__(self, layers: list[tuple[nn.Module, list[nn.Parameter]]], optimizer: torch.optim.Optimizer,
+                 compute_dtype: torch.dtype | None = None, frames: int | None = None):  # fmt: skip
+        from motion_adapters.frame_attention import WEIGHT_GRAD_ATTR, padded_head
 
         self.optimizer = optimizer
         self.layers = layers
         self.buffers = {}
+        self.stacked = {}  # each layer's weights stacked in the compute dtype, written after its update
         hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         self.optimizers = {}
         for attn, weights in layers:
-            buffer = weights[0].new_empty((3 * weights[0].shape[0], weights[0].shape[1]))
+            out, channels = weights[0].shape
+            buffer = weights[0].new_empty((3 * out, channels))
             setattr(attn, WEIGHT_GRAD_ATTR, buffer)
             self.buffers[attn] = buffer
+            if compute_dtype is not None and frames is not None:
+                width = padded_head(frames, out // attn.heads)
+                self.stacked[attn] = weights[0].new_zeros((3 * attn.heads * width, channels), dtype=compute_dtype)
             layer_optimizer = type(optimizer)([{**hyper, "params": weights}], lr=hyper["lr"])
             layer_optimizer.state = optimizer.state  # one state for both: updates by either are the run's
             self.optimizers[attn] = layer_optimizer
         self.events = {attn: torch.cuda.Event() for attn, _ in layers} if layers[0][1][0].is_cuda else {}
 
     @classmethod
-    def find(cls, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
+    def find(cls, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+             compute_dtype: torch.dtype | None = None, frames: int | None = None):  # fmt: skip
         """`DeferredUpdates` for `params` if each is a q, k or v weight of `model`'s attention layers, else None.
 
         Each such layer's three weights must all be trained (float32, contiguous, one shape), under a one-group
-        AdamW or Adam without amsgrad.
+        AdamW or Adam without amsgrad. With `compute_dtype` and `frames` (the clip's), each layer's update also
+        writes its weights stacked in that dtype, as its forward pass reads them (`STACKED_WEIGHT_ATTR`).
         """
         ids = {id(p) for p in params}
         groups = optimizer.param_groups
@@ -560,7 +568,7 @@ class DeferredUpdates:
                 return None
             layers.append((module, weights))
             covered |= {id(w) for w in weights}
-        return cls(layers, optimizer) if layers and covered == ids else None
+        return cls(layers, optimizer, compute_dtype, frames) if layers and covered == ids else None
 
     def grads_in_buffers(self) -> bool:
         """Whether every trained weight's `.grad` is its row block of its layer's buffer.
@@ -617,8 +625,13 @@ class DeferredUpdates:
                 state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
 
     def step_layers(self, grad_scale: torch.Tensor | None) -> None:
-        """Each layer's update in turn (its event recorded after it on CUDA), the gradients divided by `grad_scale`."""
-        for attn, _ in self.layers:
+        """Each layer's update in turn, the gradients divided by `grad_scale`.
+
+        After each, the layer's stacked compute-dtype weights written (where kept) and its event recorded (CUDA).
+        """
+        from motion_adapters.frame_attention import write_stacked_weight
+
+        for attn, weights in self.layers:
             optimizer = self.optimizers[attn]
             if grad_scale is not None:
                 optimizer.grad_scale = grad_scale
@@ -627,21 +640,31 @@ class DeferredUpdates:
             finally:
                 if grad_scale is not None:
                     del optimizer.grad_scale
+            if attn in self.stacked:
+                write_stacked_weight(self.stacked[attn], tuple(weights), attn.heads)
             if attn in self.events:
                 self.events[attn].record()
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
-        """Inside the block, each layer's forward pass waits for its event before it reads its weights."""
-        from motion_adapters.frame_attention import WEIGHTS_READY_ATTR
+        """Inside the block, each layer's forward pass waits for its event and reads its weights as stacked there.
+
+        The block is the forward pass right after `step_layers` (in one captured step). Only there: anywhere else
+        (an eager step after a flush) the stacked copies may be an update behind.
+        """
+        from motion_adapters.frame_attention import STACKED_WEIGHT_ATTR, WEIGHTS_READY_ATTR
 
         for attn, event in self.events.items():
             setattr(attn, WEIGHTS_READY_ATTR, event)
+        for attn, stacked in self.stacked.items():
+            setattr(attn, STACKED_WEIGHT_ATTR, stacked)
         try:
             yield
         finally:
             for attn in self.events:
                 delattr(attn, WEIGHTS_READY_ATTR)
+            for attn in self.stacked:
+                delattr(attn, STACKED_WEIGHT_ATTR)
 
     def close(self) -> None:
         """Take the buffers off the attention layers (the weights' `.grad` still point into them)."""
@@ -714,7 +737,7 @@ class StepRunner:
         # each step's update applied at the next step's start, beside its forward pass (OVERLAP_OPTIMIZER)
         defer = OVERLAP_OPTIMIZER and graph and scaler is None and config.compile == "no" and \
             isinstance(model, nn.Module) and (config.max_grad_norm == 0 or clips_in_optimizer(optimizer))  # fmt: skip
-        self.deferred = DeferredUpdates.find(model, params, optimizer) if defer else None
+        self.deferred = DeferredUpdates.find(model, params, optimizer, compute_dtype, x0.shape[2]) if defer else None
         self._pending = False  # gradients whose update has not been applied yet
         self._clip_factor: torch.Tensor | None = None  # their clipping factor (memory outside the graph's pool)
 

@@ -34,7 +34,8 @@ class TwoLayers(torch.nn.Module):
         for attn in (self.first, self.second):
             x = x + fa.projected_frame_attention(x, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, FRAMES,
                                                  HEADS, weight_grad=getattr(attn, fa.WEIGHT_GRAD_ATTR, None),
-                                                 ready=getattr(attn, fa.WEIGHTS_READY_ATTR, None))  # fmt: skip
+                                                 ready=getattr(attn, fa.WEIGHTS_READY_ATTR, None),
+                                                 stacked=getattr(attn, fa.STACKED_WEIGHT_ATTR, None))  # fmt: skip
         return x
 
 
@@ -143,6 +144,37 @@ def test_updates_deferred_layer_by_layer_give_the_same_run():
     for key in state:
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(deferred_state[key][name], state[key][name]), (key, name)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_updates_write_the_stacked_weights_the_forward_pass_then_reads(padded, monkeypatch):
+    """With a compute dtype, each layer's update writes its weights stacked in it (padded heads included: heads of 5
+    here, 8 apart with PAIRS_PADDED_HEADS); inside `waiting` the forward pass reads those (no stacking of its own)
+    and gives what stacking them itself gives."""
+    monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", padded)
+    model = TwoLayers()
+    params = trained(model)
+    optimizer = optimizer_of(params)
+    deferred = DeferredUpdates.find(model, params, optimizer, torch.bfloat16, FRAMES)
+    x = inputs(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().sum().backward()
+    deferred.initialize_state()
+    deferred.step_layers(None)
+    width = 8 if padded else C // HEADS
+    for attn, weights in deferred.layers:
+        expected = fa._stacked_weight(tuple(weights), HEADS, width, torch.bfloat16)
+        assert deferred.stacked[attn].shape == (3 * HEADS * width, C)
+        assert torch.equal(deferred.stacked[attn], expected)
+    stacked = []
+    stack = fa._stacked_weight
+    monkeypatch.setattr(fa, "_stacked_weight", lambda *a: stacked.append(1) or stack(*a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with deferred.waiting():
+            out = model(x)
+        assert not stacked and not hasattr(model.first, fa.STACKED_WEIGHT_ATTR)
+        expected = model(x)
+    assert len(stacked) == 2 and torch.equal(out, expected)
 
 
 def test_initialized_state_is_what_adamw_creates_at_its_first_step():

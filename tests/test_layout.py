@@ -244,8 +244,8 @@ def test_batch_one_training_step_with_the_untimed_levers_gives_the_same_gradient
 def test_batch_one_training_steps_with_deferred_updates_land_gradients_in_the_buffers_and_train_alike():
     """The training step's layer swaps on a tiny keyframes UNet (token rows, the Triton frame attention): every
     trained q/k/v weight's gradient lands in its layer's buffer (`DeferredUpdates.grads_in_buffers`), and three
-    steps with each update deferred to the next step's start, layer by layer, end with the weights of three steps
-    updated at once."""
+    steps with each update deferred to the next step's start, layer by layer, the forward passes after an update
+    reading the weights as it stacked them (`waiting`), end with the weights of three steps updated at once."""
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
     from motion_adapters.training_step import DeferredUpdates
 
@@ -256,16 +256,18 @@ def test_batch_one_training_steps_with_deferred_updates_land_gradients_in_the_bu
         for p in trainable:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable, lr=1e-3, fused=True)
-        deferred = DeferredUpdates.find(unet, trainable, optimizer) if defer else None
-        assert (deferred is not None) == defer
         inputs = unet_inputs(unet, batch=1)
+        frames = inputs["sample"].shape[2]
+        deferred = DeferredUpdates.find(unet, trainable, optimizer, torch.float32, frames) if defer else None
+        assert (deferred is not None) == defer
         with temporal_kernels(unet, "triton_fast"), layout.channels_last_training(unet, True), \
                 frozen_convs_keep_no_input(unet, True), frozen_activations_recomputed(unet, True, True, True):  # fmt: skip
             for step in range(3):
                 if deferred is not None and step:
                     deferred.step_layers(None)
                 optimizer.zero_grad(set_to_none=True)
-                with deferred.in_forward_order() if deferred is not None and step == 0 else torch.enable_grad():
+                with deferred.in_forward_order() if deferred is not None and step == 0 else torch.enable_grad(), \
+                        deferred.waiting() if deferred is not None and step else torch.enable_grad():  # fmt: skip
                     unet(**inputs).sample.square().mean().backward()
                 if deferred is None:
                     optimizer.step()
