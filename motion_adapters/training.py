@@ -229,7 +229,7 @@ def train_motion(
         unet.train()
         runner = StepRunner(
             compiled(unet, config.compile), x0, embeds, alphas_cumprod, list(params.values()), optimizer, config,
-            compute_dtype, scaler, graph, predicts,
+            compute_dtype, scaler, graph, predicts, defer_updates=not callbacks,
         )
         # dropout (Show-1's temporal convolutions use p=0.1) draws from the global generators: train on a fork of
         # them, seeded from the config, so that a run does not depend on what the process did before and leaves
@@ -275,8 +275,6 @@ def train_motion(
                     runner.flush()  # a deferred update (training_step.OVERLAP_OPTIMIZER) belongs to this step
                     _save_checkpoint(out_dir / CHECKPOINT_DIR, unet, adapter_name, optimizer, done, losses, config)
                 state = TrainState(done, value, losses, int(t[0]), unet, optimizer)
-                if callbacks:
-                    runner.flush()
                 if any(callback(state) for callback in callbacks):
                     stopped_early = done < config.max_train_steps
                     break

@@ -49,11 +49,11 @@ OVERLAP_FROZEN_PREFIX = True
 #: Whether a graphed step applies AdamW's update for the previous step's gradients at its own start, on a side
 #: stream beside its forward pass, each attention layer waiting for its own weights where the forward pass reaches
 #: it (`DeferredUpdates`), instead of after its own backward pass: the optimizer's pass over the weights, their
-#: moments and gradients (bandwidth-bound: about 1.2 ms of an H200's 39 ms step in the profile of commit 21c8b98)
-#: overlaps the forward pass's matrix products. The same updates in the same order: each forward pass reads the
-#: weights after the previous step's update, as before; the last update is applied when `train_motion` checkpoints,
-#: calls a callback or ends (`StepRunner.flush`). Off until timed on a GPU (bench_training's
-#: `full_overlap_optimizer`).
+#: moments and gradients (bound by memory: 1.24 ms a step in the H200 profile of commit 21c8b98) overlaps the
+#: forward pass's matrix products. The same updates in the same order: each forward pass reads the
+#: weights after the previous step's update, as before; the last update is applied when `train_motion` checkpoints
+#: or ends (`StepRunner.flush`; a run with callbacks, which may read the weights after any step, does not defer).
+#: Off until timed on a GPU (bench_training's `full_overlap_optimizer`).
 OVERLAP_OPTIMIZER = False
 
 
@@ -695,6 +695,8 @@ class StepRunner:
         scaler: an fp16 `GradScaler`, or None.
         graph: capture the step in a CUDA graph.
         prediction_type: what the UNet predicts ("epsilon" or "v_prediction"); the loss always compares epsilons.
+        defer_updates: whether a graphed run may defer each update to the next step (`OVERLAP_OPTIMIZER`); a caller
+            that reads the weights after every step (a callback) passes False, as each read needs a `flush`.
 
     Example:
         >>> runner = StepRunner(unet, x0, embeds, abar, params, optimizer, config, torch.bfloat16)  # doctest: +SKIP
@@ -714,6 +716,7 @@ class StepRunner:
         scaler: torch.amp.GradScaler | None = None,
         graph: bool = False,
         prediction_type: str = "epsilon",
+        defer_updates: bool = True,
     ):
         self.model = model
         self.prediction_type = prediction_type
@@ -735,7 +738,7 @@ class StepRunner:
         self.prefix = FrozenPrefix(model) if overlap else None
         self._staged: tuple[torch.Tensor, torch.Tensor] | None = None  # the (t, noise) the prefix buffers hold
         # each step's update applied at the next step's start, beside its forward pass (OVERLAP_OPTIMIZER)
-        defer = OVERLAP_OPTIMIZER and graph and scaler is None and config.compile == "no" and \
+        defer = OVERLAP_OPTIMIZER and defer_updates and graph and scaler is None and config.compile == "no" and \
             isinstance(model, nn.Module) and (config.max_grad_norm == 0 or clips_in_optimizer(optimizer))  # fmt: skip
         self.deferred = DeferredUpdates.find(model, params, optimizer, compute_dtype, x0.shape[2]) if defer else None
         self._pending = False  # gradients whose update has not been applied yet

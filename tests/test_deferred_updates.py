@@ -275,3 +275,30 @@ def test_train_motion_with_the_overlapped_optimizer_trains_as_without_it(monkeyp
     torch.testing.assert_close(torch.tensor(overlapped), torch.tensor(losses), rtol=2e-2, atol=1e-4)
     for got, want in zip(overlapped_weights, weights):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+
+
+def test_step_runner_defers_only_graphed_runs_that_allow_it(monkeypatch):
+    """`OVERLAP_OPTIMIZER`: a graphed run defers (on this CPU only its setup runs); not with the flag off, nor
+    eagerly, nor when the caller reads the weights after each step (`defer_updates=False`: `train_motion` with
+    callbacks), nor under a GradScaler."""
+    from motion_adapters import training_step
+    from motion_adapters.config import MotionDistillationConfig
+    from motion_adapters.training_step import StepRunner
+
+    def runner(flag=True, graph=True, defer_updates=True, scaler=None):
+        monkeypatch.setattr(training_step, "OVERLAP_OPTIMIZER", flag)
+        model = TwoLayers()
+        params = trained(model)
+        made = StepRunner(model, torch.zeros(1, 3, FRAMES, 2, 2), None, torch.ones(10), params, optimizer_of(params),
+                          MotionDistillationConfig(), torch.bfloat16, scaler, graph,
+                          defer_updates=defer_updates)  # fmt: skip
+        deferred = made.deferred
+        made.close()
+        assert not hasattr(model.first, fa.WEIGHT_GRAD_ATTR)
+        return deferred
+
+    deferred = runner()
+    assert deferred is not None and set(deferred.stacked) == {a for a, _ in deferred.layers}
+    assert all(s.dtype == torch.bfloat16 and s.shape == (3 * C, C) for s in deferred.stacked.values())
+    assert runner(flag=False) is None and runner(graph=False) is None and runner(defer_updates=False) is None
+    assert runner(scaler=torch.amp.GradScaler("cpu")) is None
