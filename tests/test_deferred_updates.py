@@ -247,8 +247,8 @@ def test_gradients_outside_the_buffers_turn_deferral_off_with_the_update_applied
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_train_motion_with_the_overlapped_optimizer_trains_as_without_it(monkeypatch, tmp_path):
     """A tiny Show-1 UNet on the GPU, CUDA graph, bf16, clipping on, a checkpoint every 3 of 8 steps (each a flush,
-    then an eager step): `OVERLAP_OPTIMIZER` on and off give the same losses and adapter weights (within bf16
-    noise: the graphs differ, their dropout masks do not), and the overlap does run (a graph captured with it)."""
+    then an eager step), dropout off: `OVERLAP_OPTIMIZER` on and off give the same losses and adapter weights
+    (within bf16 noise: the graphs differ), and the overlap does run (a graph captured with it)."""
     from test_training_speed import clip, embeds, scheduler, tiny_show1
 
     from motion_adapters import training_step
@@ -264,6 +264,9 @@ def test_train_motion_with_the_overlapped_optimizer_trains_as_without_it(monkeyp
     def run(overlap, out):
         monkeypatch.setattr(training_step, "OVERLAP_OPTIMIZER", overlap)
         unet = tiny_show1().cuda()
+        for module in unet.modules():  # no dropout: the eager steps after a flush would draw other masks
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         config = MotionDistillationConfig(max_train_steps=8, num_frames=8, cuda_graph="yes", mixed_precision="bf16",
                                           checkpointing_steps=3, seed=3)  # fmt: skip
         result = train_motion(unet, clip(frames=8, size=16).cuda(), embeds(64).cuda(), scheduler(), config,
