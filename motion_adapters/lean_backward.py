@@ -342,8 +342,9 @@ class _FrameTapsConv(torch.autograd.Function):
 #: level, 1,280 at 10 x 16) run as one GEMM of the rows by all k taps and one fold (`im2col_conv.fold_frame_taps`)
 #: instead of k GEMMs accumulated in turn: where few rows leave most of the GPU idle in each narrow GEMM (a 1,280
 #: channel tap at 5 x 8: 15 output tiles of 128 x 256, the tile the profile's larger GEMMs ran with, for 132
-#: multiprocessors), one GEMM k times as wide has k times the tiles at once, and the taps are summed in float32 and rounded once (as cuDNN's convolution does) instead of in
-#: the output's dtype. 0: off, not timed on a GPU yet (bench_training's `full_folded_taps_320`, `_1280`).
+#: multiprocessors), one GEMM k times as wide has k times the tiles at once, and the taps are summed in float32
+#: and rounded once (as cuDNN's convolution does) instead of in the output's dtype. 0: off, not timed on a GPU yet
+#: (bench_training's `full_folded_taps_320`, `_1280`).
 FRAME_TAPS_FOLDED_MAX_ROWS = 0
 
 
