@@ -304,6 +304,9 @@ VARIANTS = {
     "full_overlap_optimizer": ("as full, each step's AdamW update applied at the next step's start on a side stream "
                                "beside its forward pass, each attention layer waiting for its own weights "
                                "(training_step.OVERLAP_OPTIMIZER)", AS_FULL),
+    "full_overlap_recompute_qkv": ("as full_overlap_optimizer, the q/k/v projections computed again in the backward "
+                                   "pass instead of kept, for the memory the gradient buffers take "
+                                   "(frame_attention.RECOMPUTE_PROJECTION)", AS_FULL),
     "full_all_untimed": ("as full, full_skip_padded_folded and full_overlap_optimizer together", AS_FULL),
     "full_skip_padded_folded": ("as full, full_skip_grads, full_padded_heads and full_folded_taps_320 together",
                                 AS_FULL),
@@ -701,6 +704,8 @@ MODULE_SETTINGS = {"full_tile_attention": [(frame_attention, "PAIRS_FRAMES", 0)]
                                                (frame_attention, "PAIRS_PADDED_HEADS", True),
                                                (lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 320)],
                    "full_overlap_optimizer": [(training_step, "OVERLAP_OPTIMIZER", True)],
+                   "full_overlap_recompute_qkv": [(training_step, "OVERLAP_OPTIMIZER", True),
+                                                  (frame_attention, "RECOMPUTE_PROJECTION", True)],
                    "full_all_untimed": [(lean_backward, "SKIP_GRADS_IN_NORMS", True),
                                         (frame_attention, "PAIRS_PADDED_HEADS", True),
                                         (lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 320),

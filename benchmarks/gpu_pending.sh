@@ -22,7 +22,7 @@ case "${1:-}" in
       tests/test_frame_attention.py -k "overlapped or folded or padded" ;;
   training)
     python3 benchmarks/bench_training.py --commit "$COMMIT" --out "$OUT/training_untimed_$GPU.json" \
-      --variants baseline,full,full_skip_grads,full_padded_heads,full_folded_taps_320,full_folded_taps_1280,full_overlap_optimizer,full_all_untimed,lora,baseline_rerun \
+      --variants baseline,full,full_skip_grads,full_padded_heads,full_folded_taps_320,full_folded_taps_1280,full_overlap_optimizer,full_overlap_recompute_qkv,full_all_untimed,lora,baseline_rerun \
       --baseline-steps 30 --steps 400 --lora-steps 200 --other-steps 400 ;;
   convs)
     python3 benchmarks/bench_conv_shapes.py --compare-timed --commit "$COMMIT" --out "$OUT/conv_timing_$GPU.json"

@@ -99,6 +99,12 @@ PAIRS_INT32_OFFSETS = False
 PAIRS_PADDED_HEADS = False
 #: The channels a padded head takes (`PAIRS_PADDED_HEADS`): 8 bf16 values, one 16-byte access.
 PADDED_HEAD = 8
+#: Whether `projected_frame_attention` keeps only x and the stacked weight for the backward pass and projects x
+#: again there (one GEMM a layer more) instead of keeping the projection: at show-1-base's training shapes, 32
+#: attentions a step, about 0.69 GB less kept (0.93 GB with padded heads), for a GEMM each of about 20 us. A
+#: memory lever for the overlapped optimizer (`training_step.OVERLAP_OPTIMIZER`), whose gradient buffers add up to
+#: 0.54 GB to the peak. Not timed on a GPU yet (bench_training's `full_overlap_recompute_qkv`), so off.
+RECOMPUTE_PROJECTION = False
 #: Whether `projected_frame_attention`'s backward pass has cuBLAS write float32 weights' gradient in float32
 #: (`torch.mm(..., out_dtype=torch.float32)`) instead of rounding it to bf16 and casting it in a pass of its own:
 #: training steps 1.007 times faster on an H200 (training_weight_grads_h200.json, `full_cast_weight_grads`).
@@ -705,10 +711,10 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     three projections' gradients summed inside it, in float32, where autograd ran three GEMMs and added their bf16
     results) and one for the stacked weight gradient (three before, each cast to the weights' dtype on its own).
     The attention kernels read q, k and v as column blocks of the projection and write their gradients into the
-    column blocks of one matrix. Keeps x, the projection and the stacked weight in the compute dtype. On CUDA the
-    float32 weights' gradient comes out of the GEMM in float32 (`_weight_grad`). Where `padded_head` pads the heads,
-    the stacked weight has zero rows after each head's (`_stacked_weight`), and the projection and its gradient
-    hold each head in `PADDED_HEAD` channels.
+    column blocks of one matrix. Keeps x, the projection (unless `RECOMPUTE_PROJECTION`) and the stacked weight in
+    the compute dtype. On CUDA the float32 weights' gradient comes out of the GEMM in float32 (`_weight_grad`).
+    Where `padded_head` pads the heads, the stacked weight has zero rows after each head's (`_stacked_weight`), and
+    the projection and its gradient hold each head in `PADDED_HEAD` channels.
     """
 
     @staticmethod
@@ -731,7 +737,7 @@ class _ProjectedFrameAttention(torch.autograd.Function):
             out = torch.empty((frames, q.shape[0], wq.shape[0]), dtype=dtype, device=x.device)
             # (N, frames, out) view: the rows come back in frames-first order
             _attend(q, k, v, out.transpose(0, 1), heads, scale, _padded_launch(d, width))
-        ctx.save_for_backward(x, projected, weight)
+        ctx.save_for_backward(x, None if RECOMPUTE_PROJECTION else projected, weight)
         ctx.frames, ctx.heads, ctx.scale, ctx.width = frames, heads, scale, width
         ctx.weight_dtype = wq.dtype
         ctx.weight_grad = weight_grad
@@ -740,6 +746,8 @@ class _ProjectedFrameAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, projected, weight = ctx.saved_tensors
+        if projected is None:  # RECOMPUTE_PROJECTION
+            projected = x @ weight.t()
         frames, heads, width = ctx.frames, ctx.heads, ctx.width
         grad_pairs = _rows(grad.to(x.dtype)).unflatten(0, (frames, -1)).transpose(0, 1)
         grad_projected = torch.empty_like(projected)

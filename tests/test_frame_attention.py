@@ -356,6 +356,30 @@ def test_padded_heads_under_autocast_are_bf16_and_leave_the_padding_of_the_gradi
         assert float((got - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_recomputed_projection_keeps_less_and_gives_the_same_gradients(padded, monkeypatch):
+    """RECOMPUTE_PROJECTION: the backward pass projects x again instead of keeping the projection (padded heads
+    too): x and the stacked weight kept, nothing (frames * N, 3 * out) wide; the same gradients, bit for bit."""
+    monkeypatch.setattr(fa, "PAIRS_PADDED_HEADS", padded)
+    frames, n, heads, c = 8, 4, 4, 20
+    x = torch.randn(frames * n, c, device=DEVICE, requires_grad=True)
+    weights = [(torch.randn(c, c, device=DEVICE) * c**-0.5).requires_grad_(True) for _ in range(3)]
+
+    def run(recompute):
+        monkeypatch.setattr(fa, "RECOMPUTE_PROJECTION", recompute)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            out = fa.projected_frame_attention(x, *weights, frames=frames, heads=heads)
+        return kept, (out, *torch.autograd.grad(out.square().sum(), (x, *weights)))
+
+    (kept, expected), (recomputed_kept, got) = run(False), run(True)
+    width = 8 if padded else 5
+    assert kept == [(frames * n, c), (frames * n, 3 * heads * width), (3 * heads * width, c)]
+    assert recomputed_kept == [(frames * n, c), (3 * heads * width, c)]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("frames", "d", "short_kernel", "padded"),
                          [(8, 5, "dots", 8), (8, 5, "pairs", 8), (5, 7, "dots", 8), (8, 8, "pairs", 8),
                           (8, 10, "pairs", 10), (8, 10, "dots", 10), (8, 4, "dots", 4), (8, 2, "pairs", 2),
