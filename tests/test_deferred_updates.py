@@ -11,7 +11,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from motion_adapters import frame_attention as fa
-from motion_adapters.training_step import DeferredUpdates
+from motion_adapters.deferred_updates import DeferredUpdates
 
 pytest.importorskip("triton")
 C, HEADS, FRAMES, N = 20, 4, 6, 3

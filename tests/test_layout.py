@@ -247,7 +247,7 @@ def test_batch_one_training_steps_with_deferred_updates_land_gradients_in_the_bu
     steps with each update deferred to the next step's start, layer by layer, the forward passes after an update
     reading the weights as it stacked them (`waiting`), end with the weights of three steps updated at once."""
     from motion_adapters.lean_backward import frozen_activations_recomputed, frozen_convs_keep_no_input
-    from motion_adapters.training_step import DeferredUpdates
+    from motion_adapters.deferred_updates import DeferredUpdates
 
     def run(defer):
         unet = tiny_unet("keyframes").to(DEVICE).requires_grad_(False)
