@@ -223,8 +223,19 @@ class Im2colConv(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         matrix = _weight_matrix(weight)
         rows = grad.to(weight.dtype).permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when channels-last
-        if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16):  # the nine taps summed in float32 and
-            columns = torch.mm(rows, matrix, out_dtype=torch.float32)  # rounded once, as cuDNN's input gradient is
-        else:
-            columns = torch.mm(rows, matrix)
-        return fold_neighbourhoods(columns, ctx.shape, weight.dtype), None, None
+        # the nine taps summed in float32 and rounded once, as cuDNN's input gradient is
+        return fold_neighbourhoods(wide_product(rows, matrix), ctx.shape, weight.dtype), None, None
+
+
+def wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b`, in float32 for half inputs (on CUDA from the GEMM's float32 accumulator), else in their dtype.
+
+    Example:
+        >>> wide_product(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3, 2, dtype=torch.bfloat16)).dtype
+        torch.float32
+    """
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())  # the same float32 sums of exact products

@@ -37,7 +37,7 @@ from motion_adapters.fused_norm import (
     pack_bits,
     residual_sum,
 )
-from motion_adapters.im2col_conv import Im2colConv, fold_frame_taps, im2col_conv_applies
+from motion_adapters.im2col_conv import Im2colConv, fold_frame_taps, im2col_conv_applies, wide_product
 from motion_adapters.resample import plain_upsampler, resample
 from motion_adapters.temporal_conv import temporal_conv
 from motion_adapters.training_step import FrameConv, cudnn_benchmark
@@ -315,7 +315,7 @@ class _FrameTapsConv(torch.autograd.Function):
         pixels = height * width
         rows = x.permute(0, 2, 3, 4, 1).reshape(frames * pixels, channels)  # a view: channels-last_3d, batch 1
         if _taps_folded(rows):  # (rows, out * k): row-by-tap products, channel-major; then one fold
-            z = _wide_product(rows, _tap_rows(weight).t())
+            z = wide_product(rows, _tap_rows(weight).t())
             y = fold_frame_taps(z, pixels, weight.shape[2], True, bias, rows.dtype)
         else:
             taps = weight[..., 0, 0].unbind(2)  # k x (out, in), unit inner stride
@@ -331,7 +331,7 @@ class _FrameTapsConv(torch.autograd.Function):
         pixels = height * width
         rows = grad.to(weight.dtype).permute(0, 2, 3, 4, 1).reshape(frames * pixels, -1)
         if _taps_folded(rows):  # (rows, k * in): the gradient rows by every tap, tap-major; then one fold
-            z = _wide_product(rows, weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1))
+            z = wide_product(rows, weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1))
             grad_x = fold_frame_taps(z, pixels, weight.shape[2], False, None, weight.dtype, reverse=True)
         else:
             grad_x = _taps_accumulated(rows, list(weight[..., 0, 0].unbind(2)), None, pixels, reverse=True)
@@ -358,13 +358,6 @@ def _tap_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 4, 1).reshape(-1, weight.shape[1])
 
 
-def _wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b`, in float32 for half inputs (on CUDA from the GEMM's float32 accumulator), else in their dtype."""
-    if a.dtype not in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())  # the same float32 sums of exact products
 
 
 def _taps_accumulated(rows: torch.Tensor, taps: list[torch.Tensor], bias, pixels: int, reverse: bool) -> torch.Tensor:
