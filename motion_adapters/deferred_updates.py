@@ -16,6 +16,14 @@ import torch
 import torch.nn as nn
 from diffusers.models.attention_processor import Attention
 
+from motion_adapters.frame_attention import (
+    STACKED_WEIGHT_ATTR,
+    WEIGHT_GRAD_ATTR,
+    WEIGHTS_READY_ATTR,
+    padded_head,
+    write_stacked_weight,
+)
+
 
 class DeferredUpdates:
     """Each step's optimizer update deferred to the start of the next, layer by layer (`OVERLAP_OPTIMIZER`).
@@ -34,8 +42,6 @@ class DeferredUpdates:
 
     def __init__(self, layers: list[tuple[nn.Module, list[nn.Parameter]]], optimizer: torch.optim.Optimizer,
                  compute_dtype: torch.dtype | None = None, frames: int | None = None):  # fmt: skip
-        from motion_adapters.frame_attention import WEIGHT_GRAD_ATTR, padded_head
-
         self.optimizer = optimizer
         self.layers = layers
         self.buffers = {}
@@ -141,8 +147,6 @@ class DeferredUpdates:
 
         After each, the layer's stacked compute-dtype weights written (where kept) and its event recorded (CUDA).
         """
-        from motion_adapters.frame_attention import write_stacked_weight
-
         for attn, weights in self.layers:
             optimizer = self.optimizers[attn]
             if grad_scale is not None:
@@ -164,8 +168,6 @@ class DeferredUpdates:
         The block is the forward pass right after `step_layers` (in one captured step). Only there: anywhere else
         (an eager step after a flush) the stacked copies may be an update behind.
         """
-        from motion_adapters.frame_attention import STACKED_WEIGHT_ATTR, WEIGHTS_READY_ATTR
-
         for attn, event in self.events.items():
             setattr(attn, WEIGHTS_READY_ATTR, event)
         for attn, stacked in self.stacked.items():
@@ -180,8 +182,6 @@ class DeferredUpdates:
 
     def close(self) -> None:
         """Take the buffers off the attention layers (the weights' `.grad` still point into them)."""
-        from motion_adapters.frame_attention import WEIGHT_GRAD_ATTR
-
         for attn in self.buffers:
             if hasattr(attn, WEIGHT_GRAD_ATTR):
                 delattr(attn, WEIGHT_GRAD_ATTR)
