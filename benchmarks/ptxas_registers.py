@@ -5,6 +5,12 @@ and whether the PTX multiplies on wgmma / mma.sync and feeds them with asynchron
 pipelined loop. These are compile-time facts, not timings: they say which variants to time first.
 
     python benchmarks/ptxas_registers.py --out benchmarks/results/ptxas_registers_sm90.json
+
+With `--padded-heads`: show-1-base's 40 x 64 level (8 frames, 64 heads of 5) on the "pairs" kernels and on the
+"padded pairs" kernels (`frame_attention.PAIRS_PADDED_HEADS`), compiled as a launch on 16-byte aligned tensors
+specialises them, with the global memory instructions of their SASS counted by width (nvdisasm):
+
+    python benchmarks/ptxas_registers.py --padded-heads --out benchmarks/results/padded_heads_sm90.json
 """
 
 from __future__ import annotations
@@ -64,7 +70,9 @@ def ptxas_report(compiled) -> dict:
             "cp_async": "cp.async" in ptx}  # fmt: skip
 
 
-def compile_for_sm90(kernel, meta: dict, options: dict | None = None):
+def compile_for_sm90(kernel, meta: dict, options: dict | None = None, aligned: bool = False):
+    """`kernel` compiled for sm_90a; `aligned`: its pointers and row / frame strides 16-byte aligned, as a launch on
+    such tensors specialises them (what lets Triton vectorise their loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -72,8 +80,44 @@ def compile_for_sm90(kernel, meta: dict, options: dict | None = None):
     signature = {n: "constexpr" if n in meta else "*bf16" if n.endswith("_ptr") else "fp32" if n == "scale"
                  else "i32" for n in kernel.arg_names}  # fmt: skip
     constants = {k: v for k, v in meta.items() if k in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if aligned and n.endswith(("_ptr", "_sn", "_sf"))}  # fmt: skip
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options or {})  # fmt: skip
+
+
+def memory_instructions(compiled) -> dict:
+    """How many global loads and stores of each width the kernel's SASS holds (`nvdisasm`, e.g. `LDG.E.128`)."""
+    import os
+    from collections import Counter
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([os.fspath(nvdisasm), "-c", os.fspath(cubin)], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    ops = Counter(m.group(1) for line in sass.splitlines()
+                  if (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?((?:LDG|STG|LDL|STL)[A-Z0-9_.]*)", line)))
+    return dict(sorted(ops.items()))
+
+
+def padded_head_rows() -> list[dict]:
+    """The "pairs" and "padded pairs" kernels at show-1-base's 40 x 64 level: ptxas's report and SASS memory ops."""
+    rows = []
+    for kernel, width in (("pairs", 5), ("padded", fa.PADDED_HEAD)):
+        x = torch.empty(4, 8, 64 * width, dtype=torch.bfloat16)
+        kernels, _, meta = fa._launch(x, 64, kernel, head_channels=5)
+        meta = fa._pairs_meta(meta, x, backward=True)
+        warps = meta.pop("num_warps")
+        for k in kernels:
+            compiled = compile_for_sm90(k, meta, options={"num_warps": warps}, aligned=True)
+            rows.append({"kernel": k.__name__, "shape": "40x64, heads of 5, 8 frames", **ptxas_report(compiled),
+                         "memory_instructions": memory_instructions(compiled)})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
 
 
 def with_settings(module, settings: dict, fn):
@@ -106,14 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ptxas_registers_sm90.json"))
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--padded-heads", action="store_true",
+                        help="the pairs and padded pairs kernels at the 40 x 64 level, with SASS memory ops")
     args = parser.parse_args(argv)
     from triton.backends.nvidia.compiler import get_ptxas_version
 
     ptxas = get_ptxas_version(90).strip().splitlines()[-1]
+    rows = {"padded_heads": padded_head_rows()} if args.padded_heads else {"attention": attention_rows()}
     data = {"benchmark": "ptxas_registers", "env": {**environment(torch.device("cpu"), args.commit),
                                                     "triton": triton.__version__, "target": "sm_90a",
                                                     "ptxas": ptxas},
-            "attention": attention_rows()}  # fmt: skip
+            **rows}  # fmt: skip
     write(args.out, data)
     return data
 
