@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/pending}"
 mkdir -p "$OUT"
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-GPU="$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true) | head -1 | grep -o 'H[0-9]*' | tr 'H' 'h' || true)"
+GPU="$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true) | head -1 | grep -o 'H[0-9][0-9]*' | head -1 | tr 'H' 'h' || true)"
 GPU="${GPU:-gpu}"
 case "${1:-}" in
   tests)

@@ -343,9 +343,10 @@ class _FrameTapsConv(torch.autograd.Function):
 #: instead of k GEMMs accumulated in turn: where few rows leave most of the GPU idle in each narrow GEMM (a 1,280
 #: channel tap at 5 x 8: 15 output tiles of 128 x 256, the tile the profile's larger GEMMs ran with, for 132
 #: multiprocessors), one GEMM k times as wide has k times the tiles at once, and the taps are summed in float32
-#: and rounded once (as cuDNN's convolution does) instead of in the output's dtype. 0: off, not timed on a GPU yet
-#: (bench_training's `full_folded_taps_320`, `_1280`).
-FRAME_TAPS_FOLDED_MAX_ROWS = 0
+#: and rounded once (as cuDNN's convolution does) instead of in the output's dtype. On an H100 (commit 6707c1e,
+#: training_untimed_a_h100.json) 320 rows (the 5 x 8 level) made steps 1.010 times faster, the loss within the
+#: reference loop's noise; 1,280 (training_untimed_b_h100.json) 1.003 times. 0 switches it off.
+FRAME_TAPS_FOLDED_MAX_ROWS = 320
 
 
 def _taps_folded(rows: torch.Tensor) -> bool:
@@ -700,8 +701,9 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
 #: Whether training on the fused norms adds each residual connection's gradient inside the input-gradient kernel
 #: of the norm that starts its branch (the ResNets' first norm, the temporal convolution layers' first), instead
 #: of autograd summing the two gradients in a pass of its own (show-1-base has 30 of each, those after the frozen
-#: prefix summed in a backward pass). Off until timed on a GPU (`bench_training.py`'s `full_skip_grads`).
-SKIP_GRADS_IN_NORMS = False
+#: prefix summed in a backward pass). On an H100 (commit 6707c1e, training_untimed_a_h100.json, `full_skip_grads`)
+#: steps 1.005 times faster, the loss within the reference loop's noise.
+SKIP_GRADS_IN_NORMS = True
 
 
 #: Whether sampling on the fused norms adds the convolution biases inside the norms (`fused_norm_activations`);

@@ -41,8 +41,8 @@ def folded(request, monkeypatch):
     """Each tap's GEMM accumulated in turn, or (FRAME_TAPS_FOLDED_MAX_ROWS) one GEMM of all taps and a fold; the
     list of the folds' (rows, columns) shapes."""
     folds = []
+    monkeypatch.setattr(lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 10**6 if request.param else 0)
     if request.param:
-        monkeypatch.setattr(lean_backward, "FRAME_TAPS_FOLDED_MAX_ROWS", 10**6)
         fold = lean_backward.fold_frame_taps
         monkeypatch.setattr(lean_backward, "fold_frame_taps", lambda z, *a, **kw: folds.append(z.shape) or
                             fold(z, *a, **kw))  # fmt: skip
