@@ -25,6 +25,21 @@ from motion_adapters.frame_attention import (
 )
 
 
+def step_dividing_grads(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor | None) -> None:
+    """`optimizer.step()`, a fused AdamW / Adam dividing the gradients by `grad_scale` as it reads them (None: not).
+
+    Example:
+        >>> step_dividing_grads(optimizer, torch.tensor(2.0))  # doctest: +SKIP
+    """
+    if grad_scale is not None:
+        optimizer.grad_scale = grad_scale
+    try:
+        optimizer.step()
+    finally:
+        if grad_scale is not None:
+            del optimizer.grad_scale
+
+
 class DeferredUpdates:
     """Each step's optimizer update deferred to the start of the next, layer by layer (`OVERLAP_OPTIMIZER`).
 
@@ -148,14 +163,7 @@ class DeferredUpdates:
         After each, the layer's stacked compute-dtype weights written (where kept) and its event recorded (CUDA).
         """
         for attn, weights in self.layers:
-            optimizer = self.optimizers[attn]
-            if grad_scale is not None:
-                optimizer.grad_scale = grad_scale
-            try:
-                optimizer.step()
-            finally:
-                if grad_scale is not None:
-                    del optimizer.grad_scale
+            step_dividing_grads(self.optimizers[attn], grad_scale)
             if attn in self.stacked:
                 write_stacked_weight(self.stacked[attn], tuple(weights), attn.heads)
             if attn in self.events:
@@ -187,4 +195,4 @@ class DeferredUpdates:
                 delattr(attn, WEIGHT_GRAD_ATTR)
 
 
-__all__ = ["DeferredUpdates"]
+__all__ = ["DeferredUpdates", "step_dividing_grads"]

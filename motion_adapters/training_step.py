@@ -30,7 +30,7 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0, AttnProcessor2_0
 
 from motion_adapters.config import MotionDistillationConfig
-from motion_adapters.deferred_updates import DeferredUpdates
+from motion_adapters.deferred_updates import DeferredUpdates, step_dividing_grads
 from motion_adapters.frame_attention import FrameAttnProcessor
 from motion_adapters.frozen_memo import kept
 from motion_adapters.frozen_prefix import FrozenPrefix
@@ -661,13 +661,7 @@ class StepRunner:
         if self.config.max_grad_norm > 0 and self.scaler is None and clips_in_optimizer(self.optimizer):
             # clip_grad_norm_'s factor, applied by the fused AdamW kernel as it reads the gradients (GradScaler's
             # `grad_scale` divisor; the kernel writes the clipped gradients back): no pass of its own over them
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            factor = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            self.optimizer.grad_scale = factor.reciprocal()
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.grad_scale
+            step_dividing_grads(self.optimizer, self._clip_factor_of_grads().reciprocal())
             return
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -710,11 +704,15 @@ class StepRunner:
         """The clipping factor of the gradients just computed, kept for their deferred update."""
         if self.config.max_grad_norm <= 0:
             return
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        factor = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        factor = self._clip_factor_of_grads()
         if self._clip_factor is None:
             self._clip_factor = torch.empty_like(factor)
         self._clip_factor.copy_(factor)
+
+    def _clip_factor_of_grads(self) -> torch.Tensor:
+        """`clip_grad_norm_`'s factor for the gradients in `.grad` (at most 1), as a 0-d tensor on the device."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
     def _grad_scale(self) -> torch.Tensor | None:
         """The divisor of the pending gradients (the reciprocal of their clipping factor), or None: no clipping."""
@@ -724,14 +722,7 @@ class StepRunner:
         """The update of the pending gradients (in `.grad`), now, on the current stream."""
         if not self._pending:
             return
-        scale = self._grad_scale()
-        if scale is not None:
-            self.optimizer.grad_scale = scale
-        try:
-            self.optimizer.step()
-        finally:
-            if scale is not None:
-                del self.optimizer.grad_scale
+        step_dividing_grads(self.optimizer, self._grad_scale())
         self._pending = False
 
     def flush(self) -> None:
