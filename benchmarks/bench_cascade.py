@@ -49,6 +49,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel  # noqa: E402
 
+from motion_adapters.config import TEMPORAL_KERNELS  # noqa: E402
 from motion_adapters.models import Show1UNet3DConditionModel, show1_base_config, show1_sr1_config  # noqa: E402
 from motion_adapters.models.unet_show1 import show1_interpolation_config  # noqa: E402
 from motion_adapters.pipelines import (  # noqa: E402
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--commit", default=None)
     parser.add_argument("--norm-kernels", default="auto", choices=("auto", "torch", "triton"),
                         help="the pixel stages' norm -> activation kernels (Show1StagePipeline.set_norm_kernels)")
+    parser.add_argument("--temporal-kernels", default="auto", choices=TEMPORAL_KERNELS,
+                        help="the pixel stages' temporal kernels (Show1StagePipeline.set_temporal_kernels); SR2 "
+                             "keeps its own")
     parser.add_argument("--compile-sr1", action="store_true",
                         help="compile the SR1 UNet in place (nn.Module.compile, default mode) before the warm-up pass")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
             "settings": {"prompt": PROMPT, "dtype": str(dtype), "steps_scale": args.steps_scale,
                          "stage_kwargs": stage_steps(args.steps_scale), "first_frame": "bilinear (IF-II not run)",
                          "warmup": args.warmup, "compile_sr1": args.compile_sr1, "norm_kernels": args.norm_kernels,
+                         "temporal_kernels": args.temporal_kernels,
                          "target": {"seconds": 60.0, "peak_gib": 16.0}},
             "stages": {}}
     print(json.dumps(data["env"]), flush=True)
@@ -364,6 +369,7 @@ def run(args, device, dtype, data):
         pipe.set_progress_bar_config(disable=True)
     for pipe in (cascade.keyframes, cascade.interpolation, cascade.sr1):
         pipe.set_norm_kernels(args.norm_kernels)
+        pipe.set_temporal_kernels(args.temporal_kernels)
     # SR2's choices as `_run_sr2` makes them by default
     stages = (("keyframes", cascade.keyframes), ("interpolation", cascade.interpolation), ("sr1", cascade.sr1),
               ("sr2", SR2Kernels(sr2.unet, "auto", "auto", "auto", "auto")))  # fmt: skip

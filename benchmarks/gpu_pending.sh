@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_pending.sh training  # each lever against the defaults in one process, then all together
 #   bash benchmarks/gpu_pending.sh convs     # each cuDNN convolution shape timed as training calls it, both ways
 #   bash benchmarks/gpu_pending.sh timed     # training with only the shapes whose timing pays timed (after convs)
+#   bash benchmarks/gpu_pending.sh cascade   # the whole cascade at real sizes with today's defaults
+#   bash benchmarks/gpu_pending.sh profile   # one eager training step's CUDA kernels, by operator and by source
 #
 # The training step names its file after the GPU (training_untimed_h100.json, ...); docs/performance.md's
 # "Against the targets" says what each lever is and what would make it a default.
@@ -33,7 +35,12 @@ case "${1:-}" in
       --timed-conv-shapes "$OUT/conv_timing_$GPU.json" --out "$OUT/training_timed_convs_$GPU.json"
     python3 benchmarks/bench_training.py --commit "$COMMIT" --variants full --steps 400 \
       --out "$OUT/training_untimed_convs_$GPU.json" ;;
+  cascade)
+    python3 benchmarks/bench_cascade.py --commit "$COMMIT" --out "$OUT/cascade_defaults_$GPU.json" ;;
+  profile)
+    python3 benchmarks/bench_training.py --commit "$COMMIT" --variants full --steps 100 --profile --profile-stacks \
+      --out "$OUT/training_profile_defaults_$GPU.json" ;;
   *)
-    echo "usage: bash benchmarks/gpu_pending.sh tests|training|convs|timed" >&2
+    echo "usage: bash benchmarks/gpu_pending.sh tests|training|convs|timed|cascade|profile" >&2
     exit 2 ;;
 esac
