@@ -106,18 +106,23 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         frame = (r // P) % F
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for t in tl.static_range(3):
+        blocks = tl.cdiv(K, BLOCK_K)
+        for i in range(0, 3 * blocks):  # one loop over taps and channel blocks, so that it pipelines as a whole
+            t = i // blocks
+            k = (i - t * blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
             rows_ok = (r < M) & (frame + t - 1 >= 0) & (frame + t - 1 < F)
-            x_at = x_ptr + (r + (t - 1) * P) * K
-            w_at = w_ptr + (2 - t if REVERSE else t) * w_st + n[None, :] * w_sn
-            for start in range(0, K, BLOCK_K):
-                k = start + tl.arange(0, BLOCK_K)
-                a = tl.load(x_at[:, None] + k[None, :], mask=rows_ok[:, None] & (k[None, :] < K), other=0.0)
-                b = tl.load(w_at + k[:, None] * w_sk, mask=(k[:, None] < K) & (n[None, :] < N), other=0.0)
-                if IEEE:
-                    acc += tl.dot(a, b, input_precision="ieee")
-                else:
-                    acc += tl.dot(a, b)
+            a = tl.load(x_ptr + (r + (t - 1) * P)[:, None] * K + k[None, :], mask=rows_ok[:, None] & (k[None, :] < K),
+                        other=0.0)  # fmt: skip
+            if REVERSE:
+                tap = 2 - t
+            else:
+                tap = t
+            b = tl.load(w_ptr + tap * w_st + k[:, None] * w_sk + n[None, :] * w_sn,
+                        mask=(k[:, None] < K) & (n[None, :] < N), other=0.0)  # fmt: skip
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
         if HAS_B:
             acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + r[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
