@@ -131,10 +131,8 @@ VARIANTS = {
                   {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "fast"}),
     "lora_fast": ("as lora, temporal_kernels='fast'",
                   {"mode": "lora", "cuda_graph": "yes", "temporal_kernels": "fast"}),
-    "full_triton": ("as full, temporal_kernels='triton' (the frozen (3, 1, 1) temporal convolutions on the Triton "
-                    "kernels of motion_adapters.temporal_conv: channels-last clips on the rows kernel, one pass "
-                    "each way, where the defaults run one GEMM a tap; temporal attention on the Triton "
-                    "frame-attention kernels as in full)",
+    "full_triton": ("as full, temporal_kernels='triton' (the (3, 1, 1) temporal convolutions on the Triton kernel "
+                    "of motion_adapters.temporal_conv, temporal attention on the Triton frame-attention kernels)",
                     {"mode": "full", "cuda_graph": "yes", "temporal_kernels": "triton"}),
     "lora_triton": ("as lora, temporal_kernels='triton'", {"mode": "lora", "cuda_graph": "yes",
                                                           "temporal_kernels": "triton"}),

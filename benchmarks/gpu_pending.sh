@@ -8,9 +8,6 @@
 #   bash benchmarks/gpu_pending.sh timed     # training with only the shapes whose timing pays timed (after convs)
 #   bash benchmarks/gpu_pending.sh cascade   # the whole cascade at real sizes with today's defaults
 #   bash benchmarks/gpu_pending.sh profile   # one eager training step's CUDA kernels, by operator and by source
-#   bash benchmarks/gpu_pending.sh rows      # the channels-last temporal-convolution kernel: GPU tests, stage calls
-#                                            # against the defaults in one process, the cascade on it
-#   bash benchmarks/gpu_pending.sh rows_training  # training steps on it against the defaults, one process
 #
 # The training step names its file after the GPU (training_untimed_h100.json, ...); docs/performance.md's
 # "Against the targets" says what each lever is and what would make it a default.
@@ -18,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/pending}"
 mkdir -p "$OUT"
-COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"  # the device's checkout may report a stale HEAD: pass COMMIT=
 GPU="$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true) | head -1 | grep -o 'H[0-9][0-9]*' | head -1 | tr 'H' 'h' || true)"
 GPU="${GPU:-gpu}"
 case "${1:-}" in
@@ -43,17 +40,7 @@ case "${1:-}" in
   profile)
     python3 benchmarks/bench_training.py --commit "$COMMIT" --variants full --steps 100 --profile --profile-stacks \
       --out "$OUT/training_profile_defaults_$GPU.json" ;;
-  rows)
-    python3 -m pytest -q -m gpu tests/test_temporal_conv.py
-    python3 benchmarks/bench_stage_kernels.py --stages sr1,interpolation,keyframes --rounds 2 --repeats 5 \
-      --variants triton_attention_fused_norms_cl_graph,triton_fused_norms_cl_graph --commit "$COMMIT" \
-      --out "$OUT/stage_kernels_rows_$GPU.json" | grep -v '^{'
-    python3 benchmarks/bench_cascade.py --temporal-kernels triton --commit "$COMMIT" \
-      --out "$OUT/cascade_rows_$GPU.json" | tail -30 ;;
-  rows_training)
-    python3 benchmarks/bench_training.py --commit "$COMMIT" --variants full,full_triton --steps 400 \
-      --other-steps 400 --out "$OUT/training_rows_$GPU.json" ;;
   *)
-    echo "usage: bash benchmarks/gpu_pending.sh tests|training|convs|timed|cascade|profile|rows|rows_training" >&2
+    echo "usage: bash benchmarks/gpu_pending.sh tests|training|convs|timed|cascade|profile" >&2
     exit 2 ;;
 esac

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from motion_adapters.fused_norm import _on_device, pdl_launch, triton
+from motion_adapters.fused_norm import _on_device, triton
 
 if triton is not None:
     import triton.language as tl
-
-    from motion_adapters.fused_norm import _await_previous_kernel
 
 
 def temporal_conv_supported(weight: torch.Tensor, frame_padding: int) -> bool:
@@ -89,46 +87,6 @@ if triton is not None:
         tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=(co[:, None] < CO) & in_range[None, :])
 
 
-    @triton.jit
-    def _temporal_conv_rows(x_ptr, w_ptr, b_ptr, y_ptr, M, K, N, F, P, w_st, w_sk, w_sn, HAS_B: tl.constexpr,
-                            REVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):  # fmt: skip
-        """y[r] = sum over taps t of x[r + (t - 1) * P] @ B_t (+ b), over the rows of channels-last clips.
-
-        x is (M, K) rows and y (M, N), both of unit channel stride; row r = (clip * F + frame) * P + pixel, so a
-        tap's rows are the output's rows shifted by whole frames, and rows whose frame + t - 1 leaves the clip read
-        zeros (the padding). B_t[k, n] = w[t * w_st + k * w_sk + n * w_sn], strides into the weight as it lies, or
-        with REVERSE w[(2 - t) * w_st + ...] (the input gradient's taps). Grid: row tiles, channel tiles.
-        """
-        if PDL:
-            _await_previous_kernel()
-        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        frame = (r // P) % F
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        blocks = tl.cdiv(K, BLOCK_K)
-        for i in range(0, 3 * blocks):  # one loop over taps and channel blocks, so that it pipelines as a whole
-            t = i // blocks
-            k = (i - t * blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            rows_ok = (r < M) & (frame + t - 1 >= 0) & (frame + t - 1 < F)
-            a = tl.load(x_ptr + (r + (t - 1) * P)[:, None] * K + k[None, :], mask=rows_ok[:, None] & (k[None, :] < K),
-                        other=0.0)  # fmt: skip
-            if REVERSE:
-                tap = 2 - t
-            else:
-                tap = t
-            b = tl.load(w_ptr + tap * w_st + k[:, None] * w_sk + n[None, :] * w_sn,
-                        mask=(k[:, None] < K) & (n[None, :] < N), other=0.0)  # fmt: skip
-            if IEEE:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
-        if HAS_B:
-            acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + r[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(r[:, None] < M) & (n[None, :] < N))  # fmt: skip
-
-
 #: Frames of fewer pixels than this run with FLAT tiles (pixels across frames and clips).
 FLAT_BELOW = 256
 
@@ -174,72 +132,14 @@ def _launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, tile
     return y
 
 
-def channels_last_clips(x: torch.Tensor) -> bool:
-    """Whether (N, C, F, H, W) `x` is stored channels-last ((N, F, H, W, C) in memory) and not also contiguous.
-
-    Example:
-        >>> channels_last_clips(torch.zeros(1, 4, 3, 2, 2).to(memory_format=torch.channels_last_3d))
-        True
-        >>> channels_last_clips(torch.zeros(1, 4, 3, 2, 2))
-        False
-    """
-    return x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-
-
-def rows_tile(rows: int, out_channels: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of `_temporal_conv_rows` for `rows` x `out_channels` outputs.
-
-    128 x 128 tiles where they make a wave of programs on an H100's or H200's 132 multiprocessors, else 64 x 64.
-
-    Example:
-        >>> rows_tile(2 * 8 * 160 * 256, 128)
-        (128, 128, 64, 8, 3)
-        >>> rows_tile(8 * 5 * 8, 1280)
-        (64, 64, 64, 4, 3)
-    """
-    tiles = -(-rows // 128) * -(-out_channels // 128)
-    return (128, 128, 64, 8, 3) if tiles >= 132 else (64, 64, 64, 4, 3)
-
-
-def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool,
-                 tile=None) -> torch.Tensor:  # fmt: skip
-    """`_temporal_conv_rows` on channels-last (N, K, F, H, W) `x` with a (CO, CI, 3, 1, 1) `weight` read in place.
-
-    Forward (`reverse` False): K = CI, out CO, B_t = w[:, :, t].T. Input gradient (`reverse`): K = CO, out CI,
-    B_t = w[:, :, 2 - t]. The output is channels-last like `x`.
-    """
-    nb, k, f, h, w = x.shape
-    rows = x.permute(0, 2, 3, 4, 1)  # (N, F, H, W, K): dense rows of unit channel stride
-    weight = weight.to(x.dtype)
-    s_out, s_in, s_tap = weight.stride()[:3]
-    # reverse: k runs over the weight's output channels, n over its input channels (the kernel reverses the taps)
-    n_out, w_sk, w_sn = (weight.shape[1], s_out, s_in) if reverse else (weight.shape[0], s_in, s_out)
-    m = nb * f * h * w
-    block_m, block_n, block_k, warps, stages = tile or rows_tile(m, n_out)
-    y = x.new_empty((nb, f, h, w, n_out))
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, block_n))
-    with _on_device(x):
-        _temporal_conv_rows[grid](rows, weight, bias if bias is not None else weight, y, m, k, n_out, f, h * w,
-                                  s_tap, w_sk, w_sn, HAS_B=bias is not None, REVERSE=reverse, BLOCK_M=block_m,
-                                  BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=warps,
-                                  num_stages=stages, **pdl_launch(x))  # fmt: skip
-    return y.permute(0, 4, 1, 2, 3)
-
-
 def temporal_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile=None) -> torch.Tensor:
     """`conv3d(x, weight, bias, padding=(1, 0, 0))` for a (CO, CI, 3, 1, 1) `weight`, in x's dtype.
-
-    Channels-last `x` (`channels_last_clips`) runs on the rows kernel (`_temporal_conv_rows`, `rows_tile`'s tiles)
-    and gives a channels-last output; any other `x` on the (N, C, F, H, W) kernel (`default_tile`'s tiles).
 
     Example:
         >>> w = torch.randn(64, 32, 3, 1, 1, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
         >>> x = torch.randn(1, 32, 8, 40, 64, device="cuda", dtype=w.dtype)  # doctest: +SKIP
         >>> y = temporal_conv_forward(x, w, None)  # doctest: +SKIP
     """
-    if channels_last_clips(x):
-        return _launch_rows(x, weight, bias, False, tile)
     taps = weight.to(x.dtype).reshape(weight.shape[0], weight.shape[1], 3).permute(2, 0, 1).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     return _launch(x.contiguous(), taps, bias, tile)
@@ -251,8 +151,6 @@ def temporal_conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, tile=None
     Example:
         >>> dx = temporal_conv_input_grad(dy, w)  # doctest: +SKIP
     """
-    if channels_last_clips(grad):
-        return _launch_rows(grad, weight, None, True, tile)
     taps = weight.to(grad.dtype).reshape(weight.shape[0], weight.shape[1], 3).permute(2, 1, 0).flip(0).contiguous()
     return _launch(grad.contiguous(), taps, None, tile)
 

@@ -36,7 +36,7 @@ from motion_adapters.frozen_memo import kept
 from motion_adapters.frozen_prefix import FrozenPrefix
 from motion_adapters.fused_norm import fused_norm_available
 from motion_adapters.losses import epsilon_from_output, motion_distillation_loss, split_epsilon
-from motion_adapters.temporal_conv import channels_last_clips, temporal_conv, temporal_conv_supported
+from motion_adapters.temporal_conv import temporal_conv, temporal_conv_supported
 
 #: Normalisation layers keep float32 weights: autocast computes them in float32 anyway.
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
@@ -188,12 +188,12 @@ class FrameConv(nn.Module):
         self.kernel = kernel
 
     def runs_triton(self, x: torch.Tensor) -> bool:
-        """Whether a call on `x` runs the Triton kernels: asked, no weight grad, `x` dense either way, supported."""
+        """Whether a call on `x` runs the Triton kernel: asked, no weight grad, `x` contiguous, supported, Triton."""
         return (
             self.kernel == "triton"
             and not (self.weight.requires_grad and torch.is_grad_enabled())
             and x.ndim == 5
-            and (x.is_contiguous() or channels_last_clips(x))  # the two layouts the kernels read in place
+            and x.is_contiguous()  # the kernel reads (B, C, F, H, W) rows; cuDNN takes channels-last input as is
             and temporal_conv_supported(self.weight, self.frame_padding)
             and fused_norm_available(x)
         )
