@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_training, also when loaded by the tests
 
 from bench_training import GIB, cudnn_benchmark_option, environment, matmul_tflops, write  # noqa: E402
 from diffusers import (  # noqa: E402

@@ -152,6 +152,19 @@ def test_cascade_table_shows_a_streamed_t5_without_an_offload_and_its_setup_apar
     assert "moved to the CPU in 8.1 s" in table and "pinned in 8.2 s" in table
 
 
+def test_bench_cascade_tiny_runs_the_pixel_stages_on_the_temporal_kernels_asked(tmp_path, capsys):
+    bench = load_script("benchmarks/bench_cascade.py")
+    data = bench.main(["--tiny", "--steps-scale", "0.02", "--no-warmup", "--temporal-kernels", "math_attention",
+                       "--out", str(tmp_path / "c.json")])  # fmt: skip
+    assert "error" not in data and data["settings"]["temporal_kernels"] == "math_attention"
+    pixel_stages = {name: data["temporal_kernels"][name] for name in ("keyframes", "interpolation", "sr1")}
+    assert pixel_stages == dict.fromkeys(pixel_stages, "math_attention")  # SR2 keeps its own choice
+    assert json.loads((tmp_path / "c.json").read_text())["temporal_kernels"] == data["temporal_kernels"]
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--temporal-kernels", "cuda", "--out", str(tmp_path / "d.json")])
+    assert "--temporal-kernels: invalid choice: 'cuda'" in capsys.readouterr().err
+
+
 def test_activation_memory_counts_what_frozen_convolutions_no_longer_keep(report, tmp_path):
     bench = load_script("benchmarks/activation_memory.py")
     data = bench.main(["--frames", "2", "--height", "8", "--image-width", "8", "--out", str(tmp_path / "a.json")])
