@@ -359,8 +359,6 @@ def _tap_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 4, 1).reshape(-1, weight.shape[1])
 
 
-
-
 def _taps_accumulated(rows: torch.Tensor, taps: list[torch.Tensor], bias, pixels: int, reverse: bool) -> torch.Tensor:
     """`sum_t shift(rows, t - c) @ taps[t]` over the frames (blocks of `pixels` rows), c the centre tap.
 
